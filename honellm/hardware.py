@@ -1,0 +1,73 @@
+"""Hardware policy: which device and compute dtype to use.
+
+bf16 where the hardware does it fast (CPUs with AMX or AVX512-BF16; CUDA GPUs that support bf16), fp32 otherwise.
+On this class of CPU a bf16 matrix product is about 5x faster than fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has AMX-BF16 or AVX512-BF16 (Sapphire Rapids and newer, Zen 4 and newer)."""
+    if os.environ.get("HONE_CPU_BF16") in ("0", "1"):
+        return os.environ["HONE_CPU_BF16"] == "1"
+    flags = cpu_flags()
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str | None = None) -> torch.dtype:
+    """Resolve "auto" under the hardware policy; pass through an explicit dtype or its name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return DTYPES[dtype]
+        except KeyError:
+            from honellm.errors import HoneError
+
+            raise HoneError(f"unknown dtype {dtype!r}", fix=f"use one of: auto, {', '.join(sorted(DTYPES))}") from None
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def describe() -> dict:
+    """A short description of the hardware, for manifests and `hone advise`."""
+    info = {"device": str(default_device()), "cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_fast_bf16()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory_gb"] = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info

@@ -1,0 +1,86 @@
+"""A tiny random chat model for fast tests: 2 layers, a few hundred tokens of vocabulary.
+
+`make_tiny_model(path)` writes a standard Hugging Face folder (Llama architecture, a byte-level BPE tokenizer
+trained here on a fixed corpus, SmolLM2's ChatML chat template) that every code path of Hone can load like a
+real model, in well under a second. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Review: a gripping, funny and warm film. positive",
+    "Review: dull, lifeless and far too long. negative",
+    "What is 2 + 3? The answer is 5. #### 5",
+    "Classify the message: my card was charged twice. billing",
+    "Classify the message: the app crashes when I log in. technical",
+    "Human: how do I bake bread? Assistant: Mix flour, water, yeast and salt.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 {\"a\": 1}",
+    "You are a helpful assistant. Answer with one word: yes or no.",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def make_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (so any text encodes) with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, vocab_size: int = 384):
+    """Write a tiny random Llama chat model to `path` and return the path."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tok = make_tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
