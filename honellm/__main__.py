@@ -1,0 +1,3 @@
+from honellm.cli.app import main
+
+main()

@@ -1,0 +1,81 @@
+"""Chat formatting: turn messages into the exact text a model expects, with and without a chat template.
+
+`render_prompt` gives the text up to where the assistant's answer starts (the generation prompt);
+`render_answer` gives the answer text as the template writes it, end-of-turn token included, so that
+prompt + answer is exactly what the template renders for the whole conversation. Training on
+`render_answer`'s tokens teaches the model to end its turn.
+
+Base models without a chat template get a plain layout: the system text, then `User:`/`Assistant:` turns.
+"""
+
+from __future__ import annotations
+
+from honellm.errors import HoneError
+
+PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant:"
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_messages(system: str | None, demonstrations: list[tuple[str, str]], turns: list[dict]) -> list[dict]:
+    """system + demonstrations as user/assistant turns + the conversation to answer."""
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    for query, answer in demonstrations:
+        messages.append({"role": "user", "content": query})
+        messages.append({"role": "assistant", "content": answer})
+    for turn in turns:
+        if turn["role"] == "system":
+            if messages and messages[0]["role"] == "system":
+                continue  # the program's system message wins over one carried by the data
+            messages.insert(0, turn)
+            continue
+        messages.append(turn)
+    return messages
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The text of `messages` followed by the generation prompt (where the assistant's answer begins)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _plain(messages, tokenizer) + PLAIN_ASSISTANT
+
+
+def render_answer(tokenizer, messages: list[dict], answer: str) -> str:
+    """The answer as the chat template writes it after `render_prompt(messages)`, end-of-turn included."""
+    if not has_chat_template(tokenizer):
+        return f" {answer}{tokenizer.eos_token or ''}"
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    if not full.startswith(prompt):
+        raise HoneError(
+            "the model's chat template renders a conversation differently from its prefix (it edits earlier turns)",
+            fix="set a plain template (prompt.template) or use a model whose chat template is prefix-stable",
+        )
+    return full[len(prompt):].rstrip("\n") if full.endswith("\n") and not answer.endswith("\n") else full[len(prompt):]
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text that ends an assistant turn ('<|im_end|>' for ChatML models; the eos token otherwise)."""
+    if has_chat_template(tokenizer):
+        probe = render_answer(tokenizer, [{"role": "user", "content": "x"}], "y")
+        tail = probe.split("y", 1)[1] if "y" in probe else ""
+        tail = tail.strip()
+        if tail:
+            return tail
+    return tokenizer.eos_token or ""
+
+
+def _plain(messages: list[dict], tokenizer) -> str:
+    parts = []
+    for message in messages:
+        if message["role"] == "system":
+            parts.append(f"{message['content']}\n\n")
+        elif message["role"] == "user":
+            parts.append(f"{PLAIN_USER}{message['content']}\n")
+        else:
+            parts.append(f"{PLAIN_ASSISTANT} {message['content']}{tokenizer.eos_token or ''}\n")
+    return "".join(parts)

@@ -1,0 +1,120 @@
+"""Run folders: `runs/<task>/<method>-<timestamp>/` with the resolved config, `metrics.jsonl` and the log.
+
+An existing folder is never overwritten without `force`. `metrics.jsonl` gets one JSON object per line, flushed
+at once, so a killed run keeps every metric it logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from honellm.atomic import atomic_write_text
+from honellm.errors import HoneError
+
+RUNS_ROOT = Path("runs")
+
+
+class RunDir:
+    """A run's folder: `config.yaml`, `metrics.jsonl`, `log.txt`, checkpoints, and the artifact."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._metrics = None
+        self._handler: logging.Handler | None = None
+
+    @classmethod
+    def create(cls, task_name: str, method: str, *, out: str | Path | None = None, force: bool = False,
+               resume: bool = False, root: str | Path | None = None) -> RunDir:
+        """Make the folder. With `out` it is exactly that folder; otherwise a new timestamped one."""
+        if out is not None:
+            path = Path(out)
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = Path(root or os.environ.get("HONE_RUNS", RUNS_ROOT)) / _safe(task_name) / f"{_safe(method)}-{stamp}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = path.with_name(f"{_safe(method)}-{stamp}-{n}")
+        if path.exists() and any(path.iterdir()) and not resume:
+            if not force:
+                raise HoneError("the run folder already exists and is not empty", where=str(path),
+                                fix="pass --force to replace it, --resume to continue it, or choose another --out")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.attach_log()
+        return run
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+    def log_metrics(self, step: int | None = None, **values) -> None:
+        """Append one line to metrics.jsonl (time and step included)."""
+        if self._metrics is None:
+            self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        record = {"time": round(time.time(), 3)}
+        if step is not None:
+            record["step"] = step
+        record.update(values)
+        self._metrics.write(json.dumps(record, default=_plain) + "\n")
+        self._metrics.flush()
+
+    def read_metrics(self) -> list[dict]:
+        return read_metrics(self.path / "metrics.jsonl")
+
+    def attach_log(self) -> None:
+        """Copy Hone's log records into `log.txt` in the run folder."""
+        handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("honellm").addHandler(handler)
+        logging.getLogger("honellm").setLevel(logging.INFO)
+        self._handler = handler
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._handler is not None:
+            logging.getLogger("honellm").removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill; the rest is good
+    return rows
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "run"
+
+
+def _plain(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
