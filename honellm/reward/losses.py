@@ -501,7 +501,7 @@ def kl_penalised_rewards(
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     has_tokens = mask.sum(-1) > 0
     rows = torch.arange(rewards.size(0), device=rewards.device)
-    return rewards.index_put((rows, last), scores * has_tokens, accumulate=True)
+    return rewards.index_put((rows, last), (scores * has_tokens).to(rewards.dtype), accumulate=True)
 
 
 def gae(
@@ -535,7 +535,7 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
     """Normalise to mean 0 and variance 1 over the masked entries (Bessel-corrected variance, eps 1e-8).
 
     As TRL's PPO `masked_whiten`; with `shift_mean=False` the mean is added back (TRL's reward whitening).
-    Shapes: any, `mask` the same shape. Padding entries are shifted too; re-mask them if needed.
+    Shapes: any, `mask` the same shape, at least two entries set. Padding entries are shifted too; re-mask them.
     """
     count = mask.sum()
     mean = (values * mask).sum() / count
