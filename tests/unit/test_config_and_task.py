@@ -183,3 +183,15 @@ def test_fields_data_without_template_is_a_clear_error(tmp_path):
     task = Task.from_config({"data": {"train": str(data)}})
     with pytest.raises(HoneError, match="must name target and prompt.template"):
         task.split("train")
+
+
+def test_task_rewards_are_checked_at_load_and_built_on_use():
+    task = Task.load("arithmetic_hackable")
+    reward = task.reward()
+    assert reward(["q"], ["I am definitely sure: 7"], target=["7"]) == [pytest.approx(1.2)]
+    assert task.reward(gold=True)(["q"], ["8"], target=["7"]) == [0.0]
+    with pytest.raises(HoneError) as err:
+        Task.load("arithmetic", ["rewards=[{name: numeric_mach}]"])
+    assert "did you mean 'numeric_match'" in err.value.fix
+    with pytest.raises(HoneError, match="no gold_rewards"):
+        Task.load("arithmetic").reward(gold=True)
