@@ -224,7 +224,7 @@ def score_text(ctx: EvalContext, metric: Metric) -> Scored:
     details = [{"finish_reason": c.finish_reason} for c in completions]
     extras: dict[str, Any] = {}
     if ctx.task.config.rewards:
-        totals, parts = task_rewards(ctx, prompts, predictions)
+        totals, parts = task_rewards(ctx, prompts, completions)
         extras.update(reward_extras(totals, parts))
         for d, total in zip(details, totals, strict=True):
             d["reward"] = total
@@ -301,8 +301,8 @@ def score_rewards(ctx: EvalContext, metric: Metric) -> Scored:
     prefix = shared_prefix_text(ctx.tokenizer, ctx.program, prompts)
     completions = generate_answers(ctx, prompts, prefix)
     predictions = [c.text for c in completions]
-    totals, parts = task_rewards(ctx, prompts, predictions)
-    scores = metric.fn(rewards=totals)
+    totals, parts = task_rewards(ctx, prompts, completions)
+    scores = metric.fn(rewards=[0.0 if math.isnan(t) else t for t in totals])
     references = [ctx.task.target(r) for r in ctx.records]
     details = [{"rewards": {k: v[i] for k, v in parts.items()}} for i in range(len(prompts))]
     return Scored(prompts, predictions, references, scores, details, reward_extras(totals, parts),
@@ -330,32 +330,34 @@ def score_preferences(ctx: EvalContext, metric: Metric) -> Scored:
 # ------------------------------------------------------------------------------------------------ rewards
 
 
-def task_rewards(ctx: EvalContext, prompts: list[str], completions: list[str]) -> tuple[list[float], dict[str, list[float]]]:
-    """The task's reward functions on generated answers: the weighted total and each function's scores."""
-    from honellm.reward.functions import build_reward
+def task_rewards(ctx: EvalContext, prompts: list[str], completions: list) -> tuple[list[float], dict[str, list[float]]]:
+    """The task's reward functions on generated answers: the weighted total and each function's scores.
 
-    reward = build_reward(ctx.task.config.rewards, ctx.task.base_dir)
-    columns = _reward_columns(ctx)
-    result = reward(prompts, completions, **columns)
-    return [float(v) for v in result.total], {k: [float(v) for v in vals] for k, vals in result.per_function.items()}
-
-
-def _reward_columns(ctx: EvalContext) -> dict[str, list]:
-    """The record fields as columns (TRL's convention), plus `reference` (the task's target) for checkers."""
+    Columns follow the reward-function convention: the record's fields, `target` (the task's target) and
+    `completion_ids`. An example no function could score (total NaN) counts as 0 in the mean, so that the
+    score stays a mean over all n examples; `reward_unscored` in the extras says how many there were.
+    """
+    texts = [c.text for c in completions]
     keys = sorted({k for r in ctx.records for k in r})
     columns = {k: [r.get(k) for r in ctx.records] for k in keys}
-    columns.setdefault("reference", [ctx.task.target(r) for r in ctx.records])
-    return columns
+    columns["target"] = [ctx.task.target(r) for r in ctx.records]
+    columns["completion_ids"] = [list(c.token_ids) for c in completions]
+    found = ctx.task.reward().score(prompts, texts, **columns)
+    return [float(v) for v in found.total], {k: [float(v) for v in vals] for k, vals in found.per_function.items()}
 
 
 def reward_extras(totals: list[float], parts: dict[str, list[float]], threshold: float = 1.0) -> dict[str, Any]:
-    """Mean reward, pass rate (total >= threshold) and each function's mean."""
+    """Mean reward, pass rate (total >= threshold), unscored examples and each function's mean (over the
+    examples it scored)."""
     if not totals:
         return {}
+    values = np.nan_to_num(np.asarray(totals, dtype=np.float64), nan=0.0)
     extras: dict[str, Any] = {
-        "reward_mean": float(np.mean(totals)),
-        "reward_pass_rate": float(np.mean([t >= threshold - 1e-9 for t in totals])),
+        "reward_mean": float(values.mean()),
+        "reward_pass_rate": float(np.mean(values >= threshold - 1e-9)),
+        "reward_unscored": int(np.isnan(np.asarray(totals, dtype=np.float64)).sum()),
     }
-    for name, values in parts.items():
-        extras[f"reward/{name}"] = float(np.mean(values))
+    for name, scores in parts.items():
+        finite = [s for s in scores if not math.isnan(s)]
+        extras[f"reward/{name}"] = float(np.mean(finite)) if finite else math.nan
     return extras

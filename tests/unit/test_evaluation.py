@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -23,8 +24,9 @@ def _install_fallback_generation() -> None:
         return
     except ImportError:
         pass
-    import torch
     from dataclasses import dataclass, field
+
+    import torch
 
     @dataclass
     class SamplingParams:
@@ -174,11 +176,31 @@ def test_choice_scores_are_the_answer_turns_loglikelihood(tiny_model, tiny_model
 def test_text_mode_generates(tiny_model, tiny_model_dir):
     model, tok = tiny_model
     task = Task.load("arithmetic", ["rewards=[]", "generation.max_new_tokens=4"])
+    assert task.metric == "numeric_match"
     result = evaluate(str(tiny_model_dir), task, "validation", limit=3, model=model, tokenizer=tok, progress=False)
     assert result.mode == "text" and result.metric == "numeric_match" and result.n == 3
     assert result.cost.completion_tokens_per_example is not None
     assert result.cost.completion_tokens_per_example <= 4
     assert all(r.reference is not None for r in result.records)
+
+
+def test_reward_mode_scores_generated_text_with_the_tasks_rewards(tiny_model, tiny_model_dir):
+    model, tok = tiny_model
+    task = Task.load("arithmetic", ["metric=reward_mean", "generation.max_new_tokens=4"])
+    result = evaluate(str(tiny_model_dir), task, "validation", limit=3, model=model, tokenizer=tok, progress=False)
+    assert result.mode == "reward" and result.n == 3
+    assert {"reward_mean", "reward_pass_rate", "reward_unscored", "reward/numeric_match"} <= set(result.extras)
+    # the rewards agree with the reward functions called directly on the same text
+    direct = task.reward()([r.prompt for r in result.records], [r.prediction for r in result.records],
+                           target=[r.reference for r in result.records])
+    assert [r.score for r in result.records] == [0.0 if math.isnan(d) else d for d in direct]
+
+
+def test_text_metric_on_a_task_with_rewards_also_reports_them(tiny_model, tiny_model_dir):
+    model, tok = tiny_model
+    task = Task.load("arithmetic", ["generation.max_new_tokens=4"])
+    result = evaluate(str(tiny_model_dir), task, "validation", limit=2, model=model, tokenizer=tok, progress=False)
+    assert result.mode == "text" and "reward_mean" in result.extras
 
 
 def test_perplexity_mode(tiny_model, tiny_model_dir, intents):
@@ -208,15 +230,16 @@ def test_preference_mode(tiny_model, tiny_model_dir):
 
 def test_preference_scorer_registry_by_method_then_kind(tiny_model_dir):
     from honellm.artifact import Artifact
-    from honellm.evaluation.preference import PREFERENCE_SCORERS, preference_scorer_for, register_preference_scorer
+    from honellm.evaluation.preference import PREFERENCE_SCORERS, register_preference_scorer
+    from honellm.evaluation.preference import preference_scorer_for as scorer_for
 
     art = Artifact.zero_shot(str(tiny_model_dir))
-    assert preference_scorer_for(art).__name__ == "loglik_margin"
+    assert scorer_for(art).__name__ == "loglik_margin"
     with pytest.raises(ValueError, match="twice"):
         register_preference_scorer("adapter")(lambda ctx, batch: [])
     try:
         register_preference_scorer("zero-shot")(scorer := (lambda ctx, batch: []))
-        assert preference_scorer_for(art) is scorer  # the method wins over the kind
+        assert scorer_for(art) is scorer  # the method wins over the kind
     finally:
         PREFERENCE_SCORERS.pop("zero-shot", None)
 
@@ -227,8 +250,9 @@ def test_dpo_implicit_margins_are_zero_for_an_identity_adapter(tiny_model_dir):
     from honellm.artifact import Artifact
     from honellm.evaluation.preference import PreferenceBatch, dpo_implicit_margins
     from honellm.evaluation.scoring import EvalContext
-    from honellm.generation import Generator
     from honellm.models import load
+
+    Generator = importlib.import_module("honellm.generation").Generator
 
     model, tok = load(tiny_model_dir, dtype="fp32", device="cpu")
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))
@@ -301,8 +325,8 @@ def test_errors_are_user_errors(tiny_model_dir, intents, tiny_model):
     from honellm.errors import HoneError
 
     model, tok = tiny_model
-    with pytest.raises(HoneError, match="no test split|has no test"):
-        Task.load("examples/sst2.yaml" if False else "support_prefs", ["data.test=null"]).split("test")
+    with pytest.raises(HoneError, match="has no test split"):
+        evaluate(str(tiny_model_dir), Task.load("support_prefs", ["data.test=null"]), "test", model=model, tokenizer=tok)
     task = Task.load("arithmetic", ["metric=reward_mean", "rewards=[]"])
     with pytest.raises(HoneError, match="needs reward functions"):
         evaluate(str(tiny_model_dir), task, "validation", limit=1, model=model, tokenizer=tok, progress=False)
