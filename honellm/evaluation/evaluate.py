@@ -22,14 +22,16 @@ BOOTSTRAP_RESAMPLES = 1000
 
 
 def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = None, *, model=None, tokenizer=None,
-             batch_size: int = 16, progress: bool = True, seed: int = 0, pool: list[dict] | None = None) -> EvalResult:
+             batch_size: int = 16, progress: bool = True, seed: int = 0, pool: list[dict] | None = None,
+             encoder=None) -> EvalResult:
     """Evaluate an Artifact, an artifact folder, or a model name/path (its zero-shot artifact) on `task`.
 
     `model`/`tokenizer` evaluate a model already in memory (a training loop's, adapter attached) instead of
     loading the artifact's; the model is put in eval mode for the evaluation and restored after. `limit` takes
     the first N records of the split (the same N every time, so scores are comparable). `pool` gives the
-    demonstration pool of an artifact not saved yet (default: the artifact's pool.jsonl). `seed` seeds
-    sampling and the bootstrap.
+    demonstration pool of an artifact not saved yet (default: the artifact's pool.jsonl); `encoder` a
+    `TextEncoder` to reuse (the prompt search embeds the pool once for all its candidates). `seed` seeds
+    sampling, random demonstration selection and the bootstrap.
     """
     from honellm.artifact import Artifact
     from honellm.task import Task
@@ -59,7 +61,7 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     started = time.perf_counter()
     try:
         with PeakMemory(_device_of(model)) as memory:
-            demonstrations = _select_demonstrations(artifact, task, records, model, tokenizer, seed, pool)
+            demonstrations = _select_demonstrations(artifact, task, records, model, tokenizer, seed, pool, encoder)
             ctx = EvalContext(task=task, program=artifact.program, artifact=artifact, model=model, tokenizer=tokenizer,
                               generator=generator, records=records, demonstrations=demonstrations,
                               batch_size=batch_size, seed=seed, bar=bar)
@@ -101,7 +103,7 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     )
 
 
-def _select_demonstrations(artifact, task, records, model, tokenizer, seed: int, pool: list[dict] | None):
+def _select_demonstrations(artifact, task, records, model, tokenizer, seed: int, pool: list[dict] | None, encoder):
     """Per-query demonstrations from the artifact's pool, when its program has a per-query selector."""
     spec = artifact.program.selector
     if spec is None or not spec.per_query:
@@ -114,7 +116,7 @@ def _select_demonstrations(artifact, task, records, model, tokenizer, seed: int,
     from honellm.prompting.selectors import select_demonstrations
 
     return select_demonstrations(spec, task, artifact.program, records, pool, model=model, tokenizer=tokenizer,
-                                 seed=seed)
+                                 seed=seed, encoder=encoder)
 
 
 def _device_of(model):

@@ -264,13 +264,20 @@ def score_choices(ctx: EvalContext, metric: Metric) -> Scored:
         "acc_norm": float(np.mean(pred_norm == np.array(ref_index))),
         "calibrated": offsets is not None,
     }
+    raw_predictions = [choices[i] for i in raw.argmax(axis=1)]
     if offsets is not None:
         extras["acc_uncalibrated"] = float(np.mean(raw.argmax(axis=1) == np.array(ref_index)))
+        if metric.needs != "choices":
+            uncalibrated = metric.fn(predictions=raw_predictions, references=[r or "" for r in references])
+            extras["score_uncalibrated"] = float(np.mean(uncalibrated))
     counts = np.bincount(pred, minlength=len(choices))
     extras["predicted_label_share"] = {c: round(float(counts[i]) / len(pred), 4) for i, c in enumerate(choices)}
     details = [{"choice_logprobs": {c: round(float(raw[i, j]), 4) for j, c in enumerate(choices)},
                 "choice_tokens": {c: int(token_counts[i, j]) for j, c in enumerate(choices)}}
                for i in range(len(prompts))]
+    if offsets is not None:  # what the same forward pass predicts without calibration (the prompt search reads it)
+        for d, p in zip(details, raw_predictions, strict=True):
+            d["uncalibrated_prediction"] = p
     return Scored(prompts, predictions, references, scores, details, extras, shared_prefix=prefix)
 
 
