@@ -48,8 +48,8 @@ def contextual_calibration(task, program, model, tokenizer, *, pool: list[dict] 
                         where=task.source, fix="add `choices: [...]` to the task, or drop --calibrate")
     demos = [None] * len(content_free)
     if program.selector is not None and program.selector.per_query:
-        from honellm.prompting.selectors import DemoPool, select_indices
         from honellm.prompting.program import Demonstration
+        from honellm.prompting.selectors import DemoPool, select_indices
 
         demo_pool = DemoPool.build(task, program, pool or [])
         chosen = select_indices(program.selector, [t for t in content_free], demo_pool, model=model,

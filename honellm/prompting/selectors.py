@@ -197,17 +197,26 @@ def select_mmr(queries, pool: DemoPool, k: int, *, encoder=None, diversity: floa
     for n, q in enumerate(queries):
         relevance = similarities[n]
         candidates = sorted(_candidates(q, pool), key=lambda i: (-relevance[i], i))[:max(fetch, k)]
-        picked: list[int] = []
-        while candidates and len(picked) < k:
-            def gain(i):
-                redundancy = max((float(pool_vectors[i] @ pool_vectors[j]) for j in picked), default=0.0)
-                return (1 - diversity) * float(relevance[i]) - diversity * redundancy
-
-            best = max(candidates, key=lambda i: (gain(i), -i))
-            picked.append(best)
-            candidates.remove(best)
+        picked = _mmr_order(relevance, pool_vectors, candidates, k, diversity)
         out.append(picked[::-1])  # the most relevant (picked first) ends up last, nearest the query
     return out
+
+
+def _mmr_order(relevance: np.ndarray, vectors: np.ndarray, candidates: list[int], k: int,
+               diversity: float) -> list[int]:
+    """Greedy MMR picks, in the order picked (most relevant first)."""
+    picked: list[int] = []
+    redundancy: dict[int, float] = {}  # a candidate's highest similarity to an example already picked
+    candidates = list(candidates)
+    while candidates and len(picked) < k:
+        gains = {i: (1 - diversity) * float(relevance[i]) - diversity * redundancy.get(i, 0.0) for i in candidates}
+        best = max(candidates, key=lambda i: (gains[i], -i))
+        picked.append(best)
+        candidates.remove(best)
+        for i in candidates:
+            similarity = float(vectors[i] @ vectors[best])
+            redundancy[i] = max(redundancy.get(i, similarity), similarity)
+    return picked
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -41,9 +41,10 @@ def test_content_free_input_fills_every_template_field(intents):
 
 def test_calibration_makes_a_single_content_free_input_uniform(tiny_model, intents):
     """With one content-free input, the calibrated distribution on it is exactly uniform (W = diag(p_cf)^-1)."""
+    from honellm.generation import Generator
+
     from honellm.data.chat import render_prompt
     from honellm.evaluation.scoring import EvalContext, choice_loglikelihoods
-    from honellm.generation import Generator
 
     model, tok = tiny_model
     program = PromptProgram.from_task(intents)
