@@ -215,6 +215,8 @@ def model_hash(path: Path) -> str:
         else:
             digest.update(file_sha256(p).encode())
     value = "sha256:" + digest.hexdigest()[:32]
+    # Forget folders that are gone (temporary test models, deleted checkpoints) so the index stays small.
+    index = {k: v for k, v in index.items() if Path(k.split(":", 1)[0]).exists()}
     index[key] = value
     from honellm.atomic import atomic_write_json
 

@@ -183,6 +183,34 @@ class Task:
             raise HoneError(f"unknown metric {self.config.metric!r}", where=self._where("metric"),
                             fix=f"{hint}metrics: {', '.join(METRICS)}")
 
+        for key in ("rewards", "gold_rewards"):
+            specs = getattr(self.config, key)
+            builtin = [s for s in specs if "python" not in s]
+            if builtin:
+                from honellm.reward.functions import build_reward
+
+                try:
+                    build_reward(builtin, self.base_dir)
+                except HoneError as err:
+                    raise HoneError(err.what, where=f"{self._where(key)} ({key}: {err.where})", fix=err.fix) from None
+
+    def reward(self, *, gold: bool = False):
+        """The task's combined reward (weighted reward functions), or the gold rewards the guard watches.
+
+        User functions from Python files are imported here, on first use, not when the task loads.
+        """
+        from honellm.reward.functions import build_reward
+
+        key = "gold_rewards" if gold else "rewards"
+        cache = self.__dict__.setdefault("_rewards", {})
+        if key not in cache:
+            specs = getattr(self.config, key)
+            if not specs:
+                raise HoneError(f"task {self.name!r} has no {key}", where=self.source,
+                                fix=f"add `{key}: [{{name: numeric_match}}]` (or another reward) to the task")
+            cache[key] = build_reward(specs, self.base_dir)
+        return cache[key]
+
     def _where(self, key: str) -> str:
         line = getattr(self, "_lines", LineMap()).get(key)
         return f"{self.source}:{line}" if self.source and line else (self.source or "task")
