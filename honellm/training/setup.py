@@ -38,3 +38,8 @@ def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 
     set_seed(seed)
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a distributed launch (torchrun / accelerate set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
