@@ -8,7 +8,13 @@ import torch
 
 from honellm.models import load
 from honellm.training.batching import IGNORE, collate, encode_conversation
-from honellm.training.logprobs import full_logits_nll, predicting_positions, sequence_logprobs, sft_loss, token_logprobs
+from honellm.training.logprobs import (
+    full_logits_nll,
+    predicting_positions,
+    sequence_logprobs,
+    sft_loss,
+    token_logprobs,
+)
 from honellm.training.precision import Precision
 from honellm.training.setup import seed_everything
 from honellm.tuning import get_method
