@@ -290,7 +290,9 @@ class Generator:
             scores[i] = ContinuationScore(float(logprobs.sum()), len(cont), greedy)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        spaces = len(context) - len(context.rstrip())
+        # Only spaces move (lm-evaluation-harness moves all whitespace): a chat template's generation prompt ends
+        # in a newline that belongs to the context, and the answer must be scored after it, as it is generated.
+        spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self._encode_text([context + continuation])[0]
