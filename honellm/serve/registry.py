@@ -22,6 +22,7 @@ import contextlib
 import copy
 import json
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,12 +261,14 @@ def load_models(specs: list[str], *, dtype: str = "auto", device: str | None = N
             if entry.peft_type is None:
                 continue
             internal = f"a{len(adapters)}"  # PEFT names become module keys: keep them plain
-            if not adapters:
-                from peft import PeftModel
+            with warnings.catch_warnings():  # transformers' deprecation notices on PEFT's calls are not ours to fix
+                warnings.simplefilter("ignore", FutureWarning)
+                if not adapters:
+                    from peft import PeftModel
 
-                model = PeftModel.from_pretrained(model, entry.artifact.adapter_dir, adapter_name=internal)
-            else:
-                model.load_adapter(entry.artifact.adapter_dir, adapter_name=internal)
+                    model = PeftModel.from_pretrained(model, entry.artifact.adapter_dir, adapter_name=internal)
+                else:
+                    model.load_adapter(entry.artifact.adapter_dir, adapter_name=internal)
             adapters[i] = internal
         model.eval()
         engine = _make_engine(key, model, tokenizer, bool(adapters), batch_size, generator_factory)

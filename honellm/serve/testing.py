@@ -30,3 +30,45 @@ def make_lora_artifact(base_model: str | Path, out: str | Path, *, seed: int, na
     artifact = Artifact.create(name=name or out.name, method="lora", base_model=str(base_model), kind="adapter",
                                program=PromptProgram(system=system), config={"seed": seed, "r": r, "alpha": alpha})
     return artifact.save(out, model=peft_model, force=True)
+
+
+class ScriptedGenerator:
+    """A stand-in for `Generator` that answers at once (or when `gate` opens), for tests of the server itself:
+    queue limits, timeouts, failures and batching, without the cost or randomness of a model.
+
+    Each completion's text is `"{reply}{i}"` for the i-th prompt of its call; `calls` records every batch.
+    A prompt containing `fail_on` makes the whole call raise (as a model error would).
+    """
+
+    def __init__(self, *, reply: str = "ok", max_length: int = 512, gate=None, delay: float = 0.0,
+                 fail_on: str | None = None, pieces: tuple[str, ...] = ("o", "k")):
+        self.reply, self.max_length, self.gate, self.delay, self.fail_on = reply, max_length, gate, delay, fail_on
+        self.pieces = pieces
+        self.eos_ids = {0}
+        self.calls: list[list[str]] = []
+        self.params: list = []
+
+    def _wait(self) -> None:
+        import time
+
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.delay:
+            time.sleep(self.delay)
+
+    def generate(self, prompts, params, *, shared_prefix=None, progress=False):
+        from honellm.generation.params import Completion
+
+        self.calls.append(list(prompts))
+        self.params.append(params)
+        self._wait()
+        if self.fail_on is not None and any(self.fail_on in p for p in prompts):
+            raise RuntimeError("scripted failure")
+        return [Completion(text=f"{self.reply}{i}", token_ids=[5, 0], finish_reason="stop", prompt_tokens=len(p),
+                           completion_tokens=2, logprobs=[-0.5, -0.25] if params.logprobs else None)
+                for i, p in enumerate(prompts)]
+
+    def stream(self, prompt, params):
+        self.calls.append([prompt])
+        self._wait()
+        yield from self.pieces
