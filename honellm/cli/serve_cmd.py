@@ -23,7 +23,10 @@ def register(app: typer.Typer) -> None:
                                                      "more are answered 429"),
         timeout: float = typer.Option(300.0, help="seconds a request may take, queueing included (then 504)"),
         max_batch_size: int = typer.Option(16, help="sequences per batched generate call"),
-        batch_wait_ms: float = typer.Option(5.0, help="how long an idle worker waits to batch more requests"),
+        batch_wait_ms: float = typer.Option(20.0, help="longest an idle worker waits for requests still being "
+                                                       "prepared, to batch them with the first"),
+        threads: int = typer.Option(None, show_default=False,
+                                    help="CPU threads for torch [default: torch's]; 1 is often faster on a busy CPU"),
         dtype: str = typer.Option("auto", help="auto (bf16 where fast), bf16 or fp32"),
         device: str = typer.Option(None, show_default=False, help="torch device [default: CUDA if present, else CPU]"),
         log_level: str = typer.Option("info", help="uvicorn log level (warning hides the access log)"),
@@ -39,6 +42,6 @@ def register(app: typer.Typer) -> None:
         config = validate(ServeConfig, dict(
             host=host, port=port, api_key=api_key or None, max_tokens_limit=max_tokens_limit,
             max_prompt_tokens=max_prompt_tokens, max_concurrency=max_concurrency, timeout=timeout,
-            max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, dtype=dtype, device=device,
+            max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, dtype=dtype, device=device, threads=threads,
             log_level=log_level), source="hone serve")
         serve(artifacts, config)

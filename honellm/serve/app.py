@@ -245,18 +245,23 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         state.admit()
         handed_over = False
         try:
-            try:
-                prompt = await run_in_threadpool(lambda: served.engine.render(served.chat_messages(messages)))
-            except HoneError as err:
-                raise bad_request(f"messages: {err.what}", param="messages") from None
-            except Exception as err:  # noqa: BLE001 - a chat template may raise anything on odd conversations
-                raise bad_request(f"messages: the model's chat template refused them ({err})",
-                                  param="messages") from None
-            prompt_tokens = await state.prompt_tokens(served, prompt)
+            with state.scheduler(served).preparing():
+                try:
+                    prompt = await run_in_threadpool(lambda: served.engine.render(served.chat_messages(messages)))
+                except HoneError as err:
+                    raise bad_request(f"messages: {err.what}", param="messages") from None
+                except Exception as err:  # noqa: BLE001 - a chat template may raise anything on odd conversations
+                    raise bad_request(f"messages: the model's chat template refused them ({err})",
+                                      param="messages") from None
+                prompt_tokens = await state.prompt_tokens(served, prompt)
+                if stream:
+                    handed_over = True  # _stream releases the admission from here on
+                    job = _submit_stream(state, served, prompt, params)
+                else:
+                    job = _submit(state, served, [prompt] * n, params)
             if stream:
-                handed_over = True  # _stream releases the admission from here on
-                return await _stream(state, served, prompt, prompt_tokens, params, req, chat=True)
-            completions = await _run(state, served, [prompt] * n, params)
+                return await _stream(state, served, job, prompt_tokens, params, req, chat=True)
+            completions = await _wait(state, job)
         finally:
             if not handed_over:
                 state.release()
@@ -283,11 +288,16 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         state.admit()
         handed_over = False
         try:
-            counts = [await state.prompt_tokens(served, p) for p in prompts]
+            with state.scheduler(served).preparing():
+                counts = [await state.prompt_tokens(served, p) for p in prompts]
+                if stream:
+                    handed_over = True  # _stream releases the admission from here on
+                    job = _submit_stream(state, served, prompts[0], params)
+                else:
+                    job = _submit(state, served, [p for p in prompts for _ in range(n)], params)
             if stream:
-                handed_over = True  # _stream releases the admission from here on
-                return await _stream(state, served, prompts[0], counts[0], params, req, chat=False)
-            results = await _run(state, served, [p for p in prompts for _ in range(n)], params)
+                return await _stream(state, served, job, counts[0], params, req, chat=False)
+            results = await _wait(state, job)
         finally:
             if not handed_over:
                 state.release()
@@ -313,10 +323,15 @@ def _choices(request, prompts: int = 1) -> int:
     return n
 
 
-async def _run(state: ServerState, served: ServedModel, prompts: list[str], params) -> list:
-    """Queue the prompts on the model's engine and wait for their completions, up to the request timeout."""
+def _submit(state: ServerState, served: ServedModel, prompts: list[str], params) -> Job:
+    """Queue the prompts on the model's engine (one job: they run in the same batch)."""
     job = Job(served, prompts, params, deadline=time.monotonic() + state.config.timeout)
     state.scheduler(served).submit(job)
+    return job
+
+
+async def _wait(state: ServerState, job: Job) -> list:
+    """The job's completions, up to the request timeout."""
     try:
         return await asyncio.wait_for(asyncio.wrap_future(job.future), state.config.timeout)
     except asyncio.TimeoutError:
@@ -327,28 +342,31 @@ async def _run(state: ServerState, served: ServedModel, prompts: list[str], para
             job.cancel()  # timed out, or the client went away: drop it if it is still queued
 
 
-async def _stream(state: ServerState, served: ServedModel, prompt: str, prompt_tokens: int, params, req, *,
-                  chat: bool) -> StreamingResponse:
-    """Start a streamed completion; the response begins once the worker has taken the job, so a timeout while
-    queued is still a proper 504 rather than an error inside a 200 stream."""
+def _submit_stream(state: ServerState, served: ServedModel, prompt: str, params) -> Job:
+    """Queue a streamed completion. From here on the job holds the request's admission: it is released when the
+    worker is done with the job (finished, stopped, or dropped from the queue), even if the client vanishes
+    before the response body ever starts."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-
-    def sink(item) -> None:
-        _call_soon(loop, events.put_nowait, item)
-
-    deadline = time.monotonic() + state.config.timeout
-    job = Job(served, [prompt], params, deadline=deadline, sink=sink)
+    job = Job(served, [prompt], params, deadline=time.monotonic() + state.config.timeout,
+              sink=lambda item: _call_soon(loop, events.put_nowait, item))
+    job.events = events
     try:
         state.scheduler(served).submit(job)
     except BaseException:
         state.release()
         raise
-    # From here the job holds the admission: it is released when the worker is done with the job (finished,
-    # stopped, or dropped from the queue), even if the client vanishes before the response body ever starts.
     job.future.add_done_callback(lambda _f: _call_soon(loop, state.release))
+    return job
+
+
+async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_tokens: int, params, req, *,
+                  chat: bool) -> StreamingResponse:
+    """Stream a queued job's pieces as server-sent events. The response begins once the worker has taken the
+    job, so a timeout while queued is still a proper 504 rather than an error inside a 200 stream."""
+    events, deadline = job.events, job.deadline
     try:
-        kind, value = await asyncio.wait_for(events.get(), state.config.timeout)
+        kind, value = await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0.001))
     except asyncio.TimeoutError:
         job.cancel()
         raise APIError(504, f"the request waited longer than {state.config.timeout:g} s", type=SERVER,

@@ -20,8 +20,11 @@ class ServeConfig(Config):
     max_concurrency: int = Field(64, ge=1, description="requests admitted at once (queued or running); more get 429")
     timeout: float = Field(300.0, gt=0, description="seconds a request may take, queueing included; then 504")
     max_batch_size: int = Field(16, ge=1, description="sequences per batched generate call")
-    batch_wait_ms: float = Field(5.0, ge=0, description="how long an idle worker waits for more requests to batch")
+    batch_wait_ms: float = Field(
+        20.0, ge=0, description="longest an idle worker waits for requests still being prepared, to batch them")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted; more get 413")
     dtype: str = Field("auto", description="weights and compute dtype: auto (bf16 where fast), bf16, fp32")
     device: str | None = Field(None, description="torch device (None: CUDA if present, else CPU)")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (None: torch's default); 1 is often faster on a busy machine")
     log_level: str = Field("info", description="uvicorn log level: critical, error, warning, info, debug")

@@ -7,20 +7,22 @@ serves run back to back in the same thread, and a request for another adapter wa
 
 Batching: when the worker takes a request it also takes every waiting request it can run in the same `generate`
 call (same served model, i.e. same adapter and prompt program, and equal sampling parameters), up to
-`max_batch_size` sequences. A request that has only just arrived waits up to `batch_wait` for companions, so a
-burst of concurrent requests that finds the worker idle still becomes one batch; under load the queue fills while
-a batch runs and no extra wait is needed. Seeded sampling runs alone, so its result depends only on the request.
-Streams run alone (the engine streams one prompt at a time).
+`max_batch_size` sequences. A burst of concurrent requests that finds the worker idle should still become one
+batch, so a request that has only just arrived waits for companions: always `MIN_WAIT`, and up to `batch_wait`
+while other admitted requests for this engine are still being prepared (chat template, token count), since those
+are about to join the queue. Under load the queue fills while a batch runs and nobody waits. Seeded sampling runs
+alone, so its result depends only on the request. Streams run alone (the engine streams one prompt at a time).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from honellm.errors import HoneError
 from honellm.serve.errors import SERVER, APIError
 
 log = logging.getLogger("honellm.serve")
+MIN_WAIT = 0.002  # seconds a fresh request waits for companions even when none is known to be on its way
 
 
 @dataclass(eq=False)
@@ -44,6 +47,7 @@ class Job:
     params: Any  # SamplingParams
     deadline: float  # time.monotonic() after which the request has timed out
     sink: Callable[[tuple[str, Any]], None] | None = None
+    events: Any = None  # for a stream: the asyncio.Queue that `sink` feeds (the app reads it)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
@@ -74,6 +78,7 @@ class Scheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._incoming = 0  # admitted requests being prepared for this engine, not yet submitted
         self._thread = threading.Thread(target=self._run, name=f"hone-serve:{engine.key}", daemon=True)
         self.batches = 0  # generate calls made, and the sequences they held (for /health and the bench)
         self.sequences = 0
@@ -89,6 +94,18 @@ class Scheduler:
                 job.cancel()
             self._queue.clear()
             self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Wrap a request's preparation and `submit`: while it runs, an idle worker waits for it to batch."""
+        with self._cv:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._incoming -= 1
+                self._cv.notify_all()
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -128,17 +145,19 @@ class Scheduler:
             if first.stream:
                 return [first]
             batch, rows = [first], len(first.prompts)
-            until = first.enqueued + self.batch_wait
+            short, until = first.enqueued + min(MIN_WAIT, self.batch_wait), first.enqueued + self.batch_wait
             while rows < self.max_batch_size:
                 for job in list(self._queue):
                     if job.key == first.key and rows + len(job.prompts) <= self.max_batch_size:
                         self._queue.remove(job)
                         batch.append(job)
                         rows += len(job.prompts)
-                left = until - time.monotonic()
-                if rows >= self.max_batch_size or left <= 0 or self._closed:
+                now = time.monotonic()
+                if rows >= self.max_batch_size or now >= until or self._closed:
                     break
-                self._cv.wait(left)
+                if now >= short and self._incoming == 0:
+                    break  # nobody is on the way
+                self._cv.wait((short if now < short else until) - now)
             return batch
 
     def _run_batch(self, jobs: list[Job]) -> None:

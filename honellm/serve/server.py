@@ -22,6 +22,10 @@ def serve(specs: list[str], config: ServeConfig) -> None:
                                 fix="pip install 'honellm[serve]'") from None
     from honellm.serve.registry import load_models
 
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     models = load_models(specs, dtype=config.dtype, device=config.device, batch_size=config.max_batch_size)
     app = create_app(models, config)
     _banner(models, config)

@@ -86,21 +86,44 @@ def test_seeded_sampling_runs_alone(scripted_models):
     assert generator.calls[1:] == [["s1"], ["s2"]]
 
 
-def test_a_short_wait_gathers_a_burst_that_finds_the_worker_idle(scripted_models):
+def test_an_idle_worker_waits_for_requests_still_being_prepared(scripted_models):
     generator = ScriptedGenerator()
     m1, _ = scripted_models(generator)
-    scheduler = Scheduler(m1.engine, max_batch_size=8, batch_wait=0.3)
+    scheduler = Scheduler(m1.engine, max_batch_size=8, batch_wait=1.0)
     scheduler.start()
+    jobs = [job(m1, f"p{i}") for i in range(3)]
+    all_preparing = threading.Barrier(3)
+
+    def request(i: int) -> None:  # as the app does: prepare (template, token count), then submit
+        with scheduler.preparing():
+            all_preparing.wait(10)
+            time.sleep(0.05 * i)
+            scheduler.submit(jobs[i])
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(3)]
     try:
-        jobs = [job(m1, f"p{i}") for i in range(3)]
-        for j in jobs:
-            scheduler.submit(j)
-            time.sleep(0.02)
+        for t in threads:
+            t.start()
         for j in jobs:
             j.future.result(10)
     finally:
         scheduler.close()
     assert generator.calls == [["p0", "p1", "p2"]]
+
+
+def test_a_lone_request_does_not_wait_out_the_window(scripted_models):
+    generator = ScriptedGenerator()
+    m1, _ = scripted_models(generator)
+    scheduler = Scheduler(m1.engine, batch_wait=5.0)
+    scheduler.start()
+    try:
+        start = time.monotonic()
+        lone = job(m1, "alone")
+        scheduler.submit(lone)
+        lone.future.result(10)
+        assert time.monotonic() - start < 1.0
+    finally:
+        scheduler.close()
 
 
 def test_cancelled_and_expired_jobs_are_dropped_from_the_queue(scripted_models):
