@@ -104,11 +104,16 @@ def validate(model: type[BaseModel], data: dict):
     try:
         request = model.model_validate(data)
     except ValidationError as err:
-        problems = err.errors(include_url=False)
-        first = problems[0]
-        param = _param(first["loc"])
+        # A union field (content: str | list) fails once per alternative: one problem per field, alternatives joined.
+        problems: dict[str | None, list[str]] = {}
+        for problem in err.errors(include_url=False):
+            messages = problems.setdefault(_param(problem["loc"]), [])
+            if problem["msg"] not in messages:
+                messages.append(problem["msg"])
+        param, messages = next(iter(problems.items()))
+        text = messages[0] + "".join(f", or {m[0].lower()}{m[1:]}" for m in messages[1:])
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
-        raise bad_request(f"{param or 'body'}: {first['msg']}{more}", param=param) from None
+        raise bad_request(f"{param or 'body'}: {text}{more}", param=param) from None
     _check_unicode(data)
     return request
 
