@@ -132,7 +132,8 @@ def test_prompt_program_is_applied_on_the_server(client, models):
 
 
 def test_stream_is_openai_sse_and_matches_the_whole_text(client):
-    whole = chat(client, "tiny-b", max_tokens=10).json()["choices"][0]["message"]["content"]
+    body = chat(client, "tiny-b", max_tokens=10).json()
+    whole = body["choices"][0]["message"]["content"]
     response = chat(client, "tiny-b", max_tokens=10, stream=True, stream_options={"include_usage": True})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = response.text.split("\n\n")
@@ -144,7 +145,8 @@ def test_stream_is_openai_sse_and_matches_the_whole_text(client):
     assert len({c["id"] for c in chunks}) == 1
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(finals) == 1 and finals[0]["choices"][0]["delta"] == {}
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+    assert finals[0]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == whole
 

@@ -253,6 +253,9 @@ def test_stream_runs_under_its_adapter(lora_models):
             assert events[0] == ("start", None) and events[-1][0] == "end"
             text = "".join(v for k, v in events if k == "delta")
             with engine.use(served.adapter):
-                assert text == engine.generator.generate([prompt], params)[0].text
+                whole = engine.generator.generate([prompt], params)[0]
+            assert text == whole.text
+            final = events[-1][1]  # the engine's Completion: exact usage and finish reason for the stream
+            assert (final.completion_tokens, final.finish_reason) == (whole.completion_tokens, whole.finish_reason)
     finally:
         scheduler.close()
