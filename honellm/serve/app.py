@@ -282,8 +282,8 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         refuse_unsupported(req)
         prompts = completion_prompts(req.prompt)
         n, stream = _choices(req, len(prompts)), bool(req.stream)
-        if stream and (len(prompts) > 1 or req.logprobs is not None):
-            raise unsupported("stream", "stream with several prompts or with logprobs")
+        if stream and (len(prompts) > 1 or req.logprobs is not None or req.echo):
+            raise unsupported("stream", "stream with several prompts, logprobs or echo")
         params = state.sampling(req, req.max_tokens, "max_tokens", logprobs=req.logprobs is not None)
         state.admit()
         handed_over = False

@@ -302,6 +302,7 @@ def test_bad_fields_are_400_naming_the_field(client, fields, param):
     ({"prompt": [[1, 2]]}, "prompt"), ({"prompt": ["a", 5]}, "prompt"), ({"prompt": ""}, "prompt"),
     ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logprobs": 2}, "logprobs"),
     ({"echo": "yes"}, "echo"), ({"prompt": ["a", "b"], "stream": True}, "stream"),
+    ({"echo": True, "stream": True}, "stream"),
 ])
 def test_bad_completion_fields_are_400(client, base_name, fields, param):
     body = {"model": base_name, "prompt": "Review:", "max_tokens": 4, **fields}
