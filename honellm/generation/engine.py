@@ -128,6 +128,7 @@ class Generator:
         order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
         generator = make_generator(params.seed, self.device)
         with self._inference():
+            self._runner.prepare()
             prefix = self._runner.compute_prefix(encoded[order[0]][:shared]) if shared else None
         bar = _bar(len(rows), "generating", "prompt", progress)
         for start in range(0, len(order), self.batch_size):
@@ -153,6 +154,8 @@ class Generator:
             return
         row = self._new_row(0, encoded[0], params)
         generator = make_generator(params.seed, self.device)
+        with self._inference():
+            self._runner.prepare()
         for _ in self._decode([row], 0, None, params, generator):
             piece = row.text.delta(row.content_ids(), finished=row.done)
             if piece:
@@ -263,6 +266,7 @@ class Generator:
         vocab = self.model.config.get_text_config().vocab_size
         bar = _bar(len(scored), "scoring", "pair", progress)
         with self._inference():
+            self._runner.prepare()
             prefix = self._runner.compute_prefix(inputs[order[0]][:shared]) if shared else None
             for batch in _score_batches(order, [len(c) for _, c in pairs], self.batch_size, vocab):
                 self._score_batch(batch, pairs, inputs, shared, prefix, scores)

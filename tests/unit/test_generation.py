@@ -524,6 +524,39 @@ def test_weights_updated_in_place_are_seen(lively):
     assert after != before and after == reference_greedy(model, tok, prompt, 8)
 
 
+def test_weights_written_through_data_are_seen(lively):
+    """`.data` writes (PEFT merging, older training code) bump no version counter; the fingerprint notices."""
+    model, tok = lively
+    model = copy.deepcopy(model)
+    gen = Generator(model, tok)
+    prompt = chat(tok)[1]
+    before = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data.mul_(3.0)
+        layer.mlp.gate_proj.weight.data.mul_(-1.0)
+    after = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    assert after != before and after == reference_greedy(model, tok, prompt, 8)
+
+
+def test_derived_weights_in_bf16_give_the_module_outputs(lively):
+    """Fused and (on CPUs with oneDNN) prepacked bf16 weights compute what the model's own modules compute."""
+    model, tok = lively
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    runner = DecoderRunner(model)
+    ids = torch.tensor([tok(p, add_special_tokens=False).input_ids[:12] for p in chat(tok)[1:5]])
+    positions = torch.arange(12)[None].expand(4, 12)
+    valid = torch.ones(4, 12, dtype=torch.bool)
+    with torch.inference_mode():
+        plain = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
+        runner.prepare()
+        assert runner.derived.layers is not None and runner.derived.layers[0].qkv is not None
+        derived = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
+        reference = model(ids).logits
+    assert torch.allclose(derived.float(), plain.float(), atol=0.05, rtol=0.02)
+    assert torch.allclose(derived.float(), reference.float(), atol=0.05, rtol=0.02)
+    assert (derived.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
+
+
 def test_prompt_learning_adapters_are_refused(lively):
     from peft import PromptTuningConfig, get_peft_model
 
