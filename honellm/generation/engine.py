@@ -238,7 +238,9 @@ class Generator:
 
         Each pair is tokenized jointly and split where the context's own tokens end (with trailing spaces of
         the context moved to the continuation), as lm-evaluation-harness does, so that a word is not split
-        across the seam differently than the model would see it. `shared_prefix` works as in `generate`.
+        across the seam differently than the model would see it. A chat prompt's final newline is trailing
+        whitespace too: it moves into every continuation of that context alike, so rankings are unaffected.
+        `shared_prefix` works as in `generate`.
         """
         if len(contexts) != len(continuations):
             raise HoneError(f"{len(contexts)} contexts but {len(continuations)} continuations",

@@ -61,11 +61,18 @@ def test_few_shot_prefix_reuse_is_exact_and_answers_labels(embedded, shared_data
     params = SamplingParams(max_new_tokens=3)
     plain = gen.generate(prompts, params)
     reused = gen.generate(prompts, params, shared_prefix="auto")
-    assert [o.token_ids for o in reused] == [o.token_ids for o in plain]
+    # In bf16 the prefix computed alone rounds differently from the prefix inside a padded batch (other matrix
+    # shapes), so a borderline answer may flip; token-for-token identity is tested in fp32 (unit tests).
+    same = sum(a.token_ids == b.token_ids for a, b in zip(plain, reused, strict=True))
+    assert same >= len(prompts) - 1
     assert sum(o.text.strip() in ("positive", "negative") for o in reused) >= len(prompts) - 1
-    scores = gen.score_continuations([p for p in prompts for _ in range(2)], ["positive", "negative"] * len(prompts),
-                                     shared_prefix="auto")
-    assert all(s.n_tokens == 1 for s in scores)  # both labels are single tokens for SmolLM2
+    contexts, labels = [p for p in prompts for _ in range(2)], ["positive", "negative"] * len(prompts)
+    scores = gen.score_continuations(contexts, labels, shared_prefix="auto")
+    # Both labels are single tokens for SmolLM2; the template's final newline moves into the continuation (the
+    # lm-evaluation-harness rule for trailing whitespace), so every continuation has two tokens.
+    assert all(s.n_tokens == 2 for s in scores)
+    direct = gen.score_continuations(contexts, labels)
+    assert max(abs(a.logprob_sum - b.logprob_sum) for a, b in zip(scores, direct, strict=True)) < 0.25
 
 
 def test_stream_and_stop_string_on_a_real_tokenizer(embedded):
