@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.quick:
         args.n = 40
@@ -74,6 +75,8 @@ def main() -> None:
     from honellm.generation import Generator, SamplingParams
     from honellm.models import load
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load(args.model, dtype=args.dtype)
     gen = Generator(model, tok, batch_size=args.batch_size)
     prompts, prefix = build_prompts(tok, args.n)

@@ -8,6 +8,7 @@ the batch once half of it is done). Outputs come back in input order.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -139,19 +140,21 @@ class Generator:
         bar.close()
         return [row.completion(params.logprobs) for row in rows]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None
+               ) -> collections.abc.Generator[str, None, Completion]:
         """Yield the completion of one prompt as text deltas while it is generated.
 
         Deltas never split a UTF-8 character and never show text that a stop string later trims; their
-        concatenation equals `generate([prompt], params)[0].text` for the same seed.
+        concatenation equals `generate([prompt], params)[0].text` for the same seed. The generator's return value
+        (`StopIteration.value`) is the whole `Completion`, for token counts and the finish reason.
         """
         params = params or SamplingParams()
         encoded = self._encode_all([prompt])
         if self._vllm is not None:  # vLLM's offline engine has no streaming: hand out the whole text at once
-            text = self._vllm.generate(encoded, params)[0].text
-            if text:
-                yield text
-            return
+            completion = self._vllm.generate(encoded, params)[0]
+            if completion.text:
+                yield completion.text
+            return completion
         row = self._new_row(0, encoded[0], params)
         generator = make_generator(params.seed, self.device)
         with self._inference():
@@ -163,6 +166,7 @@ class Generator:
         piece = row.text.delta(row.content_ids(), finished=True)
         if piece:
             yield piece
+        return row.completion(params.logprobs)
 
     def _new_row(self, index: int, ids: list[int], params: SamplingParams) -> _Row:
         room = self.max_length - len(ids)
@@ -238,9 +242,9 @@ class Generator:
 
         Each pair is tokenized jointly and split where the context's own tokens end (with trailing spaces of
         the context moved to the continuation), as lm-evaluation-harness does, so that a word is not split
-        across the seam differently than the model would see it. A chat prompt's final newline is trailing
-        whitespace too: it moves into every continuation of that context alike, so rankings are unaffected.
-        `shared_prefix` works as in `generate`.
+        across the seam differently than the model would see it. Unlike lm-evaluation-harness, a trailing
+        newline stays in the context: a chat prompt ends with one, and the answer is scored after it, as it
+        would be generated. `shared_prefix` works as in `generate`.
         """
         if len(contexts) != len(continuations):
             raise HoneError(f"{len(contexts)} contexts but {len(continuations)} continuations",
@@ -296,7 +300,9 @@ class Generator:
             scores[i] = ContinuationScore(float(logprobs.sum()), len(cont), greedy)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        spaces = len(context) - len(context.rstrip())
+        # Only spaces move (lm-evaluation-harness moves all whitespace): a chat template's generation prompt ends
+        # in a newline that belongs to the context, and the answer must be scored after it, as it is generated.
+        spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self._encode_text([context + continuation])[0]

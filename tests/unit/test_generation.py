@@ -358,6 +358,35 @@ def test_stream_holds_back_a_possible_stop_string(lively):
     assert seen == "abc "
 
 
+def test_stream_returns_its_completion(lively):
+    model, tok = lively
+    gen = Generator(model, tok)
+    prompt, params = chat(tok)[1], SamplingParams(max_new_tokens=7, logprobs=True)
+    stream = gen.stream(prompt, params)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as stop:
+            completion = stop.value
+            break
+    expected = gen.generate([prompt], params)[0]
+    assert completion.token_ids == expected.token_ids and completion.text == "".join(pieces) == expected.text
+    assert (completion.finish_reason, completion.completion_tokens) == (expected.finish_reason, 7)
+
+
+def test_chat_newline_stays_in_the_context_when_scoring(lively):
+    model, tok = lively
+    gen = Generator(model, tok)
+    prompt = chat(tok)[0]
+    assert prompt.endswith("\n")
+    context, continuation = gen._encode_pair(prompt, "positive")
+    assert context == tok(prompt, add_special_tokens=False).input_ids
+    assert tok.decode(continuation) == "positive"
+    context, continuation = gen._encode_pair("Review: fine. Sentiment: ", "positive")
+    assert tok.decode(continuation) == " positive"
+
+
 def test_stream_does_not_leave_inference_mode_on(lively):
     model, tok = lively
     stream = Generator(model, tok).stream(chat(tok)[0], SamplingParams(max_new_tokens=4))
@@ -375,7 +404,7 @@ def test_score_continuations_equals_a_full_forward(lively):
     continuations = [" positive", " negative<|im_end|>", "ly long", " fox", "5"]
     scores = Generator(model, tok, batch_size=2).score_continuations(contexts, continuations)
     for ctx, cont, score in zip(contexts, continuations, scores, strict=True):
-        spaces = len(ctx) - len(ctx.rstrip())
+        spaces = len(ctx) - len(ctx.rstrip(" "))
         if spaces:  # lm-evaluation-harness moves a context's trailing spaces to the continuation
             ctx, cont = ctx[:-spaces], ctx[-spaces:] + cont
         ctx_ids = tok(ctx, add_special_tokens=False).input_ids
