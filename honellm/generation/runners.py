@@ -326,7 +326,7 @@ class DecoderRunner:
         hidden = core.embed_tokens(ids)
         cos, sin = core.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        mask = self._mask(state, start, end)
+        mask = self._mask(state, start, end, hidden.dtype)
         derived = self.derived.layers  # None until `prepare`, or when derived weights are off
         for i, layer in enumerate(core.layers):
             weights = derived[i] if derived is not None else None
@@ -385,21 +385,21 @@ class DecoderRunner:
         return _linear(mlp.down_proj, hidden)
 
     @staticmethod
-    def _mask(state: KVState, start: int, end: int) -> torch.Tensor:
-        """Boolean attention mask [batch, 1, T, end]: causal, minus padding slots.
+    def _mask(state: KVState, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention mask [batch, 1, T, end]: 0 where a query may look (causal, real tokens), else -inf.
 
-        A padding query would see no key at all, and SDPA returns NaN for such a row; the NaN would then sit in
-        that slot's keys and values for the next layer. Letting every query see its own slot keeps padding finite;
-        no real query ever sees a padding slot.
+        Built once per forward in the compute dtype; a boolean mask would be converted to this inside SDPA in
+        every layer. A padding query would see no key at all, and SDPA returns NaN for such a row; the NaN would
+        then sit in that slot's keys and values for the next layer. Letting every query see its own slot keeps
+        padding finite; no real query ever sees a padding slot.
         """
-        valid = state.valid[:, None, None, :end]
-        if end - start == 1:
-            return valid
-        device = state.valid.device
-        key_slots = torch.arange(end, device=device)
-        query_slots = torch.arange(start, end, device=device)[:, None]
-        causal = key_slots <= query_slots
-        return (valid & causal) | (key_slots == query_slots)
+        allowed = state.valid[:, None, None, :end]
+        if end - start > 1:
+            device = state.valid.device
+            key_slots = torch.arange(end, device=device)
+            query_slots = torch.arange(start, end, device=device)[:, None]
+            allowed = (allowed & (key_slots <= query_slots)) | (key_slots == query_slots)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
