@@ -121,6 +121,8 @@ class Generator:
         reused, so the outputs are the same as without reuse.
         """
         params = params or SamplingParams()
+        if not prompts:
+            return []
         encoded = self._encode_all(prompts)
         if self._vllm is not None:
             return self._vllm.generate(encoded, params, progress=progress)
@@ -249,6 +251,8 @@ class Generator:
         if len(contexts) != len(continuations):
             raise HoneError(f"{len(contexts)} contexts but {len(continuations)} continuations",
                             where="score_continuations", fix="pass one continuation per context")
+        if not contexts:
+            return []
         pairs = [self._encode_pair(c, x) for c, x in zip(contexts, continuations, strict=True)]
         if self._vllm is not None:
             return self._vllm.score(pairs, progress=progress)
@@ -341,8 +345,6 @@ class Generator:
         return ids.to(device), positions.to(device), valid.to(device)
 
     def _encode_all(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        if not prompts:
-            raise HoneError("no prompts to generate from", where="Generator.generate", fix="pass at least one prompt")
         texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
         encoded: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if texts:

@@ -251,6 +251,8 @@ class DecoderRunner:
         layer_types = getattr(config, "layer_types", None)
         if layer_types and any(t != "full_attention" for t in layer_types):
             return "layer types other than full attention"
+        if any(hasattr(m, "_hf_hook") for m in model.modules()):
+            return "accelerate hooks (offloading, device maps) move weights inside the modules' own forward"
         core = getattr(model, "model", None)
         if core is None or not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
             return "not the <Model>ForCausalLM(model=<Model>Model) layout"

@@ -295,6 +295,14 @@ def test_stop_strings_trim_the_text(lively):
     assert stop not in tok.decode(out.token_ids[:-1], skip_special_tokens=True)
 
 
+def test_empty_inputs_give_empty_outputs(lively):
+    model, tok = lively
+    gen = Generator(model, tok)
+    assert gen.generate([]) == [] and gen.score_continuations([], []) == []
+    with pytest.raises(HoneError, match="empty"):
+        gen.generate(["hi", ""])
+
+
 def test_a_single_stop_string_is_accepted_as_a_string():
     assert SamplingParams(stop="\n").stop == ("\n",)
 
