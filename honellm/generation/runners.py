@@ -412,10 +412,10 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(module).__name__ in RMSNORM_CLASSES:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-        return module.weight * x.to(dtype)
+        # Llama's RMSNorm, `weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype)`, in 4 ops
+        # instead of 8 (the fused kernel normalizes in fp32 like the original).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
+        return module.weight * normed.to(x.dtype)
     return module(x)
 
 
