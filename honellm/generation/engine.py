@@ -70,9 +70,11 @@ class Generator:
     """Batched generation and scoring with a KV cache and shared-prefix reuse, for one model and tokenizer.
 
     `backend="auto"` uses vLLM where it is installed and a CUDA GPU is present (and the model is a plain
-    Hugging Face model saved in a folder), else the torch engine here. The torch engine reads the model's live
-    weights on every forward, so it stays correct while a policy is being trained. `batch_size` is the number of
-    sequences per forward; `max_length` caps prompt plus completion (default: the model's context length).
+    Hugging Face model saved in a folder), else the torch engine here. The torch engine checks the model's
+    weights at the start of every call (its fused copies are rebuilt when they changed), so it stays correct
+    while a policy is being trained between calls; one Generator serves one thread at a time. `batch_size` is
+    the number of sequences per forward; `max_length` caps prompt plus completion (default: the model's context
+    length).
     Prompts are tokenized without adding special tokens (they are already formatted, a chat template included);
     pass `add_special_tokens=True` for raw text on models that expect a BOS token.
     """
@@ -118,7 +120,8 @@ class Generator:
         `prompts` are formatted strings or token-id lists. `shared_prefix` reuses one prefix's keys and values
         for every prompt: "auto" finds the longest common token prefix of the prompts; a string or id list names
         it (every prompt must start with it). Either way only the tokens all prompts share after tokenization are
-        reused, so the outputs are the same as without reuse.
+        reused, so the outputs are those without reuse (token for token in fp32; in bf16 up to the rounding of
+        a differently shaped computation).
         """
         params = params or SamplingParams()
         if not prompts:
