@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats = 16, 1
@@ -90,6 +91,9 @@ def main() -> None:
 
     from honellm.generation import Generator
     from honellm.models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tok = load(args.model, dtype=args.dtype)
     tok.padding_side = "left"

@@ -70,9 +70,11 @@ class Generator:
     """Batched generation and scoring with a KV cache and shared-prefix reuse, for one model and tokenizer.
 
     `backend="auto"` uses vLLM where it is installed and a CUDA GPU is present (and the model is a plain
-    Hugging Face model saved in a folder), else the torch engine here. The torch engine reads the model's live
-    weights on every forward, so it stays correct while a policy is being trained. `batch_size` is the number of
-    sequences per forward; `max_length` caps prompt plus completion (default: the model's context length).
+    Hugging Face model saved in a folder), else the torch engine here. The torch engine checks the model's
+    weights at the start of every call (its fused copies are rebuilt when they changed), so it stays correct
+    while a policy is being trained between calls; one Generator serves one thread at a time. `batch_size` is
+    the number of sequences per forward; `max_length` caps prompt plus completion (default: the model's context
+    length).
     Prompts are tokenized without adding special tokens (they are already formatted, a chat template included);
     pass `add_special_tokens=True` for raw text on models that expect a BOS token.
     """
@@ -118,9 +120,12 @@ class Generator:
         `prompts` are formatted strings or token-id lists. `shared_prefix` reuses one prefix's keys and values
         for every prompt: "auto" finds the longest common token prefix of the prompts; a string or id list names
         it (every prompt must start with it). Either way only the tokens all prompts share after tokenization are
-        reused, so the outputs are the same as without reuse.
+        reused, so the outputs are those without reuse (token for token in fp32; in bf16 up to the rounding of
+        a differently shaped computation).
         """
         params = params or SamplingParams()
+        if not prompts:
+            return []
         encoded = self._encode_all(prompts)
         if self._vllm is not None:
             return self._vllm.generate(encoded, params, progress=progress)
@@ -129,6 +134,7 @@ class Generator:
         order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
         generator = make_generator(params.seed, self.device)
         with self._inference():
+            self._runner.prepare()
             prefix = self._runner.compute_prefix(encoded[order[0]][:shared]) if shared else None
         bar = _bar(len(rows), "generating", "prompt", progress)
         for start in range(0, len(order), self.batch_size):
@@ -156,6 +162,8 @@ class Generator:
             return completion
         row = self._new_row(0, encoded[0], params)
         generator = make_generator(params.seed, self.device)
+        with self._inference():
+            self._runner.prepare()
         for _ in self._decode([row], 0, None, params, generator):
             piece = row.text.delta(row.content_ids(), finished=row.done)
             if piece:
@@ -239,11 +247,15 @@ class Generator:
 
         Each pair is tokenized jointly and split where the context's own tokens end (with trailing spaces of
         the context moved to the continuation), as lm-evaluation-harness does, so that a word is not split
-        across the seam differently than the model would see it. `shared_prefix` works as in `generate`.
+        across the seam differently than the model would see it. Unlike lm-evaluation-harness, a trailing
+        newline stays in the context: a chat prompt ends with one, and the answer is scored after it, as it
+        would be generated. `shared_prefix` works as in `generate`.
         """
         if len(contexts) != len(continuations):
             raise HoneError(f"{len(contexts)} contexts but {len(continuations)} continuations",
                             where="score_continuations", fix="pass one continuation per context")
+        if not contexts:
+            return []
         pairs = [self._encode_pair(c, x) for c, x in zip(contexts, continuations, strict=True)]
         if self._vllm is not None:
             return self._vllm.score(pairs, progress=progress)
@@ -267,6 +279,7 @@ class Generator:
         vocab = self.model.config.get_text_config().vocab_size
         bar = _bar(len(scored), "scoring", "pair", progress)
         with self._inference():
+            self._runner.prepare()
             prefix = self._runner.compute_prefix(inputs[order[0]][:shared]) if shared else None
             for batch in _score_batches(order, [len(c) for _, c in pairs], self.batch_size, vocab):
                 self._score_batch(batch, pairs, inputs, shared, prefix, scores)
@@ -335,8 +348,6 @@ class Generator:
         return ids.to(device), positions.to(device), valid.to(device)
 
     def _encode_all(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        if not prompts:
-            raise HoneError("no prompts to generate from", where="Generator.generate", fix="pass at least one prompt")
         texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
         encoded: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if texts:

@@ -22,6 +22,8 @@ from honellm.generation.params import (
     SamplingParams,
 )
 
+GPU_MEMORY_SHARE = 0.5
+
 
 def vllm_available() -> bool:
     """vLLM is installed and a CUDA GPU is present (vLLM's CPU build is no faster than the torch engine here)."""
@@ -65,8 +67,11 @@ class VLLMBackend:
         self.add_special_tokens = add_special_tokens
         folder = _model_folder(model)
         dtype = next(model.parameters()).dtype
+        # vLLM shares the GPU with the Hugging Face model it mirrors (and, in RL, with its optimizer state), so it
+        # takes half of the memory rather than its default 90%.
         self.llm = LLM(model=str(folder), tokenizer=str(folder), dtype=str(dtype).removeprefix("torch."),
-                       max_model_len=max_length, enable_prefix_caching=True, seed=0)
+                       max_model_len=max_length, enable_prefix_caching=True, seed=0,
+                       gpu_memory_utilization=GPU_MEMORY_SHARE)
         if hasattr(model, "peft_config"):  # the folder holds the base model: bring the adapter in
             self.sync_weights()
 

@@ -295,6 +295,14 @@ def test_stop_strings_trim_the_text(lively):
     assert stop not in tok.decode(out.token_ids[:-1], skip_special_tokens=True)
 
 
+def test_empty_inputs_give_empty_outputs(lively):
+    model, tok = lively
+    gen = Generator(model, tok)
+    assert gen.generate([]) == [] and gen.score_continuations([], []) == []
+    with pytest.raises(HoneError, match="empty"):
+        gen.generate(["hi", ""])
+
+
 def test_a_single_stop_string_is_accepted_as_a_string():
     assert SamplingParams(stop="\n").stop == ("\n",)
 
@@ -358,6 +366,35 @@ def test_stream_holds_back_a_possible_stop_string(lively):
     assert seen == "abc "
 
 
+def test_stream_returns_its_completion(lively):
+    model, tok = lively
+    gen = Generator(model, tok)
+    prompt, params = chat(tok)[1], SamplingParams(max_new_tokens=7, logprobs=True)
+    stream = gen.stream(prompt, params)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as stop:
+            completion = stop.value
+            break
+    expected = gen.generate([prompt], params)[0]
+    assert completion.token_ids == expected.token_ids and completion.text == "".join(pieces) == expected.text
+    assert (completion.finish_reason, completion.completion_tokens) == (expected.finish_reason, 7)
+
+
+def test_chat_newline_stays_in_the_context_when_scoring(lively):
+    model, tok = lively
+    gen = Generator(model, tok)
+    prompt = chat(tok)[0]
+    assert prompt.endswith("\n")
+    context, continuation = gen._encode_pair(prompt, "positive")
+    assert context == tok(prompt, add_special_tokens=False).input_ids
+    assert tok.decode(continuation) == "positive"
+    context, continuation = gen._encode_pair("Review: fine. Sentiment: ", "positive")
+    assert tok.decode(continuation) == " positive"
+
+
 def test_stream_does_not_leave_inference_mode_on(lively):
     model, tok = lively
     stream = Generator(model, tok).stream(chat(tok)[0], SamplingParams(max_new_tokens=4))
@@ -375,7 +412,7 @@ def test_score_continuations_equals_a_full_forward(lively):
     continuations = [" positive", " negative<|im_end|>", "ly long", " fox", "5"]
     scores = Generator(model, tok, batch_size=2).score_continuations(contexts, continuations)
     for ctx, cont, score in zip(contexts, continuations, scores, strict=True):
-        spaces = len(ctx) - len(ctx.rstrip())
+        spaces = len(ctx) - len(ctx.rstrip(" "))
         if spaces:  # lm-evaluation-harness moves a context's trailing spaces to the continuation
             ctx, cont = ctx[:-spaces], ctx[-spaces:] + cont
         ctx_ids = tok(ctx, add_special_tokens=False).input_ids
@@ -522,6 +559,39 @@ def test_weights_updated_in_place_are_seen(lively):
             layer.mlp.down_proj.weight.mul_(-1.0)
     after = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
     assert after != before and after == reference_greedy(model, tok, prompt, 8)
+
+
+def test_weights_written_through_data_are_seen(lively):
+    """`.data` writes (PEFT merging, older training code) bump no version counter; the fingerprint notices."""
+    model, tok = lively
+    model = copy.deepcopy(model)
+    gen = Generator(model, tok)
+    prompt = chat(tok)[1]
+    before = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data.mul_(3.0)
+        layer.mlp.gate_proj.weight.data.mul_(-1.0)
+    after = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    assert after != before and after == reference_greedy(model, tok, prompt, 8)
+
+
+def test_derived_weights_in_bf16_give_the_module_outputs(lively):
+    """Fused and (on CPUs with oneDNN) prepacked bf16 weights compute what the model's own modules compute."""
+    model, tok = lively
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    runner = DecoderRunner(model)
+    ids = torch.tensor([tok(p, add_special_tokens=False).input_ids[:12] for p in chat(tok)[1:5]])
+    positions = torch.arange(12)[None].expand(4, 12)
+    valid = torch.ones(4, 12, dtype=torch.bool)
+    with torch.inference_mode():
+        plain = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
+        runner.prepare()
+        assert runner.derived.layers is not None and runner.derived.layers[0].qkv is not None
+        derived = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
+        reference = model(ids).logits
+    assert torch.allclose(derived.float(), plain.float(), atol=0.05, rtol=0.02)
+    assert torch.allclose(derived.float(), reference.float(), atol=0.05, rtol=0.02)
+    assert (derived.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
 
 
 def test_prompt_learning_adapters_are_refused(lively):
