@@ -317,10 +317,11 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
                          calibrate: bool = False, model_name: str | None = None, out: str | Path | None = None,
                          force: bool = False, max_examples: int = 100, max_seconds: float = 1800.0,
                          propose: int | None = None, seed: int = 0, batch_size: int = 16,
-                         progress: bool = True) -> PromptRun:
+                         search_config: PromptSearchConfig | None = None, progress: bool = True) -> PromptRun:
     """What `hone prompt` does: build one program (or search for the best), score it on validation, save the
     Artifact (with pool.jsonl when it selects per query) and the run folder (config, metrics.jsonl,
-    candidates.csv)."""
+    candidates.csv). `search_config` sets every knob of the search (`search` and the caps then only fill in
+    what it leaves at defaults: it wins)."""
     from honellm.artifact import Artifact
     from honellm.evaluation import evaluate
     from honellm.models import load
@@ -342,8 +343,10 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
         model, tokenizer = load(model_name)
         found = None
         if search:
-            config = PromptSearchConfig(candidates=search, max_examples=max_examples, max_seconds=max_seconds,
-                                        propose=propose, seed=seed, batch_size=batch_size)
+            config = search_config or PromptSearchConfig(candidates=search, max_examples=max_examples,
+                                                         max_seconds=max_seconds, propose=propose, seed=seed,
+                                                         batch_size=batch_size)
+            max_examples = config.max_examples
             found = search_prompt(task, model, tokenizer, config, run=run, progress=progress)
             write_candidates(run.path / "candidates.csv", found.candidates)
             program, pool = found.best.program, found.pool
