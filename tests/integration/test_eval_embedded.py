@@ -41,7 +41,7 @@ def test_saved_prompt_artifact_evaluates_to_the_same_score(sst2, embedded, tmp_p
 
     model, tok = embedded
     pool = demonstration_pool(sst2)
-    program = build_prompt(sst2, model, tok, shots=4, selector="bm25", calibrate=True, pool=pool)
+    program = build_prompt(sst2, model, tok, shots=4, selector="bm25", calibration="content_free", pool=pool)
     art = Artifact.create(name="sst2-bm25", method="prompt", base_model="smollm2-135m-instruct", program=program,
                           task=sst2)
     before = evaluate(art, sst2, "validation", N, model=model, tokenizer=tok, progress=False, pool=pool)

@@ -16,7 +16,7 @@ def test_search_on_sst2_saves_an_artifact_that_reproduces_its_score(shared_data,
     made = make_prompt_artifact("examples/sst2.yaml", overrides, search=3, out=tmp_path / "art", max_examples=16,
                                 progress=False)
     rows = (made.run_dir / "candidates.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 3  # header + (uncalibrated, calibrated) x 3
+    assert len(rows) == 1 + 3 * 3  # header + (uncalibrated, content-free, batch) x 3
     validation = json.loads((tmp_path / "art" / "hone.json").read_text())["metrics"]["validation"]
     again = evaluate(tmp_path / "art", Task.load("examples/sst2.yaml", overrides), "validation", 16, progress=False)
     assert again.score == validation["score"]

@@ -96,6 +96,35 @@ def test_choice_scores_are_the_answer_turns_loglikelihood(tiny_model, tiny_model
     assert result.records[0].details["choice_logprobs"]["billing"] == pytest.approx(expected, abs=1e-3)
 
 
+def test_both_ways_of_scoring_groups_agree(tiny_model, intents, monkeypatch):
+    """score_groups reads each context once (one call per context) or all pairs in one call; same numbers."""
+    from honellm.data.chat import render_prompt
+    from honellm.evaluation import scoring
+    from honellm.generation import Generator
+    from honellm.prompting.program import PromptProgram
+
+    model, tok = tiny_model
+    program = PromptProgram.from_task(intents)
+    records = intents.split("validation")[:3]
+    ctx = scoring.EvalContext(task=intents, program=program, artifact=None, model=model, tokenizer=tok,
+                              generator=Generator(model, tok), records=records, demonstrations=None)
+    contexts = [render_prompt(tok, program.messages(intents, r)) for r in records]
+    groups = [["billing<|im_end|>", "cancel<|im_end|>", "shipping<|im_end|>"]] * 3
+    shared = scoring.shared_prefix_text(tok, program, contexts)
+    assert shared and all(c.startswith(shared) for c in contexts)
+    calls = []
+    real_score = ctx.generator.score_continuations
+    monkeypatch.setattr(ctx.generator, "score_continuations", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    per_context = scoring.score_groups(ctx, contexts, groups, shared_prefix=shared)  # the system turn is short
+    assert len(calls) == 3
+    # pretend the shared prefix were nearly the whole context: one call for all pairs is then cheaper
+    monkeypatch.setattr(scoring, "count_tokens", lambda tokenizer, texts: [100 if t == shared else 101 for t in texts])
+    flat = scoring.score_groups(ctx, contexts, groups, shared_prefix=shared)
+    assert len(calls) == 4
+    assert per_context[1] == flat[1]
+    assert np.allclose(per_context[0], flat[0], atol=1e-4)
+
+
 def test_text_mode_generates(tiny_model, tiny_model_dir):
     model, tok = tiny_model
     task = Task.load("arithmetic", ["rewards=[]", "generation.max_new_tokens=4"])
