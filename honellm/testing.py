@@ -84,3 +84,35 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_tiny_task(folder: str | Path, model_dir: str | Path, *, n_train: int = 48, n_validation: int = 16,
+                   seed: int = 0) -> Path:
+    """Write a small sentiment task (train/validation JSONL + task YAML) over the tiny model; return the YAML path.
+
+    The reviews use the tiny tokenizer's corpus words, so they encode in few tokens and the label is learnable.
+    """
+    import json
+    import random
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = {"positive": ["gripping", "funny", "warm", "quick"], "negative": ["dull", "lifeless", "long", "lazy"]}
+    for split, n in (("train", n_train), ("validation", n_validation)):
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for _ in range(n):
+                label = rng.choice(["positive", "negative"])
+                text = "a " + ", ".join(rng.sample(words[label], rng.randint(1, 3))) + " film"
+                handle.write(json.dumps({"text": text, "label": label}) + "\n")
+    task = folder / "task.yaml"
+    task.write_text(
+        "name: tiny-sentiment\n"
+        f"model: {Path(model_dir).resolve()}\n"
+        "data: {train: train.jsonl, validation: validation.jsonl}\n"
+        "prompt: {system: Classify the review., template: 'Review: {text}'}\n"
+        "target: label\n"
+        "choices: [positive, negative]\n"
+        "metric: accuracy\n"
+    )
+    return task

@@ -8,6 +8,7 @@ the batch once half of it is done). Outputs come back in input order.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -138,19 +139,21 @@ class Generator:
         bar.close()
         return [row.completion(params.logprobs) for row in rows]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None
+               ) -> collections.abc.Generator[str, None, Completion]:
         """Yield the completion of one prompt as text deltas while it is generated.
 
         Deltas never split a UTF-8 character and never show text that a stop string later trims; their
-        concatenation equals `generate([prompt], params)[0].text` for the same seed.
+        concatenation equals `generate([prompt], params)[0].text` for the same seed. The generator's return value
+        (`StopIteration.value`) is the whole `Completion`, for token counts and the finish reason.
         """
         params = params or SamplingParams()
         encoded = self._encode_all([prompt])
         if self._vllm is not None:  # vLLM's offline engine has no streaming: hand out the whole text at once
-            text = self._vllm.generate(encoded, params)[0].text
-            if text:
-                yield text
-            return
+            completion = self._vllm.generate(encoded, params)[0]
+            if completion.text:
+                yield completion.text
+            return completion
         row = self._new_row(0, encoded[0], params)
         generator = make_generator(params.seed, self.device)
         for _ in self._decode([row], 0, None, params, generator):
@@ -160,6 +163,7 @@ class Generator:
         piece = row.text.delta(row.content_ids(), finished=True)
         if piece:
             yield piece
+        return row.completion(params.logprobs)
 
     def _new_row(self, index: int, ids: list[int], params: SamplingParams) -> _Row:
         room = self.max_length - len(ids)
@@ -290,7 +294,9 @@ class Generator:
             scores[i] = ContinuationScore(float(logprobs.sum()), len(cont), greedy)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        spaces = len(context) - len(context.rstrip())
+        # Only spaces move (lm-evaluation-harness moves all whitespace): a chat template's generation prompt ends
+        # in a newline that belongs to the context, and the answer must be scored after it, as it is generated.
+        spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self._encode_text([context + continuation])[0]

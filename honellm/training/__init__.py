@@ -1,0 +1,14 @@
+"""What every training recipe shares (SFT here; DPO, GRPO and PPO build on the same pieces).
+
+- `config.TrainingConfig`: the shared settings (lr, schedule, batching, precision, checkpoints, ...)
+- `setup.setup_accelerator`, `setup.seed_everything`: one process, DDP or FSDP; seeds
+- `precision.Precision`: bf16 compute with fp32 trainable weights (or plain fp32), `autocast()`, `cast_model()`
+- `batching`: `encode_conversation`, `LengthGroupedBatches`, `collate`, `Batch`, `TokenSequence`
+- `logprobs`: `token_logprobs`, `sequence_logprobs`, `sft_loss` (LM head at target positions only), `LossOutput`
+- `optim`: `build_optimizer` (AdamW), `build_schedule` (warmup + cosine/linear/constant)
+- `step.TrainStep`: accumulation, clipping and the non-finite check of one optimizer step
+- `monitor.TrainingMonitor`: metrics.jsonl, progress bar, tokens/s, peak memory
+- `checkpoint.Checkpointer`: atomic checkpoints with RNG and optimizer state; exact resume
+- `memory`: `estimate_training_memory`, `check_memory` (refuses a run that will not fit, says what to change)
+- `validation`: `score_sequences`, `greedy_answers` (scoring on the in-memory model during training)
+"""

@@ -1,0 +1,246 @@
+"""`hone advise TASK`: the playbook (docs/playbook.md) applied to a task's data, the hardware and the budget.
+
+It recommends the order of methods to try, why (the playbook's rule ids), and the estimated cost of each:
+training time from the task's token count and this machine's measured bf16/fp32 matmul speed, memory from the
+parameter count, and prompt tokens per request at inference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from honellm.task import Task
+
+# Training FLOPs per token: forward 2N, backward 4N for full fine-tuning (Kaplan et al. 2020); with frozen weights
+# (LoRA and friends) the backward skips weight gradients, about 2N, so ~4N in all.
+FLOPS_PER_TOKEN = {"full": 6, "peft": 4, "inference": 2}
+# Share of the measured matmul peak a training loop reaches on small models (attention, norms, optimizer, Python).
+EFFICIENCY = 0.35
+
+
+@dataclass
+class Step:
+    method: str
+    family: str
+    rules: list[str]
+    why: str
+    est_train_seconds: float | None = None
+    est_memory_gb: float | None = None
+    est_prompt_tokens: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class Advice:
+    task: str
+    facts: dict
+    steps: list[Step] = field(default_factory=list)
+    not_applicable: list[tuple[str, str]] = field(default_factory=list)
+    probe: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_matmul_flops(seconds: float = 0.5) -> dict[str, float]:
+    """Achieved matmul FLOP/s on this machine in bf16 (where fast) and fp32, from square 1024 products."""
+    import torch
+
+    from honellm.hardware import default_device, pick_dtype
+
+    device = default_device()
+    out = {}
+    for name, dtype in (("auto", pick_dtype("auto", device)), ("fp32", torch.float32)):
+        a = torch.randn(1024, 1024, dtype=dtype, device=device)
+        b = torch.randn(1024, 1024, dtype=dtype, device=device)
+        a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            a @ b
+            n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[name] = 2 * 1024**3 * n / (time.perf_counter() - start)
+    return out
+
+
+def data_facts(task: Task, tokenizer=None, sample: int = 200) -> dict:
+    """What the data holds and how long it is."""
+    facts: dict = {"format": task.format, "kind": task.kind, "metric": task.metric, "splits": {}}
+    for split in task.available_splits():
+        facts["splits"][split] = len(task.split(split))
+    facts["n_train"] = facts["splits"].get("train", 0)
+    facts["has_targets"] = task.kind in ("sft", "reference")
+    facts["has_choices"] = bool(task.config.choices)
+    facts["has_pairs"] = task.kind == "preference"
+    facts["has_unpaired"] = task.kind == "unpaired"
+    facts["has_rewards"] = bool(task.config.rewards)
+    facts["has_gold_rewards"] = bool(task.config.gold_rewards)
+    if tokenizer is not None and facts["n_train"]:
+        from honellm.data.chat import build_messages, render_answer, render_prompt
+
+        records = task.split("train")[:sample]
+        prompt_tokens, answer_tokens = [], []
+        for record in records:
+            if task.kind == "preference":
+                pair = task.pair(record)
+                messages, answer = build_messages(task.config.prompt.system, [], pair.prompt), pair.chosen
+            else:
+                messages = build_messages(task.config.prompt.system, [], task.messages(record))
+                answer = task.target(record) or ""
+            prompt_tokens.append(len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids))
+            answer_tokens.append(len(tokenizer(render_answer(tokenizer, messages, answer), add_special_tokens=False).input_ids))
+        facts["mean_prompt_tokens"] = sum(prompt_tokens) / len(prompt_tokens)
+        facts["mean_answer_tokens"] = sum(answer_tokens) / len(answer_tokens)
+    return facts
+
+
+def _train_seconds(tokens: float, params: float, flops: float, kind: str) -> float:
+    return tokens * FLOPS_PER_TOKEN[kind] * params / max(flops * EFFICIENCY, 1.0)
+
+
+def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: float | None = None,
+           memory_gb: float | None = None, probe: bool = False, epochs: int = 2, shots: int = 4) -> Advice:
+    """Apply the playbook. `probe` also measures the zero-shot score (and how fast this machine trains)."""
+    from honellm import hardware
+    from honellm.models import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(task.config.model)
+    facts = data_facts(task, tokenizer)
+    hw = hardware.describe()
+    facts["hardware"] = hw
+    flops = measure_matmul_flops()
+    facts["matmul_tflops"] = {k: round(v / 1e12, 2) for k, v in flops.items()}
+    params = _parameter_count(resolve(task.config.model).path)
+    facts["model_parameters"] = params
+    memory_gb = memory_gb or hw.get("gpu_memory_gb") or hw.get("memory_gb") or 8.0
+    facts["memory_gb"] = memory_gb
+    advice = Advice(task.name, facts)
+
+    n = facts["n_train"]
+    prompt_len = facts.get("mean_prompt_tokens", 64.0)
+    answer_len = facts.get("mean_answer_tokens", 16.0)
+    example_len = prompt_len + answer_len
+    train_tokens = n * example_len * epochs
+    peak = flops["auto"]
+    bytes_per_param = 2 if hw.get("cpu_bf16") or "gpu" in hw else 4
+    peft_memory = params * bytes_per_param / 2**30 + 0.5
+    full_memory = params * 16 / 2**30 + 0.5
+
+    if probe:
+        advice.probe = _probe(task)
+
+    def add(method, family, rules, why, **kw):
+        advice.steps.append(Step(method, family, rules, why, **kw))
+
+    # R1 / R2: prompting first.
+    add("zero-shot", "prompting", ["R1"], "no training; the baseline every other method must beat",
+        est_train_seconds=0.0, est_memory_gb=round(peft_memory, 2), est_prompt_tokens=round(prompt_len, 1))
+    if n and facts["has_targets"]:
+        few_tokens = prompt_len + shots * (example_len - 10)
+        note = None
+        if max_latency_ms is not None:
+            note = f"{few_tokens:.0f} prompt tokens per request; check against the {max_latency_ms:.0f} ms budget (R4)"
+        add("few-shot", "prompting", ["R1", "R2"],
+            f"{shots} demonstrations chosen by similarity (BM25) from {n} training examples"
+            + ("; contextual calibration for the label choices" if facts["has_choices"] else ""),
+            est_train_seconds=0.0, est_memory_gb=round(peft_memory, 2), est_prompt_tokens=round(few_tokens, 1), note=note)
+        if "validation" in facts["splits"]:
+            add("prompt-search", "prompting", ["R2"],
+                "search instructions, shots, selector and calibration on the validation split",
+                est_train_seconds=round(12 * facts["splits"]["validation"] * prompt_len * 2 * params / (peak * EFFICIENCY), 1),
+                est_memory_gb=round(peft_memory, 2), est_prompt_tokens=round(few_tokens, 1))
+    else:
+        advice.not_applicable.append(("few-shot", "no training examples with answers to use as demonstrations"))
+
+    # R3 / R8: tuning.
+    tunable = facts["has_targets"] or facts["has_pairs"]
+    if tunable and n >= 50:
+        rules, why = ["R3"], f"{n} training examples: enough for parameter-efficient tuning"
+        if n < 200:
+            why += " (few: keep epochs low, watch validation)"
+        add("lora", "tuning", rules + (["R4"] if max_latency_ms else []), why,
+            est_train_seconds=round(_train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.3, 2), est_prompt_tokens=round(prompt_len, 1))
+        add("dora", "tuning", ["R3"], "LoRA with weight decomposition: often a little better at the same rank, slower per step",
+            est_train_seconds=round(1.4 * _train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.4, 2), est_prompt_tokens=round(prompt_len, 1))
+        add("ia3", "tuning", ["R3"], "the fewest trainable parameters; strong with little data",
+            est_train_seconds=round(0.9 * _train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.1, 2), est_prompt_tokens=round(prompt_len, 1))
+        if full_memory <= memory_gb * 0.8 and n >= 1000:
+            add("full", "tuning", ["R3", "R8"], f"full fine-tuning fits in memory ({full_memory:.1f} GB of {memory_gb:.0f})",
+                est_train_seconds=round(_train_seconds(train_tokens, params, peak, "full"), 1),
+                est_memory_gb=round(full_memory, 2), est_prompt_tokens=round(prompt_len, 1))
+        elif n >= 1000:
+            advice.not_applicable.append(("full", f"full fine-tuning needs ~{full_memory:.1f} GB; {memory_gb:.0f} GB here (R8)"))
+    elif tunable:
+        advice.not_applicable.append(("lora", f"only {n} training examples: prompting first, tuning overfits below ~50 (R3)"))
+    else:
+        advice.not_applicable.append(("lora", "no answers to learn from (the data has no targets)"))
+
+    # R5 / R7: preference data.
+    if facts["has_pairs"]:
+        pair_tokens = n * (prompt_len + 2 * answer_len) * epochs
+        add("dpo", "reward", ["R5"], f"{n} preference pairs: optimise the preference directly, no reward model",
+            est_train_seconds=round(1.5 * _train_seconds(pair_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.5, 2), est_prompt_tokens=round(prompt_len, 1))
+        add("simpo", "reward", ["R5", "R8"], "reference-free: no reference pass, less memory and time",
+            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.4, 2), est_prompt_tokens=round(prompt_len, 1))
+        add("reward-model", "reward", ["R7"], "a reward model for RLHF (PPO/GRPO) and best-of-n at inference",
+            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.4, 2))
+    elif facts["has_unpaired"]:
+        add("kto", "reward", ["R5"], "thumbs-up/down labels without pairs: KTO",
+            est_train_seconds=round(1.5 * _train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_memory_gb=round(peft_memory + 0.5, 2), est_prompt_tokens=round(prompt_len, 1))
+    else:
+        advice.not_applicable.append(("dpo", "no preference pairs in the data (R5)"))
+
+    # R6: verifiable rewards.
+    if facts["has_rewards"] and n:
+        group, steps = 8, 100
+        rollout_tokens = steps * 4 * group * (prompt_len + 64)
+        why = "reward functions can check answers: online RL with verifiable rewards"
+        if not facts["has_gold_rewards"]:
+            why += "; add gold_rewards so the reward-hacking guard has a signal the policy is not trained on"
+        note = None
+        if advice.probe and advice.probe.get("zero_shot_score") == 0.0:
+            note = "the zero-shot score is 0: groups of samples that all score 0 teach nothing; tune or prompt first (R6)"
+        add("grpo", "reward", ["R6"], why,
+            est_train_seconds=round(_train_seconds(rollout_tokens, params, peak, "inference") * 4, 1),
+            est_memory_gb=round(peft_memory + 0.6, 2), est_prompt_tokens=round(prompt_len, 1), note=note)
+    else:
+        advice.not_applicable.append(("grpo", "no reward functions in the task (R6)"))
+
+    # Budget and latency: methods over budget go last, with a note.
+    if budget_seconds is not None:
+        within = [s for s in advice.steps if (s.est_train_seconds or 0) <= budget_seconds]
+        over = [s for s in advice.steps if (s.est_train_seconds or 0) > budget_seconds]
+        for s in over:
+            s.note = (s.note + "; " if s.note else "") + f"estimated {s.est_train_seconds:.0f} s is over the {budget_seconds:.0f} s budget"
+        advice.steps = within + over
+    if max_latency_ms is not None:
+        # R4: with a latency budget, an adapter (no extra prompt tokens) goes before long few-shot prompts.
+        advice.steps.sort(key=lambda s: (s.family == "prompting" and (s.est_prompt_tokens or 0) > 2 * prompt_len))
+    return advice
+
+
+def _parameter_count(path) -> int:
+    from honellm.models import _count_safetensors
+
+    return _count_safetensors(path) or 0
+
+
+def _probe(task: Task, limit: int = 50) -> dict:
+    """A quick zero-shot score on part of the validation split (or train when there is none)."""
+    from honellm.artifact import Artifact
+    from honellm.evaluation import evaluate
+
+    split = "validation" if task.has_split("validation") else "train"
+    start = time.perf_counter()
+    result = evaluate(Artifact.zero_shot(task.config.model, task), task, split=split, limit=limit, progress=False)
+    return {"split": split, "limit": limit, "zero_shot_score": result.score, "metric": result.metric,
+            "ci": list(result.ci), "seconds": round(time.perf_counter() - start, 1)}

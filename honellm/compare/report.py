@@ -1,0 +1,254 @@
+"""`hone report RUN_DIR`: one self-contained HTML file (figures embedded as PNG) for a compare run.
+
+Sections: the recommendation with its reasons; the leaderboard; quality against cost with the Pareto front;
+learning curves from each method's metrics.jsonl; the reward-hacking guard's panels where online RL ran;
+examples where the methods disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+from honellm.atomic import atomic_write_text
+from honellm.compare.results import CompareRun, MethodResult
+from honellm.runs import read_metrics
+
+GUARD_KEYS = ("proxy", "gold", "kl", "mean_length", "distinct_n", "entropy")
+CURVE_KEYS = ("loss", "val_score", "reward", "score")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when cost (x) is minimised and quality (y) maximised."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def quality_cost_figure(results: list[MethodResult]) -> str | None:
+    done = [r for r in results if r.done]
+    if not done:
+        return None
+    plt = _plt()
+    axes_spec = [("train_seconds", "training time (s)"), ("latency_ms", "latency per request (ms)")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, axes_spec, strict=True):
+        rows = [r for r in done if getattr(r, key) is not None]
+        points = [(max(float(getattr(r, key)), 1e-3), r.score) for r in rows]
+        front = set(pareto_front(points))
+        for i, (r, (x, y)) in enumerate(zip(rows, points, strict=True)):
+            color = {"prompting": "#1f77b4", "tuning": "#2ca02c", "reward": "#d62728"}.get(r.family, "gray")
+            ax.scatter([x], [y], s=70 if i in front else 40, color=color, edgecolor="black" if i in front else "none",
+                       zorder=3)
+            if r.ci_low is not None and r.ci_high is not None:
+                ax.plot([x, x], [r.ci_low, r.ci_high], color=color, alpha=0.4, zorder=2)
+            ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ordered = sorted((points[i] for i in front), key=lambda p: p[0])
+        if len(ordered) > 1:
+            ax.step([p[0] for p in ordered], [p[1] for p in ordered], where="post", color="black", alpha=0.5,
+                    linestyle="--", label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        if key == "train_seconds" and points and max(p[0] for p in points) / max(min(p[0] for p in points), 1e-3) > 50:
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(label)
+        ax.set_ylabel(done[0].metric or "score")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quality against cost (blue: prompting, green: tuning, red: reward-based; outlined: Pareto front)",
+                 fontsize=10)
+    return _png(fig)
+
+
+def learning_curves_figure(results: list[MethodResult]) -> str | None:
+    series = {}
+    for r in results:
+        if not r.run_dir:
+            continue
+        rows = [m for m in read_metrics(Path(r.run_dir) / "metrics.jsonl") if m.get("kind", "train") in ("train", "eval")]
+        for key in CURVE_KEYS:
+            points = [(m["step"], m[key]) for m in rows if "step" in m and isinstance(m.get(key), (int, float))]
+            if len(points) >= 2:
+                series.setdefault(key, {})[r.method] = points
+    if not series:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 3.8), squeeze=False)
+    for ax, (key, by_method) in zip(axes[0], series.items(), strict=True):
+        for method, points in by_method.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=method, marker="." if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Learning curves (metrics.jsonl)", fontsize=10)
+    return _png(fig)
+
+
+def guard_figures(results: list[MethodResult]) -> list[tuple[str, str, list[dict], int | None]]:
+    """(method, figure, alarms, kept step) for every method whose metrics.jsonl has reward-hacking guard records."""
+    out = []
+    for r in results:
+        if not r.run_dir:
+            continue
+        rows = read_metrics(Path(r.run_dir) / "metrics.jsonl")
+        guard = [m for m in rows if m.get("kind") == "guard"]
+        if not guard:
+            continue
+        alarms = [m for m in rows if m.get("kind") == "alarm"]
+        plt = _plt()
+        keys = [k for k in GUARD_KEYS if any(isinstance(m.get(k), (int, float)) for m in guard)]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            points = [(m["step"], m[key]) for m in guard if isinstance(m.get(key), (int, float))]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+            for alarm in alarms:
+                ax.axvline(alarm.get("step", 0), color="red", alpha=0.5, linestyle=":")
+            ax.set_title(key, fontsize=9)
+            ax.grid(alpha=0.3)
+        kept = next((m.get("best_step") for m in reversed(rows) if m.get("kind") == "guard_summary"), None)
+        title = f"{r.method}: reward-hacking guard" + (f" (kept checkpoint: step {kept})" if kept is not None else "")
+        fig.suptitle(title + " — red lines: alarms", fontsize=10)
+        out.append((r.method, _png(fig), alarms, kept))
+    return out
+
+
+def disagreements(results: list[MethodResult], limit: int = 12) -> tuple[list[str], list[dict]]:
+    """Examples (by index in the evaluated split) where the methods' predictions disagree in correctness."""
+    per_method = {}
+    for r in results:
+        if r.done and r.eval_path and Path(r.eval_path).exists():
+            data = json.loads(Path(r.eval_path).read_text())
+            per_method[r.method] = data.get("examples", [])
+    if len(per_method) < 2:
+        return [], []
+    methods = list(per_method)
+    n = min(len(v) for v in per_method.values())
+    rows = []
+    for i in range(n):
+        scores = [per_method[m][i].get("score") for m in methods]
+        if len({s for s in scores if s is not None}) > 1:
+            first = per_method[methods[0]][i]
+            rows.append({"input": first.get("input", first.get("prompt", "")), "reference": first.get("reference"),
+                         "predictions": {m: (per_method[m][i].get("prediction"), per_method[m][i].get("score"))
+                                         for m in methods}})
+        if len(rows) >= limit:
+            break
+    return methods, rows
+
+
+def _table(results: list[MethodResult]) -> str:
+    head = ("method", "family", "score", "95% CI", "n", "train time", "train tokens", "trainable params",
+            "peak memory", "prompt tokens/req", "latency/req", "status")
+    lines = ["<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in results:
+        if r.done:
+            cells = [r.method, r.family, f"{r.score:.3f}",
+                     f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-", str(r.n),
+                     f"{r.train_seconds:.0f} s", f"{r.train_tokens:,}", f"{r.trainable_params:,}",
+                     f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-",
+                     f"{r.prompt_tokens:.0f}" if r.prompt_tokens is not None else "-",
+                     f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-", "done"]
+        else:
+            cells = [r.method, r.family] + ["-"] * 9 + [f"{r.status}: {r.reason or ''}"]
+        lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;font-size:.85rem;width:100%} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f5f5f5} .meta{color:#666;font-size:.9rem} img{max-width:100%}
+.rec{background:#eef7ee;border:1px solid #9c9;border-radius:6px;padding:.8rem 1rem} .rec b{font-size:1.1rem}
+.ok{color:#2a7} .bad{color:#c33} .alarm{color:#c33;font-size:.85rem}
+"""
+
+
+def render_report(run: CompareRun) -> str:
+    results = run.ordered()
+    task = run.task
+    budget = f"{run.budget_seconds:.0f} s" if run.budget_seconds else "none"
+    limit = f" · limit: {run.limit} examples" if run.limit else ""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Hone report: {html.escape(task.get('name', ''))}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Hone report: {html.escape(str(task.get('name')))}</h1>",
+             f"<p class='meta'>split: {run.split} · metric: {html.escape(str(task.get('metric')))} · model: "
+             f"{html.escape(str(task.get('model')))} · budget per method: "
+             f"{budget}{limit} · written {time.strftime('%Y-%m-%d %H:%M')}</p>"]
+    rec = run.recommendation
+    parts.append("<h2>Recommendation</h2>")
+    if rec:
+        reasons = "".join(f"<li>{html.escape(x)}</li>" for x in rec["reasons"])
+        parts.append(f"<div class='rec'><b>Use {html.escape(rec['method'])}</b> ({html.escape(rec['family'])})"
+                     f"<ul>{reasons}</ul></div>")
+    else:
+        parts.append("<p>No method finished, so there is nothing to recommend.</p>")
+    parts.append("<h2>Leaderboard</h2>")
+    parts.append(_table(results))
+    figure = quality_cost_figure(results)
+    if figure:
+        parts.append("<h2>Quality against cost</h2>")
+        parts.append(f"<img alt='quality against cost' src='{figure}'>")
+    curves = learning_curves_figure(results)
+    if curves:
+        parts.append("<h2>Learning curves</h2>")
+        parts.append(f"<img alt='learning curves' src='{curves}'>")
+    guards = guard_figures(results)
+    if guards:
+        parts.append("<h2>Reward-hacking guard</h2>")
+        for method, fig, alarms, kept in guards:
+            parts.append(f"<h3>{html.escape(method)}</h3><img alt='guard {html.escape(method)}' src='{fig}'>")
+            if kept is not None:
+                parts.append(f"<p>kept checkpoint: step {kept} (best by the gold signal)</p>")
+            for a in alarms:
+                parts.append(f"<p class='alarm'>step {a.get('step')}: {html.escape(str(a.get('alarm')))} — "
+                             f"{html.escape(str(a.get('message', '')))}</p>")
+    methods, rows = disagreements(results)
+    if rows:
+        parts.append("<h2>Where the methods disagree</h2>")
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+        parts.append(f"<table><thead><tr><th>input</th><th>reference</th>{head}</tr></thead><tbody>")
+        for row in rows:
+            cells = []
+            for m in methods:
+                prediction, score = row["predictions"][m]
+                cls = "ok" if score and score > 0 else "bad"
+                cells.append(f"<td class='{cls}'>{html.escape(str(prediction))[:300]}</td>")
+            parts.append(f"<tr><td>{html.escape(str(row['input']))[:400]}</td><td>{html.escape(str(row['reference']))[:200]}</td>"
+                         + "".join(cells) + "</tr>")
+        parts.append("</tbody></table>")
+    parts.append("<p class='meta'>Written by Hone. Each method's run folder holds its config, metrics.jsonl, "
+                 "log and artifact.</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    run = CompareRun.load(run_dir)
+    path = Path(out) if out else run.path / "report.html"
+    atomic_write_text(path, render_report(run))
+    return path

@@ -1,0 +1,100 @@
+"""What a compare run records per method, and how it is read back (for the leaderboard, report and resume).
+
+```
+runs/<task>/compare-<timestamp>/
+  compare.json          the plan: task, methods, budget, split, limit; and each method's result as it finishes
+  <method>/             the method's own run folder: config.yaml, metrics.jsonl, log.txt, artifact/, eval.json
+  report.html           written by `hone report`
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from honellm.atomic import atomic_write_json
+
+FAMILIES = ("prompting", "tuning", "reward")
+
+
+@dataclass
+class MethodResult:
+    """One row of the leaderboard: quality with its interval, and every cost beside it."""
+
+    method: str
+    family: str
+    status: str  # "done" | "skipped" | "failed"
+    reason: str | None = None  # why skipped or failed
+    metric: str | None = None
+    score: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int = 0
+    artifact: str | None = None
+    run_dir: str | None = None
+    eval_path: str | None = None
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    trainable_params: int = 0
+    peak_memory_mb: float | None = None
+    prompt_tokens: float | None = None  # per request at inference
+    latency_ms: float | None = None  # per request at inference
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done" and self.score is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MethodResult:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class CompareRun:
+    path: Path
+    task: dict
+    methods: list[str]
+    split: str
+    budget_seconds: float | None
+    limit: int | None
+    results: dict[str, MethodResult] = field(default_factory=dict)
+    recommendation: dict | None = None
+
+    @property
+    def file(self) -> Path:
+        return self.path / "compare.json"
+
+    def save(self) -> None:
+        atomic_write_json(self.file, {
+            "task": self.task, "methods": self.methods, "split": self.split, "budget_seconds": self.budget_seconds,
+            "limit": self.limit, "results": {k: v.to_dict() for k, v in self.results.items()},
+            "recommendation": self.recommendation,
+        })
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompareRun:
+        from honellm.errors import HoneError
+
+        path = Path(path)
+        file = path / "compare.json"
+        if not file.exists():
+            raise HoneError("not a compare run folder (no compare.json)", where=str(path),
+                            fix="pass a folder written by `hone compare` or `hone demo`")
+        data = json.loads(file.read_text())
+        run = cls(path, data["task"], data["methods"], data["split"], data.get("budget_seconds"), data.get("limit"))
+        run.results = {k: MethodResult.from_dict(v) for k, v in data.get("results", {}).items()}
+        run.recommendation = data.get("recommendation")
+        return run
+
+    def ordered(self) -> list[MethodResult]:
+        """Finished methods best first, then failed and skipped ones in plan order."""
+        done = sorted((r for r in self.results.values() if r.done), key=lambda r: -r.score)
+        rest = [self.results[m] for m in self.methods if m in self.results and not self.results[m].done]
+        return done + rest

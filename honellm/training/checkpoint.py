@@ -1,0 +1,176 @@
+"""Checkpoints that survive `kill -9` and resume to the very same weights.
+
+A checkpoint is a folder `step-000120/` holding everything the next step depends on:
+
+- `trainable.safetensors`: the trainable parameters only (an adapter is a few MB; the frozen base is reloaded);
+- `optimizer.pt`, `schedule.pt`: AdamW moments and the schedule's position;
+- `rng-<rank>.pt`: each process's Python, NumPy, torch (and CUDA) random states, for dropout;
+- `state.json`: the step and what the recipe keeps (best score, early-stopping count, monitor totals).
+
+The data order is a function of (seed, step) (`LengthGroupedBatches`), so it needs no state. The folder is written
+beside its final name and renamed into place, so a kill leaves either the whole checkpoint or none; the oldest
+are removed only after a new one is complete. A resumed run rebuilds the model (its random adapter init is then
+overwritten), restores all of the above, and continues from the next step: its final weights equal those of
+an uninterrupted run bit for bit (tested with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from honellm.atomic import atomic_write_json
+from honellm.errors import HoneError
+from honellm.training.optim import trainable_parameters
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (contiguous CPU copies, ready for safetensors)."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model)}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, where: str = "checkpoint") -> None:
+    """Copy saved trainable parameters into `model`; the names must match exactly (same method, same config)."""
+    params = dict(trainable_parameters(model))
+    if set(params) != set(tensors):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise HoneError(
+            f"the checkpoint does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})", where=where,
+            fix="resume with the same method and settings the run started with, or start again with --force")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))
+
+
+class Checkpointer:
+    """Writes, lists, prunes and restores the checkpoints of one run (`folder/step-NNNNNN`)."""
+
+    def __init__(self, folder: str | Path, *, keep: int = 2, accelerator=None):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.accelerator = accelerator
+
+    # ------------------------------------------------------------------------------------------ listing
+
+    def steps(self) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and (path / "state.json").exists():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return steps[-1][1] if steps else None
+
+    # ------------------------------------------------------------------------------------------ saving
+
+    def save(self, step: int, *, model, optimizer, schedule, state: dict) -> Path:
+        """Write checkpoint `step` atomically (all processes call this; each writes its RNG state)."""
+        acc = self.accelerator
+        rank = acc.process_index if acc is not None else 0
+        main = acc is None or acc.is_main_process
+        final = self.folder / f"step-{step:06d}"
+        tmp = self.folder / f".step-{step:06d}.tmp"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        if main:
+            unwrapped = acc.unwrap_model(model) if acc is not None else model
+            save_file(trainable_state(unwrapped), tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(schedule.state_dict(), tmp / "schedule.pt")
+            atomic_write_json(tmp / "state.json", {"step": step, **state})
+        self._barrier()
+        if main:
+            for file in tmp.iterdir():  # the data on disk before the rename makes it visible
+                _fsync(file)
+            _fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(self.folder)
+            self.prune()
+        self._barrier()
+        return final
+
+    def prune(self) -> None:
+        """Remove all but the newest `keep` checkpoints, and leftovers of interrupted writes."""
+        for _, path in self.steps()[:-self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.folder.glob(".step-*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ restoring
+
+    def restore(self, path: str | Path, *, model, optimizer, schedule) -> dict:
+        """Load checkpoint `path` into model, optimizer, schedule and the RNGs; return its `state.json`."""
+        path = Path(path)
+        acc = self.accelerator
+        rank = acc.process_index if acc is not None else 0
+        unwrapped = acc.unwrap_model(model) if acc is not None else model
+        load_trainable_state(unwrapped, load_file(path / "trainable.safetensors"), where=str(path))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        schedule.load_state_dict(torch.load(path / "schedule.pt", weights_only=False))
+        rng_file = path / f"rng-{rank}.pt"
+        if not rng_file.exists():
+            raise HoneError(f"the checkpoint has no random state for process {rank}", where=str(path),
+                            fix="resume with as many processes as the run was started with")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        return json.loads((path / "state.json").read_text())
+
+    def _barrier(self) -> None:
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+
+
+def save_trainable(path: str | Path, model: torch.nn.Module) -> None:
+    """Write the trainable parameters to one safetensors file atomically (the best-so-far weights)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(trainable_state(model), tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,130 @@
+"""Log-probabilities of target tokens, computing the vocabulary projection only where a loss needs it.
+
+A causal LM computes `logits = lm_head(hidden)` at every position: for SmolLM2 that is 49,152 logits per token,
+a fifth of the model's FLOPs and, in fp32 with its softmax and gradient, ~600 KB of memory per token. A loss on
+the answer tokens needs them only at the positions that predict an answer token. We ask the model for exactly
+those: transformers' `logits_to_keep` accepts a boolean (batch, sequence) mask and applies the LM head to the
+selected hidden states only, returning logits of shape (n_selected, vocab). The base model still runs over
+every real token (attention needs them); the head runs on a few.
+
+The same function serves every recipe: SFT sums the negative log-probabilities (`sft_loss`); DPO and its family
+sum them per sequence (`sequence_logprobs`); GRPO/PPO use them per token with their row and position
+(`TokenLogprobs`).
+
+PEFT prompt-learning methods (prompt tuning, p-tuning) prepend virtual tokens to the input, so the mask gets as
+many leading False columns; prefix tuning prepends key/values only, and the sequence keeps its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from honellm.training.batching import IGNORE, Batch
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of the target tokens, flattened in (row, position) order.
+
+    values[i] = log p(labels[rows[i], positions[i] + 1] | tokens up to positions[i]).
+    """
+
+    values: torch.Tensor  # [n] float32
+    rows: torch.Tensor  # [n] long: which sequence of the batch
+    positions: torch.Tensor  # [n] long: the position whose hidden state predicts the token
+    batch_size: int
+    entropy: torch.Tensor | None = None  # [n] float32, when asked for
+
+    def per_sequence(self) -> torch.Tensor:
+        """Sum of log-probabilities per sequence, shape [batch_size]."""
+        return torch.zeros(self.batch_size, dtype=self.values.dtype, device=self.values.device).index_add_(
+            0, self.rows, self.values)
+
+    def counts(self) -> torch.Tensor:
+        """Target tokens per sequence, shape [batch_size]."""
+        ones = torch.ones_like(self.values)
+        return torch.zeros(self.batch_size, dtype=ones.dtype, device=ones.device).index_add_(0, self.rows, ones)
+
+
+@dataclass
+class LossOutput:
+    """What a recipe's loss function returns for one micro-batch.
+
+    `total` is a SUM over the micro-batch's loss units (tokens for SFT, pairs for DPO) and `count` their number;
+    the shared training step divides by the global count of the whole optimizer step, so any split into
+    micro-batches and processes gives the same gradient. `metrics` are sums too (averaged the same way).
+    """
+
+    total: torch.Tensor
+    count: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def virtual_tokens(model) -> int:
+    """How many virtual tokens a PEFT prompt-learning model prepends to the input sequence (0 otherwise)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    from peft import PeftType
+
+    if config.peft_type == PeftType.PREFIX_TUNING:  # key/values only: the sequence keeps its length
+        return 0
+    return int(config.num_virtual_tokens)
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, T]: True at position t when token t+1 takes a loss (the hidden state at t predicts it)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenLogprobs:
+    """Log-probabilities of `batch.labels` under `model`, with the LM head applied at target positions only."""
+    keep = predicting_positions(batch.labels)
+    offset = virtual_tokens(_unwrap(model))
+    keep_model = F.pad(keep, (offset, 0), value=False) if offset else keep
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_model,
+                use_cache=False)
+    logits = out.logits
+    if logits.dim() == 3:  # an architecture without boolean logits_to_keep: it returned every position
+        logits = logits[keep_model]
+    rows, positions = keep.nonzero(as_tuple=True)
+    targets = batch.labels[rows, positions + 1]
+    logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
+    values = -F.cross_entropy(logits, targets, reduction="none")
+    entropy = None
+    if with_entropy:
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+    return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0], entropy)
+
+
+def sequence_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of target log-probabilities and the number of target tokens, shapes [B] and [B]."""
+    found = token_logprobs(model, batch)
+    return found.per_sequence(), found.counts()
+
+
+def sft_loss(model, batch: Batch) -> LossOutput:
+    """Summed negative log-likelihood of the target tokens (the step averages it over the global token count)."""
+    found = token_logprobs(model, batch)
+    nll = -found.values.sum()
+    return LossOutput(nll, int(found.values.numel()), {"nll": float(nll.detach())})
+
+
+def full_logits_nll(model, batch: Batch) -> torch.Tensor:
+    """The textbook loss over the full logits (every position, whole vocabulary); a reference for tests only."""
+    offset = virtual_tokens(_unwrap(model))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits[:, offset:].float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def _unwrap(model):
+    """The model under a DDP/FSDP wrapper (the wrapper forwards calls but hides the PEFT config)."""
+    return getattr(model, "module", model)

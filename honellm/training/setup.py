@@ -1,0 +1,45 @@
+"""Process setup for a training recipe: the accelerator (one process, DDP or FSDP) and seeds.
+
+The same recipe code runs as `hone tune ...` (one process), under `accelerate launch` (DDP, or FSDP from the
+user's accelerate config) and under `torchrun`. On a machine without CUDA the processes talk over gloo.
+Mixed precision is not delegated to accelerate: `Precision` (frozen bf16, trainable fp32, autocast) applies
+the same policy on CPU and GPU, which accelerate's fp32-master AMP does not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def setup_accelerator():
+    """An `accelerate.Accelerator` for this process: CUDA where present, else CPU (gloo between processes)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = not torch.cuda.is_available()
+    # Frozen parameters never get gradients; DDP must not wait for them, and must not search the graph for
+    # unused trainable ones (every trainable parameter is used in every step).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no", kwargs_handlers=[ddp])
+    if cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N processes on one CPU: share the cores instead of each one using all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    return accelerator
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) with the same seed on every process.
+
+    The same seed everywhere makes adapter initialisation identical on every process (DDP also broadcasts
+    rank 0's weights); data order is seeded separately by the batch sampler.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a distributed launch (torchrun / accelerate set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0

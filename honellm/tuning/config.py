@@ -1,0 +1,22 @@
+"""The SFT recipe's settings: the shared training settings plus what supervised tuning adds.
+
+Each tuning method's config derives from `SFTConfig` (see `honellm.tuning.methods`), adding the method's own
+fields and its own defaults (a learning rate that suits it).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from honellm.training.config import TrainingConfig
+
+
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning on the task's (prompt, answer) pairs."""
+
+    completion_only_loss: bool = Field(True, description="take the loss on the answer only (False: on the prompt too)")
+    select_best: bool = Field(True, description="keep the weights of the best validation evaluation, not the last")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without improvement (None: never stop early)")
+    eval_limit: int | None = Field(500, ge=1, description="validation records scored at each evaluation (None: all)")
+    eval_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring validation")

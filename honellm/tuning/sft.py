@@ -1,0 +1,420 @@
+"""The SFT recipe: supervised fine-tuning of the task's base model with one tuning method -> Artifact.
+
+Read top to bottom: set up the processes and the run folder; load the model and make it trainable; tokenize;
+check memory; loop (one optimizer step, log, evaluate on validation, checkpoint); keep the best weights; save.
+
+The loss is the mean negative log-likelihood of the answer tokens over each global batch: the answer is the
+assistant turn exactly as the chat template writes it after the prompt, end-of-turn token included (so the model
+learns to stop), and the prompt takes no loss unless `completion_only_loss=false`. The LM head runs only at the
+positions that predict answer tokens (`honellm.training.logprobs`).
+
+Evaluation during training scores the validation split with the task's metric on the in-memory model: the most
+likely label for tasks with `choices` (the same log-likelihood scoring `hone eval` uses), greedy answers for text
+metrics, and the validation loss always. The best evaluation's weights are kept (`select_best`), and
+`early_stopping_patience` evaluations without improvement end the run.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from honellm.artifact import Artifact
+from honellm.errors import HoneError
+from honellm.prompting.program import PromptProgram
+from honellm.runs import RunDir
+from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
+from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
+from honellm.training.logprobs import sft_loss
+from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.monitor import TrainingMonitor
+from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
+from honellm.training.precision import Precision
+from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.step import NonFiniteLoss, TrainStep
+from honellm.training.validation import greedy_answers, score_sequences
+from honellm.tuning.config import SFTConfig
+from honellm.tuning.methods import save_initial_adapter
+from honellm.tuning.registry import TuningMethod, get_method
+
+
+def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
+         force: bool = False) -> Artifact:
+    """Fine-tune `task.config.model` on the task's train split with tuning method `method`; return the Artifact.
+
+    The run folder (`out`, or a new `runs/<task>/<method>-<time>/`) holds config.yaml, metrics.jsonl, log.txt,
+    checkpoints/ and the artifact in `artifact/`. `resume` continues the run in `out` (or the task's latest run of
+    this method) from its last checkpoint.
+    """
+    spec = get_method(method)
+    config = config if config is not None else spec.config()
+    if not isinstance(config, spec.config):
+        raise TypeError(f"method {method!r} takes a {spec.config.__name__}, not a {type(config).__name__}")
+
+    # --- processes, precision, run folder
+    accelerator = setup_accelerator()
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+    precision = Precision.resolve(config.precision, device)
+    run = _open_run(task, spec, config, out=out, resume=resume, force=force, accelerator=accelerator)
+
+    # --- model: load, make trainable, cast (frozen in the compute dtype, trainable in fp32)
+    seed_everything(config.seed)
+    from honellm.models import load, resolve
+
+    base_path = str(resolve(task.config.model).path)
+    if spec.load is not None:
+        model, tokenizer = spec.load(task.config.model, config, device)
+    else:
+        # Full fine-tuning keeps fp32 master weights: load them in fp32 rather than round-trip through bf16.
+        model, tokenizer = load(task.config.model, dtype="fp32" if spec.trains_base else precision.name,
+                                device=str(device))
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = spec.apply(model, config, base_path)
+    precision.cast_model(model)
+    _, trainable_params, total_params = parameter_bytes(model)
+    initial_adapter = run.path / "initial-adapter" if spec.initial_adapter else None
+    if initial_adapter is not None and is_main:
+        save_initial_adapter(model, initial_adapter)
+
+    # --- data: the prompt program every artifact carries; train and validation tokenized once
+    program = PromptProgram.from_task(task)
+    train = _encode_split(task, program, tokenizer, "train", config)
+    validation = _validation_set(task, program, tokenizer, config) if task.has_split("validation") else None
+    slots = world * config.grad_accum
+    if len(train) < slots:
+        raise HoneError(f"{len(train)} training examples cannot fill {slots} micro-batches", where=task.source,
+                        fix="add training data, or lower grad_accum / the number of processes")
+    sampler = LengthGroupedBatches([len(s) for s in train], config.batch_size * slots, seed=config.seed, slots=slots)
+    per_epoch = sampler.steps_per_epoch
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    eval_every = _every(config.eval_every, per_epoch) if validation is not None else 0
+    save_every = _every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or _every(None, per_epoch))
+    truncated = sum(s.truncated for s in train)
+    if truncated and is_main:
+        run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
+
+    # --- memory pre-flight, from the longest micro-batch the data can produce
+    longest = max(len(s) for s in train)
+    answer_tokens = max(s.num_loss_tokens for s in train)
+
+    def estimate_for(batch: int, length: int, checkpointing: bool):
+        return estimate_training_memory(
+            model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
+            loss_tokens=batch * (answer_tokens if config.completion_only_loss else min(length, longest)),
+            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type)
+
+    memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
+                          grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
+                          device=device, limit_gb=config.memory_limit_gb, trains_all_weights=spec.trains_base)
+
+    # --- optimizer, schedule, accelerator, resume
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
+    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
+                              min_ratio=config.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
+    best_file = run.path / "checkpoints" / "best.safetensors"
+    state = TrainState()
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        state = TrainState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
+    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
+                              desc=f"{spec.name} {task.name}")
+    monitor.load_state_dict(state.monitor)
+    if is_main:
+        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+                        steps_per_epoch=per_epoch, processes=world, precision=precision.name,
+                        trainable_params=trainable_params, total_params=total_params,
+                        estimated_peak_memory_bytes=memory.total)
+    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
+                           max_grad_norm=config.max_grad_norm)
+
+    # --- the loop
+    pad_id = tokenizer.pad_token_id
+    while state.step < total_steps:
+        micro_batches = [collate([train[i] for i in index], pad_id)
+                         for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
+                                                            grad_accum=config.grad_accum)]
+        try:
+            result = train_step(micro_batches, sft_loss, step=state.step)
+        except NonFiniteLoss as err:
+            monitor.close()
+            monitor.log(state.step + 1, event="non_finite_loss", message=err.what)
+            kept = checkpoints.latest()
+            raise HoneError(err.what, where=str(run.path),
+                            fix=f"{err.fix}; the last good checkpoint is {kept}" if kept else
+                            f"{err.fix}; no checkpoint was written yet (set save_every to keep some)") from None
+        state.step += 1
+        log = state.step % config.log_every == 0 or state.step == total_steps
+        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
+
+        stop = False
+        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
+            scores = _evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
+                               config=config, accelerator=accelerator)
+            if state.improves(scores, validation):
+                state.best_score, state.best_loss, state.best_step = scores.get("val_score"), scores["val_loss"], state.step
+                state.bad_evals = 0
+                if is_main and config.select_best:
+                    save_trainable(best_file, accelerator.unwrap_model(model))
+            else:
+                state.bad_evals += 1
+            monitor.log(state.step, event="eval", **_named(scores, validation), best_step=state.best_step)
+            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in _named(scores, validation).items()))
+            stop = bool(config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience)
+            if stop:
+                monitor.log(state.step, event="early_stop", evals_without_improvement=state.bad_evals)
+        if save_every and state.step < total_steps and not stop and state.step % save_every == 0:
+            state.monitor = monitor.state_dict()
+            checkpoints.save(state.step, model=model, optimizer=optimizer, schedule=schedule, state=state.to_dict())
+        if stop:
+            break
+    monitor.close()
+    accelerator.wait_for_everyone()
+
+    # --- keep the best weights, then save the artifact
+    final = accelerator.unwrap_model(model)
+    if config.select_best and state.best_step is not None and state.best_step != state.step and best_file.exists():
+        from safetensors.torch import load_file
+
+        load_trainable_state(final, load_file(best_file), where=str(best_file))
+    summary = monitor.summary()
+    metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": (
+        state.best_step if config.select_best and state.best_step is not None else state.step)}
+    if validation is not None and state.best_step is not None:
+        metrics["val_loss"] = state.best_loss
+        if state.best_score is not None:
+            metrics[f"val_{validation.metric_name}"] = state.best_score
+    cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": world,
+            "precision": precision.name, "device": device.type, **summary}
+    artifact = Artifact.create(name=f"{task.name}-{spec.name}", method=spec.name,
+                               kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
+                               program=program, task=task, config={"method": spec.name, **config.model_dump(mode="json")},
+                               metrics=metrics, cost=cost, run_dir=str(run.path))
+    if is_main:
+        _save_artifact(artifact, run.path / "artifact", spec, final, tokenizer, initial_adapter)
+        run.log_metrics(event="done", **metrics, **summary)
+        run.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return artifact
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from step to step, saved in each checkpoint's state.json."""
+
+    step: int = 0
+    best_score: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    monitor: dict = field(default_factory=dict)
+
+    def improves(self, scores: dict, validation: ValidationSet) -> bool:
+        """Better task score (ties broken by lower validation loss), or lower loss where there is no score."""
+        if self.best_step is None:
+            return True
+        score, loss = scores.get("val_score"), scores["val_loss"]
+        if score is not None and self.best_score is not None and score != self.best_score:
+            return score > self.best_score if validation.higher_is_better else score < self.best_score
+        return loss < self.best_loss
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _named(scores: dict, validation: ValidationSet) -> dict:
+    """Scores as logged: `val_score` under the metric's name (val_accuracy, val_exact_match, ...)."""
+    return {(f"val_{validation.metric_name}" if k == "val_score" else k): v for k, v in scores.items()}
+
+
+def _every(value: int | None, per_epoch: int) -> int:
+    """Steps between evaluations or checkpoints: `value`, or twice per epoch when None (0 means never)."""
+    if value is None:
+        return max(1, per_epoch // 2)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+
+
+def _open_run(task, spec: TuningMethod, config: SFTConfig, *, out, resume: bool, force: bool, accelerator) -> RunDir:
+    """Create (or, resuming, reopen) the run folder on the main process; every process gets its path."""
+    from accelerate.utils import broadcast_object_list
+
+    record = {"method": spec.name, "task": task.name, "task_source": task.source,
+              "config": config.model_dump(mode="json")}
+    path = [None]
+    if accelerator.is_main_process:
+        if resume and out is None:
+            out = _latest_run(task.name, spec.name)
+        if resume and out is not None and (Path(out) / "config.yaml").exists():
+            _check_same_config(Path(out) / "config.yaml", record)
+        run = RunDir.create(task.name, spec.name, out=out, force=force, resume=resume)
+        run.write_config({**record, "processes": accelerator.num_processes})
+        path = [str(run.path)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(path)
+    if not accelerator.is_main_process:
+        run = RunDir(Path(path[0]))
+    return run
+
+
+def _latest_run(task_name: str, method: str) -> Path:
+    import os
+
+    from honellm.runs import RUNS_ROOT, _safe
+
+    root = Path(os.environ.get("HONE_RUNS", RUNS_ROOT)) / _safe(task_name)
+    runs = sorted(root.glob(f"{_safe(method)}-*"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not runs:
+        raise HoneError(f"no earlier {method} run of task {task_name!r} to resume under {root}",
+                        fix="pass --out DIR naming the run folder to continue, or drop --resume")
+    return runs[-1]
+
+
+def _check_same_config(path: Path, record: dict) -> None:
+    saved = yaml.safe_load(path.read_text()) or {}
+    if saved.get("method") != record["method"]:
+        raise HoneError(f"this run was started with method {saved.get('method')!r}, not {record['method']!r}",
+                        where=str(path), fix="resume with the same --method, or start a new run with --force")
+    old, new = saved.get("config", {}), record["config"]
+    changed = sorted(k for k in set(old) | set(new) if _plain(old.get(k)) != _plain(new.get(k)))
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise HoneError(f"the settings differ from the run being resumed ({diffs})", where=str(path),
+                        fix="resume with the settings the run started with (see its config.yaml), or start again "
+                            "with --force")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _encode_split(task, program: PromptProgram, tokenizer, split: str, config: SFTConfig) -> list[TokenSequence]:
+    records = task.split(split)
+    if not records:
+        raise HoneError(f"the {split} split is empty", where=task.source, fix=f"add records to data.{split}")
+    out = []
+    for record in records:
+        target = task.target(record)
+        if target is None or target == "":
+            raise HoneError(f"record has no answer to learn ({task.target_field() or 'target'} is empty)",
+                            where=getattr(record, "where", task.source), fix="fill in the answer, or drop the record")
+        out.append(encode_conversation(tokenizer, program.messages(task, record), target,
+                                       max_length=config.max_length, completion_only=config.completion_only_loss))
+    return out
+
+
+@dataclass
+class ValidationSet:
+    """Validation data tokenized once: gold answers (for the loss) and, for label tasks, one sequence per choice."""
+
+    gold: list[TokenSequence]
+    references: list[str]
+    prompts: list[str]
+    choices: list[str] | None
+    choice_sequences: list[list[TokenSequence]]
+    metric_name: str
+    metric_fn: object | None  # (predictions, references) -> per-example scores; None: no score, only the loss
+    higher_is_better: bool
+    max_new_tokens: int
+
+
+def _validation_set(task, program: PromptProgram, tokenizer, config: SFTConfig) -> ValidationSet:
+    from honellm.data.chat import render_prompt
+    from honellm.evaluation.metrics import METRICS
+
+    records = task.split("validation")[: config.eval_limit]
+    messages = [program.messages(task, r) for r in records]
+    references = [task.target(r) for r in records]
+    gold = [encode_conversation(tokenizer, m, ref, max_length=config.max_length) for m, ref in zip(messages, references, strict=True)]
+    choices = task.config.choices
+    choice_sequences = ([[encode_conversation(tokenizer, m, c, max_length=config.max_length) for c in choices] for m in messages]
+                        if choices else [])
+    metric = METRICS.get(task.metric)
+    usable = metric is not None and metric.needs == "text"
+    return ValidationSet(gold, references, [render_prompt(tokenizer, m) for m in messages], choices, choice_sequences,
+                         task.metric, metric.fn if usable else None, metric.higher_is_better if metric else True,
+                         task.config.generation.max_new_tokens)
+
+
+def _evaluate(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
+              accelerator) -> dict:
+    """Validation loss and task score on the in-memory model, each process scoring a shard of the records."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(validation.gold), world))
+    kwargs = {"pad_id": tokenizer.pad_token_id, "precision": precision, "batch_size": config.eval_batch_size,
+              "device": accelerator.device}
+    predictions: list[tuple[int, str]] = []
+    if validation.choices:
+        n_choices = len(validation.choices)
+        flat = [seq for i in mine for seq in validation.choice_sequences[i]]
+        sums, counts = score_sequences(model, flat, **kwargs)
+        sums, counts = sums.reshape(-1, n_choices), counts.reshape(-1, n_choices)
+        gold_sum, gold_count = 0.0, 0
+        for row, i in enumerate(mine):
+            predictions.append((i, validation.choices[int(np.argmax(sums[row]))]))
+            if validation.references[i] in validation.choices:
+                j = validation.choices.index(validation.references[i])
+                gold_sum, gold_count = gold_sum + sums[row, j], gold_count + counts[row, j]
+            else:
+                s, c = score_sequences(model, [validation.gold[i]], **kwargs)
+                gold_sum, gold_count = gold_sum + s[0], gold_count + c[0]
+    else:
+        sums, counts = score_sequences(model, [validation.gold[i] for i in mine], **kwargs)
+        gold_sum, gold_count = float(sums.sum()), int(counts.sum())
+        if validation.metric_fn is not None:
+            answers = greedy_answers(model, tokenizer, [validation.prompts[i] for i in mine],
+                                     max_new_tokens=validation.max_new_tokens, precision=precision,
+                                     batch_size=config.eval_batch_size, device=accelerator.device)
+            predictions = list(zip(mine, answers, strict=True))
+    totals = torch.tensor([gold_sum, gold_count], dtype=torch.float64, device=accelerator.device)
+    if world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+        predictions = gather_object(predictions)
+    scores = {"val_loss": float(-totals[0] / max(1.0, float(totals[1])))}
+    if validation.metric_fn is not None and predictions:
+        predictions = sorted(predictions)
+        refs = [validation.references[i] for i, _ in predictions]
+        per_example = validation.metric_fn([p for _, p in predictions], refs)
+        scores["val_score"] = float(np.mean(per_example))
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def _save_artifact(artifact: Artifact, path: Path, spec: TuningMethod, model, tokenizer, initial: Path | None) -> None:
+    if spec.trains_base:
+        artifact.save(path, force=True, model=model, tokenizer=tokenizer)
+        return
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".adapter-") as tmp:
+        spec.save(model, Path(tmp) / "adapter", initial=initial)
+        artifact.save(path, force=True, extra_files={"adapter": Path(tmp) / "adapter"})
+    if initial is not None:
+        shutil.rmtree(initial, ignore_errors=True)
