@@ -23,7 +23,10 @@ def register(app: typer.Typer) -> None:
         per_query: bool = typer.Option(None, "--per-query/--fixed", show_default=False,
                                        help="select demonstrations for each query, or one fixed set for all "
                                             "(default: per query for bm25/embedding/mmr, fixed for random/balanced)"),
-        calibrate: bool = typer.Option(False, "--calibrate", help="contextual calibration of the label choices"),
+        calibrate: bool = typer.Option(False, "--calibrate", help="calibrate the label choices (tasks with choices)"),
+        calibration: str = typer.Option("content_free", "--calibration",
+                                        help="with --calibrate: content_free (Zhao et al. 2021: 'N/A', '', '[MASK]' "
+                                             "inputs) or batch (Zhou et al. 2024: a sample of training inputs)"),
         model: str = typer.Option(None, "--model", help="base model (default: the task's)"),
         max_examples: int = typer.Option(100, "--max-examples", min=1,
                                          help="validation records scored per candidate (the first N)"),
@@ -44,7 +47,7 @@ def register(app: typer.Typer) -> None:
         from honellm.prompting.search import make_prompt_artifact
 
         made = make_prompt_artifact(task, overrides or [], search=search, shots=shots, selector=selector,
-                                    per_query=per_query, calibrate=calibrate, model_name=model, out=out, force=force,
+                                    per_query=per_query, calibration=calibration if calibrate else None, model_name=model, out=out, force=force,
                                     max_examples=max_examples, max_seconds=max_minutes * 60, propose=propose,
                                     seed=seed, batch_size=batch_size)
         if made.search is not None:
@@ -56,7 +59,8 @@ def register(app: typer.Typer) -> None:
         sel = program.selector
         echo(f"demonstrations: {len(program.demonstrations)} fixed" + (f"; selector {sel.name} k={sel.k} "
              f"{'per query' if sel.per_query else 'fixed'}" if sel else "") +
-             ("; calibrated " + ", ".join(f"{k}={v:+.2f}" for k, v in program.calibration.items())
+             (f"; calibrated ({program.calibration_method}) "
+              + ", ".join(f"{k}={v:+.2f}" for k, v in program.calibration.items())
               if program.calibration else ""))
         if made.validation:
             v = made.validation
@@ -69,12 +73,12 @@ def register(app: typer.Typer) -> None:
 
 def print_candidates(search) -> None:
     table = Table(title="Prompt candidates (validation)")
-    for column in ("#", "instruction", "shots", "selector", "calibrated", "score", "95% CI", "prompt tok/ex", "s"):
+    for column in ("#", "instruction", "shots", "selector", "calibration", "score", "95% CI", "prompt tok/ex", "s"):
         table.add_column(column, justify="left" if column in ("instruction", "selector") else "right")
     for c in search.candidates:
         mark = " *" if c is search.best else ""
         selector = "-" if c.shots == 0 else f"{c.selector} ({'per query' if c.per_query else 'fixed'})"
-        table.add_row(f"{c.id}{mark}", c.instruction_id, str(c.shots), selector, "yes" if c.calibrated else "no",
+        table.add_row(f"{c.id}{mark}", c.instruction_id, str(c.shots), selector, c.calibration or "-",
                       f"{c.score:.3f}", f"[{c.ci95[0]:.2f}, {c.ci95[1]:.2f}]", f"{c.prompt_tokens_per_example:.0f}",
                       f"{c.seconds:.0f}")
     console.print(table)

@@ -67,15 +67,14 @@ def preference_scorer_for(artifact) -> PreferenceScorer:
 def answer_logprobs(ctx, batch: PreferenceBatch) -> tuple[list[float], list[int], list[float], list[int]]:
     """Sum log-probs and token counts of the chosen and rejected answers (each as the chat template writes
     it, end of turn included) under the model as it is now."""
-    from honellm.evaluation.scoring import continuation_logprobs
+    from honellm.evaluation.scoring import score_groups
 
-    contexts, continuations = [], []
+    contexts, groups = [], []
     for messages, chosen, rejected in zip(batch.messages, batch.chosen, batch.rejected, strict=True):
-        prompt = render_prompt(ctx.tokenizer, messages)
-        contexts += [prompt, prompt]
-        continuations += [render_answer(ctx.tokenizer, messages, chosen), render_answer(ctx.tokenizer, messages, rejected)]
-    logprobs, counts = continuation_logprobs(ctx, contexts, continuations, group=2)
-    return logprobs[0::2], counts[0::2], logprobs[1::2], counts[1::2]
+        contexts.append(render_prompt(ctx.tokenizer, messages))
+        groups.append([render_answer(ctx.tokenizer, messages, chosen), render_answer(ctx.tokenizer, messages, rejected)])
+    logprobs, counts = score_groups(ctx, contexts, groups)
+    return ([lp[0] for lp in logprobs], [n[0] for n in counts], [lp[1] for lp in logprobs], [n[1] for n in counts])
 
 
 @register_preference_scorer("prompt", "adapter", "full")

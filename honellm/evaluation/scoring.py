@@ -140,24 +140,44 @@ def count_tokens(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def continuation_logprobs(ctx: EvalContext, contexts: list[str], continuations: list[str], *,
-                          shared_prefix: str | None = None, group: int = 1) -> tuple[list[float], list[int]]:
-    """Sum log-probability and token count of each continuation after its context.
+def score_groups(ctx: EvalContext, contexts: list[str], groups: list[list[str]], *,
+                 shared_prefix: str | None = None) -> tuple[list[list[float]], list[list[int]]]:
+    """Sum log-probability and token count of each continuation in `groups[i]` after `contexts[i]`.
 
-    `group` consecutive items belong to one example (e.g. 2 for chosen and rejected); the progress bar moves
-    by examples.
+    Two ways to ask the engine, whichever reads fewer tokens (an estimate from the token counts):
+    - all pairs in one call, reusing `shared_prefix` (the system turn and fixed demonstrations) for all: every
+      context is read once per continuation, after the shared part;
+    - one call per context with the context itself as the shared prefix: each context is read once, and only
+      the few tokens of each continuation per continuation. This wins when contexts differ early (per-query
+      demonstrations) or there are many choices.
+    Either way the progress bar moves by contexts.
     """
-    logprobs: list[float] = []
-    lengths: list[int] = []
-    size = max(group, ctx.batch_size * 4 // group * group)
-    for start in range(0, len(contexts), size):
-        end = min(len(contexts), start + size)
-        found = ctx.generator.score_continuations(contexts[start:end], continuations[start:end],
+    sizes = [len(g) for g in groups]
+    logprobs: list[list[float]] = [[0.0] * n for n in sizes]
+    counts: list[list[int]] = [[0] * n for n in sizes]
+    if not contexts:
+        return logprobs, counts
+    lengths = count_tokens(ctx.tokenizer, contexts)
+    prefix = count_tokens(ctx.tokenizer, [shared_prefix])[0] if shared_prefix else 0
+    flat_cost = prefix + sum(n * max(length - prefix, 1) for n, length in zip(sizes, lengths, strict=True))
+    if sum(lengths) < flat_cost:
+        for i, (context, group) in enumerate(zip(contexts, groups, strict=True)):
+            found = ctx.generator.score_continuations([context] * len(group), group, shared_prefix=context)
+            logprobs[i] = [float(f.logprob_sum) for f in found]
+            counts[i] = [int(f.n_tokens) for f in found]
+            ctx.advance(1)
+        return logprobs, counts
+    step = max(1, ctx.batch_size * 4 // max(max(sizes), 1))
+    for start in range(0, len(contexts), step):
+        end = min(len(contexts), start + step)
+        pairs = [(i, j) for i in range(start, end) for j in range(sizes[i])]
+        found = ctx.generator.score_continuations([contexts[i] for i, _ in pairs], [groups[i][j] for i, j in pairs],
                                                   shared_prefix=shared_prefix)
-        logprobs += [float(s.logprob_sum) for s in found]
-        lengths += [int(s.n_tokens) for s in found]
-        ctx.advance((end - start) // group)
-    return logprobs, lengths
+        for (i, j), f in zip(pairs, found, strict=True):
+            logprobs[i][j] = float(f.logprob_sum)
+            counts[i][j] = int(f.n_tokens)
+        ctx.advance(end - start)
+    return logprobs, counts
 
 
 def choice_loglikelihoods(ctx: EvalContext, prompts: list[str], choices: list[str], *,
@@ -170,19 +190,9 @@ def choice_loglikelihoods(ctx: EvalContext, prompts: list[str], choices: list[st
     """
     before, after = answer_affixes(ctx.tokenizer)
     continuations = [f"{before}{c}{after}" for c in choices]
-    logprobs = np.zeros((len(prompts), len(choices)))
-    lengths = np.zeros((len(prompts), len(choices)), dtype=np.int64)
-    step = max(1, ctx.batch_size * 4 // len(choices))
-    for start in range(0, len(prompts), step):
-        end = min(len(prompts), start + step)
-        flat_contexts = [p for p in prompts[start:end] for _ in choices]
-        flat_continuations = continuations * (end - start)
-        found = ctx.generator.score_continuations(flat_contexts, flat_continuations, shared_prefix=shared_prefix)
-        for j, s in enumerate(found):
-            logprobs[start + j // len(choices), j % len(choices)] = float(s.logprob_sum)
-            lengths[start + j // len(choices), j % len(choices)] = int(s.n_tokens)
-        ctx.advance(end - start)
-    return logprobs, lengths
+    logprobs, counts = score_groups(ctx, prompts, [continuations] * len(prompts), shared_prefix=shared_prefix)
+    return (np.array(logprobs, dtype=np.float64).reshape(len(prompts), len(choices)),
+            np.array(counts, dtype=np.int64).reshape(len(prompts), len(choices)))
 
 
 def calibration_vector(program, choices: list[str]) -> np.ndarray | None:
@@ -272,12 +282,11 @@ def score_choices(ctx: EvalContext, metric: Metric) -> Scored:
             extras["score_uncalibrated"] = float(np.mean(uncalibrated))
     counts = np.bincount(pred, minlength=len(choices))
     extras["predicted_label_share"] = {c: round(float(counts[i]) / len(pred), 4) for i, c in enumerate(choices)}
-    details = [{"choice_logprobs": {c: round(float(raw[i, j]), 4) for j, c in enumerate(choices)},
+    # full precision: the prompt search re-derives calibrated predictions from these, and must get the same
+    # argmax as this function does
+    details = [{"choice_logprobs": {c: float(raw[i, j]) for j, c in enumerate(choices)},
                 "choice_tokens": {c: int(token_counts[i, j]) for j, c in enumerate(choices)}}
                for i in range(len(prompts))]
-    if offsets is not None:  # what the same forward pass predicts without calibration (the prompt search reads it)
-        for d, p in zip(details, raw_predictions, strict=True):
-            d["uncalibrated_prediction"] = p
     return Scored(prompts, predictions, references, scores, details, extras, shared_prefix=prefix)
 
 
@@ -288,8 +297,8 @@ def score_nll(ctx: EvalContext, metric: Metric) -> Scored:
     references = [ctx.task.target(r) or "" for r in ctx.records]
     answers = [render_answer(ctx.tokenizer, ctx.messages(i), ref) for i, ref in enumerate(references)]
     prefix = shared_prefix_text(ctx.tokenizer, ctx.program, prompts)
-    logprobs, counts = continuation_logprobs(ctx, prompts, answers, shared_prefix=prefix)
-    nlls = [-lp for lp in logprobs]
+    grouped, grouped_counts = score_groups(ctx, prompts, [[a] for a in answers], shared_prefix=prefix)
+    nlls, counts = [-g[0] for g in grouped], [c[0] for c in grouped_counts]
     scores = metric.fn(token_nlls=nlls, token_counts=counts)
     total_tokens = max(sum(counts), 1)
     extras = {"corpus_perplexity": math.exp(sum(nlls) / total_tokens), "mean_token_nll": sum(nlls) / total_tokens,

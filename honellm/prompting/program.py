@@ -34,7 +34,8 @@ class PromptProgram(Config):
     demonstrations: list[Demonstration] = Field(default_factory=list, description="fixed demonstrations, in order")
     selector: SelectorSpec | None = Field(None, description="per-query demonstration selection from the artifact's pool")
     calibration: dict[str, float] | None = Field(
-        None, description="per-choice log-probability offsets from contextual calibration (Zhao et al. 2021)")
+        None, description="per-choice log-probability offsets added before the argmax (see prompting/calibration.py)")
+    calibration_method: str | None = Field(None, description="how the offsets were estimated: content_free or batch")
 
     @classmethod
     def from_task(cls, task) -> PromptProgram:

@@ -12,8 +12,10 @@ causal LM, and with labelled demonstrations taken straight from the training dat
    `propose` > 0) instructions the model writes itself after reading training examples; each scored zero-shot;
 2. demonstrations: with the best instruction, (shots x selector) combinations in a seeded random order;
    then, budget left, with the second-best instruction;
-3. calibration: for tasks with choices every candidate is scored with and without contextual calibration
-   from one forward pass (calibration changes only the per-label offsets added after it).
+3. calibration: for tasks with choices every candidate is scored uncalibrated and with each calibration
+   method (content-free and batch, see calibration.py) from one forward pass over the validation records:
+   calibration only adds per-label offsets after it, so the calibrated predictions are derived from the same
+   log-likelihoods, exactly as the evaluator derives them.
 
 Every candidate is scored on the validation split, never on test (the search does not read it), on at most
 `max_examples` records, until `candidates` were tried or `max_seconds` passed. The table of everything tried
@@ -42,13 +44,15 @@ from honellm.prompting.program import PromptProgram, SelectorSpec
 class PromptSearchConfig(Config):
     """What `hone prompt --search N` tries, and its budget."""
 
-    candidates: int = Field(16, ge=1, description="candidate programs to score (each with and without calibration)")
+    candidates: int = Field(16, ge=1, description="candidate programs to score (each also with every calibration)")
     shots: list[int] = Field(default_factory=lambda: [2, 4, 8], description="numbers of demonstrations to try")
     fixed_selectors: list[str] = Field(default_factory=lambda: ["random", "balanced"],
                                        description="selectors tried as one fixed set for all queries (shared KV prefix)")
     per_query_selectors: list[str] = Field(default_factory=lambda: ["bm25", "embedding", "mmr"],
                                            description="selectors tried per query, from the training pool")
-    calibrate: bool = Field(True, description="also score each candidate with contextual calibration (tasks with choices)")
+    calibrations: list[str] = Field(default_factory=lambda: ["content_free", "batch"],
+                                    description="calibration methods each candidate is also scored with (tasks with choices)")
+    calibration_inputs: int = Field(64, ge=1, description="training inputs batch calibration averages over")
     instructions: list[str] = Field(default_factory=list,
                                     description="instruction candidates (default: the task's system and prompt.instructions)")
     propose: int | None = Field(None, ge=0, description="instructions the model proposes from training examples "
@@ -70,7 +74,7 @@ class Candidate:
     shots: int
     selector: str | None
     per_query: bool
-    calibrated: bool
+    calibration: str | None  # None, "content_free" or "batch"
     score: float = float("nan")
     ci95: tuple[float, float] = (float("nan"), float("nan"))
     n: int = 0
@@ -102,11 +106,12 @@ def demonstration_pool(task, size: int = 1000, seed: int = 0) -> list[dict]:
 
 
 def build_prompt(task, model, tokenizer, *, system: str | None = None, shots: int = 0, selector: str = "balanced",
-                 per_query: bool | None = None, calibrate: bool = False, pool: list[dict] | None = None,
+                 per_query: bool | None = None, calibration: str | None = None, pool: list[dict] | None = None,
                  seed: int = 0, batch_size: int = 16, encoder=None, selector_params: dict | None = None) -> PromptProgram:
     """One prompt program for `task` (see the module docstring). `per_query` defaults to True for the
-    similarity selectors (bm25, embedding, mmr) and False for random and balanced."""
-    from honellm.prompting.calibration import contextual_calibration
+    similarity selectors (bm25, embedding, mmr) and False for random and balanced. `calibration` names a
+    method of prompting/calibration.py (content_free, batch) or None."""
+    from honellm.prompting.calibration import calibrate
     from honellm.prompting.selectors import get_selector, select_fixed_demonstrations
 
     base = PromptProgram.from_task(task)
@@ -122,10 +127,10 @@ def build_prompt(task, model, tokenizer, *, system: str | None = None, shots: in
             demos = select_fixed_demonstrations(spec, task, program, pool, model=model, tokenizer=tokenizer, seed=seed,
                                                 encoder=encoder)
             program = program.model_copy(update={"demonstrations": demos})
-    if calibrate:
-        offsets = contextual_calibration(task, program, model, tokenizer, pool=pool, seed=seed, batch_size=batch_size,
-                                         encoder=encoder)
-        program = program.model_copy(update={"calibration": offsets})
+    if calibration:
+        offsets = calibrate(calibration, task, program, model, tokenizer, pool=pool, seed=seed, batch_size=batch_size,
+                            encoder=encoder)
+        program = program.model_copy(update={"calibration": offsets, "calibration_method": calibration})
     return program
 
 
@@ -183,8 +188,9 @@ def search_prompt(task, model, tokenizer, config: PromptSearchConfig | None = No
                   progress: bool = True) -> SearchResult:
     """Try candidate programs on the validation split and return the best (see the module docstring)."""
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
+    from honellm.evaluation import bootstrap_ci, evaluate
     from honellm.progress import progress as progress_bar
+    from honellm.prompting.calibration import calibrate
     from honellm.prompting.embeddings import TextEncoder
 
     config = config or PromptSearchConfig()
@@ -197,33 +203,38 @@ def search_prompt(task, model, tokenizer, config: PromptSearchConfig | None = No
     encoder = TextEncoder(model, tokenizer)
     base = Artifact.create(name=f"{task.name}-prompt-candidate", method="prompt", base_model=_model_name(model, task),
                            program=PromptProgram.from_task(task), task=task)
-    calibrate = config.calibrate and bool(task.config.choices) and task.metric != "choice_accuracy"
+    methods = list(config.calibrations) if task.config.choices and task.metric != "choice_accuracy" else []
     instructions = instruction_candidates(task, config, model, tokenizer)
-    plan = [(iid, text, 0, None, False) for iid, text in instructions]
-    plan = plan[:config.candidates]
+    plan = [(iid, text, 0, None, False) for iid, text in instructions][:config.candidates]
     bar = progress_bar(total=config.candidates, desc="prompt search", unit="cand", disable=None if progress else True)
     tried: list[Candidate] = []
 
     def run_candidate(iid, text, shots, selector, per_query) -> None:
         t0 = time.perf_counter()
         program = build_prompt(task, model, tokenizer, system=text, shots=shots, selector=selector or "random",
-                               per_query=per_query, calibrate=calibrate, pool=pool, seed=config.seed,
-                               batch_size=config.batch_size, encoder=encoder)
+                               per_query=per_query, pool=pool, seed=config.seed, batch_size=config.batch_size,
+                               encoder=encoder)
         result = evaluate(Artifact(base.manifest, program), task, "validation", config.max_examples, model=model,
                           tokenizer=tokenizer, batch_size=config.batch_size, progress=False, seed=config.seed,
                           pool=pool, encoder=encoder)
-        seconds = time.perf_counter() - t0
         common = dict(instruction_id=iid, instruction=text, shots=shots, selector=selector, per_query=per_query,
-                      n=result.n, prompt_tokens_per_example=result.cost.prompt_tokens_per_example, seconds=seconds)
-        if calibrate:
-            raw_scores = _uncalibrated_scores(task, result)
-            tried.append(Candidate(id=len(tried), calibrated=False, score=float(np.mean(raw_scores)),
-                                   ci95=_ci(raw_scores, config.seed),
-                                   program=program.model_copy(update={"calibration": None}), **common))
-        tried.append(Candidate(id=len(tried), calibrated=calibrate, score=result.score, ci95=result.ci95,
-                               program=program, **common))
+                      n=result.n, prompt_tokens_per_example=result.cost.prompt_tokens_per_example)
+        rows = [Candidate(id=len(tried), calibration=None, score=result.score, ci95=result.ci95, program=program,
+                          seconds=time.perf_counter() - t0, **common)]
+        for method in methods:
+            t1 = time.perf_counter()
+            sizes = {"size": config.calibration_inputs} if method == "batch" else {}
+            offsets = calibrate(method, task, program, model, tokenizer, pool=pool, seed=config.seed,
+                                batch_size=config.batch_size, encoder=encoder, **sizes)
+            scores = scores_with_offsets(task, result, offsets)
+            rows.append(Candidate(id=len(tried) + len(rows), calibration=method, score=float(np.mean(scores)),
+                                  ci95=bootstrap_ci(scores, seed=config.seed),
+                                  program=program.model_copy(update={"calibration": offsets,
+                                                                     "calibration_method": method}),
+                                  seconds=rows[0].seconds + time.perf_counter() - t1, **common))
+        tried.extend(rows)
         if run is not None:
-            for c in tried[-2 if calibrate else -1:]:
+            for c in rows:
                 run.log_metrics(**_row(c))
         bar.update(1)
         bar.set_postfix(best=f"{max(c.score for c in tried):.3f}")
@@ -234,12 +245,13 @@ def search_prompt(task, model, tokenizer, config: PromptSearchConfig | None = No
                 break
             run_candidate(*step)
         ranked = _rank_instructions(tried)
-        for iid_rank, (iid, text) in enumerate(ranked[:2]):
+        for rank, (iid, text) in enumerate(ranked[:2]):
             combos = [(k, s, False) for k in config.shots for s in config.fixed_selectors]
             combos += [(k, s, True) for k in config.shots for s in config.per_query_selectors]
-            random.Random(config.seed + iid_rank).shuffle(combos)
+            random.Random(config.seed + rank).shuffle(combos)
             for shots, selector, per_query in combos:
-                if _evaluations(tried, calibrate) >= config.candidates or time.perf_counter() - started > config.max_seconds:
+                evaluated = len({(c.instruction_id, c.shots, c.selector, c.per_query) for c in tried})
+                if evaluated >= config.candidates or time.perf_counter() - started > config.max_seconds:
                     break
                 if shots > 0:
                     run_candidate(iid, text, shots, selector, per_query)
@@ -249,8 +261,18 @@ def search_prompt(task, model, tokenizer, config: PromptSearchConfig | None = No
     return SearchResult(best=best, candidates=tried, pool=pool, seconds=time.perf_counter() - started)
 
 
-def _evaluations(tried: list[Candidate], calibrate: bool) -> int:
-    return len(tried) // 2 if calibrate else len(tried)
+def scores_with_offsets(task, result, offsets: dict[str, float]) -> list[float]:
+    """Per-example scores of `result` (an uncalibrated choices evaluation) had the program carried `offsets`:
+    the same float64 sum and first-maximum argmax as the evaluator's, so a saved program scores exactly this."""
+    from honellm.evaluation.metrics import METRICS
+
+    choices = list(task.config.choices)
+    shift = np.array([float(offsets.get(c, 0.0)) for c in choices])
+    predictions = []
+    for r in result.records:
+        raw = np.array([r.details["choice_logprobs"][c] for c in choices], dtype=np.float64)
+        predictions.append(choices[int((raw + shift).argmax())])
+    return METRICS[task.metric].fn(predictions=predictions, references=[r.reference or "" for r in result.records])
 
 
 def _rank_instructions(tried: list[Candidate]) -> list[tuple[str, str | None]]:
@@ -260,20 +282,6 @@ def _rank_instructions(tried: list[Candidate]) -> list[tuple[str, str | None]]:
         if c.instruction_id not in best or c.score > best[c.instruction_id][0]:
             best[c.instruction_id] = (c.score, c.instruction)
     return [(iid, text) for iid, (_, text) in sorted(best.items(), key=lambda kv: -kv[1][0])]
-
-
-def _uncalibrated_scores(task, result) -> list[float]:
-    """Per-example scores of the same forward pass without calibration (the evaluator records that prediction)."""
-    from honellm.evaluation.metrics import METRICS
-
-    predictions = [r.details["uncalibrated_prediction"] for r in result.records]
-    return METRICS[task.metric].fn(predictions=predictions, references=[r.reference or "" for r in result.records])
-
-
-def _ci(scores: list[float], seed: int) -> tuple[float, float]:
-    from honellm.evaluation.bootstrap import bootstrap_ci
-
-    return bootstrap_ci(scores, seed=seed)
 
 
 def _model_name(model, task) -> str:
@@ -314,27 +322,44 @@ class PromptRun:
 
 def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, search: int | None = None,
                          shots: int = 0, selector: str = "balanced", per_query: bool | None = None,
-                         calibrate: bool = False, model_name: str | None = None, out: str | Path | None = None,
+                         calibration: str | None = None, model_name: str | None = None, out: str | Path | None = None,
                          force: bool = False, max_examples: int = 100, max_seconds: float = 1800.0,
                          propose: int | None = None, seed: int = 0, batch_size: int = 16,
-                         progress: bool = True) -> PromptRun:
+                         search_config: PromptSearchConfig | None = None, progress: bool = True) -> PromptRun:
     """What `hone prompt` does: build one program (or search for the best), score it on validation, save the
     Artifact (with pool.jsonl when it selects per query) and the run folder (config, metrics.jsonl,
-    candidates.csv)."""
+    candidates.csv). `search_config` sets every knob of the search (`search` and the caps then only fill in
+    what it leaves at defaults: it wins)."""
     from honellm.artifact import Artifact
     from honellm.evaluation import evaluate
     from honellm.models import load
+    from honellm.prompting.selectors import get_selector
     from honellm.runs import RunDir
     from honellm.task import Task
 
     task = Task.load(task_text, overrides or [])
     model_name = model_name or task.config.model
+    if shots > 0 and not search:
+        get_selector(selector)  # a misspelt name fails now, not after the model has loaded
+    if calibration and not task.config.choices:
+        raise HoneError(f"--calibrate needs label choices, and task {task.name!r} has none", where=task.source,
+                        fix="add `choices: [...]` to the task, or drop --calibrate")
+    if calibration and not search:
+        from honellm.prompting.calibration import CALIBRATIONS
+
+        if calibration not in CALIBRATIONS:
+            raise HoneError(f"unknown calibration {calibration!r}", where="--calibration",
+                            fix=f"use one of: {', '.join(CALIBRATIONS)}")
+    if search and not task.has_split("validation"):
+        raise HoneError(f"prompt search scores candidates on the validation split, and task {task.name!r} has none",
+                        where=task.source, fix="add data.validation (or data.file with data.split); the search "
+                                               "never scores on test")
     if out is not None and Path(out).exists() and not force:
         raise HoneError("the artifact folder already exists", where=str(out),
                         fix="choose another --out, or pass --force to replace it")
     run = RunDir.create(task.name, "prompt-search" if search else "prompt")
     settings = {"task": task.source, "overrides": overrides or [], "model": model_name, "search": search,
-                "shots": shots, "selector": selector, "per_query": per_query, "calibrate": calibrate,
+                "shots": shots, "selector": selector, "per_query": per_query, "calibration": calibration,
                 "max_examples": max_examples, "max_seconds": max_seconds, "propose": propose, "seed": seed,
                 "batch_size": batch_size}
     run.write_config(settings)
@@ -342,8 +367,10 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
         model, tokenizer = load(model_name)
         found = None
         if search:
-            config = PromptSearchConfig(candidates=search, max_examples=max_examples, max_seconds=max_seconds,
-                                        propose=propose, seed=seed, batch_size=batch_size)
+            config = search_config or PromptSearchConfig(candidates=search, max_examples=max_examples,
+                                                         max_seconds=max_seconds, propose=propose, seed=seed,
+                                                         batch_size=batch_size)
+            max_examples = config.max_examples
             found = search_prompt(task, model, tokenizer, config, run=run, progress=progress)
             write_candidates(run.path / "candidates.csv", found.candidates)
             program, pool = found.best.program, found.pool
@@ -352,7 +379,7 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
         else:
             pool = demonstration_pool(task, seed=seed) if shots > 0 else None
             program = build_prompt(task, model, tokenizer, shots=shots, selector=selector, per_query=per_query,
-                                   calibrate=calibrate, pool=pool, seed=seed, batch_size=batch_size)
+                                   calibration=calibration, pool=pool, seed=seed, batch_size=batch_size)
             validation = None
             if task.has_split("validation"):
                 result = evaluate(Artifact(Artifact.zero_shot(model_name, task).manifest, program), task, "validation",
@@ -369,7 +396,7 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
             name=f"{task.name}-prompt", method="prompt", base_model=model_name, program=program, task=task,
             config={"search": search, "shots": len(program.demonstrations) or (program.selector.k if program.selector else 0),
                     "selector": program.selector.name if program.selector else None,
-                    "per_query": per_query_pool, "calibrated": program.calibration is not None, "seed": seed,
+                    "per_query": per_query_pool, "calibration": program.calibration_method, "seed": seed,
                     "max_examples": max_examples},
             metrics={"validation": validation} if validation else {}, run_dir=str(run.path))
         path = artifact.save(out if out is not None else run.path / "artifact", force=force,

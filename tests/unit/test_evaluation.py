@@ -2,94 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from honellm.evaluation import EvalResult, bootstrap_ci, evaluate
 from honellm.task import Task
-
-# ------------------------------------------------------------------------------------------------ engine stand-in
-# Until honellm.generation lands (branch `gen`), tests run against this minimal stand-in with the same interface.
-
-
-def _install_fallback_generation() -> None:
-    try:
-        import honellm.generation  # noqa: F401
-        return
-    except ImportError:
-        pass
-    from dataclasses import dataclass, field
-
-    import torch
-
-    @dataclass
-    class SamplingParams:
-        max_new_tokens: int = 32
-        temperature: float = 0.0
-        top_p: float = 1.0
-        top_k: int = 0
-        seed: int | None = None
-        stop: list = field(default_factory=list)
-        logprobs: bool = False
-
-    @dataclass
-    class Completion:
-        text: str
-        token_ids: list
-        finish_reason: str
-        prompt_tokens: int
-        completion_tokens: int
-        logprobs: list | None = None
-
-    @dataclass
-    class ContinuationScore:
-        logprob_sum: float
-        n_tokens: int
-        is_greedy: bool
-
-    class Generator:
-        def __init__(self, model, tokenizer, batch_size=16):
-            self.model, self.tokenizer = model, tokenizer
-
-        @torch.no_grad()
-        def generate(self, prompts, params, shared_prefix=None, progress=False):
-            out = []
-            for p in prompts:
-                ids = self.tokenizer(p, add_special_tokens=False, return_tensors="pt").input_ids
-                gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_new_tokens,
-                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-                new = gen[0, ids.shape[1]:].tolist()
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
-                for s in params.stop:
-                    text = text.split(s)[0]
-                out.append(Completion(text, new, "length", ids.shape[1], len(new)))
-            return out
-
-        @torch.no_grad()
-        def score_continuations(self, contexts, continuations, shared_prefix=None):
-            out = []
-            for c, x in zip(contexts, continuations, strict=True):
-                a = self.tokenizer(c, add_special_tokens=False).input_ids
-                b = self.tokenizer(x, add_special_tokens=False).input_ids
-                ids = torch.tensor([a + b])
-                logp = torch.log_softmax(self.model(ids).logits[0, len(a) - 1:-1].float(), -1)
-                picked = logp[torch.arange(len(b)), torch.tensor(b)]
-                out.append(ContinuationScore(float(picked.sum()), len(b), bool((logp.argmax(-1) == torch.tensor(b)).all())))
-            return out
-
-    module = types.ModuleType("honellm.generation")
-    module.SamplingParams, module.Completion, module.ContinuationScore, module.Generator = (
-        SamplingParams, Completion, ContinuationScore, Generator)
-    sys.modules["honellm.generation"] = module
-
-
-_install_fallback_generation()
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +93,35 @@ def test_choice_scores_are_the_answer_turns_loglikelihood(tiny_model, tiny_model
     assert result.records[0].details["choice_logprobs"]["billing"] == pytest.approx(expected, abs=1e-3)
 
 
+def test_both_ways_of_scoring_groups_agree(tiny_model, intents, monkeypatch):
+    """score_groups reads each context once (one call per context) or all pairs in one call; same numbers."""
+    from honellm.data.chat import render_prompt
+    from honellm.evaluation import scoring
+    from honellm.generation import Generator
+    from honellm.prompting.program import PromptProgram
+
+    model, tok = tiny_model
+    program = PromptProgram.from_task(intents)
+    records = intents.split("validation")[:3]
+    ctx = scoring.EvalContext(task=intents, program=program, artifact=None, model=model, tokenizer=tok,
+                              generator=Generator(model, tok), records=records, demonstrations=None)
+    contexts = [render_prompt(tok, program.messages(intents, r)) for r in records]
+    groups = [["billing<|im_end|>", "cancel<|im_end|>", "shipping<|im_end|>"]] * 3
+    shared = scoring.shared_prefix_text(tok, program, contexts)
+    assert shared and all(c.startswith(shared) for c in contexts)
+    calls = []
+    real_score = ctx.generator.score_continuations
+    monkeypatch.setattr(ctx.generator, "score_continuations", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    per_context = scoring.score_groups(ctx, contexts, groups, shared_prefix=shared)  # the system turn is short
+    assert len(calls) == 3
+    # pretend the shared prefix were nearly the whole context: one call for all pairs is then cheaper
+    monkeypatch.setattr(scoring, "count_tokens", lambda tokenizer, texts: [100 if t == shared else 101 for t in texts])
+    flat = scoring.score_groups(ctx, contexts, groups, shared_prefix=shared)
+    assert len(calls) == 4
+    assert per_context[1] == flat[1]
+    assert np.allclose(per_context[0], flat[0], atol=1e-4)
+
+
 def test_text_mode_generates(tiny_model, tiny_model_dir):
     model, tok = tiny_model
     task = Task.load("arithmetic", ["rewards=[]", "generation.max_new_tokens=4"])
@@ -250,9 +199,9 @@ def test_dpo_implicit_margins_are_zero_for_an_identity_adapter(tiny_model_dir):
     from honellm.artifact import Artifact
     from honellm.evaluation.preference import PreferenceBatch, dpo_implicit_margins
     from honellm.evaluation.scoring import EvalContext
+    from honellm.generation import Generator
     from honellm.models import load
 
-    Generator = importlib.import_module("honellm.generation").Generator
 
     model, tok = load(tiny_model_dir, dtype="fp32", device="cpu")
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))

@@ -13,9 +13,6 @@ from honellm.prompting.calibration import calibration_offsets, content_free_mess
 from honellm.prompting.program import PromptProgram
 from honellm.prompting.search import PromptSearchConfig, build_prompt, make_prompt_artifact, search_prompt
 from honellm.task import Task
-from tests.unit.test_evaluation import _install_fallback_generation
-
-_install_fallback_generation()
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +38,9 @@ def test_content_free_input_fills_every_template_field(intents):
 
 def test_calibration_makes_a_single_content_free_input_uniform(tiny_model, intents):
     """With one content-free input, the calibrated distribution on it is exactly uniform (W = diag(p_cf)^-1)."""
-    from honellm.generation import Generator
-
     from honellm.data.chat import render_prompt
     from honellm.evaluation.scoring import EvalContext, choice_loglikelihoods
+    from honellm.generation import Generator
 
     model, tok = tiny_model
     program = PromptProgram.from_task(intents)
@@ -74,7 +70,7 @@ def test_build_prompt_fixed_and_per_query(tiny_model, intents):
     assert len({d.answer for d in fixed.demonstrations}) == 4
     # fixed demonstrations are part of the shared prefix; per-query ones are not
     assert len(fixed.shared_prefix_messages()) == 1 + 2 * 4
-    per_query = build_prompt(intents, model, tok, shots=3, selector="bm25", calibrate=True)
+    per_query = build_prompt(intents, model, tok, shots=3, selector="bm25", calibration="content_free")
     assert per_query.demonstrations == [] and per_query.selector.per_query and per_query.selector.k == 3
     assert set(per_query.calibration) == set(intents.config.choices)
     assert per_query.shared_prefix_messages() == [{"role": "system", "content": intents.config.prompt.system}]
@@ -102,12 +98,13 @@ def test_search_never_reads_the_test_split(tiny_model, intents, monkeypatch):
 
     monkeypatch.setattr(Task, "_load_split", guarded)
     task = Task.load("intents")
-    config = PromptSearchConfig(candidates=4, shots=[2], max_examples=4, propose=1)
+    config = PromptSearchConfig(candidates=4, shots=[2], per_query_selectors=["bm25"], max_examples=3, propose=1,
+                                pool_size=60, calibration_inputs=6)
     found = search_prompt(task, model, tok, config, progress=False)
     assert found.candidates and found.best in found.candidates
-    assert all(c.n == 4 for c in found.candidates)
-    # calibrated and uncalibrated rows come in pairs from one forward pass
-    assert [c.calibrated for c in found.candidates[:2]] == [False, True]
+    assert all(c.n == 3 for c in found.candidates)
+    # uncalibrated and calibrated rows come together from one forward pass
+    assert [c.calibration for c in found.candidates[:3]] == [None, "content_free", "batch"]
     assert {c.instruction_id for c in found.candidates} >= {"task", "task.1", "task.2"}
 
 
@@ -120,10 +117,11 @@ def test_search_refuses_a_task_without_validation(tiny_model):
 
 def test_search_respects_the_candidate_budget(tiny_model, intents):
     model, tok = tiny_model
-    config = PromptSearchConfig(candidates=5, shots=[1, 2], max_examples=3, propose=0)
+    config = PromptSearchConfig(candidates=5, shots=[1, 2], fixed_selectors=["balanced"], per_query_selectors=["bm25"],
+                                max_examples=2, propose=0, pool_size=60, calibration_inputs=6)
     found = search_prompt(intents, model, tok, config, progress=False)
-    assert len(found.candidates) == 2 * 5  # each candidate: with and without calibration
-    assert sum(c.shots > 0 for c in found.candidates) == 2 * 2  # 3 instructions zero-shot, then 2 with shots
+    assert len(found.candidates) == 3 * 5  # each candidate: uncalibrated, content-free and batch calibrated
+    assert sum(c.shots > 0 for c in found.candidates) == 3 * 2  # 3 instructions zero-shot, then 2 with shots
 
 
 def test_proposed_instructions_name_the_labels(tiny_model, intents):
@@ -139,8 +137,11 @@ def test_saved_search_artifact_reproduces_its_validation_score(tiny_model_dir, t
     from honellm.evaluation import evaluate
 
     monkeypatch.setenv("HONE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("HONE_CPU_BF16", "0")  # fp32: bf16 buys nothing at the tiny model's sizes
+    config = PromptSearchConfig(candidates=3, shots=[2], fixed_selectors=["random"], per_query_selectors=["bm25"],
+                                max_examples=5, propose=0, pool_size=60, calibration_inputs=6)
     made = make_prompt_artifact("intents", ["prompt.instructions=[]"], search=3, model_name=str(tiny_model_dir),
-                                out=tmp_path / "art", max_examples=5, propose=0, progress=False)
+                                out=tmp_path / "art", search_config=config, progress=False)
     assert (made.run_dir / "candidates.csv").exists() and (made.run_dir / "metrics.jsonl").exists()
     manifest = json.loads((tmp_path / "art" / "hone.json").read_text())
     validation = manifest["metrics"]["validation"]
@@ -157,11 +158,49 @@ def test_prompt_artifact_without_search(tiny_model_dir, tmp_path, monkeypatch):
     from honellm.artifact import Artifact
 
     monkeypatch.setenv("HONE_RUNS", str(tmp_path / "runs"))
-    made = make_prompt_artifact("intents", shots=2, selector="bm25", calibrate=True, model_name=str(tiny_model_dir),
+    monkeypatch.setenv("HONE_CPU_BF16", "0")
+    made = make_prompt_artifact("intents", shots=2, selector="bm25", calibration="content_free",
+                                model_name=str(tiny_model_dir),
                                 out=tmp_path / "art", max_examples=3, progress=False)
     art = Artifact.load(made.path)
     assert art.program.selector.name == "bm25" and art.program.calibration
-    assert len(art.pool()) == len(Task.load("intents").split("train"))
+    assert art.program.calibration_method == "content_free" and art.manifest.config["calibration"] == "content_free"
+    assert len(art.pool()) == len(Task.load("intents").split("train"))  # 480 < the default pool size
     assert art.manifest.metrics["validation"]["n"] == 3
     with pytest.raises(HoneError, match="already exists"):
         make_prompt_artifact("intents", model_name=str(tiny_model_dir), out=tmp_path / "art", progress=False)
+
+
+def test_batch_calibration_uses_training_inputs_only(tiny_model, intents, monkeypatch):
+    from honellm.prompting.calibration import batch_calibration, calibrate
+
+    model, tok = tiny_model
+    real = Task._load_split
+    seen = []
+    monkeypatch.setattr(Task, "_load_split", lambda self, name: seen.append(name) or real(self, name))
+    task = Task.load("intents")
+    offsets = batch_calibration(task, PromptProgram.from_task(task), model, tok, size=8)
+    assert set(offsets) == set(task.config.choices) and sum(offsets.values()) == pytest.approx(0, abs=1e-4)
+    assert set(seen) == {"train"}
+    assert calibrate("batch", task, PromptProgram.from_task(task), model, tok, size=8) == offsets  # seeded
+    with pytest.raises(HoneError, match="unknown calibration"):
+        calibrate("platt", task, PromptProgram.from_task(task), model, tok)
+
+
+def test_search_derives_calibrated_scores_exactly_as_the_evaluator(tiny_model, tiny_model_dir, intents):
+    """The search scores calibrated variants from one uncalibrated pass; evaluating the calibrated program itself
+    must give the very same predictions (else `hone eval` would not reproduce the search's number)."""
+    from honellm.artifact import Artifact
+    from honellm.evaluation import evaluate
+    from honellm.prompting.calibration import contextual_calibration
+    from honellm.prompting.search import scores_with_offsets
+
+    model, tok = tiny_model
+    program = PromptProgram.from_task(intents)
+    art = Artifact.create(name="x", method="prompt", base_model=str(tiny_model_dir), program=program, task=intents)
+    plain = evaluate(art, intents, "validation", limit=8, model=model, tokenizer=tok, progress=False)
+    offsets = contextual_calibration(intents, program, model, tok)
+    derived = scores_with_offsets(intents, plain, offsets)
+    art.program = program.model_copy(update={"calibration": offsets})
+    direct = evaluate(art, intents, "validation", limit=8, model=model, tokenizer=tok, progress=False)
+    assert derived == direct.scores
