@@ -37,7 +37,7 @@ from honellm.training.memory import check_memory, estimate_training_memory, para
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.config import SFTConfig
@@ -103,15 +103,16 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
 
-    # --- memory pre-flight, from the longest micro-batch the data can produce
+    # --- attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
     answer_tokens = max(s.num_loss_tokens for s in train)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(
             model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
             loss_tokens=batch * (answer_tokens if config.completion_only_loss else min(length, longest)),
-            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type)
+            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
                           grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
@@ -134,7 +135,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     monitor.load_state_dict(state.monitor)
     if is_main:
         run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
-                        steps_per_epoch=per_epoch, processes=world, precision=precision.name,
+                        steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
     train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,

@@ -1,0 +1,296 @@
+"""Hone's LoRA SFT against TRL's SFTTrainer with PEFT: same model, data, batch size, lengths and epochs.
+
+    python bench/bench_sft.py                      # CPU: Hone and three TRL configurations, plus this CPU's limit
+    python bench/bench_sft.py --device cuda        # the same on a GPU, with MFU
+    python bench/bench_sft.py --configs hone,trl-fp32-amp --examples 64
+
+Each configuration runs in its own subprocess (so peak RSS is its own) and trains LoRA (r=8, alpha=16, every linear
+layer of attention and MLP, no dropout) on the first `--examples` SST-2 training records, rendered through the
+model's chat template with the task's system message and template, loss on the answer only.
+
+Figures:
+- tokens/s: real (non-padding) tokens of the training set x epochs / wall time of the training loop (model
+  loading and tokenization excluded, the first steps' kernel warm-up included, for both);
+- peak RSS of the subprocess (or peak allocated GPU memory on CUDA);
+- the limit: achieved bf16 matmul FLOP/s on this machine (GEMMs of the model's shapes at the benchmark's token
+  count per micro-batch, and a large square GEMM; the higher is used) divided by 6 x N FLOPs per training token
+  (N = all parameters of the model: 2N for the forward, 4N for the backward). This is the usual dense-training
+  bound; LoRA needs less (no gradient of frozen weights, and Hone skips the LM head off the answer positions),
+  so a LoRA run can exceed it.
+- on CUDA, MFU = 6 x N x tokens/s / the GPU's peak dense bf16 FLOP/s.
+
+This benchmark prints figures; it does not pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
+SYSTEM = "Classify the sentiment of the movie review as positive or negative. Answer with one word."
+TEMPLATE = "Review: {text}"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "hone": "Hone LoRA SFT (bf16 frozen weights, fp32 adapter, autocast; length-grouped batches, sparse logits)",
+    "trl-fp32-amp": "TRL SFTTrainer, model loaded fp32, bf16=True (autocast)",
+    "trl-bf16": "TRL SFTTrainer, model loaded bf16, bf16=True",
+    "trl-fp32-amp-grouped": "TRL SFTTrainer, fp32 + bf16=True, group_by_length sampler",
+    "trl-fp32": "TRL SFTTrainer, fp32, no autocast",
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+             "L4": 121e12, "RTX 4090": 165e12}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def records(n: int) -> list[dict]:
+    with open(SST2, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows[:n]
+
+
+def messages(record: dict) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TEMPLATE.format(**record)}]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def peak_memory(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_hone(args) -> dict:
+    from honellm.models import load_tokenizer
+    from honellm.runs import read_metrics
+    from honellm.task import Task
+    from honellm.training.batching import encode_conversation
+    from honellm.tuning import get_method
+    from honellm.tuning.sft import tune
+
+    rows = records(args.examples)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        task = Task.from_config({"name": "bench", "model": args.model, "data": {"train": str(data)},
+                                 "prompt": {"system": SYSTEM, "template": TEMPLATE}, "target": "label",
+                                 "choices": ["positive", "negative"]})
+        spec = get_method("lora")
+        config = spec.config(r=args.r, alpha=2 * args.r, target_modules=TARGETS, epochs=args.epochs,
+                             batch_size=args.batch_size, max_length=args.max_length, lr=2e-4, eval_every=0,
+                             save_every=0, seed=0)
+        artifact = tune(task, "lora", config, out=Path(tmp) / "run")
+        metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
+    start = next(r["time"] for r in metrics if r.get("event") == "start")
+    steps = [r for r in metrics if "loss" in r]
+    seconds = steps[-1]["time"] - start
+    tokenizer = load_tokenizer(args.model)
+    tokens = sum(len(encode_conversation(tokenizer, messages(r), r["label"], max_length=args.max_length)) for r in rows)
+    return {"tokens": tokens * args.epochs, "counted_tokens": sum(r["tokens"] for r in steps), "seconds": seconds,
+            "final_loss": steps[-1]["loss"], "steps": len(steps),
+            "trainable_params": artifact.manifest.cost["trainable_params"]}
+
+
+def run_trl(args, config: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from honellm.models import load_tokenizer, resolve
+
+    rows = records(args.examples)
+    dataset = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
+                                 for r in rows])
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if config == "trl-bf16" else torch.float32
+    path = resolve(args.model).path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(args.model)
+    lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory() as tmp:
+        sft = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+                        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05,
+                        bf16=config != "trl-fp32", use_cpu=not cuda, max_length=args.max_length, logging_steps=10,
+                        save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
+                        train_sampling_strategy="group_by_length" if config.endswith("grouped") else "random",
+                        completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * args.epochs
+        started = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - started
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"tokens": tokens, "seconds": seconds, "final_loss": output.training_loss, "trainable_params": trainable}
+
+
+def worker(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_hone(args) if args.worker == "hone" else run_trl(args, args.worker)
+    result["peak_memory_bytes"] = peak_memory(args.device)
+    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the limit
+
+
+def matmul_flops(device: str, tokens: int, threads: int | None) -> dict:
+    """Achieved bf16 GEMM FLOP/s: the model's projection shapes at `tokens` rows, and a large square GEMM."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def rate(m: int, k: int, n: int, repeats: int) -> float:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=device)
+        for _ in range(3):
+            F.linear(x, w)
+        best = float("inf")
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(repeats):
+                F.linear(x, w)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t) / repeats)
+        return 2 * m * k * n / best
+
+    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M: q/o, k/v, gate/up, down
+    weights = [2, 2, 2, 1]
+    model_rate = sum(w * 2 * tokens * k * n for (k, n), w in zip(shapes, weights, strict=True)) / sum(
+        w * 2 * tokens * k * n / rate(tokens, k, n, 20) for (k, n), w in zip(shapes, weights, strict=True))
+    big = 2048 if device == "cpu" else 8192
+    return {"model_shapes": model_rate, "square": rate(big, big, big, 5 if device == "cpu" else 20)}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--examples", type=int, default=200, help="SST-2 training records to train on")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--configs", default="hone,trl-fp32-amp,trl-bf16,trl-fp32-amp-grouped")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if not SST2.exists():
+        sys.exit(f"SST-2 not found at {SST2} (the benchmark reads ../shared/data beside the project)")
+
+    from honellm.models import resolve
+
+    config = json.loads((resolve(args.model).path / "config.json").read_text())
+    n_params = _count_params(resolve(args.model).path)
+    print(f"model {args.model}: N = {n_params / 1e6:.1f}M parameters ({config.get('model_type')}); "
+          f"{args.examples} SST-2 examples x {args.epochs} epoch(s), batch {args.batch_size}, LoRA r={args.r} on "
+          f"{', '.join(TARGETS)}; device {args.device}, threads {args.threads or 'default'}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = {}
+    for name in args.configs.split(","):
+        env = {**os.environ, "HONE_QUIET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--examples", str(args.examples),
+               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--r", str(args.r), "--threads", str(args.threads), "--device", args.device]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}")
+            continue
+        results[name] = json.loads(line[len("RESULT "):])
+        r = results[name]
+        print(f"{name:24s} {r['tokens_per_second']:8.1f} tokens/s  {r['seconds']:7.1f} s  "
+              f"peak {'GPU' if args.device == 'cuda' else 'RSS'} {r['peak_memory_bytes'] / 2**30:5.2f} GiB  "
+              f"loss {r['final_loss']:.4f}  ({CONFIGS.get(name, name)})", flush=True)
+
+    tokens_per_batch = int(args.batch_size * 60)
+    flops = matmul_flops(args.device, tokens_per_batch, args.threads)
+    best_flops = max(flops.values())
+    limit = best_flops / (6 * n_params)
+    print(f"\nbf16 matmul on this {args.device}: {flops['model_shapes'] / 1e12:.3f} TFLOP/s on the model's shapes "
+          f"({tokens_per_batch} rows), {flops['square'] / 1e12:.3f} TFLOP/s on a large square GEMM")
+    print(f"limit = {best_flops / 1e12:.3f} TFLOP/s / (6 x {n_params / 1e6:.1f}M FLOPs per token) = "
+          f"{limit:.0f} tokens/s")
+    trl = {k: v for k, v in results.items() if k.startswith("trl")}
+    if "hone" in results:
+        hone = results["hone"]["tokens_per_second"]
+        print(f"Hone: {hone:.0f} tokens/s = {100 * hone / limit:.0f}% of the limit")
+        if trl:
+            best = max(trl, key=lambda k: trl[k]["tokens_per_second"])
+            print(f"best TRL configuration: {best} ({trl[best]['tokens_per_second']:.0f} tokens/s): Hone is "
+                  f"{hone / trl[best]['tokens_per_second']:.1f}x faster, with "
+                  f"{results['hone']['peak_memory_bytes'] / trl[best]['peak_memory_bytes']:.2f}x its peak memory")
+    if args.device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        for key, r in results.items():
+            if peak:
+                print(f"MFU {key}: {100 * 6 * n_params * r['tokens_per_second'] / peak:.1f}% of {name}'s "
+                      f"{peak / 1e12:.0f} TFLOP/s bf16 peak")
+            else:
+                print(f"MFU {key}: unknown peak for {name}; 6N x tokens/s = "
+                      f"{6 * n_params * r['tokens_per_second'] / 1e12:.1f} TFLOP/s")
+    print("RESULTS " + json.dumps({"results": results, "flops": flops, "limit": limit, "n_params": n_params}))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _count_params(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                shape = handle.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+    return total
+
+
+if __name__ == "__main__":
+    main()
