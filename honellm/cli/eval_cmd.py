@@ -2,13 +2,57 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from honellm.cli.common import not_yet
+import typer
+from rich.table import Table
+
+from honellm.cli.common import OverridesArg, console, echo, json_out
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def eval_command(ctx: typer.Context):
-        """Evaluate an artifact or a model on a task split: the metric with its 95% interval, and cost."""
-        not_yet("eval", 3, "evaluation")
+    @app.command("eval")
+    def eval_command(
+        artifact: str = typer.Argument(..., help="an artifact folder, or a model (name from `hone models` or a path) "
+                                                 "evaluated zero-shot with the task's prompt"),
+        overrides: list[str] = OverridesArg,
+        task: str = typer.Option(None, "--task", "-t", help="task YAML or built-in task name "
+                                                           "(default: the task the artifact was made for)"),
+        split: str = typer.Option("test", "--split", help="train, validation or test"),
+        limit: int = typer.Option(None, "--limit", min=1, help="evaluate only the first N records of the split"),
+        out: Path = typer.Option(None, "--out", help="folder for eval.json (default: the artifact's folder, or "
+                                                    "runs/<task>/eval-<timestamp>/ for a model)"),
+        force: bool = typer.Option(False, "--force", help="replace an existing eval.json"),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
+        seed: int = typer.Option(0, "--seed", help="seed of sampling and of the bootstrap interval"),
+        as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of a table"),
+    ):
+        """Evaluate an artifact or a model on a task split: the metric with its 95% interval, and cost.
+
+        Tasks with label choices are scored by log-likelihood over the choices; text metrics by generating;
+        preference tasks by comparing chosen and rejected answers. Writes eval.json with every example.
+        """
+        from honellm.evaluation import evaluate_to_folder
+
+        result, path = evaluate_to_folder(artifact, task, overrides or [], split=split, limit=limit, out=out,
+                                          force=force, batch_size=batch_size, seed=seed)
+        if as_json:
+            json_out(result.summary() | {"eval_json": str(path)})
+            return
+        print_result(result)
+        echo(f"wrote {path}")
+
+
+def print_result(result) -> None:
+    """The one-row table every evaluation prints, with the extras below it."""
+    cost = result.cost
+    table = Table(title=f"{result.artifact.get('name')} on {result.task}/{result.split} ({result.mode})")
+    for column in ("metric", "score", "95% CI", "n", "prompt tok/ex", "ex/s", "wall s", "peak MB"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    arrow = "" if result.higher_is_better else " (lower is better)"
+    table.add_row(f"{result.metric}{arrow}", f"{result.score:.4f}", f"[{result.ci95[0]:.4f}, {result.ci95[1]:.4f}]",
+                  str(result.n), f"{cost.prompt_tokens_per_example:.1f}", f"{cost.examples_per_second:.2f}",
+                  f"{cost.wall_seconds:.1f}", f"{cost.peak_memory_mb:.0f}" if cost.peak_memory_mb else "-")
+    console.print(table)
+    for key, value in result.extras.items():
+        echo(f"  {key}: {round(value, 4) if isinstance(value, float) else value}")

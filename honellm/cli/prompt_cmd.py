@@ -2,13 +2,79 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from honellm.cli.common import not_yet
+import typer
+from rich.table import Table
+
+from honellm.cli.common import OverridesArg, console, echo
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("prompt", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def prompt_command(ctx: typer.Context):
-        """Build a prompt program (zero/few-shot, example selection, calibration, search) -> Artifact."""
-        not_yet("prompt", 4, "prompting (zero-shot, few-shot, selection, calibration, prompt search)")
+    @app.command("prompt")
+    def prompt_command(
+        task: str = typer.Argument(..., help="task YAML or built-in task name"),
+        overrides: list[str] = OverridesArg,
+        search: int = typer.Option(None, "--search", min=1, help="try N candidate programs (instructions, shots, "
+                                                                "selectors, calibration) on validation; keep the best"),
+        shots: int = typer.Option(0, "--shots", min=0, help="demonstrations per query (without --search)"),
+        selector: str = typer.Option("balanced", "--selector",
+                                     help="example selector: random, balanced, bm25, embedding, mmr"),
+        per_query: bool = typer.Option(None, "--per-query/--fixed", show_default=False,
+                                       help="select demonstrations for each query, or one fixed set for all "
+                                            "(default: per query for bm25/embedding/mmr, fixed for random/balanced)"),
+        calibrate: bool = typer.Option(False, "--calibrate", help="contextual calibration of the label choices"),
+        model: str = typer.Option(None, "--model", help="base model (default: the task's)"),
+        max_examples: int = typer.Option(100, "--max-examples", min=1,
+                                         help="validation records scored per candidate (the first N)"),
+        max_minutes: float = typer.Option(30.0, "--max-minutes", min=0.1, help="wall-time cap of the search"),
+        propose: int = typer.Option(None, "--propose", min=0, help="instructions the model proposes itself "
+                                                                   "(default: 3 when the task lists none)"),
+        out: Path = typer.Option(None, "--out", help="artifact folder (default: runs/<task>/prompt-.../artifact)"),
+        force: bool = typer.Option(False, "--force", help="replace an existing artifact folder"),
+        seed: int = typer.Option(0, "--seed", help="seed of selection, search order and proposals"),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
+    ):
+        """Build a prompt program (zero/few-shot, example selection, calibration, search) -> Artifact.
+
+        Without --search: the task's instruction with --shots demonstrations picked by --selector, optionally
+        calibrated, scored on validation. With --search N: tries N candidates on the validation split (never
+        test), prints and saves the table of candidates, and keeps the best.
+        """
+        from honellm.prompting.search import make_prompt_artifact
+
+        made = make_prompt_artifact(task, overrides or [], search=search, shots=shots, selector=selector,
+                                    per_query=per_query, calibrate=calibrate, model_name=model, out=out, force=force,
+                                    max_examples=max_examples, max_seconds=max_minutes * 60, propose=propose,
+                                    seed=seed, batch_size=batch_size)
+        if made.search is not None:
+            print_candidates(made.search)
+            echo(f"candidates: {made.run_dir / 'candidates.csv'}  ({len(made.search.candidates)} rows, "
+                 f"{made.search.seconds:.0f} s)")
+        program = made.artifact.program
+        echo(f"system: {program.system!r}")
+        sel = program.selector
+        echo(f"demonstrations: {len(program.demonstrations)} fixed" + (f"; selector {sel.name} k={sel.k} "
+             f"{'per query' if sel.per_query else 'fixed'}" if sel else "") +
+             ("; calibrated " + ", ".join(f"{k}={v:+.2f}" for k, v in program.calibration.items())
+              if program.calibration else ""))
+        if made.validation:
+            v = made.validation
+            limit = f" --limit {v['limit']}" if v.get("limit") else ""
+            echo(f"validation {v['metric']}: {v['score']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] n={v['n']}")
+            echo(f"wrote {made.path}   (reproduce: hone eval {made.path} --split validation{limit})")
+        else:
+            echo(f"wrote {made.path}   (the task has no validation split, so nothing was scored)")
+
+
+def print_candidates(search) -> None:
+    table = Table(title="Prompt candidates (validation)")
+    for column in ("#", "instruction", "shots", "selector", "calibrated", "score", "95% CI", "prompt tok/ex", "s"):
+        table.add_column(column, justify="left" if column in ("instruction", "selector") else "right")
+    for c in search.candidates:
+        mark = " *" if c is search.best else ""
+        selector = "-" if c.shots == 0 else f"{c.selector} ({'per query' if c.per_query else 'fixed'})"
+        table.add_row(f"{c.id}{mark}", c.instruction_id, str(c.shots), selector, "yes" if c.calibrated else "no",
+                      f"{c.score:.3f}", f"[{c.ci95[0]:.2f}, {c.ci95[1]:.2f}]", f"{c.prompt_tokens_per_example:.0f}",
+                      f"{c.seconds:.0f}")
+    console.print(table)

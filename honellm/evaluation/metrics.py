@@ -129,13 +129,15 @@ def rouge_l(predictions: list[str], references: list[str], *, beta: float = 1.0,
     return scores
 
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# A minus sign counts only where no word character precedes it, so "10-15" reads as 10 and 15, not 10 and -15;
+# ".5" is a number too.
+_NUMBER = re.compile(r"(?:(?<!\w)-)?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def parse_number(text: str) -> float | None:
     """A number from text: `#### n` (GSM8K) when present, else the last number; commas, `$` and `.0` tolerated."""
     text = str(text)
-    marker = re.search(r"####\s*(-?\$?\d[\d,]*(?:\.\d+)?)", text)
+    marker = re.search(r"####\s*(-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+))", text)
     found = marker.group(1) if marker else (_NUMBER.findall(text) or [None])[-1]
     if found is None:
         return None

@@ -1,0 +1,1 @@
+"""Prompting: the prompt program, example selectors, contextual calibration, and prompt search -> Artifact."""

@@ -1,0 +1,81 @@
+"""What a caller asks of the generation engine and what it gets back: plain dataclasses, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from honellm.errors import HoneError
+
+FINISH_STOP = "stop"  # the model ended its turn (an EOS id) or produced one of the stop strings
+FINISH_LENGTH = "length"  # max_new_tokens, or the model's context length, was reached
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token and when to stop.
+
+    The order of the knobs follows Hugging Face and vLLM: logits / temperature, then top-k, then top-p.
+    `temperature=0` is greedy decoding (top-k and top-p are then ignored). `seed` makes sampling reproducible
+    for the same prompts and settings. `stop` strings end a completion at the text level (the string is trimmed
+    from the text). `logprobs=True` returns, per generated token, its log-probability under the model's own
+    distribution (before temperature, top-k and top-p), which is what policy-gradient methods compare against.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # a single string is a common slip; accept it as one stop string
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (got {self.top_k}); 0 disables it")
+        if any(not s for s in self.stop):
+            problems.append("stop strings must be non-empty")
+        if problems:
+            raise HoneError("invalid sampling parameters: " + "; ".join(problems), where="SamplingParams",
+                            fix="correct the values above")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One generated continuation.
+
+    `token_ids` are the generated tokens, including the EOS token when the model ended its turn, and the token
+    that completed a stop string (as vLLM does); `text` excludes both (a stop string is trimmed with whatever
+    followed it). `logprobs[i]` belongs to `token_ids[i]` when requested.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # FINISH_STOP | FINISH_LENGTH
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Log-likelihood of a continuation given its context, as lm-evaluation-harness defines it."""
+
+    logprob_sum: float  # sum of log p(token | everything before it) over the continuation's tokens
+    n_tokens: int  # how many tokens the continuation has (after the joint tokenization split)
+    is_greedy: bool  # True when every continuation token is the model's argmax at its position
+

@@ -1,0 +1,75 @@
+"""Choosing the next token from a batch of logits: greedy, or temperature / top-k / top-p sampling.
+
+One pure function instead of a stack of logits processors. It never sorts the full vocabulary when it can avoid
+it: top-k takes `topk` directly, and top-p alone first looks at the few hundred most likely tokens and only falls
+back to a full sort for rows where those do not yet reach `top_p` of the mass (exact either way).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from honellm.generation.params import SamplingParams
+
+# Top-p without top-k first considers this many candidates; for chat models the nucleus is almost always smaller.
+TOP_P_CANDIDATES = 512
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one token per row of `logits` ([batch, vocab], any float dtype).
+
+    Returns `(tokens [batch] int64, logprobs [batch] float32 or None)`; the log-probabilities are of the chosen
+    tokens under the raw model distribution (temperature 1, no truncation), as `SamplingParams.logprobs` promises.
+    """
+    if params.greedy:
+        tokens = logits.argmax(-1)  # no softmax: the argmax of logits is the argmax of probabilities
+    else:
+        tokens = _sample(logits.float(), params, generator)
+    logprobs = None
+    if params.logprobs:
+        full = logits.float()
+        logprobs = full.gather(-1, tokens[:, None])[:, 0] - full.logsumexp(-1)
+    return tokens, logprobs
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    scores = logits / params.temperature
+    vocab = scores.shape[-1]
+    candidates = None  # (values sorted descending [B, C], their token ids [B, C]) when truncating
+    if 0 < params.top_k < vocab:
+        candidates = scores.topk(params.top_k, dim=-1)
+    if params.top_p < 1.0:
+        if candidates is not None:
+            # After top-k the distribution is renormalized over the k survivors (Hugging Face's order).
+            values, ids = candidates
+            log_norm = values.logsumexp(-1, keepdim=True)
+        else:
+            log_norm = scores.logsumexp(-1, keepdim=True)
+            values, ids = scores.topk(min(TOP_P_CANDIDATES, vocab), dim=-1)
+            covered = (values - log_norm).exp().sum(-1)
+            if bool((covered < params.top_p).any()):  # the nucleus is wider than the candidates: sort it all
+                values, ids = scores.sort(dim=-1, descending=True)
+        probs = (values - log_norm).exp()
+        # Keep a token when the mass strictly before it is below top_p: the smallest set reaching top_p,
+        # and always at least the most likely token.
+        before = probs.cumsum(-1) - probs
+        values = values.masked_fill(before >= params.top_p, float("-inf"))
+        candidates = (values, ids)
+    if candidates is None:
+        probs = scores.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    values, ids = candidates
+    picked = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    return ids.gather(-1, picked)[:, 0]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A private random stream: seeded when asked, else drawn from torch's global RNG (so `torch.manual_seed`
+    still makes a run reproducible) without advancing it more than once per call."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator.manual_seed(seed)
+    return generator

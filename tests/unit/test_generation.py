@@ -1,0 +1,567 @@
+"""Contracts of the generation engine on tiny random models (fp32, CPU, a few seconds in all).
+
+The session's `tiny_model` is nearly constant at its initial scale (it repeats one token), so most tests use a
+"lively" copy whose weights are redrawn with a larger spread: its outputs vary, reach EOS at different steps and
+contain broken UTF-8 byte sequences, which exercises every path of the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from honellm.errors import HoneError, MissingDependency
+from honellm.generation import FINISH_LENGTH, FINISH_STOP, Generator, SamplingParams, eos_token_ids
+from honellm.generation.runners import DecoderRunner, HFRunner
+from honellm.generation.text import CompletionText
+from honellm.generation.vllm_backend import select_backend
+
+QUESTIONS = [
+    "hi",
+    "Review: a gripping, funny and warm film.",
+    "What is 2 + 3?",
+    "Classify the message: my card was charged twice.",
+    "Human: how do I bake bread?",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model):
+    model, tok = tiny_model
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model.eval(), tok
+
+
+def chat(tok, questions=QUESTIONS, system=None):
+    prompts = []
+    for q in questions:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": q})
+        prompts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return prompts
+
+
+def reference_greedy(model, tok, prompt: str, max_new_tokens: int) -> list[int]:
+    """`model.generate(do_sample=False)` for one prompt, cut after its first EOS."""
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    ids = out[0, enc.input_ids.shape[1]:].tolist()
+    eos = eos_token_ids(model, tok)
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_greedy_matches_model_generate(lively, batch_size):
+    model, tok = lively
+    prompts = chat(tok)
+    outs = Generator(model, tok, batch_size=batch_size).generate(prompts, SamplingParams(max_new_tokens=24))
+    assert len({tuple(o.token_ids) for o in outs}) == len(prompts)
+    for prompt, out in zip(prompts, outs, strict=True):
+        expected = reference_greedy(model, tok, prompt, 24)
+        assert out.token_ids == expected
+        assert out.completion_tokens == len(expected)
+        assert out.prompt_tokens == len(tok(prompt, add_special_tokens=False).input_ids)
+
+
+def test_greedy_matches_batched_model_generate_with_left_padding(lively):
+    model, tok = lively
+    prompts = chat(tok)
+    tok = copy.copy(tok)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    outs = Generator(model, tok, batch_size=len(prompts)).generate(prompts, SamplingParams(max_new_tokens=16))
+    for row, out in zip(ref[:, enc.input_ids.shape[1]:].tolist(), outs, strict=True):
+        assert row[: len(out.token_ids)] == out.token_ids
+
+
+def test_greedy_on_the_session_tiny_model(tiny_model):
+    model, tok = tiny_model
+    prompt = chat(tok)[1]
+    out = Generator(model, tok).generate([prompt], SamplingParams(max_new_tokens=12))[0]
+    assert out.token_ids == reference_greedy(model, tok, prompt, 12)
+
+
+def test_token_id_prompts_equal_string_prompts(lively):
+    model, tok = lively
+    prompts = chat(tok)[:3]
+    gen = Generator(model, tok)
+    as_text = gen.generate(prompts, SamplingParams(max_new_tokens=10))
+    as_ids = gen.generate([tok(p, add_special_tokens=False).input_ids for p in prompts], SamplingParams(max_new_tokens=10))
+    assert [o.token_ids for o in as_text] == [o.token_ids for o in as_ids]
+
+
+def test_eos_ends_a_completion_and_is_not_in_its_text(lively):
+    model, tok = lively
+    prompt = chat(tok)[4]
+    free = Generator(model, tok).generate([prompt], SamplingParams(max_new_tokens=8))[0]
+    assert free.finish_reason == FINISH_LENGTH and len(set(free.token_ids)) > 1
+    # Make the 4th greedy token an end-of-turn id through the generation config, as SmolLM2's <|im_end|> is.
+    model = copy.deepcopy(model)
+    stop_token = free.token_ids[3]
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop_token]
+    out = Generator(model, tok).generate([prompt], SamplingParams(max_new_tokens=8))[0]
+    first = free.token_ids.index(stop_token)
+    assert out.finish_reason == FINISH_STOP
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert out.text == tok.decode(free.token_ids[:first], skip_special_tokens=True)
+
+
+def test_eos_ids_merge_tokenizer_and_generation_config(lively):
+    model, tok = lively
+    model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = [5, 7]
+    assert eos_token_ids(model, tok) == {tok.eos_token_id, 5, 7}
+
+
+def test_rows_finishing_early_are_dropped_without_changing_the_others(lively):
+    """With a frequent token as EOS most rows end within a few steps; the batch shrinks and the rest continue."""
+    model, tok = lively
+    prompts = chat(tok)
+    free = Generator(model, tok, batch_size=6).generate(prompts, SamplingParams(max_new_tokens=20))
+    counts: dict[int, int] = {}
+    for o in free:
+        for t in o.token_ids[:3]:
+            counts[t] = counts.get(t, 0) + 1
+    model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = [tok.eos_token_id, max(counts, key=counts.get)]
+    outs = Generator(model, tok, batch_size=6).generate(prompts, SamplingParams(max_new_tokens=20))
+    assert sum(len(o.token_ids) < 5 for o in outs) >= 3 and max(len(o.token_ids) for o in outs) > 5
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference_greedy(model, tok, prompt, 20)
+
+
+# ------------------------------------------------------------------------------------------------ prefix reuse
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_shared_prefix_reuse_gives_the_same_greedy_outputs(lively, batch_size):
+    model, tok = lively
+    system = "You are a helpful assistant. Answer with one word: yes or no."
+    prompts = chat(tok, system=system)  # several suffix lengths after a long common prefix
+    gen = Generator(model, tok, batch_size=batch_size)
+    params = SamplingParams(max_new_tokens=12)
+    plain = gen.generate(prompts, params)
+    prefix_text = prompts[0][: prompts[0].index("<|im_start|>user")]
+    for shared in ("auto", prefix_text, tok(prefix_text, add_special_tokens=False).input_ids):
+        reused = gen.generate(prompts, params, shared_prefix=shared)
+        assert [o.token_ids for o in reused] == [o.token_ids for o in plain]
+        assert [o.text for o in reused] == [o.text for o in plain]
+
+
+def test_shared_prefix_with_sampling_and_logprobs(lively):
+    model, tok = lively
+    prompts = chat(tok, system="Classify the sentiment of the movie review as positive or negative.")
+    gen = Generator(model, tok, batch_size=3)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11, logprobs=True)
+    plain = gen.generate(prompts, params)
+    reused = gen.generate(prompts, params, shared_prefix="auto")
+    assert [o.token_ids for o in reused] == [o.token_ids for o in plain]
+    for a, b in zip(plain, reused, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_shared_prefix_that_a_prompt_lacks_is_an_error(lively):
+    model, tok = lively
+    with pytest.raises(HoneError, match="does not start with the shared prefix"):
+        Generator(model, tok).generate(["abc", "xyz"], shared_prefix="ab")
+
+
+def test_auto_prefix_of_a_single_prompt_is_harmless(lively):
+    model, tok = lively
+    prompt = chat(tok)[2]
+    gen = Generator(model, tok)
+    params = SamplingParams(max_new_tokens=6)
+    assert gen.generate([prompt], params, shared_prefix="auto")[0].token_ids == gen.generate([prompt], params)[0].token_ids
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_is_reproducible(lively):
+    model, tok = lively
+    prompts = chat(tok)
+    gen = Generator(model, tok, batch_size=4)
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=123)
+    first, second = gen.generate(prompts, params), gen.generate(prompts, params)
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]
+    other = gen.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=124))
+    assert [o.token_ids for o in first] != [o.token_ids for o in other]
+    greedy = gen.generate(prompts, SamplingParams(max_new_tokens=16))
+    assert [o.token_ids for o in first] != [o.token_ids for o in greedy]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_top_k_1_equals_greedy(lively, top_p):
+    model, tok = lively
+    prompts = chat(tok)
+    gen = Generator(model, tok, batch_size=3)
+    greedy = gen.generate(prompts, SamplingParams(max_new_tokens=12))
+    top1 = gen.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1, top_p=top_p, seed=5))
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+
+
+def test_sampling_stays_inside_top_k_and_top_p():
+    from honellm.generation.sampling import choose_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens, _ = choose_tokens(logits, SamplingParams(temperature=1.0, top_k=2), generator)
+    assert set(tokens.tolist()) == {0, 1}
+    tokens, _ = choose_tokens(logits, SamplingParams(temperature=1.0, top_p=0.7), generator)
+    assert set(tokens.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
+    share = (tokens == 0).float().mean().item()
+    assert 0.55 < share < 0.70  # 0.5 / 0.8 = 0.625 after renormalizing
+    tokens, _ = choose_tokens(logits, SamplingParams(temperature=1.0), generator)
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
+
+
+def test_top_p_falls_back_to_a_full_sort_for_flat_distributions():
+    from honellm.generation import sampling
+
+    logits = torch.zeros(3, 2 * sampling.TOP_P_CANDIDATES)  # uniform: the nucleus is wider than the candidates
+    generator = torch.Generator().manual_seed(0)
+    tokens, _ = sampling.choose_tokens(logits.repeat(300, 1), SamplingParams(temperature=1.0, top_p=0.9), generator)
+    assert tokens.max().item() >= sampling.TOP_P_CANDIDATES  # tokens beyond the first candidates were reachable
+
+
+def test_logprobs_match_a_forward_pass(lively):
+    model, tok = lively
+    prompts = chat(tok)[:4]
+    gen = Generator(model, tok, batch_size=4)
+    for params in (SamplingParams(max_new_tokens=10, logprobs=True),
+                   SamplingParams(max_new_tokens=10, temperature=0.8, top_k=20, seed=3, logprobs=True)):
+        for prompt, out in zip(prompts, gen.generate(prompts, params), strict=True):
+            ids = tok(prompt, add_special_tokens=False).input_ids
+            table = full_logprobs(model, ids + out.token_ids)
+            expected = [table[len(ids) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+            assert len(out.logprobs) == len(out.token_ids)
+            assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_logprobs_are_none_unless_asked(lively):
+    model, tok = lively
+    assert Generator(model, tok).generate(["hi"], SamplingParams(max_new_tokens=3))[0].logprobs is None
+
+
+# ------------------------------------------------------------------------------------------ stopping and length
+
+
+def test_max_new_tokens_gives_finish_reason_length(lively):
+    model, tok = lively
+    outs = Generator(model, tok).generate(chat(tok), SamplingParams(max_new_tokens=5))
+    for out in outs:
+        assert out.completion_tokens <= 5
+        assert out.finish_reason == (FINISH_LENGTH if out.completion_tokens == 5 else FINISH_STOP)
+    assert any(out.finish_reason == FINISH_LENGTH for out in outs)
+
+
+def test_stop_strings_trim_the_text(lively):
+    model, tok = lively
+    prompt = chat(tok)[2]
+    gen = Generator(model, tok)
+    free = gen.generate([prompt], SamplingParams(max_new_tokens=30))[0]
+    text = free.text
+    assert len(text) > 12
+    stop = text[6:9]  # a string the free run produces in the middle
+    first = text.index(stop)
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=30, stop=(stop, "never-produced")))[0]
+    assert out.finish_reason == FINISH_STOP
+    assert out.text == text[:first]
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    # Generation ends with the token that completed the stop string.
+    assert stop in tok.decode(out.token_ids, skip_special_tokens=True)
+    assert stop not in tok.decode(out.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_a_single_stop_string_is_accepted_as_a_string():
+    assert SamplingParams(stop="\n").stop == ("\n",)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -2},
+                                    {"stop": ("",)}])
+def test_invalid_sampling_params_are_user_errors(kwargs):
+    with pytest.raises(HoneError):
+        SamplingParams(**kwargs)
+
+
+def test_max_length_caps_the_completion_and_rejects_long_prompts(lively):
+    model, tok = lively
+    prompt = chat(tok)[0]
+    n = len(tok(prompt, add_special_tokens=False).input_ids)
+    gen = Generator(model, tok, max_length=n + 3)
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=10))[0]
+    assert out.completion_tokens == 3 and out.finish_reason == FINISH_LENGTH
+    with pytest.raises(HoneError, match="context holds"):
+        Generator(model, tok, max_length=n).generate([prompt])
+
+
+# -------------------------------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=30),
+                                    SamplingParams(max_new_tokens=30, temperature=1.0, seed=2),
+                                    SamplingParams(max_new_tokens=30, stop=("e",))])
+def test_stream_concatenates_to_the_generated_text(lively, params):
+    model, tok = lively
+    gen = Generator(model, tok)
+    for prompt in chat(tok)[:4]:
+        pieces = list(gen.stream(prompt, params))
+        assert "".join(pieces) == gen.generate([prompt], params)[0].text
+        assert all(pieces)
+
+
+def test_stream_never_splits_a_utf8_character(lively):
+    _, tok = lively
+    text = "café 😀 naïve — ok"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > len(text) // 2  # byte-level pieces: multi-byte characters span several tokens
+    tracker = CompletionText(tok, [], ())
+    pieces = [tracker.delta(ids[: i + 1], finished=False) for i in range(len(ids))]
+    pieces.append(tracker.delta(ids, finished=True))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_holds_back_a_possible_stop_string(lively):
+    _, tok = lively
+    ids = tok("abc STOP def", add_special_tokens=False).input_ids
+    tracker = CompletionText(tok, [], ("STOP",))
+    seen = ""
+    for i in range(len(ids)):
+        if tracker.hits_stop(ids[: i + 1]):
+            break
+        seen += tracker.delta(ids[: i + 1], finished=False)
+        assert "S" not in seen
+    seen += tracker.delta(ids[: i + 1], finished=True)
+    assert seen == "abc "
+
+
+def test_stream_does_not_leave_inference_mode_on(lively):
+    model, tok = lively
+    stream = Generator(model, tok).stream(chat(tok)[0], SamplingParams(max_new_tokens=4))
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    list(stream)
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def test_score_continuations_equals_a_full_forward(lively):
+    model, tok = lively
+    contexts = [p + "Review: dull" for p in chat(tok)[:3]] + ["The quick brown", "What is 2 + 3? "]
+    continuations = [" positive", " negative<|im_end|>", "ly long", " fox", "5"]
+    scores = Generator(model, tok, batch_size=2).score_continuations(contexts, continuations)
+    for ctx, cont, score in zip(contexts, continuations, scores, strict=True):
+        spaces = len(ctx) - len(ctx.rstrip())
+        if spaces:  # lm-evaluation-harness moves a context's trailing spaces to the continuation
+            ctx, cont = ctx[:-spaces], ctx[-spaces:] + cont
+        ctx_ids = tok(ctx, add_special_tokens=False).input_ids
+        cont_ids = tok(ctx + cont, add_special_tokens=False).input_ids[len(ctx_ids):]
+        table = full_logprobs(model, ctx_ids + cont_ids)
+        positions = range(len(ctx_ids) - 1, len(ctx_ids) + len(cont_ids) - 1)
+        expected = sum(table[p, t].item() for p, t in zip(positions, cont_ids, strict=True))
+        greedy = all(table[p].argmax().item() == t for p, t in zip(positions, cont_ids, strict=True))
+        assert score.n_tokens == len(cont_ids)
+        assert score.logprob_sum == pytest.approx(expected, abs=1e-4)
+        assert score.is_greedy == greedy
+
+
+def test_score_continuations_with_shared_prefix(lively):
+    model, tok = lively
+    prompts = chat(tok, system="Classify the sentiment of the movie review as positive or negative.")
+    contexts = [p for p in prompts for _ in range(2)]
+    continuations = ["positive", "negative"] * len(prompts)
+    gen = Generator(model, tok, batch_size=4)
+    plain = gen.score_continuations(contexts, continuations)
+    reused = gen.score_continuations(contexts, continuations, shared_prefix="auto")
+    for a, b in zip(plain, reused, strict=True):
+        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+        assert (a.n_tokens, a.is_greedy) == (b.n_tokens, b.is_greedy)
+
+
+def test_score_is_greedy_for_the_greedy_continuation(lively):
+    model, tok = lively
+    prompt = chat(tok)[4]
+    gen = Generator(model, tok)
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=4))[0]
+    # The context ends inside the completion, not on whitespace (which would move to the continuation).
+    context, continuation = prompt + tok.decode(out.token_ids[:1]), tok.decode(out.token_ids[1:3])
+    prompt_ids = tok(prompt, add_special_tokens=False).input_ids
+    assert tok(context + continuation, add_special_tokens=False).input_ids == prompt_ids + out.token_ids[:3]
+    score = gen.score_continuations([context], [continuation])[0]
+    assert score.is_greedy and score.n_tokens == 2
+    assert not gen.score_continuations([context], [tok.decode(out.token_ids[2:4])])[0].is_greedy
+
+
+def test_empty_continuation_scores_zero(lively):
+    model, tok = lively
+    assert Generator(model, tok).score_continuations(["abc"], [""])[0].n_tokens == 0
+
+
+# ------------------------------------------------------------------------------------- runners and the model
+
+
+def test_decoder_runner_is_chosen_for_llama_and_matches_the_transformers_runner(lively):
+    model, tok = lively
+    gen = Generator(model, tok, batch_size=3)
+    assert gen.runner_name == "decoder"
+    slow = Generator(model, tok, batch_size=3)
+    slow._runner = HFRunner(model)
+    prompts = chat(tok, system="You are a helpful assistant.")
+    params = SamplingParams(max_new_tokens=10)
+    for shared in (None, "auto"):
+        assert ([o.token_ids for o in gen.generate(prompts, params, shared_prefix=shared)]
+                == [o.token_ids for o in slow.generate(prompts, params, shared_prefix=shared)])
+    a = gen.score_continuations(prompts, ["yes"] * len(prompts), shared_prefix="auto")
+    b = slow.score_continuations(prompts, ["yes"] * len(prompts), shared_prefix="auto")
+    assert [s.logprob_sum for s in a] == pytest.approx([s.logprob_sum for s in b], abs=1e-4)
+
+
+def _tiny_config(kind: str, vocab: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "qwen3":
+        return Qwen3Config(head_dim=16, **common)
+    if kind == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    return LlamaConfig(attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                             "rope_theta": 10000.0}, **common)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "llama-bias-scaled-rope"])
+def test_decoder_runner_matches_transformers_on_other_llama_like_models(tiny_model, kind):
+    from transformers import AutoModelForCausalLM
+
+    _, tok = tiny_model
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(tok))).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)  # biases and norms away from their initial values too
+    assert DecoderRunner.unsupported(model) is None
+    prompts = chat(tok)
+    fast, slow = Generator(model, tok, batch_size=3), Generator(model, tok, batch_size=3)
+    slow._runner = HFRunner(model)
+    params = SamplingParams(max_new_tokens=8, logprobs=True)
+    for a, b in zip(fast.generate(prompts, params, shared_prefix="auto"), slow.generate(prompts, params),
+                    strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_sliding_window_models_use_the_transformers_runner(tiny_model):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    _, tok = tiny_model
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = Generator(model, tok)
+    assert gen.runner_name == "transformers"
+    prompt = chat(tok)[3]  # longer than the window
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=6))[0]
+    assert out.token_ids == reference_greedy(model, tok, prompt, 6)
+
+
+def test_peft_lora_model_matches_its_own_generate(lively):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lively
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                                  lora_dropout=0.5, init_lora_weights=False))
+    peft_model.eval()
+    prompts = chat(tok)[:3]
+    gen = Generator(peft_model, tok, batch_size=3)
+    outs = gen.generate(prompts, SamplingParams(max_new_tokens=10))
+    base = Generator(model, tok, batch_size=3).generate(prompts, SamplingParams(max_new_tokens=10))
+    assert [o.token_ids for o in outs] != [o.token_ids for o in base]  # the adapter changes the outputs
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference_greedy(peft_model, tok, prompt, 10)
+    # A model left in training mode (dropout on) generates as in eval mode, and stays in training mode.
+    peft_model.train()
+    again = gen.generate(prompts, SamplingParams(max_new_tokens=10))
+    assert peft_model.training
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
+def test_weights_updated_in_place_are_seen(lively):
+    model, tok = lively
+    model = copy.deepcopy(model)
+    gen = Generator(model, tok)
+    prompt = chat(tok)[1]
+    before = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-1.0)
+    after = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    assert after != before and after == reference_greedy(model, tok, prompt, 8)
+
+
+def test_prompt_learning_adapters_are_refused(lively):
+    from peft import PromptTuningConfig, get_peft_model
+
+    model, tok = lively
+    peft_model = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(HoneError, match="prompt-learning"):
+        Generator(peft_model, tok)
+
+
+# ------------------------------------------------------------------------------------------------------- vLLM
+
+
+def test_vllm_is_not_selected_when_unavailable(lively, monkeypatch):
+    import importlib.util
+
+    model, tok = lively
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    assert select_backend("auto", model) == "torch"
+    assert Generator(model, tok).backend == "torch"
+    with pytest.raises(MissingDependency, match="vllm"):
+        Generator(model, tok, backend="vllm")
+
+
+def test_vllm_needs_a_gpu_even_when_installed(lively, monkeypatch):
+    import importlib.util
+
+    model, _ = lively
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_backend("auto", model) == "torch"
+    with pytest.raises(HoneError, match="CUDA"):
+        select_backend("vllm", model)
+
+
+def test_unknown_backend_is_a_user_error(lively):
+    model, tok = lively
+    with pytest.raises(HoneError, match="unknown generation backend"):
+        Generator(model, tok, backend="tensorrt")
