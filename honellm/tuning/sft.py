@@ -89,7 +89,10 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     # --- data: the prompt program every artifact carries; train and validation tokenized once
     program = PromptProgram.from_task(task)
     train = _encode_split(task, program, tokenizer, "train", config)
-    validation = _validation_set(task, program, tokenizer, config) if task.has_split("validation") else None
+    artifact = Artifact.create(name=f"{task.name}-{spec.name}", method=spec.name,
+                               kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
+                               program=program, task=task, run_dir=str(run.path))
+    validation = _validation_set(task, artifact, tokenizer, config) if task.has_split("validation") else None
     slots = world * config.grad_accum
     if len(train) < slots:
         raise HoneError(f"{len(train)} training examples cannot fill {slots} micro-batches", where=task.source,
@@ -199,10 +202,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
             metrics[f"val_{validation.metric_name}"] = state.best_score
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": world,
             "precision": precision.name, "device": device.type, **summary}
-    artifact = Artifact.create(name=f"{task.name}-{spec.name}", method=spec.name,
-                               kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
-                               program=program, task=task, config={"method": spec.name, **config.model_dump(mode="json")},
-                               metrics=metrics, cost=cost, run_dir=str(run.path))
+    artifact.manifest.config = {"method": spec.name, **config.model_dump(mode="json")}
+    artifact.manifest.metrics, artifact.manifest.cost = metrics, cost
     if is_main:
         _save_artifact(artifact, run.path / "artifact", spec, final, tokenizer, initial_adapter)
         run.log_metrics(event="done", **metrics, **summary)
@@ -331,80 +332,87 @@ def _encode_split(task, program: PromptProgram, tokenizer, split: str, config: S
 
 @dataclass
 class ValidationSet:
-    """Validation data tokenized once: gold answers (for the loss) and, for label tasks, one sequence per choice."""
+    """Validation data tokenized once, and what scoring it needs.
 
-    gold: list[TokenSequence]
+    The task score comes from `honellm.evaluation.evaluate` on the in-memory model (the number `hone eval` gives
+    for the artifact). The generation engine behind it does not run PEFT prompt-learning models (virtual
+    tokens); for those the recipe scores the labels (`choice_sequences`) or greedy answers itself, the same way.
+    """
+
+    task: object
+    artifact: Artifact  # not saved: evaluate() reads its prompt program
+    gold: list[TokenSequence]  # reference answers, for the validation loss
     references: list[str]
     prompts: list[str]
-    choices: list[str] | None
     choice_sequences: list[list[TokenSequence]]
     metric_name: str
-    metric_fn: object | None  # (predictions, references) -> per-example scores; None: no score, only the loss
     higher_is_better: bool
-    max_new_tokens: int
+    limit: int | None
 
 
-def _validation_set(task, program: PromptProgram, tokenizer, config: SFTConfig) -> ValidationSet:
+def _validation_set(task, artifact: Artifact, tokenizer, config: SFTConfig) -> ValidationSet:
     from honellm.data.chat import render_prompt
     from honellm.evaluation.metrics import METRICS
 
     records = task.split("validation")[: config.eval_limit]
-    messages = [program.messages(task, r) for r in records]
+    messages = [artifact.program.messages(task, r) for r in records]
     references = [task.target(r) for r in records]
-    gold = [encode_conversation(tokenizer, m, ref, max_length=config.max_length) for m, ref in zip(messages, references, strict=True)]
-    choices = task.config.choices
-    choice_sequences = ([[encode_conversation(tokenizer, m, c, max_length=config.max_length) for c in choices] for m in messages]
-                        if choices else [])
-    metric = METRICS.get(task.metric)
-    usable = metric is not None and metric.needs == "text"
-    return ValidationSet(gold, references, [render_prompt(tokenizer, m) for m in messages], choices, choice_sequences,
-                         task.metric, metric.fn if usable else None, metric.higher_is_better if metric else True,
-                         task.config.generation.max_new_tokens)
+    gold = [encode_conversation(tokenizer, m, ref, max_length=config.max_length)
+            for m, ref in zip(messages, references, strict=True)]
+    choices = task.config.choices or []
+    choice_sequences = [[encode_conversation(tokenizer, m, c, max_length=config.max_length) for c in choices]
+                        for m in messages] if choices else []
+    metric = METRICS[task.metric]
+    return ValidationSet(task, artifact, gold, references, [render_prompt(tokenizer, m) for m in messages],
+                         choice_sequences, task.metric, metric.higher_is_better, config.eval_limit)
 
 
 def _evaluate(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
               accelerator) -> dict:
-    """Validation loss and task score on the in-memory model, each process scoring a shard of the records."""
-    from accelerate.utils import gather_object
+    """Validation loss (each process scores a shard) and the task score (the main process; shared with all)."""
+    from accelerate.utils import broadcast_object_list
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(validation.gold), world))
-    kwargs = {"pad_id": tokenizer.pad_token_id, "precision": precision, "batch_size": config.eval_batch_size,
-              "device": accelerator.device}
-    predictions: list[tuple[int, str]] = []
-    if validation.choices:
-        n_choices = len(validation.choices)
-        flat = [seq for i in mine for seq in validation.choice_sequences[i]]
-        sums, counts = score_sequences(model, flat, **kwargs)
-        sums, counts = sums.reshape(-1, n_choices), counts.reshape(-1, n_choices)
-        gold_sum, gold_count = 0.0, 0
-        for row, i in enumerate(mine):
-            predictions.append((i, validation.choices[int(np.argmax(sums[row]))]))
-            if validation.references[i] in validation.choices:
-                j = validation.choices.index(validation.references[i])
-                gold_sum, gold_count = gold_sum + sums[row, j], gold_count + counts[row, j]
-            else:
-                s, c = score_sequences(model, [validation.gold[i]], **kwargs)
-                gold_sum, gold_count = gold_sum + s[0], gold_count + c[0]
-    else:
-        sums, counts = score_sequences(model, [validation.gold[i] for i in mine], **kwargs)
-        gold_sum, gold_count = float(sums.sum()), int(counts.sum())
-        if validation.metric_fn is not None:
-            answers = greedy_answers(model, tokenizer, [validation.prompts[i] for i in mine],
-                                     max_new_tokens=validation.max_new_tokens, precision=precision,
-                                     batch_size=config.eval_batch_size, device=accelerator.device)
-            predictions = list(zip(mine, answers, strict=True))
-    totals = torch.tensor([gold_sum, gold_count], dtype=torch.float64, device=accelerator.device)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    mine = [validation.gold[i] for i in range(rank, len(validation.gold), world)]
+    sums, counts = score_sequences(model, mine, pad_id=tokenizer.pad_token_id, precision=precision,
+                                   batch_size=config.eval_batch_size, device=device)
+    totals = torch.tensor([sums.sum(), counts.sum()], dtype=torch.float64, device=device)
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-        predictions = gather_object(predictions)
     scores = {"val_loss": float(-totals[0] / max(1.0, float(totals[1])))}
-    if validation.metric_fn is not None and predictions:
-        predictions = sorted(predictions)
-        refs = [validation.references[i] for i, _ in predictions]
-        per_example = validation.metric_fn([p for _, p in predictions], refs)
-        scores["val_score"] = float(np.mean(per_example))
+    score = [_task_score(model, tokenizer, validation, precision=precision, config=config, device=device)
+             if accelerator.is_main_process else None]
+    if world > 1:
+        broadcast_object_list(score)
+    if score[0] is not None:
+        scores["val_score"] = score[0]
     return scores
+
+
+def _task_score(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
+                device) -> float | None:
+    from honellm.evaluation import METRICS, evaluate
+
+    peft_config = getattr(model, "active_peft_config", None)
+    if not (peft_config is not None and peft_config.is_prompt_learning):
+        with precision.autocast():
+            result = evaluate(validation.artifact, validation.task, "validation", limit=validation.limit, model=model,
+                              tokenizer=tokenizer, batch_size=config.eval_batch_size, progress=False)
+        return float(result.score)
+    metric = METRICS[validation.metric_name]
+    choices = validation.task.config.choices
+    if metric.needs != "text":
+        return None  # a reward or preference metric: the validation loss decides
+    kwargs = {"precision": precision, "batch_size": config.eval_batch_size, "device": device}
+    if choices:
+        flat = [seq for row in validation.choice_sequences for seq in row]
+        sums, _ = score_sequences(model, flat, pad_id=tokenizer.pad_token_id, **kwargs)
+        best = sums.reshape(-1, len(choices)).argmax(axis=1)
+        predictions = [choices[int(j)] for j in best]
+    else:
+        predictions = greedy_answers(model, tokenizer, validation.prompts,
+                                     max_new_tokens=validation.task.config.generation.max_new_tokens, **kwargs)
+    return float(np.mean(metric.fn(predictions, validation.references)))
 
 
 # ------------------------------------------------------------------------------------------------ saving

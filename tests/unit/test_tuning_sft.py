@@ -115,3 +115,32 @@ def test_full_fine_tuning_saves_whole_weights(task_yaml, tmp_path):
     config = json.loads((out / "artifact" / "model" / "config.json").read_text())
     assert config["model_type"] == "llama"
     assert art.manifest.cost["trainable_params"] == art.manifest.cost["total_params"]
+
+
+def test_prompt_learning_fallback_scores_like_evaluate(task_yaml, tiny_model_dir):
+    """The engine behind evaluate() does not run prompt-learning models, so the recipe scores those itself; on a
+    model both can score, both give the same predictions."""
+    import numpy as np
+
+    from honellm.evaluation import evaluate
+    from honellm.models import load
+    from honellm.prompting.program import PromptProgram
+    from honellm.task import Task
+    from honellm.training.precision import Precision
+    from honellm.training.validation import score_sequences
+    from honellm.tuning.config import SFTConfig
+    from honellm.tuning.sft import _validation_set
+
+    task = Task.load(str(task_yaml))
+    model, tokenizer = load(tiny_model_dir, dtype="fp32", device="cpu")
+    art = Artifact.create(name="t", method="lora", base_model=str(tiny_model_dir), program=PromptProgram.from_task(task),
+                          task=task)
+    validation = _validation_set(task, art, tokenizer, SFTConfig())
+    fp32 = Precision(torch.float32, "cpu")
+    flat = [seq for row in validation.choice_sequences for seq in row]
+    sums, _ = score_sequences(model, flat, pad_id=tokenizer.pad_token_id, precision=fp32)
+    ours = [task.config.choices[j] for j in sums.reshape(-1, 2).argmax(axis=1)]
+    result = evaluate(art, task, "validation", model=model, tokenizer=tokenizer, progress=False)
+    theirs = [e.prediction for e in result.records]
+    assert ours == theirs
+    assert result.score == pytest.approx(np.mean([p == r for p, r in zip(ours, validation.references, strict=True)]))
