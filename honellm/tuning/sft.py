@@ -31,7 +31,7 @@ from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.runs import RunDir
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
-from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
+from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss
 from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
@@ -63,6 +63,9 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     precision = Precision.resolve(config.precision, device)
+    if is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise HoneError("Hone trains under FSDP2 only (per-parameter sharding keeps frozen bf16 and trainable fp32 "
+                        "weights apart)", where="accelerate config", fix="set fsdp_version: 2 in your accelerate config")
     run = _open_run(task, spec, config, out=out, resume=resume, force=force, accelerator=accelerator)
 
     # --- model: load, make trainable, cast (frozen in the compute dtype, trainable in fp32)
@@ -167,11 +170,15 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
             scores = _evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
                                config=config, accelerator=accelerator)
-            if state.improves(scores, validation):
+            improved = state.improves(scores, validation)
+            if improved:
                 state.best_score, state.best_loss, state.best_step = scores.get("val_score"), scores["val_loss"], state.step
                 state.bad_evals = 0
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(model))
+                if config.select_best:
+                    best = gather_trainable(accelerator, model)  # every process takes part under FSDP
+                    if is_main:
+                        save_trainable(best_file, best)
+                    accelerator.wait_for_everyone()
             else:
                 state.bad_evals += 1
             monitor.log(state.step, event="eval", **_named(scores, validation), best_step=state.best_step)
@@ -188,11 +195,14 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     accelerator.wait_for_everyone()
 
     # --- keep the best weights, then save the artifact
-    final = accelerator.unwrap_model(model)
     if config.select_best and state.best_step is not None and state.best_step != state.step and best_file.exists():
         from safetensors.torch import load_file
 
-        load_trainable_state(final, load_file(best_file), where=str(best_file))
+        best = load_file(best_file) if is_main or not is_fsdp(accelerator) else None
+        load_gathered(accelerator, model, best, where=str(best_file))
+    final = accelerator.unwrap_model(model)
+    # Under FSDP the weights are sharded: gather them whole (every process) for the main process to save.
+    whole = _gather_model(model) if is_fsdp(accelerator) else None
     summary = monitor.summary()
     metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": (
         state.best_step if config.select_best and state.best_step is not None else state.step)}
@@ -205,7 +215,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     artifact.manifest.config = {"method": spec.name, **config.model_dump(mode="json")}
     artifact.manifest.metrics, artifact.manifest.cost = metrics, cost
     if is_main:
-        _save_artifact(artifact, run.path / "artifact", spec, final, tokenizer, initial_adapter)
+        _save_artifact(artifact, run.path / "artifact", spec, final, tokenizer, initial_adapter, whole)
         run.log_metrics(event="done", **metrics, **summary)
         run.close()
     accelerator.wait_for_everyone()
@@ -369,10 +379,16 @@ def _validation_set(task, artifact: Artifact, tokenizer, config: SFTConfig) -> V
 
 def _evaluate(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
               accelerator) -> dict:
-    """Validation loss (each process scores a shard) and the task score (the main process; shared with all)."""
+    """Validation loss (each process scores a shard) and the task score (the main process; shared with all).
+
+    Under FSDP a forward pass needs every process (they gather each layer's shards together), so every process
+    scores everything, in the same order.
+    """
     from accelerate.utils import broadcast_object_list
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if is_fsdp(accelerator):
+        rank, world = 0, 1
     mine = [validation.gold[i] for i in range(rank, len(validation.gold), world)]
     sums, counts = score_sequences(model, mine, pad_id=tokenizer.pad_token_id, precision=precision,
                                    batch_size=config.eval_batch_size, device=device)
@@ -381,7 +397,7 @@ def _evaluate(model, tokenizer, validation: ValidationSet, *, precision: Precisi
         totals = accelerator.reduce(totals, reduction="sum")
     scores = {"val_loss": float(-totals[0] / max(1.0, float(totals[1])))}
     score = [_task_score(model, tokenizer, validation, precision=precision, config=config, device=device)
-             if accelerator.is_main_process else None]
+             if rank == 0 else None]
     if world > 1:
         broadcast_object_list(score)
     if score[0] is not None:
@@ -418,12 +434,25 @@ def _task_score(model, tokenizer, validation: ValidationSet, *, precision: Preci
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def _save_artifact(artifact: Artifact, path: Path, spec: TuningMethod, model, tokenizer, initial: Path | None) -> None:
-    if spec.trains_base:
+def _gather_model(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_artifact(artifact: Artifact, path: Path, spec: TuningMethod, model, tokenizer, initial: Path | None,
+                   state_dict: dict | None = None) -> None:
+    """Save weights (full fine-tuning) or the adapter; `state_dict` holds whole weights gathered under FSDP."""
+    if spec.trains_base and state_dict is None:
         artifact.save(path, force=True, model=model, tokenizer=tokenizer)
         return
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".adapter-") as tmp:
-        spec.save(model, Path(tmp) / "adapter", initial=initial)
-        artifact.save(path, force=True, extra_files={"adapter": Path(tmp) / "adapter"})
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".weights-") as tmp:
+        if spec.trains_base:
+            model.save_pretrained(Path(tmp) / "model", safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(Path(tmp) / "model")
+            artifact.save(path, force=True, extra_files={"model": Path(tmp) / "model"})
+        else:
+            spec.save(model, Path(tmp) / "adapter", initial=initial, state_dict=state_dict)
+            artifact.save(path, force=True, extra_files={"adapter": Path(tmp) / "adapter"})
     if initial is not None:
         shutil.rmtree(initial, ignore_errors=True)
