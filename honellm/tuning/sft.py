@@ -104,7 +104,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     per_epoch = sampler.steps_per_epoch
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     eval_every = _every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = _every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or _every(None, per_epoch))
+    save_every = config.save_every if config.save_every is not None else (eval_every or _every(None, per_epoch))
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
@@ -149,6 +149,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- the loop
     pad_id = tokenizer.pad_token_id
+    last_scores: dict | None = None
     while state.step < total_steps:
         micro_batches = [collate([train[i] for i in index], pad_id)
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
@@ -170,8 +171,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
             scores = _evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
                                config=config, accelerator=accelerator)
-            improved = state.improves(scores, validation)
-            if improved:
+            last_scores = scores
+            if state.improves(scores, validation):
                 state.best_score, state.best_loss, state.best_step = scores.get("val_score"), scores["val_loss"], state.step
                 state.bad_evals = 0
                 if config.select_best:
@@ -206,10 +207,10 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     summary = monitor.summary()
     metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": (
         state.best_step if config.select_best and state.best_step is not None else state.step)}
-    if validation is not None and state.best_step is not None:
-        metrics["val_loss"] = state.best_loss
-        if state.best_score is not None:
-            metrics[f"val_{validation.metric_name}"] = state.best_score
+    # The scores of the weights the artifact holds: the best evaluation's, or the last one's without select_best.
+    kept = {"val_loss": state.best_loss, "val_score": state.best_score} if config.select_best else (last_scores or {})
+    if validation is not None and kept.get("val_loss") is not None:
+        metrics.update(_named({k: v for k, v in kept.items() if v is not None}, validation))
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": world,
             "precision": precision.name, "device": device.type, **summary}
     artifact.manifest.config = {"method": spec.name, **config.model_dump(mode="json")}
