@@ -144,3 +144,13 @@ def test_prompt_learning_fallback_scores_like_evaluate(task_yaml, tiny_model_dir
     theirs = [e.prediction for e in result.records]
     assert ours == theirs
     assert result.score == pytest.approx(np.mean([p == r for p, r in zip(ours, validation.references, strict=True)]))
+
+
+def test_prompt_tuning_on_a_text_metric_scores_greedy_answers(task_yaml, tmp_path):
+    """Without label choices the score comes from greedy answers; for prompt-learning models the recipe generates
+    them itself (the generation engine does not run virtual tokens)."""
+    art = tune_task(str(task_yaml), "prompt_tuning", ["choices=null", "metric=exact_match", "max_steps=2",
+                                                      "eval_every=2", "generation.max_new_tokens=3"],
+                    out=str(tmp_path / "run"))
+    assert 0 <= art.manifest.metrics["val_exact_match"] <= 1
+    assert art.manifest.metrics["val_loss"] > 0
