@@ -61,3 +61,20 @@ def pick_attention(model, choice: str, *, device: torch.device, longest: int) ->
     if current != choice and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(choice)
     return getattr(model.config, "_attn_implementation", choice)
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, with
+    dynamic shapes so that changing batch lengths do not recompile); return how many were compiled.
+
+    On CPU the gain comes from fusing the elementwise work around the matmuls (RMSNorm, rotary, SiLU, adapter
+    scaling and addition), which is about half of a LoRA step's time on a 135M model.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

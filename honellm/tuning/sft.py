@@ -37,7 +37,7 @@ from honellm.training.memory import check_memory, estimate_training_memory, para
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
+from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.config import SFTConfig
@@ -112,6 +112,9 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     # --- attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
     attention = pick_attention(model, config.attention, device=device, longest=longest)
+    if config.compile and compile_layers(model) == 0:
+        raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
+                        fix="drop compile=true")
     answer_tokens = max(s.num_loss_tokens for s in train)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):

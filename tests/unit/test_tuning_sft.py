@@ -154,3 +154,14 @@ def test_prompt_tuning_on_a_text_metric_scores_greedy_answers(task_yaml, tmp_pat
                     out=str(tmp_path / "run"))
     assert 0 <= art.manifest.metrics["val_exact_match"] <= 1
     assert art.manifest.metrics["val_loss"] > 0
+
+
+@pytest.mark.slow  # torch.compile of the decoder layers: a minute or more on 2 cores (cached afterwards)
+def test_compiled_layers_train_like_eager_ones(task_yaml, tmp_path):
+    args = ["max_steps=3", "eval_every=0", "precision=fp32", "lr=1e-2"]
+    plain = tune_task(str(task_yaml), "lora", args, out=str(tmp_path / "plain"))
+    compiled = tune_task(str(task_yaml), "lora", [*args, "compile=true"], out=str(tmp_path / "compiled"))
+    a = load_file(plain.path / "adapter" / "adapter_model.safetensors")
+    b = load_file(compiled.path / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
