@@ -43,11 +43,31 @@ TEMPLATE = "Review: {text}"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "hone": "Hone LoRA SFT (bf16 frozen weights, fp32 adapter, autocast; length-grouped batches, sparse logits)",
-    "trl-fp32-amp": "TRL SFTTrainer, model loaded fp32, bf16=True (autocast)",
-    "trl-bf16": "TRL SFTTrainer, model loaded bf16, bf16=True",
-    "trl-fp32-amp-grouped": "TRL SFTTrainer, fp32 + bf16=True, group_by_length sampler",
-    "trl-fp32": "TRL SFTTrainer, fp32, no autocast",
+    "hone-compiled": "the same with compile=true (one-off torch.compile of the decoder layers included)",
 }
+# TRL configurations are named by flags: trl-<weights>[-grouped][-nogc][-padfree], where <weights> is fp32 (no
+# autocast), fp32-amp (fp32 weights, bf16=True autocast) or bf16 (weights loaded in bf16, bf16=True); grouped:
+# group_by_length sampler; nogc: gradient checkpointing off (TRL's SFTConfig turns it on by default);
+# padfree: padding-free batches (flattened sequences with position ids).
+TRL_FLAGS = ("grouped", "nogc", "padfree")
+DEFAULT_CONFIGS = "hone,trl-fp32-amp,trl-bf16,trl-fp32-amp-nogc,trl-bf16-nogc,trl-bf16-grouped-nogc"
+
+
+def describe(name: str) -> str:
+    if name in CONFIGS:
+        return CONFIGS[name]
+    weights, flags = _trl_flags(name)
+    what = {"fp32": "fp32 weights, no autocast", "fp32-amp": "fp32 weights, bf16=True (autocast)",
+            "bf16": "weights loaded in bf16, bf16=True"}[weights]
+    extra = {"grouped": "group_by_length", "nogc": "no gradient checkpointing", "padfree": "padding_free"}
+    return "TRL SFTTrainer, " + ", ".join([what, *(extra[f] for f in flags)])
+
+
+def _trl_flags(name: str) -> tuple[str, list[str]]:
+    parts = name.removeprefix("trl-").split("-")
+    flags = [p for p in parts if p in TRL_FLAGS]
+    weights = "-".join(p for p in parts if p not in TRL_FLAGS)
+    return weights, flags
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
              "L4": 121e12, "RTX 4090": 165e12}
 
@@ -94,7 +114,7 @@ def run_hone(args) -> dict:
         spec = get_method("lora")
         config = spec.config(r=args.r, alpha=2 * args.r, target_modules=TARGETS, epochs=args.epochs,
                              batch_size=args.batch_size, max_length=args.max_length, lr=2e-4, eval_every=0,
-                             save_every=0, seed=0)
+                             save_every=0, seed=0, compile=args.worker == "hone-compiled")
         artifact = tune(task, "lora", config, out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     start = next(r["time"] for r in metrics if r.get("event") == "start")
@@ -121,7 +141,8 @@ def run_trl(args, config: str) -> dict:
     dataset = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
                                  for r in rows])
     cuda = args.device == "cuda"
-    dtype = torch.bfloat16 if config == "trl-bf16" else torch.float32
+    weights, flags = _trl_flags(config)
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
     path = resolve(args.model).path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = load_tokenizer(args.model)
@@ -129,9 +150,10 @@ def run_trl(args, config: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sft = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
                         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05,
-                        bf16=config != "trl-fp32", use_cpu=not cuda, max_length=args.max_length, logging_steps=10,
+                        bf16=weights != "fp32", use_cpu=not cuda, max_length=args.max_length, logging_steps=10,
                         save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
-                        train_sampling_strategy="group_by_length" if config.endswith("grouped") else "random",
+                        train_sampling_strategy="group_by_length" if "grouped" in flags else "random",
+                        gradient_checkpointing="nogc" not in flags, padding_free="padfree" in flags,
                         completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * args.epochs
@@ -148,7 +170,7 @@ def worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_hone(args) if args.worker == "hone" else run_trl(args, args.worker)
+    result = run_hone(args) if args.worker.startswith("hone") else run_trl(args, args.worker)
     result["peak_memory_bytes"] = peak_memory(args.device)
     result["tokens_per_second"] = result["tokens"] / result["seconds"]
     result["tokens_per_cpu_second"] = result["tokens"] / result["cpu_seconds"]
@@ -207,7 +229,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--configs", default="hone,trl-fp32-amp,trl-bf16,trl-fp32-amp-grouped")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="hone, hone-compiled, trl-... (see TRL_FLAGS)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the configurations this many times, interleaved, and keep each one's best run "
@@ -250,7 +272,7 @@ def main() -> None:
         print(f"{name:24s} {r['tokens_per_second']:8.1f} tokens/s  {r['tokens_per_cpu_second']:8.1f} tokens/CPU-s  "
               f"{r['seconds']:7.1f} s  "
               f"peak {'GPU' if args.device == 'cuda' else 'RSS'} {r['peak_memory_bytes'] / 2**30:5.2f} GiB  "
-              f"loss {r['final_loss']:.4f}  ({CONFIGS.get(name, name)})", flush=True)
+              f"loss {r['final_loss']:.4f}  ({describe(name)})", flush=True)
 
     tokens_per_batch = int(args.batch_size * 60)
     measured = [matmul_flops(args.device, tokens_per_batch, args.threads) for _ in range(args.repeat)]
@@ -271,6 +293,9 @@ def main() -> None:
         print("best of " + str(args.repeat) + " runs each: " + "; ".join(
             f"{k} {v['tokens_per_second']:.0f} tokens/s (runs: {v['runs']})" for k, v in results.items()))
     trl = {k: v for k, v in results.items() if k.startswith("trl")}
+    for key in [k for k in results if k.startswith("hone-")]:
+        print(f"{key}: {results[key]['tokens_per_second']:.0f} tokens/s, {results[key]['tokens_per_cpu_second']:.0f} "
+              "tokens per CPU-second")
     if "hone" in results:
         hone = results["hone"]["tokens_per_second"]
         print(f"Hone: {hone:.0f} tokens/s = {100 * hone / limit:.0f}% of the limit")
