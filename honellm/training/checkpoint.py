@@ -12,6 +12,10 @@ beside its final name and renamed into place, so a kill leaves either the whole 
 are removed only after a new one is complete. A resumed run rebuilds the model (its random adapter init is then
 overwritten), restores all of the above, and continues from the next step: its final weights equal those of
 an uninterrupted run bit for bit (tested with SIGKILL).
+
+Under FSDP (accelerate launch with an FSDP2 config, GPUs only) parameters and optimizer state are sharded: model
+and optimizer then go through accelerate's `save_state`/`load_state` (sharded, in `state/`), and whole weights
+for the artifact are gathered with `gather_trainable`. These FSDP paths are not exercised by the CPU test suite.
 """
 
 from __future__ import annotations
@@ -47,6 +51,37 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_fsdp(accelerator) -> bool:
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gather_trainable(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Whole trainable tensors on the main process (None on the others). Under FSDP every process must call it."""
+    main = accelerator is None or accelerator.is_main_process
+    if not is_fsdp(accelerator):
+        return trainable_state(accelerator.unwrap_model(model) if accelerator is not None else model) if main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = [name for name, _ in trainable_parameters(accelerator.unwrap_model(model))]
+    return {name: full[name].contiguous() for name in names} if main else None
+
+
+def load_gathered(accelerator, model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None, *, where: str) -> None:
+    """Put whole trainable tensors (read on the main process under FSDP; on every process otherwise) into `model`."""
+    if not is_fsdp(accelerator):
+        load_trainable_state(accelerator.unwrap_model(model) if accelerator is not None else model, tensors, where=where)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, tensors or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                         strict=False))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,16 +140,20 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self._barrier()
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        if is_fsdp(acc):
+            acc.save_state(str(tmp / "state"))  # sharded model and optimizer, written by every process
         if main:
-            unwrapped = acc.unwrap_model(model) if acc is not None else model
-            save_file(trainable_state(unwrapped), tmp / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not is_fsdp(acc):
+                unwrapped = acc.unwrap_model(model) if acc is not None else model
+                save_file(trainable_state(unwrapped), tmp / "trainable.safetensors")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(schedule.state_dict(), tmp / "schedule.pt")
             atomic_write_json(tmp / "state.json", {"step": step, **state})
         self._barrier()
         if main:
-            for file in tmp.iterdir():  # the data on disk before the rename makes it visible
-                _fsync(file)
+            for file in tmp.rglob("*"):  # the data on disk before the rename makes it visible
+                if file.is_file():
+                    _fsync(file)
             _fsync(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -138,9 +177,12 @@ class Checkpointer:
         path = Path(path)
         acc = self.accelerator
         rank = acc.process_index if acc is not None else 0
-        unwrapped = acc.unwrap_model(model) if acc is not None else model
-        load_trainable_state(unwrapped, load_file(path / "trainable.safetensors"), where=str(path))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        if is_fsdp(acc):
+            acc.load_state(str(path / "state"))
+        else:
+            unwrapped = acc.unwrap_model(model) if acc is not None else model
+            load_trainable_state(unwrapped, load_file(path / "trainable.safetensors"), where=str(path))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         schedule.load_state_dict(torch.load(path / "schedule.pt", weights_only=False))
         rng_file = path / f"rng-{rank}.pt"
         if not rng_file.exists():
@@ -154,12 +196,12 @@ class Checkpointer:
             self.accelerator.wait_for_everyone()
 
 
-def save_trainable(path: str | Path, model: torch.nn.Module) -> None:
-    """Write the trainable parameters to one safetensors file atomically (the best-so-far weights)."""
+def save_trainable(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write trainable tensors (from `gather_trainable`) to one safetensors file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(trainable_state(model), tmp)
+    save_file(tensors, tmp)
     os.replace(tmp, path)
 
 

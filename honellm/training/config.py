@@ -36,6 +36,12 @@ class TrainingConfig(Config):
     # --- numerics and memory
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 compute where the CPU/GPU does it fast (frozen weights bf16, trainable fp32), else fp32")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernel: auto picks eager on CPU for sequences up to 256 tokens (its backward "
+                            "is ~2x faster than the CPU flash kernel's there) and sdpa otherwise")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (fuses norms, activations and adapter arithmetic: ~1.35x "
+                           "faster LoRA steps on CPU, after a one-off compile of a few minutes, cached across runs)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     memory_limit_gb: float | None = Field(
         None, gt=0, description="refuse to start when the estimated peak exceeds this (None: the memory available now)")

@@ -7,14 +7,15 @@ peak = weights + gradients + optimizer state + activations + logits + runtime ov
 - gradients: 4 bytes per trainable parameter (another 4 for DDP's communication buckets);
 - optimizer: AdamW's two moments, 8 bytes per trainable parameter;
 - activations: what backward keeps, per token per layer about `ACT_HIDDEN` x hidden + `ACT_FFN` x intermediate
-  values at the compute dtype's width, plus attention probabilities where the attention kernel stores them
-  (heads x sequence values per token); with gradient checkpointing, one hidden state per token per layer plus
-  one layer's worth;
+  values at the compute dtype's width, plus, for eager attention, the attention scores and probabilities
+  (`ATTN_BYTES` per head per pair of positions; flash/sdpa kernels keep none); with gradient checkpointing, one
+  hidden state per token per layer plus one layer's worth;
 - logits: at the loss positions only (see `logprobs.py`): logits, log-softmax and gradient in fp32;
 - overhead: the framework itself (CUDA context or the CPU runtime's libraries).
 
-The constants were fitted on SmolLM2-135M on this CPU (peak RSS measured for batch 4-16 x 64-256 tokens, LoRA and
-full fine-tuning) and rounded up: the estimate is meant to err on the side of refusing a little early.
+The constants were fitted on SmolLM2-135M on a 2-core AMX CPU (peak RSS of LoRA at 8 x 64 and 8 x 256 tokens with
+eager attention, 16 x 256 and 4 x 1024 with sdpa, and full fine-tuning at 8 x 128: the estimate came out 4-23%
+above the measured peaks): it is meant to err on the side of refusing a little early.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 from honellm.errors import HoneError
 
 GiB = 2**30
-ACT_HIDDEN = 34  # values per token per layer proportional to the hidden size (norms in fp32 count double)
-ACT_FFN = 6  # values per token per layer proportional to the MLP's intermediate size
+ACT_HIDDEN = 24  # values per token per layer proportional to the hidden size (norms in fp32 count double)
+ACT_FFN = 4  # values per token per layer proportional to the MLP's intermediate size
+ATTN_BYTES = 8  # eager attention: bf16 scores + fp32 softmax + bf16 probabilities per head and position pair
 CPU_OVERHEAD = int(0.9 * GiB)  # torch, transformers, tokenizers and allocator slack in a CPU process
 GPU_OVERHEAD = int(0.6 * GiB)  # CUDA context, kernels and allocator fragmentation
 
@@ -99,7 +101,8 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
 def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, seq_len: int,
                              loss_tokens: int | None = None, gradient_checkpointing: bool = False,
                              compute_dtype: torch.dtype = torch.bfloat16, distributed: bool = False,
-                             device_type: str = "cpu", optimizer_states: int = 2) -> MemoryEstimate:
+                             device_type: str = "cpu", optimizer_states: int = 2,
+                             attention: str = "sdpa") -> MemoryEstimate:
     """Estimate the peak memory of training `model` on micro-batches of `micro_batch_size` x `seq_len` tokens.
 
     `loss_tokens` is the number of positions per micro-batch where logits are computed (all of them when None).
@@ -109,11 +112,11 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
     width = torch.finfo(compute_dtype).bits // 8
     tokens = micro_batch_size * seq_len
     per_token_layer = width * (ACT_HIDDEN * shape.hidden + ACT_FFN * shape.intermediate)
-    attention = width * micro_batch_size * shape.heads * seq_len * seq_len * shape.layers
+    scores = ATTN_BYTES * micro_batch_size * shape.heads * seq_len * seq_len if attention == "eager" else 0
     if gradient_checkpointing:
-        activations = tokens * shape.layers * shape.hidden * width + tokens * per_token_layer + attention // shape.layers
+        activations = tokens * shape.layers * shape.hidden * width + tokens * per_token_layer + scores
     else:
-        activations = tokens * shape.layers * per_token_layer + attention
+        activations = (tokens * per_token_layer + scores) * shape.layers
     if trainable == 0:
         activations = 0
     n_logits = tokens if loss_tokens is None else loss_tokens

@@ -41,6 +41,10 @@ class TrainingMonitor:
         self.units = 0
         self.steps = 0
         self.started = time.time()
+        # CPU time of this process over the loop (steps, batching, logging; evaluations too when there are some):
+        # on a shared machine it shows the compute a run used, which wall time hides behind other work.
+        self.cpu_started = time.process_time()
+        self.cpu_seconds = 0.0
         self._window: list[tuple[int, float]] = []
         self.bar = progress(total=total_steps, desc=desc, unit="step", disable=None if is_main else True,
                             initial=start_step)
@@ -49,6 +53,9 @@ class TrainingMonitor:
         """Count a finished step (1-based `step`) and, when `log`, write its metrics line."""
         self.train_seconds += result.seconds
         self.train_tokens += result.tokens
+        now = time.process_time()
+        self.cpu_seconds += now - self.cpu_started
+        self.cpu_started = now
         self.units += result.units
         self.steps += 1
         self._window = [*self._window[-19:], (result.tokens, result.seconds)]
@@ -83,13 +90,14 @@ class TrainingMonitor:
             "train_tokens": self.train_tokens,
             "tokens_per_second": round(self.tokens_per_second, 1),
             "wall_seconds": round(time.time() - self.started, 2),
+            "loop_cpu_seconds": round(self.cpu_seconds, 2),
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
 
     def state_dict(self) -> dict:
         """Totals carried across a resume, so the final figures cover the whole run."""
         return {"train_seconds": self.train_seconds, "train_tokens": self.train_tokens, "units": self.units,
-                "steps": self.steps, "wall_seconds": time.time() - self.started}
+                "steps": self.steps, "wall_seconds": time.time() - self.started, "cpu_seconds": self.cpu_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -97,6 +105,7 @@ class TrainingMonitor:
         self.units = int(state.get("units", 0))
         self.steps = int(state.get("steps", 0))
         self.started = time.time() - float(state.get("wall_seconds", 0.0))
+        self.cpu_seconds = float(state.get("cpu_seconds", 0.0))
 
     def close(self) -> None:
         self.bar.close()

@@ -63,4 +63,11 @@ class Precision:
             dtype = torch.float32 if param.requires_grad else self.compute_dtype
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
+        if self.mixed:
+            # PEFT casts each adapter's input to the adapter's dtype (fp32 here): a copy of the activations per
+            # adapted layer that autocast turns straight back into bf16 for the matmul. Under autocast the cast
+            # is pure waste, and PEFT lets us switch it off (see peft.helpers.disable_input_dtype_casting).
+            for module in model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
         return model

@@ -43,3 +43,38 @@ def seed_everything(seed: int) -> None:
 def is_main_process() -> bool:
     """True in a single process and on rank 0 of a distributed launch (torchrun / accelerate set RANK)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+EAGER_MAX_LENGTH = 256  # on CPU, eager attention trains faster than sdpa's flash kernel up to about this length
+
+
+def pick_attention(model, choice: str, *, device: torch.device, longest: int) -> str:
+    """Set the model's attention kernel for training and return its name.
+
+    `auto`: on CPU, eager attention for sequences up to `EAGER_MAX_LENGTH` tokens (PyTorch's CPU flash-attention
+    backward costs about 2.5x eager's on SmolLM2 at 80 tokens, measured) and sdpa beyond (eager materialises
+    sequence x sequence scores); on GPUs, sdpa (flash / memory-efficient kernels).
+    """
+    if choice == "auto":
+        choice = "eager" if device.type == "cpu" and longest <= EAGER_MAX_LENGTH else "sdpa"
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != choice and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(choice)
+    return getattr(model.config, "_attn_implementation", choice)
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, with
+    dynamic shapes so that changing batch lengths do not recompile); return how many were compiled.
+
+    On CPU the gain comes from fusing the elementwise work around the matmuls (RMSNorm, rotary, SiLU, adapter
+    scaling and addition), which is about half of a LoRA step's time on a 135M model.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

@@ -100,12 +100,13 @@ register_method(TuningMethod("dora", DoraConfig, apply_dora, "weight-decomposed 
                              "https://arxiv.org/abs/2402.09353"))
 
 
-def save_converted_adapter(model, folder: Path, *, initial: Path | None = None) -> None:
+def save_converted_adapter(model, folder: Path, *, initial: Path | None = None, state_dict: dict | None = None) -> None:
     """Save a PiSSA/OLoRA adapter converted to a plain LoRA of rank 2r that applies to the ORIGINAL base weights
     (these methods subtract their initial adapter from the base; the artifact keeps the base untouched)."""
     if initial is None:
         raise ValueError("this method needs the adapter saved right after initialisation")
-    model.save_pretrained(folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+    model.save_pretrained(folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial),
+                          state_dict=state_dict)
 
 
 def save_initial_adapter(model, folder: Path) -> None:

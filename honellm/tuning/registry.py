@@ -16,9 +16,10 @@ from honellm.errors import HoneError
 from honellm.tuning.config import SFTConfig
 
 
-def save_adapter(model, folder: Path, *, initial: Path | None = None) -> None:
-    """Write a PEFT model's adapter in the standard PEFT format (safetensors)."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_adapter(model, folder: Path, *, initial: Path | None = None, state_dict: dict | None = None) -> None:
+    """Write a PEFT model's adapter in the standard PEFT format (safetensors); `state_dict`: whole weights gathered
+    under FSDP (None: the model's own)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
 
 
 @dataclass(frozen=True)

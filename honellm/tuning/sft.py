@@ -31,13 +31,13 @@ from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.runs import RunDir
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
-from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
+from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss
 from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.config import SFTConfig
@@ -63,6 +63,9 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     precision = Precision.resolve(config.precision, device)
+    if is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise HoneError("Hone trains under FSDP2 only (per-parameter sharding keeps frozen bf16 and trainable fp32 "
+                        "weights apart)", where="accelerate config", fix="set fsdp_version: 2 in your accelerate config")
     run = _open_run(task, spec, config, out=out, resume=resume, force=force, accelerator=accelerator)
 
     # --- model: load, make trainable, cast (frozen in the compute dtype, trainable in fp32)
@@ -89,7 +92,10 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     # --- data: the prompt program every artifact carries; train and validation tokenized once
     program = PromptProgram.from_task(task)
     train = _encode_split(task, program, tokenizer, "train", config)
-    validation = _validation_set(task, program, tokenizer, config) if task.has_split("validation") else None
+    artifact = Artifact.create(name=f"{task.name}-{spec.name}", method=spec.name,
+                               kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
+                               program=program, task=task, run_dir=str(run.path))
+    validation = _validation_set(task, artifact, tokenizer, config) if task.has_split("validation") else None
     slots = world * config.grad_accum
     if len(train) < slots:
         raise HoneError(f"{len(train)} training examples cannot fill {slots} micro-batches", where=task.source,
@@ -98,20 +104,24 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     per_epoch = sampler.steps_per_epoch
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     eval_every = _every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = _every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or _every(None, per_epoch))
+    save_every = config.save_every if config.save_every is not None else (eval_every or _every(None, per_epoch))
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
 
-    # --- memory pre-flight, from the longest micro-batch the data can produce
+    # --- attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
+    if config.compile and compile_layers(model) == 0:
+        raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
+                        fix="drop compile=true")
     answer_tokens = max(s.num_loss_tokens for s in train)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(
             model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
             loss_tokens=batch * (answer_tokens if config.completion_only_loss else min(length, longest)),
-            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type)
+            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
                           grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
@@ -134,7 +144,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     monitor.load_state_dict(state.monitor)
     if is_main:
         run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
-                        steps_per_epoch=per_epoch, processes=world, precision=precision.name,
+                        steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
     train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
@@ -142,6 +152,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- the loop
     pad_id = tokenizer.pad_token_id
+    last_scores: dict | None = None
     while state.step < total_steps:
         micro_batches = [collate([train[i] for i in index], pad_id)
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
@@ -163,11 +174,15 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
             scores = _evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
                                config=config, accelerator=accelerator)
+            last_scores = scores
             if state.improves(scores, validation):
                 state.best_score, state.best_loss, state.best_step = scores.get("val_score"), scores["val_loss"], state.step
                 state.bad_evals = 0
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(model))
+                if config.select_best:
+                    best = gather_trainable(accelerator, model)  # every process takes part under FSDP
+                    if is_main:
+                        save_trainable(best_file, best)
+                    accelerator.wait_for_everyone()
             else:
                 state.bad_evals += 1
             monitor.log(state.step, event="eval", **_named(scores, validation), best_step=state.best_step)
@@ -184,26 +199,27 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     accelerator.wait_for_everyone()
 
     # --- keep the best weights, then save the artifact
-    final = accelerator.unwrap_model(model)
     if config.select_best and state.best_step is not None and state.best_step != state.step and best_file.exists():
         from safetensors.torch import load_file
 
-        load_trainable_state(final, load_file(best_file), where=str(best_file))
+        best = load_file(best_file) if is_main or not is_fsdp(accelerator) else None
+        load_gathered(accelerator, model, best, where=str(best_file))
+    final = accelerator.unwrap_model(model)
+    # Under FSDP the weights are sharded: gather them whole (every process) for the main process to save.
+    whole = _gather_model(model) if is_fsdp(accelerator) else None
     summary = monitor.summary()
     metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": (
         state.best_step if config.select_best and state.best_step is not None else state.step)}
-    if validation is not None and state.best_step is not None:
-        metrics["val_loss"] = state.best_loss
-        if state.best_score is not None:
-            metrics[f"val_{validation.metric_name}"] = state.best_score
+    # The scores of the weights the artifact holds: the best evaluation's, or the last one's without select_best.
+    kept = {"val_loss": state.best_loss, "val_score": state.best_score} if config.select_best else (last_scores or {})
+    if validation is not None and kept.get("val_loss") is not None:
+        metrics.update(_named({k: v for k, v in kept.items() if v is not None}, validation))
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": world,
             "precision": precision.name, "device": device.type, **summary}
-    artifact = Artifact.create(name=f"{task.name}-{spec.name}", method=spec.name,
-                               kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
-                               program=program, task=task, config={"method": spec.name, **config.model_dump(mode="json")},
-                               metrics=metrics, cost=cost, run_dir=str(run.path))
+    artifact.manifest.config = {"method": spec.name, **config.model_dump(mode="json")}
+    artifact.manifest.metrics, artifact.manifest.cost = metrics, cost
     if is_main:
-        _save_artifact(artifact, run.path / "artifact", spec, final, tokenizer, initial_adapter)
+        _save_artifact(artifact, run.path / "artifact", spec, final, tokenizer, initial_adapter, whole)
         run.log_metrics(event="done", **metrics, **summary)
         run.close()
     accelerator.wait_for_everyone()
@@ -330,91 +346,117 @@ def _encode_split(task, program: PromptProgram, tokenizer, split: str, config: S
 
 @dataclass
 class ValidationSet:
-    """Validation data tokenized once: gold answers (for the loss) and, for label tasks, one sequence per choice."""
+    """Validation data tokenized once, and what scoring it needs.
 
-    gold: list[TokenSequence]
+    The task score comes from `honellm.evaluation.evaluate` on the in-memory model (the number `hone eval` gives
+    for the artifact). The generation engine behind it does not run PEFT prompt-learning models (virtual
+    tokens); for those the recipe scores the labels (`choice_sequences`) or greedy answers itself, the same way.
+    """
+
+    task: object
+    artifact: Artifact  # not saved: evaluate() reads its prompt program
+    gold: list[TokenSequence]  # reference answers, for the validation loss
     references: list[str]
     prompts: list[str]
-    choices: list[str] | None
     choice_sequences: list[list[TokenSequence]]
     metric_name: str
-    metric_fn: object | None  # (predictions, references) -> per-example scores; None: no score, only the loss
     higher_is_better: bool
-    max_new_tokens: int
+    limit: int | None
 
 
-def _validation_set(task, program: PromptProgram, tokenizer, config: SFTConfig) -> ValidationSet:
+def _validation_set(task, artifact: Artifact, tokenizer, config: SFTConfig) -> ValidationSet:
     from honellm.data.chat import render_prompt
     from honellm.evaluation.metrics import METRICS
 
     records = task.split("validation")[: config.eval_limit]
-    messages = [program.messages(task, r) for r in records]
+    messages = [artifact.program.messages(task, r) for r in records]
     references = [task.target(r) for r in records]
-    gold = [encode_conversation(tokenizer, m, ref, max_length=config.max_length) for m, ref in zip(messages, references, strict=True)]
-    choices = task.config.choices
-    choice_sequences = ([[encode_conversation(tokenizer, m, c, max_length=config.max_length) for c in choices] for m in messages]
-                        if choices else [])
-    metric = METRICS.get(task.metric)
-    usable = metric is not None and metric.needs == "text"
-    return ValidationSet(gold, references, [render_prompt(tokenizer, m) for m in messages], choices, choice_sequences,
-                         task.metric, metric.fn if usable else None, metric.higher_is_better if metric else True,
-                         task.config.generation.max_new_tokens)
+    gold = [encode_conversation(tokenizer, m, ref, max_length=config.max_length)
+            for m, ref in zip(messages, references, strict=True)]
+    choices = task.config.choices or []
+    choice_sequences = [[encode_conversation(tokenizer, m, c, max_length=config.max_length) for c in choices]
+                        for m in messages] if choices else []
+    metric = METRICS[task.metric]
+    return ValidationSet(task, artifact, gold, references, [render_prompt(tokenizer, m) for m in messages],
+                         choice_sequences, task.metric, metric.higher_is_better, config.eval_limit)
 
 
 def _evaluate(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
               accelerator) -> dict:
-    """Validation loss and task score on the in-memory model, each process scoring a shard of the records."""
-    from accelerate.utils import gather_object
+    """Validation loss (each process scores a shard) and the task score (the main process; shared with all).
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(validation.gold), world))
-    kwargs = {"pad_id": tokenizer.pad_token_id, "precision": precision, "batch_size": config.eval_batch_size,
-              "device": accelerator.device}
-    predictions: list[tuple[int, str]] = []
-    if validation.choices:
-        n_choices = len(validation.choices)
-        flat = [seq for i in mine for seq in validation.choice_sequences[i]]
-        sums, counts = score_sequences(model, flat, **kwargs)
-        sums, counts = sums.reshape(-1, n_choices), counts.reshape(-1, n_choices)
-        gold_sum, gold_count = 0.0, 0
-        for row, i in enumerate(mine):
-            predictions.append((i, validation.choices[int(np.argmax(sums[row]))]))
-            if validation.references[i] in validation.choices:
-                j = validation.choices.index(validation.references[i])
-                gold_sum, gold_count = gold_sum + sums[row, j], gold_count + counts[row, j]
-            else:
-                s, c = score_sequences(model, [validation.gold[i]], **kwargs)
-                gold_sum, gold_count = gold_sum + s[0], gold_count + c[0]
-    else:
-        sums, counts = score_sequences(model, [validation.gold[i] for i in mine], **kwargs)
-        gold_sum, gold_count = float(sums.sum()), int(counts.sum())
-        if validation.metric_fn is not None:
-            answers = greedy_answers(model, tokenizer, [validation.prompts[i] for i in mine],
-                                     max_new_tokens=validation.max_new_tokens, precision=precision,
-                                     batch_size=config.eval_batch_size, device=accelerator.device)
-            predictions = list(zip(mine, answers, strict=True))
-    totals = torch.tensor([gold_sum, gold_count], dtype=torch.float64, device=accelerator.device)
+    Under FSDP a forward pass needs every process (they gather each layer's shards together), so every process
+    scores everything, in the same order.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if is_fsdp(accelerator):
+        rank, world = 0, 1
+    mine = [validation.gold[i] for i in range(rank, len(validation.gold), world)]
+    sums, counts = score_sequences(model, mine, pad_id=tokenizer.pad_token_id, precision=precision,
+                                   batch_size=config.eval_batch_size, device=device)
+    totals = torch.tensor([sums.sum(), counts.sum()], dtype=torch.float64, device=device)
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-        predictions = gather_object(predictions)
     scores = {"val_loss": float(-totals[0] / max(1.0, float(totals[1])))}
-    if validation.metric_fn is not None and predictions:
-        predictions = sorted(predictions)
-        refs = [validation.references[i] for i, _ in predictions]
-        per_example = validation.metric_fn([p for _, p in predictions], refs)
-        scores["val_score"] = float(np.mean(per_example))
+    score = [_task_score(model, tokenizer, validation, precision=precision, config=config, device=device)
+             if rank == 0 else None]
+    if world > 1:
+        broadcast_object_list(score)
+    if score[0] is not None:
+        scores["val_score"] = score[0]
     return scores
+
+
+def _task_score(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
+                device) -> float | None:
+    from honellm.evaluation import METRICS, evaluate
+
+    peft_config = getattr(model, "active_peft_config", None)
+    if not (peft_config is not None and peft_config.is_prompt_learning):
+        with precision.autocast():
+            result = evaluate(validation.artifact, validation.task, "validation", limit=validation.limit, model=model,
+                              tokenizer=tokenizer, batch_size=config.eval_batch_size, progress=False)
+        return float(result.score)
+    metric = METRICS[validation.metric_name]
+    choices = validation.task.config.choices
+    if metric.needs != "text":
+        return None  # a reward or preference metric: the validation loss decides
+    kwargs = {"precision": precision, "batch_size": config.eval_batch_size, "device": device}
+    if choices:
+        flat = [seq for row in validation.choice_sequences for seq in row]
+        sums, _ = score_sequences(model, flat, pad_id=tokenizer.pad_token_id, **kwargs)
+        best = sums.reshape(-1, len(choices)).argmax(axis=1)
+        predictions = [choices[int(j)] for j in best]
+    else:
+        predictions = greedy_answers(model, tokenizer, validation.prompts,
+                                     max_new_tokens=validation.task.config.generation.max_new_tokens, **kwargs)
+    return float(np.mean(metric.fn(predictions, validation.references)))
 
 
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def _save_artifact(artifact: Artifact, path: Path, spec: TuningMethod, model, tokenizer, initial: Path | None) -> None:
-    if spec.trains_base:
+def _gather_model(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_artifact(artifact: Artifact, path: Path, spec: TuningMethod, model, tokenizer, initial: Path | None,
+                   state_dict: dict | None = None) -> None:
+    """Save weights (full fine-tuning) or the adapter; `state_dict` holds whole weights gathered under FSDP."""
+    if spec.trains_base and state_dict is None:
         artifact.save(path, force=True, model=model, tokenizer=tokenizer)
         return
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".adapter-") as tmp:
-        spec.save(model, Path(tmp) / "adapter", initial=initial)
-        artifact.save(path, force=True, extra_files={"adapter": Path(tmp) / "adapter"})
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".weights-") as tmp:
+        if spec.trains_base:
+            model.save_pretrained(Path(tmp) / "model", safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(Path(tmp) / "model")
+            artifact.save(path, force=True, extra_files={"model": Path(tmp) / "model"})
+        else:
+            spec.save(model, Path(tmp) / "adapter", initial=initial, state_dict=state_dict)
+            artifact.save(path, force=True, extra_files={"adapter": Path(tmp) / "adapter"})
     if initial is not None:
         shutil.rmtree(initial, ignore_errors=True)

@@ -127,3 +127,27 @@ def test_unknown_method_and_key_suggest_the_closest(tmp_path):
     yaml_file.write_text("method: ia3\nepochs: 2\n")
     spec, config = method_config(None, yaml_file, [])
     assert spec.name == "ia3" and config.epochs == 2 and config.lr == 3e-3
+
+
+def test_target_modules_by_architecture():
+    from honellm.errors import HoneError
+    from honellm.tuning.targets import resolve_targets
+
+    assert resolve_targets("qwen2", "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_targets("gpt2", "all-linear") == ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    assert resolve_targets("some_new_arch", "all-linear") == "all-linear"  # PEFT's own search
+    assert resolve_targets("llama", ["q_proj"]) == ["q_proj"]
+    with pytest.raises(HoneError, match="no attention module list"):
+        resolve_targets("some_new_arch", "attention")
+    with pytest.raises(HoneError, match="unknown target_modules"):
+        resolve_targets("llama", "everything")
+
+
+def test_attention_kernel_choice(tiny_model_dir):
+    from honellm.training.setup import pick_attention
+
+    model, _ = load(tiny_model_dir, dtype="fp32", device="cpu")
+    cpu = torch.device("cpu")
+    assert pick_attention(model, "auto", device=cpu, longest=100) == "eager"
+    assert pick_attention(model, "auto", device=cpu, longest=1000) == "sdpa"
+    assert pick_attention(model, "eager", device=cpu, longest=1000) == "eager"
