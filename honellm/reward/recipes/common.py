@@ -6,7 +6,8 @@
 - `encode_pairs`, `PairBatch`, `collate_pairs`: preference pairs as token sequences, and a micro-batch of B pairs
   as ONE batch of 2B sequences (chosen rows first), so that both answers go through one forward pass;
 - `pair_logps`: summed answer log-probs of a `PairBatch`, LM head at answer positions only;
-- `reference_logps`: log-probs under the reference (the model with its adapter disabled), computed once;
+- `reference_scores`: log-probs under the reference (the model with its adapter disabled), computed once, for
+  the examples the run will visit (`visited`);
 - `AlignState`: the loop's state in each checkpoint (step, best validation, monitor totals);
 - `finish_artifact`: best weights back in, the cost figures, and the Artifact written into the run folder.
 """
@@ -49,7 +50,9 @@ class AlignConfig(TrainingConfig):
         "all-linear", description="modules to adapt: all-linear, attention, mlp, or a list of module names")
     select_best: bool = Field(True, description="keep the weights of the best validation evaluation, not the last")
     eval_limit: int | None = Field(500, ge=1, description="validation pairs scored at each evaluation (None: all)")
-    eval_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring validation")
+    eval_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring validation "
+                                                       "(and the reference before training)")
+    train_limit: int | None = Field(None, ge=1, description="train on the first N training pairs (or unpaired records) only; None: all")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -208,10 +211,24 @@ def score_pairs(model, pairs: list[EncodedPair], **kwargs) -> PairLogps:
     return PairLogps(values[0::2], values[1::2], lengths[0::2], lengths[1::2])
 
 
-def reference_scores(model, sequences: list[TokenSequence], **kwargs) -> torch.Tensor:
-    """Summed answer log-probs under the reference: the same model with its adapter disabled (no second copy)."""
+def reference_scores(model, sequences: list[TokenSequence], *, only=None, **kwargs) -> torch.Tensor:
+    """Summed answer log-probs under the reference: the same model with its adapter disabled (no second copy).
+
+    `only` (indices) scores just those sequences (the rest are NaN): a run of a few steps over a large data set
+    needs the reference of the examples it will visit, not of all of them.
+    """
+    index = list(range(len(sequences))) if only is None else sorted(int(i) for i in only)
+    values = torch.full((len(sequences),), float("nan"))
     with reference_off(kwargs["accelerator"].unwrap_model(model)):
-        return score_all(model, sequences, **kwargs)[0]
+        values[index] = score_all(model, [sequences[i] for i in index], **kwargs)[0]
+    return values
+
+
+def visited(sampler, total_steps: int) -> np.ndarray:
+    """The examples a run of `total_steps` steps will see (its batches are a function of the seed and the step)."""
+    if total_steps >= sampler.steps_per_epoch:
+        return np.arange(len(sampler.lengths))
+    return np.unique(np.concatenate([sampler.global_batch(step) for step in range(total_steps)]))
 
 
 def fingerprint(sequences: list[TokenSequence], *extra) -> str:

@@ -67,6 +67,7 @@ from honellm.reward.recipes.common import (
     score_all,
     score_pairs,
     stop_on_non_finite,
+    visited,
 )
 from honellm.training.batching import Batch, LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, save_trainable
@@ -188,7 +189,7 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
 
     # --- data: pairs through the task's prompt program, tokenized once
     program = PromptProgram.from_task(task)
-    train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length)
+    train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
     validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
                                limit=config.eval_limit) if task.has_split("validation") else None)
     slots = world * config.grad_accum
@@ -223,14 +224,18 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     if loss.needs_reference:
         sequences = {"train": flat_pairs(train), "validation": flat_pairs(validation) if validation else []}
 
+        seen = visited(sampler, total_steps)
+        only = {"train": np.concatenate([2 * seen, 2 * seen + 1]), "validation": None}
+
         def compute():
             found = {}
             for split, seqs in sequences.items():
-                values = reference_scores(model, seqs, **score_kwargs)
+                values = reference_scores(model, seqs, only=only[split], **score_kwargs)
                 found[split] = {"chosen": values[0::2], "rejected": values[1::2]}
             return found
 
-        key = fingerprint(sequences["train"] + sequences["validation"], task.config.model, config.adapter)
+        key = fingerprint(sequences["train"] + sequences["validation"], task.config.model, config.adapter,
+                          seen.tolist())
         reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
 
     # --- optimizer, schedule, accelerator, resume
@@ -406,7 +411,8 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
 
     # --- data: completions, and for each a mismatched (prompt, completion) for the reference point z
     program = PromptProgram.from_task(task)
-    examples = task.unpaired("train")
+    per_record = 2 if task.kind == "preference" else 1  # a pair gives a desirable and an undesirable completion
+    examples = task.unpaired("train")[: per_record * config.train_limit if config.train_limit else None]
     slots = world * config.grad_accum
     check_enough(len(examples), slots, task, "training completions")
 
@@ -454,12 +460,14 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                     "accelerator": accelerator}
     val_sequences = flat_pairs(validation) if validation else (val_unpaired[0] if val_unpaired else [])
 
+    seen = visited(sampler, total_steps)
+
     def compute():
-        return {"train": reference_scores(model, train, **score_kwargs),
-                "mismatched": reference_scores(model, mismatched, **score_kwargs),
+        return {"train": reference_scores(model, train, only=seen, **score_kwargs),
+                "mismatched": reference_scores(model, mismatched, only=seen, **score_kwargs),
                 "validation": reference_scores(model, val_sequences, **score_kwargs)}
 
-    key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter)
+    key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter, seen.tolist())
     reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
 
     # --- optimizer, schedule, accelerator, resume

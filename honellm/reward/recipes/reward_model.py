@@ -95,7 +95,7 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     pad_id = tokenizer.pad_token_id
 
     # --- data
-    train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length)
+    train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
     validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
                                limit=config.eval_limit) if task.has_split("validation") else None)
     slots = world * config.grad_accum
