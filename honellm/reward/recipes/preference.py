@@ -238,10 +238,7 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
         key = fingerprint(sequences["train"] + sequences["validation"], task.config.model, config.adapter,
                           seen.tolist())
         started = time.perf_counter()
-        started = time.perf_counter()
-    reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
-    if is_main:
-        run.log_metrics(event="reference", completions=len(seen), seconds=round(time.perf_counter() - started, 2))
+        reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
         if is_main:
             run.log_metrics(event="reference", pairs=len(seen), seconds=round(time.perf_counter() - started, 2))
 
