@@ -296,3 +296,17 @@ def test_adapter_inputs_stay_in_bf16_with_identical_results(tiny_model_dir, task
     loss_after, grads_after = run()
     assert torch.equal(loss, loss_after) and grads.keys() == grads_after.keys()
     assert all(torch.equal(grads[n], grads_after[n]) for n in grads)
+
+
+def test_a_config_file_may_name_the_method_and_overrides_win(tmp_path):
+    from honellm.reward.recipes import align_config
+    from honellm.reward.recipes.preference import DPOConfig
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text("method: dpo\nbeta: 0.3\nlr: 1.0e-4\n")
+    spec, config = align_config(None, path, ["lr=2e-4"])
+    assert spec.name == "dpo" and isinstance(config, DPOConfig) and config.beta == 0.3 and config.lr == 2e-4
+    path.write_text("method: dpo\nbetta: 0.3\n")
+    with pytest.raises(HoneError) as info:
+        align_config(None, path)
+    assert f"{path}:2" in info.value.what and "did you mean 'beta'" in info.value.fix
