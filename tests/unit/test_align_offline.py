@@ -310,3 +310,16 @@ def test_a_config_file_may_name_the_method_and_overrides_win(tmp_path):
     with pytest.raises(HoneError) as info:
         align_config(None, path)
     assert f"{path}:2" in info.value.what and "did you mean 'beta'" in info.value.fix
+
+
+@pytest.mark.parametrize(("method", "first_loss"), [("dpo", 0.693147), ("cdpo", 0.693147), ("kto", 0.5)])
+def test_the_reference_equals_the_policy_before_the_first_update(task_yaml, tmp_path, method, first_loss):
+    """bf16: the reference is scored on the training micro-batches themselves, so the log-ratios start at 0."""
+    out = tmp_path / "run"
+    align_task(str(task_yaml), method, ["max_steps=1", "batch_size=4", "grad_accum=2", "eval_every=0", "r=4",
+                                        "precision=bf16"], out=str(out))
+    first = next(r for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
+    assert first["loss"] == first_loss
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+    if method == "kto":
+        assert first["kl"] == 0

@@ -241,6 +241,43 @@ def reference_scores(model, sequences: list[TokenSequence], *, only=None, **kwar
     return values
 
 
+@torch.no_grad()
+def reference_on_training_batches(model, sampler, total_steps: int, *, collate_fn, logps_fn, shape: tuple[int, ...],
+                                  precision: Precision, grad_accum: int, accelerator) -> torch.Tensor:
+    """Reference log-probs of the training examples, computed on exactly the micro-batches the run trains on.
+
+    `collate_fn(index)` builds a micro-batch of examples `index` as the loop does, `logps_fn(model, batch)` its
+    per-example log-probs ([B] or [B, 2]); the result has `shape` ([N] or [N, 2]), NaN for examples the run never
+    visits. The same batch layout (the same padding) as the training step makes the reference bit-identical to
+    the policy before the first update (log-ratios exactly 0 at step 1, DPO's loss exactly log 2), where a
+    reference scored in other batches differs by bf16 rounding (TRL's `precompute_ref_log_probs` does). Epochs
+    after the first see other batches: the reference of epoch 1's batch is reused.
+    """
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    found = []
+    try:
+        with reference_off(unwrapped):
+            for step in range(min(total_steps, sampler.steps_per_epoch)):
+                for index in sampler.micro_batches(step, rank=rank, world_size=world, grad_accum=grad_accum):
+                    batch = collate_fn(index).to(accelerator.device)
+                    with precision.autocast():
+                        values = logps_fn(unwrapped, batch)
+                    found.append((np.asarray(index).tolist(), values.float().cpu()))
+    finally:
+        unwrapped.train(was_training)
+    if world > 1:
+        found = gather_object(found)
+    result = torch.full(shape, float("nan"))
+    for index, values in found:
+        result[index] = values
+    return result
+
+
 def visited(sampler, total_steps: int) -> np.ndarray:
     """The examples a run of `total_steps` steps will see (its batches are a function of the seed and the step)."""
     if total_steps >= sampler.steps_per_epoch:

@@ -64,6 +64,7 @@ from honellm.reward.recipes.common import (
     flat_pairs,
     load_trainable,
     pair_logps,
+    reference_on_training_batches,
     reference_scores,
     score_all,
     score_pairs,
@@ -224,19 +225,25 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     reference = {"train": None, "validation": None}
     if loss.needs_reference:
         sequences = {"train": flat_pairs(train), "validation": flat_pairs(validation) if validation else []}
-
         seen = visited(sampler, total_steps)
-        only = {"train": np.concatenate([2 * seen, 2 * seen + 1]), "validation": None}
+
+        def pair_values(model, batch: PairBatch) -> torch.Tensor:
+            found = pair_logps(model, batch)
+            return torch.stack([found.chosen, found.rejected], dim=1)
 
         def compute():
-            found = {}
-            for split, seqs in sequences.items():
-                values = reference_scores(model, seqs, only=only[split], **score_kwargs)
-                found[split] = {"chosen": values[0::2], "rejected": values[1::2]}
-            return found
+            # training pairs on the very micro-batches they train in; validation pairs as validation scores them
+            values = reference_on_training_batches(
+                model, sampler, total_steps, collate_fn=lambda index: collate_pairs([train[i] for i in index], index,
+                                                                                     pad_id),
+                logps_fn=pair_values, shape=(len(train), 2), precision=precision, grad_accum=config.grad_accum,
+                accelerator=accelerator)
+            held_out = reference_scores(model, sequences["validation"], **score_kwargs)
+            return {"train": {"chosen": values[:, 0], "rejected": values[:, 1]},
+                    "validation": {"chosen": held_out[0::2], "rejected": held_out[1::2]}}
 
         key = fingerprint(sequences["train"] + sequences["validation"], task.config.model, config.adapter,
-                          seen.tolist())
+                          seen.tolist(), config.batch_size, config.grad_accum, config.seed, world)
         started = time.perf_counter()
         reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
         if is_main:
@@ -466,12 +473,35 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
 
     seen = visited(sampler, total_steps)
 
+    def sums(model, batch):
+        return token_logprobs(model, batch).per_sequence()
+
+    def mismatched_logps(model, local) -> torch.Tensor:
+        """Policy log-probs of this process's mismatched pairs of a step, in its micro-batches (no gradient)."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), precision.autocast():
+                return torch.cat([sums(model, collate([mismatched[i] for i in index], pad_id).to(device)).float().cpu()
+                                  for index in local])
+        finally:
+            model.train(was_training)
+
     def compute():
-        return {"train": reference_scores(model, train, only=seen, **score_kwargs),
-                "mismatched": reference_scores(model, mismatched, only=seen, **score_kwargs),
+        # completions and mismatched pairs on the very micro-batches the run uses them in (see
+        # `reference_on_training_batches`), validation as validation scores it
+        on_batches = {"collate_fn": None, "logps_fn": sums, "shape": (len(train),), "precision": precision,
+                      "grad_accum": config.grad_accum, "accelerator": accelerator}
+        return {"train": reference_on_training_batches(
+                    model, sampler, total_steps, **on_batches | {
+                        "collate_fn": lambda index: collate([train[i] for i in index], pad_id)}),
+                "mismatched": reference_on_training_batches(
+                    model, sampler, total_steps, **on_batches | {
+                        "collate_fn": lambda index: collate([mismatched[i] for i in index], pad_id)}),
                 "validation": reference_scores(model, val_sequences, **score_kwargs)}
 
-    key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter, seen.tolist())
+    key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter, seen.tolist(),
+                      config.batch_size, config.grad_accum, config.seed, world)
     started = time.perf_counter()
     reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
     if is_main:
@@ -531,8 +561,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         local = sampler.micro_batches(state.step, rank=rank, world_size=world, grad_accum=config.grad_accum)
         # z, KTO's reference point: mean log-ratio of mismatched pairs over the whole global batch (no gradient).
         mine = np.concatenate(local)
-        policy_kl, _ = score_all_local(model, [mismatched[i] for i in mine], pad_id=pad_id, precision=precision,
-                                       batch_size=config.batch_size, device=device)
+        policy_kl = mismatched_logps(accelerator.unwrap_model(model), local)
         kl_sums = torch.tensor([float(policy_kl.sum()), float(ref_mismatched[mine].sum()), len(mine)],
                                dtype=torch.float64, device=device)
         if world > 1:
@@ -582,14 +611,6 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                            trainable_params=trainable_params, total_params=total_params, extra_metrics=extra,
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
                                                   tokenizer=tokenizer, full=config.adapter == "full"))
-
-
-def score_all_local(model, sequences: list[TokenSequence], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """`score_sequences` on this process's sequences only (the model unwrapped), as fp32 tensors."""
-    from honellm.training.validation import score_sequences
-
-    sums, counts = score_sequences(getattr(model, "module", model), sequences, **kwargs)
-    return torch.from_numpy(sums).float(), torch.from_numpy(counts).float()
 
 
 # ------------------------------------------------------------------------------------------------ registration
