@@ -18,8 +18,10 @@ How the compute is spent. A micro-batch of B pairs is ONE batch of 2B sequences 
 rows): one forward and one backward per micro-batch, as TRL's concatenated forward. The LM head runs only at the
 positions that predict answer tokens (`honellm.training.logprobs`). The reference never runs during training:
 its log-probs are computed before the first step with the adapter disabled (`model.disable_adapter()`: no
-second copy of the weights) and looked up per example; TRL's `precompute_ref_log_probs=True` does the same, its
-default recomputes them at every step.
+second copy of the weights), on the very micro-batches the run will train on (so the log-ratios are exactly 0
+before the first update, bf16 included), and looked up per example; TRL's `precompute_ref_log_probs=True` does
+the same in batches of its own (a step-1 DPO loss off log 2 by bf16 rounding), its default recomputes them at
+every step.
 
 Where this departs from TRL / the papers:
 - Truncation keeps the answer and drops the start of the prompt first (TRL's `keep_start` cuts the end).
