@@ -3,6 +3,7 @@ computed once), the one-forward pair batch, the recipe losses against the pure l
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -323,3 +324,14 @@ def test_the_reference_equals_the_policy_before_the_first_update(task_yaml, tmp_
     assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
     if method == "kto":
         assert first["kl"] == 0
+
+
+@pytest.mark.parametrize("adapter", ["rslora", "dora"])
+def test_other_lora_family_adapters_train_and_evaluate(task_yaml, task, tmp_path, adapter):
+    out = tmp_path / "run"
+    art = align_task(str(task_yaml), "dpo", [*QUICK, "eval_every=0", f"adapter={adapter}"], out=str(out))
+    config = json.loads((out / "artifact" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] == (adapter == "dora") and config["use_rslora"] == (adapter == "rslora")
+    assert art.manifest.config["adapter"] == adapter
+    result = evaluate(out / "artifact", task, "validation", limit=4, progress=False)
+    assert result.n == 4 and result.extras["preference_scorer"] == "implicit_reward_margins"
