@@ -258,18 +258,25 @@ def _every(value: int | None, per_epoch: int) -> int:
 
 
 def _open_run(task, spec: TuningMethod, config: SFTConfig, *, out, resume: bool, force: bool, accelerator) -> RunDir:
-    """Create (or, resuming, reopen) the run folder on the main process; every process gets its path."""
+    return open_run(task, spec.name, config, out=out, resume=resume, force=force, accelerator=accelerator)
+
+
+def open_run(task, method: str, config, *, out, resume: bool, force: bool, accelerator) -> RunDir:
+    """Create (or, resuming, reopen) the run folder on the main process; every process gets its path.
+
+    Every training recipe opens its run here (SFT, and the reward-based recipes of `honellm.reward.recipes`).
+    """
     from accelerate.utils import broadcast_object_list
 
-    record = {"method": spec.name, "task": task.name, "task_source": task.source,
+    record = {"method": method, "task": task.name, "task_source": task.source,
               "config": config.model_dump(mode="json")}
     path = [None]
     if accelerator.is_main_process:
         if resume and out is None:
-            out = _latest_run(task.name, spec.name)
+            out = _latest_run(task.name, method)
         if resume and out is not None and (Path(out) / "config.yaml").exists():
             _check_same_config(Path(out) / "config.yaml", record)
-        run = RunDir.create(task.name, spec.name, out=out, force=force, resume=resume)
+        run = RunDir.create(task.name, method, out=out, force=force, resume=resume)
         run.write_config({**record, "processes": accelerator.num_processes})
         path = [str(run.path)]
     if accelerator.num_processes > 1:
