@@ -118,6 +118,37 @@ def make_tiny_task(folder: str | Path, model_dir: str | Path, *, n_train: int = 
     return task
 
 
+def make_tiny_preference_task(folder: str | Path, model_dir: str | Path, *, n_train: int = 32, n_validation: int = 16,
+                              seed: int = 0) -> Path:
+    """Write a small preference task (prompt/chosen/rejected JSONL + task YAML) over the tiny model; return the YAML.
+
+    The chosen answer names the sentiment of the review, the rejected one the opposite: learnable in a few steps.
+    """
+    import json
+    import random
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = {"positive": ["gripping", "funny", "warm", "quick"], "negative": ["dull", "lifeless", "long", "lazy"]}
+    for split, n in (("train", n_train), ("validation", n_validation)):
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for _ in range(n):
+                label = rng.choice(["positive", "negative"])
+                other = "negative" if label == "positive" else "positive"
+                text = "a " + ", ".join(rng.sample(words[label], rng.randint(1, 3))) + " film"
+                handle.write(json.dumps({"prompt": f"Review: {text}", "chosen": label, "rejected": other}) + "\n")
+    task = folder / "task.yaml"
+    task.write_text(
+        "name: tiny-prefs\n"
+        f"model: {Path(model_dir).resolve()}\n"
+        "data: {train: train.jsonl, validation: validation.jsonl}\n"
+        "prompt: {system: Classify the review.}\n"
+        "metric: preference_accuracy\n"
+    )
+    return task
+
+
 def make_tiny_reward_task(folder: str | Path, model_dir: str | Path, *, n_train: int = 32, n_validation: int = 8,
                           rewards: list[dict] | None = None, gold_rewards: list[dict] | None = None,
                           reward_code: str | None = None, max_new_tokens: int = 8, seed: int = 0) -> Path:

@@ -56,6 +56,9 @@ def register_preference_scorer(*names: str):
 
 def preference_scorer_for(artifact) -> PreferenceScorer:
     """The scorer for `artifact`: by its method if one is registered, else by its kind."""
+    from honellm.reward.recipes import all_align_methods
+
+    all_align_methods()  # the align recipes register their scorers beside their methods (dpo, reward_model, ...)
     for key in (artifact.manifest.method, artifact.kind):
         if key in PREFERENCE_SCORERS:
             return PREFERENCE_SCORERS[key]

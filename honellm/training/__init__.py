@@ -9,6 +9,7 @@
 - `step.TrainStep`: accumulation, clipping and the non-finite check of one optimizer step
 - `monitor.TrainingMonitor`: metrics.jsonl, progress bar, tokens/s, peak memory
 - `checkpoint.Checkpointer`: atomic checkpoints with RNG and optimizer state; exact resume
+- `run_folder`: `open_run` (create or reopen a run folder; refuse to resume with other settings), `every`
 - `memory`: `estimate_training_memory`, `check_memory` (refuses a run that will not fit, says what to change)
 - `validation`: `score_sequences`, `greedy_answers` (scoring on the in-memory model during training)
 """

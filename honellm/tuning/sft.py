@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
-from honellm.runs import RunDir
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
 from honellm.training.logprobs import sft_loss
@@ -37,6 +35,7 @@ from honellm.training.memory import check_memory, estimate_training_memory, para
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
+from honellm.training.run_folder import every, open_run
 from honellm.training.setup import seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
@@ -63,7 +62,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     precision = Precision.resolve(config.precision, device)
-    run = _open_run(task, spec, config, out=out, resume=resume, force=force, accelerator=accelerator)
+    run = open_run(task, spec.name, config, out=out, resume=resume, force=force, accelerator=accelerator)
 
     # --- model: load, make trainable, cast (frozen in the compute dtype, trainable in fp32)
     seed_everything(config.seed)
@@ -97,8 +96,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     sampler = LengthGroupedBatches([len(s) for s in train], config.batch_size * slots, seed=config.seed, slots=slots)
     per_epoch = sampler.steps_per_epoch
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = _every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = _every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or _every(None, per_epoch))
+    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
+    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
@@ -245,76 +244,6 @@ class TrainState:
 def _named(scores: dict, validation: ValidationSet) -> dict:
     """Scores as logged: `val_score` under the metric's name (val_accuracy, val_exact_match, ...)."""
     return {(f"val_{validation.metric_name}" if k == "val_score" else k): v for k, v in scores.items()}
-
-
-def _every(value: int | None, per_epoch: int) -> int:
-    """Steps between evaluations or checkpoints: `value`, or twice per epoch when None (0 means never)."""
-    if value is None:
-        return max(1, per_epoch // 2)
-    return value
-
-
-# ------------------------------------------------------------------------------------------------ run folder
-
-
-def _open_run(task, spec: TuningMethod, config: SFTConfig, *, out, resume: bool, force: bool, accelerator) -> RunDir:
-    return open_run(task, spec.name, config, out=out, resume=resume, force=force, accelerator=accelerator)
-
-
-def open_run(task, method: str, config, *, out, resume: bool, force: bool, accelerator) -> RunDir:
-    """Create (or, resuming, reopen) the run folder on the main process; every process gets its path.
-
-    Every training recipe opens its run here (SFT, and the reward-based recipes of `honellm.reward.recipes`).
-    """
-    from accelerate.utils import broadcast_object_list
-
-    record = {"method": method, "task": task.name, "task_source": task.source,
-              "config": config.model_dump(mode="json")}
-    path = [None]
-    if accelerator.is_main_process:
-        if resume and out is None:
-            out = _latest_run(task.name, method)
-        if resume and out is not None and (Path(out) / "config.yaml").exists():
-            _check_same_config(Path(out) / "config.yaml", record)
-        run = RunDir.create(task.name, method, out=out, force=force, resume=resume)
-        run.write_config({**record, "processes": accelerator.num_processes})
-        path = [str(run.path)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(path)
-    if not accelerator.is_main_process:
-        run = RunDir(Path(path[0]))
-    return run
-
-
-def _latest_run(task_name: str, method: str) -> Path:
-    import os
-
-    from honellm.runs import RUNS_ROOT, _safe
-
-    root = Path(os.environ.get("HONE_RUNS", RUNS_ROOT)) / _safe(task_name)
-    runs = sorted(root.glob(f"{_safe(method)}-*"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not runs:
-        raise HoneError(f"no earlier {method} run of task {task_name!r} to resume under {root}",
-                        fix="pass --out DIR naming the run folder to continue, or drop --resume")
-    return runs[-1]
-
-
-def _check_same_config(path: Path, record: dict) -> None:
-    saved = yaml.safe_load(path.read_text()) or {}
-    if saved.get("method") != record["method"]:
-        raise HoneError(f"this run was started with method {saved.get('method')!r}, not {record['method']!r}",
-                        where=str(path), fix="resume with the same --method, or start a new run with --force")
-    old, new = saved.get("config", {}), record["config"]
-    changed = sorted(k for k in set(old) | set(new) if _plain(old.get(k)) != _plain(new.get(k)))
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise HoneError(f"the settings differ from the run being resumed ({diffs})", where=str(path),
-                        fix="resume with the settings the run started with (see its config.yaml), or start again "
-                            "with --force")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -1,0 +1,347 @@
+"""What the offline align recipes (reward model, DPO family, KTO) share, on top of `honellm.training`.
+
+- `AlignConfig`: the shared training settings plus the adapter (LoRA, rsLoRA, DoRA, or full fine-tuning) and
+  validation settings;
+- `load_trainable`: the task's base model with the adapter applied, under the precision policy;
+- `encode_pairs`, `PairBatch`, `collate_pairs`: preference pairs as token sequences, and a micro-batch of B pairs
+  as ONE batch of 2B sequences (chosen rows first), so that both answers go through one forward pass;
+- `pair_logps`: summed answer log-probs of a `PairBatch`, LM head at answer positions only;
+- `reference_scores`: log-probs under the reference (the model with its adapter disabled), computed once, for
+  the examples the run will visit (`visited`);
+- `AlignState`: the loop's state in each checkpoint (step, best validation, monitor totals);
+- `finish_artifact`: best weights back in, the cost figures, and the Artifact written into the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from honellm.artifact import Artifact
+from honellm.errors import HoneError
+from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
+from honellm.training.config import TrainingConfig
+from honellm.training.logprobs import token_logprobs
+from honellm.training.precision import Precision
+from honellm.training.validation import score_sequences
+
+ADAPTERS = ("lora", "rslora", "dora", "full")
+
+
+class AlignConfig(TrainingConfig):
+    """Settings every offline align method shares: training, the adapter, validation."""
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training pairs (ignored when max_steps is set)")
+    max_length: int = Field(1024, ge=8, description="longest prompt + answer in tokens; longer ones lose the start "
+                                                     "of their prompt first, then the end of their answer")
+    adapter: Literal["lora", "rslora", "dora", "full"] = Field(
+        "lora", description="what trains: a LoRA-family adapter (lora, rslora, dora) or every weight (full)")
+    r: int = Field(16, ge=1, description="adapter rank (lora, rslora, dora)")
+    alpha: float = Field(32, gt=0, description="adapter scale: the update is multiplied by alpha / r (alpha / sqrt(r) for rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (0 is fastest)")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="modules to adapt: all-linear, attention, mlp, or a list of module names")
+    select_best: bool = Field(True, description="keep the weights of the best validation evaluation, not the last")
+    eval_limit: int | None = Field(500, ge=1, description="validation pairs scored at each evaluation (None: all)")
+    eval_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring validation "
+                                                       "(and the reference before training)")
+    train_limit: int | None = Field(None, ge=1, description="train on the first N training pairs (or unpaired records) only; None: all")
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def load_trainable(task, config: AlignConfig, device: torch.device, precision: Precision):
+    """`(model, tokenizer)`: the task's base model with `config.adapter` applied, frozen weights in the compute
+    dtype and trainable ones in fp32. The adapters come from the tuning registry (`honellm.tuning`)."""
+    from honellm.models import load, resolve
+    from honellm.tuning import get_method
+
+    full = config.adapter == "full"
+    # Full fine-tuning keeps fp32 master weights: load them in fp32 rather than round-trip through bf16.
+    model, tokenizer = load(task.config.model, dtype="fp32" if full else precision.name, device=str(device))
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The LoRA-family `apply` functions read r, alpha, dropout and target_modules, which AlignConfig has too.
+    model = get_method(config.adapter).apply(model, config, str(resolve(task.config.model).path))
+    precision.cast_model(model)
+    return model, tokenizer
+
+
+def reference_off(model) -> contextlib.AbstractContextManager:
+    """The context in which `model` is the reference: its adapter disabled (the base model, no second copy).
+
+    Full fine-tuning has no adapter to disable; its reference log-probs are taken before the first step."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class EncodedPair:
+    """A preference pair as token sequences, labels on the answer (end-of-turn included) only."""
+
+    chosen: TokenSequence
+    rejected: TokenSequence
+
+    @property
+    def length(self) -> int:
+        """What the batch sampler groups by: the longer of the two (the batch pads both to it)."""
+        return max(len(self.chosen), len(self.rejected))
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+
+def encode_pairs(task, program, tokenizer, split: str, *, max_length: int, limit: int | None = None) -> list[EncodedPair]:
+    """The pairs of `split` through the artifact's prompt program and the model's chat template."""
+    pairs = task.pairs(split)[:limit]
+    if not pairs:
+        raise HoneError(f"the {split} split has no preference pairs", where=task.source,
+                        fix=f"add prompt/chosen/rejected records to data.{split}")
+    out = []
+    for pair in pairs:
+        messages = program.chat_messages(pair.prompt)
+        out.append(EncodedPair(encode_conversation(tokenizer, messages, pair.chosen, max_length=max_length),
+                               encode_conversation(tokenizer, messages, pair.rejected, max_length=max_length)))
+    return out
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs as ONE right-padded batch of 2B sequences: rows 0..B-1 chosen, rows B..2B-1 rejected.
+
+    `index` are the pairs' positions in the training set (to look up their cached reference log-probs);
+    `ref_chosen`/`ref_rejected` are those log-probs ([B] each) when the method needs a reference.
+    """
+
+    sequences: Batch
+    index: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.index.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sequences.num_tokens
+
+    @property
+    def num_loss_units(self) -> int:
+        return self.n_pairs  # the loss is a mean over pairs
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(self.sequences.to(device), self.index, _to(self.ref_chosen, device),
+                         _to(self.ref_rejected, device))
+
+
+def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+def collate_pairs(pairs: list[EncodedPair], index, pad_id: int, reference: dict | None = None) -> PairBatch:
+    """One batch of chosen-then-rejected sequences; `reference` holds cached `chosen`/`rejected` log-probs."""
+    index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    sequences = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if reference is None:
+        return PairBatch(sequences, index)
+    return PairBatch(sequences, index, reference["chosen"][index], reference["rejected"][index])
+
+
+@dataclass
+class PairLogps:
+    """Summed answer log-probs and answer token counts of a PairBatch, [B] each."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+
+def pair_logps(model, batch: PairBatch) -> PairLogps:
+    """Chosen and rejected answers in ONE forward pass (the LM head at answer positions only)."""
+    found = token_logprobs(model, batch.sequences)
+    sums, counts = found.per_sequence(), found.counts()
+    n = batch.n_pairs
+    return PairLogps(sums[:n], sums[n:], counts[:n], counts[n:])
+
+
+def flat_pairs(pairs: list[EncodedPair]) -> list[TokenSequence]:
+    """[c0, r0, c1, r1, ...]: the pairs' sequences, for scoring in length-sorted batches."""
+    return [s for p in pairs for s in (p.chosen, p.rejected)]
+
+
+@torch.no_grad()
+def score_all(model, sequences: list[TokenSequence], *, pad_id: int, precision: Precision, batch_size: int,
+              accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label log-probs and label counts of every sequence, fp32 [N] each, on the in-memory model.
+
+    Each process scores a shard (batches sorted by length: little padding), then all gather the whole.
+    """
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(sequences), world))
+    sums, counts = score_sequences(accelerator.unwrap_model(model), [sequences[i] for i in mine], pad_id=pad_id,
+                                   precision=precision, batch_size=batch_size, device=accelerator.device)
+    found = list(zip(mine, sums.tolist(), counts.tolist(), strict=True))
+    if world > 1:
+        found = gather_object(found)
+    values, lengths = torch.zeros(len(sequences)), torch.zeros(len(sequences))
+    for i, value, count in found:
+        values[i], lengths[i] = value, count
+    return values, lengths
+
+
+def score_pairs(model, pairs: list[EncodedPair], **kwargs) -> PairLogps:
+    """`score_all` over pairs: their summed answer log-probs and answer lengths ([N] each)."""
+    values, lengths = score_all(model, flat_pairs(pairs), **kwargs)
+    return PairLogps(values[0::2], values[1::2], lengths[0::2], lengths[1::2])
+
+
+def reference_scores(model, sequences: list[TokenSequence], *, only=None, **kwargs) -> torch.Tensor:
+    """Summed answer log-probs under the reference: the same model with its adapter disabled (no second copy).
+
+    `only` (indices) scores just those sequences (the rest are NaN): a run of a few steps over a large data set
+    needs the reference of the examples it will visit, not of all of them.
+    """
+    index = list(range(len(sequences))) if only is None else sorted(int(i) for i in only)
+    values = torch.full((len(sequences),), float("nan"))
+    with reference_off(kwargs["accelerator"].unwrap_model(model)):
+        values[index] = score_all(model, [sequences[i] for i in index], **kwargs)[0]
+    return values
+
+
+def visited(sampler, total_steps: int) -> np.ndarray:
+    """The examples a run of `total_steps` steps will see (its batches are a function of the seed and the step)."""
+    if total_steps >= sampler.steps_per_epoch:
+        return np.arange(len(sampler.lengths))
+    return np.unique(np.concatenate([sampler.global_batch(step) for step in range(total_steps)]))
+
+
+def fingerprint(sequences: list[TokenSequence], *extra) -> str:
+    """A hash of token ids and labels (and `extra`): cached reference log-probs belong to exactly these."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for s in sequences:
+        digest.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(s.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
+    """Reference log-probs from `path` when they were written for the same `key` (see `fingerprint`), else
+    `compute()` them (all processes together) and write them there (main process).
+
+    They are computed once per run, before the first step: a resumed run reads them back (a fully fine-tuned
+    model has moved away from its reference by then, so this is also what makes its resume exact).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    accelerator.wait_for_everyone()
+    found = [None]
+    if accelerator.is_main_process and path.exists():
+        saved = torch.load(path, weights_only=False)
+        found = [saved["values"] if saved.get("key") == key else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    if found[0] is not None:
+        return found[0]
+    values = compute()
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"key": key, "values": values}, tmp)
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class AlignState:
+    """What the loop carries from step to step, saved in each checkpoint's state.json."""
+
+    step: int = 0
+    best_accuracy: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    monitor: dict = field(default_factory=dict)
+
+    def improves(self, accuracy: float, loss: float) -> bool:
+        """Higher validation accuracy, ties broken by lower validation loss."""
+        if self.best_step is None:
+            return True
+        if accuracy != self.best_accuracy:
+            return accuracy > self.best_accuracy
+        return loss < self.best_loss
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AlignState:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def check_enough(n: int, slots: int, task, what: str = "training pairs") -> None:
+    if n < slots:
+        raise HoneError(f"{n} {what} cannot fill {slots} micro-batches", where=task.source,
+                        fix="add training data, or lower grad_accum / the number of processes")
+
+
+# ------------------------------------------------------------------------------------------------ artifact
+
+
+def finish_artifact(*, task, method: str, kind: str, config: AlignConfig, program, run, accelerator, model,
+                    state: AlignState, best_file: Path, monitor, precision: Precision, trainable_params: int,
+                    total_params: int, extra_metrics: dict, save) -> Artifact:
+    """Load the best weights (when `select_best`), build the manifest, and write the artifact with `save`.
+
+    `save(artifact, path)` writes the method's files (adapter, full weights, a reward head) on the main process.
+    """
+    from safetensors.torch import load_file
+
+    from honellm.training.checkpoint import load_trainable_state
+
+    final = accelerator.unwrap_model(model)
+    if config.select_best and state.best_step is not None and state.best_step != state.step and best_file.exists():
+        load_trainable_state(final, load_file(best_file), where=str(best_file))
+    summary = monitor.summary()
+    metrics = {"best_step": state.best_step, "final_step": state.step,
+               "selected_step": state.best_step if config.select_best and state.best_step is not None else state.step,
+               **extra_metrics}
+    cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": accelerator.num_processes,
+            "precision": precision.name, "device": accelerator.device.type, **summary}
+    artifact = Artifact.create(name=f"{task.name}-{method}", method=method, kind=kind, base_model=task.config.model,
+                               program=program, task=task, config={"method": method, **config.model_dump(mode="json")},
+                               metrics=metrics, cost=cost, run_dir=str(run.path))
+    if accelerator.is_main_process:
+        save(artifact, run.path / "artifact")
+        run.log_metrics(event="done", **metrics, **summary)
+        run.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return artifact
+
+
+def stop_on_non_finite(err, *, monitor, checkpoints, run, step: int) -> HoneError:
+    """The user error for a non-finite loss: what happened and the last good checkpoint."""
+    monitor.close()
+    monitor.log(step + 1, event="non_finite_loss", message=err.what)
+    kept = checkpoints.latest()
+    return HoneError(err.what, where=str(run.path),
+                     fix=f"{err.fix}; the last good checkpoint is {kept}" if kept else
+                     f"{err.fix}; no checkpoint was written yet (set save_every to keep some)")

@@ -1,0 +1,227 @@
+"""The reward-model recipe: a scalar head on the task's base model (LoRA or full), trained on preference pairs with
+the Bradley-Terry loss -> Artifact of kind "reward_model" (see `honellm.reward.reward_model`).
+
+Read top to bottom: set up the processes and the run folder; load the model, apply the adapter, add the head;
+tokenize the pairs; check memory; loop (one optimizer step, log, evaluate pairwise accuracy on validation,
+checkpoint); keep the best weights; measure the score statistics; save.
+
+A micro-batch of B pairs is ONE batch of 2B sequences (chosen rows, then rejected rows): one forward, one
+backward. The LM head never runs: the backbone's final hidden state at each sequence's last token (the
+end-of-turn token after the answer) goes through the scalar head.
+
+Loss: `-log sigmoid(r_chosen - r_rejected)` (InstructGPT, https://arxiv.org/abs/2203.02155, Eq. 1), plus
+`center_coefficient * mean((r_c + r_r)^2)` when set (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244;
+TRL's `center_rewards_coefficient`). Departures from TRL's `RewardTrainer`: the head has no bias and is
+initialised with std 1/sqrt(hidden + 1) (Stiennon et al. 2020) where TRL uses the model config's
+`initializer_range`; truncation keeps the answer and drops the start of the prompt first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from honellm.prompting.program import PromptProgram
+from honellm.reward.losses import bradley_terry_loss, preference_metrics
+from honellm.reward.recipes import AlignMethod, register_align_method
+from honellm.reward.recipes.common import (
+    AlignConfig,
+    AlignState,
+    PairBatch,
+    check_enough,
+    collate_pairs,
+    encode_pairs,
+    finish_artifact,
+    flat_pairs,
+    load_trainable,
+    stop_on_non_finite,
+)
+from honellm.reward.reward_model import RewardModel
+from honellm.training.batching import LengthGroupedBatches
+from honellm.training.checkpoint import Checkpointer, save_trainable
+from honellm.training.logprobs import LossOutput
+from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.monitor import TrainingMonitor
+from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
+from honellm.training.precision import Precision
+from honellm.training.run_folder import every, open_run
+from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.step import NonFiniteLoss, TrainStep
+
+
+class RewardModelConfig(AlignConfig):
+    """A Bradley-Terry reward model: the shared settings, the reward model's learning rate, centring."""
+
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of AdamW (TRL's RewardTrainer default; ~1e-5 "
+                                              "with adapter=full)")
+    center_coefficient: float | None = Field(
+        None, ge=0, description="add this times mean((r_chosen + r_rejected)^2) to keep scores centred on 0 "
+                                "(None: off; 0.01 is the paper's value)")
+
+
+def reward_model_loss(module, batch: PairBatch, *, center_coefficient: float | None = None) -> LossOutput:
+    """Bradley-Terry loss of one micro-batch (chosen and rejected scored in ONE forward); sums over pairs."""
+    sequences = batch.sequences
+    scores = module(sequences.input_ids, sequences.attention_mask)
+    n = batch.n_pairs
+    chosen, rejected = scores[:n], scores[n:]
+    value, _ = bradley_terry_loss(chosen, rejected, center_coefficient=center_coefficient)
+    metrics = preference_metrics(chosen, rejected)  # rewards/chosen, rewards/rejected, rewards/accuracies, margins
+    return LossOutput(value * n, n, {k: float(v) * n for k, v in metrics.items()})
+
+
+def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: bool = False, force: bool = False):
+    """Train a reward model on the task's preference pairs -> Artifact (kind "reward_model")."""
+    method = "reward_model"
+
+    # --- processes, precision, run folder
+    accelerator = setup_accelerator()
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+    precision = Precision.resolve(config.precision, device)
+    run = open_run(task, method, config, out=out, resume=resume, force=force, accelerator=accelerator)
+
+    # --- model: the base with the adapter, plus a scalar head (fp32, trainable)
+    seed_everything(config.seed)
+    model, tokenizer = load_trainable(task, config, device, precision)
+    program = PromptProgram.from_task(task)
+    reward_model = RewardModel(model, tokenizer, program=program, max_length=config.max_length, precision=precision)
+    reward_model.head.to(device)
+    precision.cast_model(reward_model)
+    _, trainable_params, total_params = parameter_bytes(reward_model)
+    pad_id = tokenizer.pad_token_id
+
+    # --- data
+    train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
+    validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
+                               limit=config.eval_limit) if task.has_split("validation") else None)
+    slots = world * config.grad_accum
+    check_enough(len(train), slots, task)
+    sampler = LengthGroupedBatches([p.length for p in train], config.batch_size * slots, seed=config.seed, slots=slots)
+    per_epoch = sampler.steps_per_epoch
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
+    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    truncated = sum(p.truncated for p in train)
+    if truncated and is_main:
+        run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
+
+    # --- memory pre-flight: 2 x batch_size sequences, no LM head
+    longest = max(p.length for p in train)
+
+    def estimate_for(batch: int, length: int, checkpointing: bool):
+        return estimate_training_memory(
+            reward_model, micro_batch_size=2 * batch, seq_len=min(length, longest),
+            gradient_checkpointing=checkpointing, loss_tokens=0, compute_dtype=precision.compute_dtype,
+            distributed=world > 1, device_type=device.type)
+
+    memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
+                          grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
+                          device=device, limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full")
+
+    # --- optimizer, schedule, accelerator, resume
+    optimizer = build_optimizer(reward_model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
+    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
+                              min_ratio=config.min_lr_ratio)
+    module, optimizer = accelerator.prepare(reward_model, optimizer)
+    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
+    best_file = run.path / "checkpoints" / "best.safetensors"
+    state = AlignState()
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        state = AlignState.from_dict(checkpoints.restore(latest, model=module, optimizer=optimizer, schedule=schedule))
+    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
+                              desc=f"{method} {task.name}")
+    monitor.load_state_dict(state.monitor)
+    if is_main:
+        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+                        steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
+                        trainable_params=trainable_params, total_params=total_params,
+                        estimated_peak_memory_bytes=memory.total)
+    train_step = TrainStep(accelerator, module, optimizer, schedule, precision=precision,
+                           max_grad_norm=config.max_grad_norm)
+
+    def loss_fn(module, batch: PairBatch) -> LossOutput:
+        return reward_model_loss(module, batch, center_coefficient=config.center_coefficient)
+
+    def evaluate() -> dict:
+        """Pairwise accuracy, mean margin and loss of the reward model on the validation pairs."""
+        chosen, rejected = score_pairs_sharded(reward_model, validation, batch_size=config.eval_batch_size,
+                                               accelerator=accelerator)
+        value, metrics = bradley_terry_loss(chosen, rejected)
+        return {"val_loss": float(value), "val_accuracy": float(metrics["accuracy"]),
+                "val_margin": float(metrics["margin"]), "val_mean_reward": float(metrics["mean_reward"])}
+
+    # --- the loop
+    while state.step < total_steps:
+        micro_batches = [collate_pairs([train[i] for i in index], index, pad_id)
+                         for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
+                                                            grad_accum=config.grad_accum)]
+        try:
+            result = train_step(micro_batches, loss_fn, step=state.step)
+        except NonFiniteLoss as err:
+            raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
+        state.step += 1
+        log = state.step % config.log_every == 0 or state.step == total_steps
+        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
+
+        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
+            scores = evaluate()
+            if state.improves(scores["val_accuracy"], scores["val_loss"]):
+                state.best_accuracy, state.best_loss, state.best_step = (scores["val_accuracy"], scores["val_loss"],
+                                                                         state.step)
+                if is_main and config.select_best:
+                    save_trainable(best_file, accelerator.unwrap_model(module))
+            monitor.log(state.step, event="eval", **scores, best_step=state.best_step)
+            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if save_every and state.step < total_steps and state.step % save_every == 0:
+            state.monitor = monitor.state_dict()
+            checkpoints.save(state.step, model=module, optimizer=optimizer, schedule=schedule, state=state.to_dict())
+    monitor.close()
+    accelerator.wait_for_everyone()
+
+    # --- keep the best weights, measure the score statistics, save
+    def save(artifact, path) -> None:
+        """Adapter (or full weights) + the head + reward_model.json, with the scores' mean and std measured on
+        the validation answers (the training pairs when there is no validation split)."""
+        measured = validation if validation is not None else train[: config.eval_limit]
+        scores = np.asarray(reward_model.score_sequences(flat_pairs(measured), batch_size=config.eval_batch_size))
+        reward_model.stats = {"score_mean": float(scores.mean()), "score_std": float(scores.std()),
+                              "stats_split": "validation" if validation is not None else "train"}
+        artifact.manifest.metrics.update({k: v for k, v in reward_model.stats.items() if k != "stats_split"})
+        full = config.adapter == "full"
+        artifact.save(path, force=True, model=reward_model.model, tokenizer=tokenizer if full else None,
+                      extra_files=reward_model.head_files())
+
+    extra = ({"val_accuracy": state.best_accuracy, "val_loss": state.best_loss}
+             if state.best_step is not None else {})
+    return finish_artifact(task=task, method=method, kind="reward_model", config=config, program=program, run=run,
+                           accelerator=accelerator, model=module, state=state, best_file=best_file, monitor=monitor,
+                           precision=precision, trainable_params=trainable_params, total_params=total_params,
+                           extra_metrics=extra, save=save)
+
+
+def score_pairs_sharded(reward_model: RewardModel, pairs, *, batch_size: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected answers of `pairs` ([N] each), each process scoring a shard."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sequences = flat_pairs(pairs)
+    mine = list(range(rank, len(sequences), world))
+    found = list(zip(mine, reward_model.score_sequences([sequences[i] for i in mine], batch_size=batch_size),
+                     strict=True))
+    if world > 1:
+        found = gather_object(found)
+    values = torch.zeros(len(sequences))
+    for i, value in found:
+        values[i] = value
+    return values[0::2], values[1::2]
+
+
+register_align_method(AlignMethod("reward_model", RewardModelConfig, train_reward_model,
+                                  "Bradley-Terry reward model: a scalar head on the base (LoRA or full)",
+                                  "https://arxiv.org/abs/2203.02155"))

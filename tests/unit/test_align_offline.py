@@ -1,0 +1,262 @@
+"""Offline preference recipes on the tiny model: the registry, the reference (adapter disabled = the base model,
+computed once), the one-forward pair batch, the recipe losses against the pure losses, evaluation and resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from honellm.errors import HoneError
+from honellm.evaluation import evaluate
+from honellm.models import load
+from honellm.prompting.program import PromptProgram
+from honellm.reward.losses import PreferenceLogps, get_preference_loss
+from honellm.reward.recipes import align_task, all_align_methods, get_align_method
+from honellm.reward.recipes.common import (
+    AlignConfig,
+    collate_pairs,
+    encode_pairs,
+    pair_logps,
+    reference_scores,
+    score_pairs,
+)
+from honellm.reward.recipes.preference import (
+    KTOConfig,
+    UnpairedBatch,
+    kl_partners,
+    kto_loss_fn,
+    preference_loss_fn,
+)
+from honellm.runs import read_metrics
+from honellm.task import Task
+from honellm.testing import make_tiny_preference_task, make_tiny_task
+from honellm.training.batching import collate
+from honellm.training.logprobs import sequence_logprobs
+from honellm.training.precision import Precision
+from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.tuning import get_method
+
+FP32 = Precision(torch.float32, "cpu")
+PAIRED = ["dpo", "ipo", "cdpo", "orpo", "simpo"]
+QUICK = ["max_steps=2", "batch_size=4", "eval_batch_size=32", "r=4"]
+
+
+@pytest.fixture(scope="module")
+def task_yaml(tiny_model_dir, tmp_path_factory):
+    return make_tiny_preference_task(tmp_path_factory.mktemp("prefs"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def task(task_yaml):
+    return Task.load(task_yaml)
+
+
+def _lora_model(tiny_model_dir, *, moved: bool = True):
+    """The tiny model with a LoRA adapter whose B is non-zero (so the adapter changes the outputs)."""
+    seed_everything(0)
+    model, tokenizer = load(tiny_model_dir, dtype="fp32", device="cpu")
+    model = get_method("lora").apply(model, AlignConfig(r=4), str(tiny_model_dir))
+    if moved:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.2)
+    return model.train(), tokenizer
+
+
+def _pairs(task, tokenizer, n=6):
+    return encode_pairs(task, PromptProgram.from_task(task), tokenizer, "train", max_length=64, limit=n)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_every_method_is_registered_once_with_a_documented_config():
+    methods = all_align_methods()
+    assert {"reward_model", "dpo", "ipo", "cdpo", "kto", "orpo", "simpo"} <= set(methods)
+    for method in methods.values():
+        assert method.summary and method.data
+        for name, field in method.config.model_fields.items():
+            assert field.description, f"{method.name}.{name} has no description"
+            assert not field.is_required(), f"{method.name}.{name} has no default"
+
+
+def test_unknown_names_suggest_the_closest(task_yaml):
+    with pytest.raises(HoneError, match="did you mean 'dpo'"):
+        get_align_method("dpp")
+    with pytest.raises(HoneError, match="did you mean 'beta'"):
+        align_task(str(task_yaml), "dpo", ["betta=0.2"])
+
+
+def test_a_task_without_pairs_is_refused_before_loading_a_model(tiny_model_dir, tmp_path):
+    sft_task = make_tiny_task(tmp_path / "sft", tiny_model_dir)
+    with pytest.raises(HoneError) as info:
+        align_task(str(sft_task), "dpo", QUICK, out=str(tmp_path / "run"))
+    assert "dpo trains on preference data" in info.value.what and "chosen" in info.value.fix
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the pieces
+
+
+def test_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_dir, task):
+    model, tokenizer = _lora_model(tiny_model_dir)
+    pairs = _pairs(task, tokenizer)
+    sequences = [s for p in pairs for s in (p.chosen, p.rejected)]
+    kwargs = {"pad_id": tokenizer.pad_token_id, "precision": FP32, "batch_size": 4, "accelerator": setup_accelerator()}
+    reference = reference_scores(model, sequences, **kwargs)
+    base, _ = load(tiny_model_dir, dtype="fp32", device="cpu")
+    expected, _ = sequence_logprobs(base, collate(sequences, tokenizer.pad_token_id))
+    torch.testing.assert_close(reference, expected.float(), rtol=1e-5, atol=1e-5)
+    policy = score_pairs(model, pairs, **kwargs)  # the adapter is back on afterwards: different values
+    assert not torch.allclose(policy.chosen, reference[0::2], atol=1e-3)
+    assert model.training  # the mode is restored
+
+
+def test_chosen_and_rejected_in_one_forward_equal_two_forwards(tiny_model_dir, task):
+    model, tokenizer = _lora_model(tiny_model_dir)
+    pairs = _pairs(task, tokenizer)
+    calls = []
+    hook = model.get_base_model().model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        joint = pair_logps(model, collate_pairs(pairs, list(range(len(pairs))), tokenizer.pad_token_id))
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    chosen, chosen_n = sequence_logprobs(model, collate([p.chosen for p in pairs], tokenizer.pad_token_id))
+    rejected, rejected_n = sequence_logprobs(model, collate([p.rejected for p in pairs], tokenizer.pad_token_id))
+    torch.testing.assert_close(joint.chosen, chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joint.rejected, rejected, rtol=1e-5, atol=1e-5)
+    assert joint.chosen_lengths.tolist() == chosen_n.tolist() and joint.rejected_lengths.tolist() == rejected_n.tolist()
+
+
+@pytest.mark.parametrize("method", PAIRED)
+def test_recipe_loss_equals_the_pure_loss(tiny_model_dir, task, method):
+    model, tokenizer = _lora_model(tiny_model_dir)
+    pairs = _pairs(task, tokenizer)
+    config = get_align_method(method).config()
+    ref = {"chosen": -torch.rand(len(pairs)) * 20, "rejected": -torch.rand(len(pairs)) * 20}
+    batch = collate_pairs(pairs, list(range(len(pairs))), tokenizer.pad_token_id, ref)
+    out = preference_loss_fn(method, config.loss_hparams())(model, batch)
+    assert out.count == len(pairs)
+
+    chosen, chosen_n = sequence_logprobs(model, collate([p.chosen for p in pairs], tokenizer.pad_token_id))
+    rejected, rejected_n = sequence_logprobs(model, collate([p.rejected for p in pairs], tokenizer.pad_token_id))
+    expected, metrics = get_preference_loss(method)(
+        PreferenceLogps(chosen, rejected, chosen_n, rejected_n, ref["chosen"], ref["rejected"]),
+        **config.loss_hparams())
+    torch.testing.assert_close(out.total / out.count, expected, rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert out.metrics[key] / out.count == pytest.approx(float(metrics[key]), rel=1e-4, abs=1e-6)
+    out.total.backward()  # the gradient reaches the adapter
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_kto_recipe_loss_equals_the_pure_loss(tiny_model_dir, task):
+    model, tokenizer = _lora_model(tiny_model_dir)
+    pairs = _pairs(task, tokenizer, n=4)
+    sequences = [p.chosen for p in pairs[:3]] + [p.rejected for p in pairs]  # 3 desirable, 4 undesirable
+    desirable = torch.tensor([True] * 3 + [False] * 4)
+    ref = -torch.rand(len(sequences)) * 20
+    kl_policy, kl_ref = torch.tensor([-12.0]), torch.tensor([-12.5])  # z = 0.5
+    hparams = KTOConfig(beta=0.5).loss_hparams()
+    batch = UnpairedBatch(collate(sequences, tokenizer.pad_token_id), torch.arange(len(sequences)), desirable, ref,
+                          kl_policy, kl_ref)
+    out = kto_loss_fn(hparams)(model, batch)
+    logps, lengths = sequence_logprobs(model, collate(sequences, tokenizer.pad_token_id))
+    expected, metrics = get_preference_loss("kto")(
+        PreferenceLogps(logps[:3], logps[3:], lengths[:3], lengths[3:], ref[:3], ref[3:], kl=kl_policy, ref_kl=kl_ref),
+        **hparams)
+    torch.testing.assert_close(out.total / out.count, expected, rtol=1e-5, atol=1e-6)
+    assert float(metrics["kl"]) == pytest.approx(0.5)
+    assert out.metrics["rewards/chosen"] / 3 == pytest.approx(float(metrics["rewards/chosen"]), rel=1e-4)
+
+
+def test_kto_mismatched_pairs_never_share_a_prompt(task):
+    examples = task.unpaired("train")
+    partner = kl_partners(examples, seed=0)
+    assert all(examples[i].prompt != examples[j].prompt for i, j in enumerate(partner))
+    assert kl_partners(examples, seed=0) == partner  # fixed for the run: its reference log-probs can be cached
+
+
+# ------------------------------------------------------------------------------------------------ the recipes
+
+
+@pytest.mark.parametrize("method", [*PAIRED, "kto"])
+def test_each_method_trains_logs_and_saves_an_adapter(task_yaml, tmp_path, method):
+    out = tmp_path / "run"
+    art = align_task(str(task_yaml), method, [*QUICK, "eval_every=1", "lr=1e-2"], out=str(out))
+    assert art.kind == "adapter" and art.manifest.method == method and (out / "artifact" / "adapter").is_dir()
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "tokens_per_second"):
+        assert all(key in r for r in steps), key
+    evals = [r for r in rows if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in evals)
+    assert art.manifest.metrics["val_accuracy"] == max(r["val_accuracy"] for r in evals)
+    assert (out / "reference_logps.pt").exists() == (method not in ("orpo", "simpo"))
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "simpo"])
+def test_training_moves_the_policy_towards_the_chosen_answers(tiny_model_dir, tmp_path, method):
+    """The chosen answer is always "yes" and the rejected "no": a few steps must rank every held-out pair right
+    (the signs of log-ratios, rewards and the loss are the right way round)."""
+    import json
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    for split, n in (("train", 16), ("validation", 8)):
+        rows = [{"prompt": f"Question {i}: is it a warm film?", "chosen": "yes", "rejected": "no"} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "task.yaml").write_text(f"name: yes-no\nmodel: {tiny_model_dir}\n"
+                                      "data: {train: train.jsonl, validation: validation.jsonl}\n")
+    art = align_task(str(folder / "task.yaml"), method, ["max_steps=6", "batch_size=4", "eval_every=6", "lr=3e-2",
+                                                          "r=4", "warmup_ratio=0"], out=str(tmp_path / "run"))
+    assert art.manifest.metrics["val_accuracy"] == 1.0
+
+
+def test_eval_of_a_dpo_artifact_reports_implicit_reward_accuracy(task_yaml, task, tmp_path):
+    art = align_task(str(task_yaml), "dpo", [*QUICK, "eval_every=0", "lr=1e-2", "beta=0.3"], out=str(tmp_path / "run"))
+    result = evaluate(tmp_path / "run" / "artifact", task, "validation", progress=False)
+    assert result.metric == "preference_accuracy" and result.n == 16 and 0 <= result.score <= 1
+    assert result.extras["preference_scorer"] == "implicit_reward_margins"
+    assert result.ci95[0] <= result.score <= result.ci95[1]
+    # the margins are beta * (policy log-ratio gap - reference log-ratio gap), measured here by hand
+    model, tokenizer = art.load_model(dtype="fp32", device="cpu")
+    pairs = encode_pairs(task, art.program, tokenizer, "validation", max_length=1024)
+    kwargs = {"pad_id": tokenizer.pad_token_id, "precision": FP32, "batch_size": 8, "accelerator": setup_accelerator()}
+    policy = score_pairs(model, pairs, **kwargs)
+    reference = reference_scores(model, [s for p in pairs for s in (p.chosen, p.rejected)], **kwargs)
+    margins = 0.3 * ((policy.chosen - reference[0::2]) - (policy.rejected - reference[1::2]))
+    found = torch.tensor([r.details["margin"] for r in result.records])
+    torch.testing.assert_close(found, margins, atol=2e-2, rtol=5e-2)  # bf16 evaluation vs fp32 here
+    assert (found > 0).tolist() == (margins > 0).tolist() or torch.all(margins.abs() < 1e-2)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_resume_ends_at_the_same_weights_and_reuses_the_reference(task_yaml, tmp_path, adapter):
+    args = ["max_steps=4", "save_every=2", "eval_every=2", "batch_size=4", "lr=1e-2", f"adapter={adapter}",
+            "precision=fp32"]
+    if adapter == "full":
+        args[4] = "lr=1e-4"
+    out = tmp_path / "run"
+    align_task(str(task_yaml), "dpo", args, out=str(out))
+    folder = "adapter" if adapter == "lora" else "model"
+    straight = load_file(next((out / "artifact" / folder).glob("*.safetensors")))
+    reference = torch.load(out / "reference_logps.pt", weights_only=False)
+    # Pretend the run stopped after the checkpoint of step 2, then resume it.
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000002"]
+    shutil.rmtree(out / "artifact")
+    align_task(str(task_yaml), "dpo", args, out=str(out), resume=True)
+    resumed = load_file(next((out / "artifact" / folder).glob("*.safetensors")))
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    again = torch.load(out / "reference_logps.pt", weights_only=False)
+    assert again["key"] == reference["key"]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert next(r for r in rows if r.get("event") == "resume")["step"] == 2
