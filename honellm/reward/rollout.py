@@ -45,10 +45,12 @@ from honellm.training.step import StepResult
 
 
 class PolicyConfig(TrainingConfig):
-    """What every recipe that samples from its policy shares (GRPO, RLOO, PPO, rejection sampling): a LoRA policy,
-    how completions are sampled, and the reward they are scored by."""
+    """What every recipe that samples from its policy shares (GRPO, RLOO, PPO, rejection sampling): an adapter
+    policy (LoRA by default), how completions are sampled, and the reward they are scored by."""
 
-    # --- the policy: LoRA on the base; the reference is the same model with the adapter disabled
+    # --- the policy: an adapter on the base; the reference is the same model with the adapter disabled
+    adapter: Literal["lora", "rslora", "dora"] = Field("lora", description="the policy's adapter (the reference is "
+                                                                            "the base: the adapter disabled)")
     r: int = Field(16, ge=1, description="LoRA rank of the policy")
     alpha: float = Field(32, gt=0, description="LoRA scale: the update is multiplied by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input (0 keeps the ratio exact)")
@@ -326,11 +328,11 @@ def proxy_reward(task, config: PolicyConfig) -> RewardSource:
     return RewardSource(functions, model, config.reward_model_weight)
 
 
-def gold_reward(task, config: OnlineRLConfig) -> RewardSource | None:
-    """What the guard watches as gold: `gold_reward_model`, else the task's `gold_rewards`, else the task's metric
-    when it reads generated text (e.g. numeric_match on the reference). None when there is nothing to watch."""
-    if config.gold_reward_model:
-        model = load_reward_model_artifact(config.gold_reward_model, where="gold_reward_model")
+def gold_reward(task, reward_model: str | None = None) -> RewardSource | None:
+    """What the guard watches as gold: `reward_model` (an artifact folder), else the task's `gold_rewards`, else the
+    task's metric when it reads generated text (e.g. numeric_match on the reference). None: nothing to watch."""
+    if reward_model:
+        model = load_reward_model_artifact(reward_model, where="gold_reward_model")
         return RewardSource(None, model, 1.0, model_name="gold_reward_model")
     if task.config.gold_rewards:
         return RewardSource(task.reward(gold=True))
@@ -547,17 +549,11 @@ def _round(value):
 
 
 def load_policy(task, config: PolicyConfig, precision: Precision, device):
-    """The task's base model with a fresh LoRA adapter, cast by the precision policy; `(model, tokenizer)`."""
-    from honellm.models import load, resolve
-    from honellm.tuning.methods import LoraConfig, apply_lora
+    """The task's base model with a fresh adapter (`config.adapter`), cast by the precision policy;
+    `(model, tokenizer)`. The reference is this model with its adapter disabled."""
+    from honellm.reward.recipes.common import load_trainable
 
-    model, tokenizer = load(task.config.model, dtype=precision.name, device=str(device))
-    model.config.use_cache = False
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.target_modules)
-    model = apply_lora(model, lora, str(resolve(task.config.model).path))
-    precision.cast_model(model)
+    model, tokenizer = load_trainable(task, config, device, precision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

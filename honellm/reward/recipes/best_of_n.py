@@ -35,6 +35,7 @@ from pydantic import Field
 from honellm.artifact import Artifact
 from honellm.config import Config
 from honellm.errors import HoneError
+from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import RewardSource, load_reward_model_artifact
 
 
@@ -61,8 +62,8 @@ def best_of_n(task, config: BestOfNConfig | None = None, *, out: str | Path | No
               force: bool = False) -> Artifact:
     """Make the best-of-n artifact of `config.policy` (or the base model) on `task`, evaluate it, save it."""
     config = config or BestOfNConfig()
+    from honellm.training.run_folder import open_run
     from honellm.training.setup import setup_accelerator
-    from honellm.tuning.sft import open_run
 
     if resume:
         raise HoneError("best-of-n trains nothing, so there is nothing to resume", where="--resume",
@@ -96,23 +97,32 @@ def best_of_n(task, config: BestOfNConfig | None = None, *, out: str | Path | No
     if accelerator.is_main_process:
         artifact.save(folder, force=True, extra_files=extra, pool=pool)
 
-    # --- evaluate it (and record the score in its manifest), unless asked not to
+    # --- evaluate it (and record the score in its manifest), unless asked not to; its cost is the evaluation's
+    artifact = Artifact.load(folder)
+    model, tokenizer = artifact.load_model()
+    total_params = sum(p.numel() for p in model.parameters())
+    cost = {"trainable_params": 0, "total_params": total_params, "processes": 1, "device": str(next(
+            model.parameters()).device.type), "precision": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "train_steps": 0, "train_tokens": 0, "train_seconds": 0.0, "tokens_per_second": 0.0,
+            "peak_memory_bytes": 0, "samples_per_request": config.n}
+    metrics = {}
     if config.eval_limit != 0 and task.has_split(config.eval_split) and accelerator.is_main_process:
         from honellm.evaluation.evaluate import evaluate, record_in_manifest
 
-        saved = Artifact.load(folder)
-        result = evaluate(saved, task, config.eval_split, config.eval_limit, seed=config.seed,
-                          progress=False)
-        record_in_manifest(saved, result)
+        result = evaluate(artifact, task, config.eval_split, config.eval_limit, model=model, tokenizer=tokenizer,
+                          seed=config.seed, progress=False)
+        record_in_manifest(artifact, result)
         metrics = {f"val_{result.metric}": result.score, "eval_n": result.n}
-        saved.update_manifest(metrics={**saved.manifest.metrics, **metrics})
+        cost |= {"peak_memory_bytes": int((result.cost.peak_memory_mb or 0) * 2**20),
+                 "completion_tokens_per_request": result.cost.completion_tokens_per_example,
+                 "requests_per_second": result.cost.examples_per_second}
         run.log_metrics(event="eval", split=config.eval_split, **metrics)
-        artifact = saved
     if accelerator.is_main_process:
+        artifact.update_manifest(metrics={**artifact.manifest.metrics, **metrics}, cost=cost)
         run.log_metrics(event="done", n=config.n)
         run.close()
     accelerator.wait_for_everyone()
-    return Artifact.load(folder) if accelerator.is_main_process else artifact
+    return artifact
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,3 +228,8 @@ class BestOfNGenerator:
 
 def _finite(value: float) -> float:
     return value if not math.isnan(value) else -math.inf
+
+
+register_align_method(AlignMethod("best_of_n", BestOfNConfig, best_of_n, "best-of-n at inference: sample n answers, "
+                                  "serve the one the reward scores highest (no training)",
+                                  "https://arxiv.org/abs/2112.09332", ("reference", "sft")))

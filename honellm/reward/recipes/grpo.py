@@ -44,6 +44,7 @@ from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
 from honellm.reward.losses import grpo_advantages, kl_k1, policy_gradient_loss, rloo_advantages
+from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     OnlineRLConfig,
     OnlineState,
@@ -202,6 +203,15 @@ def rloo(task, config: RLOOConfig | None = None, *, out: str | Path | None = Non
     return train_policy_gradient(task, RLOO, config or RLOOConfig(), out=out, resume=resume, force=force)
 
 
+ONLINE_DATA = ("reference", "sft")  # prompts (with whatever the rewards read); a target is optional
+
+register_align_method(AlignMethod("grpo", GRPOConfig, grpo, "group relative policy optimisation: online RL on the "
+                                  "task's rewards, group-normalised advantages, k3 KL in the loss",
+                                  "https://arxiv.org/abs/2402.03300", ONLINE_DATA))
+register_align_method(AlignMethod("rloo", RLOOConfig, rloo, "REINFORCE leave-one-out: online RL on the task's "
+                                  "rewards, KL penalty in the reward", "https://arxiv.org/abs/2402.14740", ONLINE_DATA))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -211,7 +221,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     """GRPO or RLOO on `task` (see the module docstring); the run folder is laid out as `hone tune`'s."""
     if not isinstance(config, method.config):
         raise TypeError(f"{method.name} takes a {method.config.__name__}, not a {type(config).__name__}")
-    from honellm.tuning.sft import open_run
+    from honellm.training.run_folder import open_run
 
     # --- processes, precision, run folder
     accelerator = setup_accelerator()
@@ -234,7 +244,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     held_out = (encode_prompts(task, program, tokenizer, "validation", limit=config.guard_prompts,
                                max_prompt_tokens=max_prompt) if check_every else None)
     proxy = proxy_reward(task, config)
-    gold = gold_reward(task, config) if held_out is not None else None
+    gold = gold_reward(task, config.gold_reward_model) if held_out is not None else None
     if len(train) < world * config.prompts_per_step:
         raise HoneError(f"{len(train)} training prompts cannot fill a step of {config.prompts_per_step} prompts on "
                         f"{world} process(es)", where=task.source, fix="lower prompts_per_step, or add prompts")

@@ -38,6 +38,7 @@ from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
 from honellm.reward.losses import gae, kl_k1, kl_k3, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss
+from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     OnlineRLConfig,
     OnlineState,
@@ -151,7 +152,7 @@ def ppo(task, config: PPOConfig | None = None, *, out: str | Path | None = None,
     """Train the task's model with PPO on its reward; return the Artifact (the policy's LoRA adapter; the value
     head is kept beside it in `value_head.safetensors`)."""
     config = config or PPOConfig()
-    from honellm.tuning.sft import open_run
+    from honellm.training.run_folder import open_run
 
     # --- processes, precision, run folder
     accelerator = setup_accelerator()
@@ -175,7 +176,7 @@ def ppo(task, config: PPOConfig | None = None, *, out: str | Path | None = None,
     held_out = (encode_prompts(task, program, tokenizer, "validation", limit=config.guard_prompts,
                                max_prompt_tokens=max_prompt) if check_every else None)
     proxy = proxy_reward(task, config)
-    gold = gold_reward(task, config) if held_out is not None else None
+    gold = gold_reward(task, config.gold_reward_model) if held_out is not None else None
     if len(train) < world * config.prompts_per_step:
         raise HoneError(f"{len(train)} training prompts cannot fill a step of {config.prompts_per_step} prompts on "
                         f"{world} process(es)", where=task.source, fix="lower prompts_per_step, or add prompts")
@@ -410,3 +411,8 @@ def whiten_advantages(batches: list[RolloutBatch]) -> None:
         n = int(mask.sum())
         b.data["advantages"] = scatter_tokens(whitened[start:start + n], mask.float())
         start += n
+
+
+register_align_method(AlignMethod("ppo", PPOConfig, ppo, "PPO, classic RLHF: KL-penalised reward (a reward model or "
+                                  "the task's rewards), GAE, a value head on the LoRA policy",
+                                  "https://arxiv.org/abs/2203.02155", ("reference", "sft")))
