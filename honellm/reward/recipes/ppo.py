@@ -322,6 +322,7 @@ def ppo(task, config: PPOConfig | None = None, *, out: str | Path | None = None,
             "generation_seconds": round(rollouts.seconds, 3),
             "scoring_seconds": round(score_seconds, 3),
             "training_seconds": round(train_seconds, 3),
+            "reference_seconds": round(prepare_seconds, 3),  # reference (and old) log-probs, before the updates
             "generation_share": round(rollouts.seconds / step_seconds, 4) if step_seconds > 0 else None,
             "generation_tokens_per_second": round(rollouts.generated_tokens / max(rollouts.seconds, 1e-9), 1),
             "training_tokens_per_second": round(step_result.tokens / max(train_seconds, 1e-9), 1),
