@@ -260,3 +260,39 @@ def test_resume_ends_at_the_same_weights_and_reuses_the_reference(task_yaml, tmp
     assert again["key"] == reference["key"]
     rows = read_metrics(out / "metrics.jsonl")
     assert next(r for r in rows if r.get("event") == "resume")["step"] == 2
+
+
+def test_the_reference_is_computed_once_for_the_visited_pairs_only(task_yaml, tmp_path):
+    out = tmp_path / "run"
+    align_task(str(task_yaml), "dpo", ["max_steps=2", "batch_size=4", "eval_every=0", "r=4"], out=str(out))
+    saved = torch.load(out / "reference_logps.pt", weights_only=False)["values"]
+    train = saved["train"]["chosen"]
+    assert train.shape == (32,) and int((~train.isnan()).sum()) == 8  # 2 steps x 4 pairs of 32
+    assert not saved["validation"]["chosen"].isnan().any()
+    event = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "reference")
+    assert event["pairs"] == 8 and event["seconds"] >= 0
+
+
+def test_adapter_inputs_stay_in_bf16_with_identical_results(tiny_model_dir, task):
+    from honellm.reward.recipes.common import keep_adapter_inputs_in_compute_dtype
+
+    bf16 = Precision(torch.bfloat16, "cpu")
+    model, tokenizer = _lora_model(tiny_model_dir)
+    bf16.cast_model(model)
+    pairs = _pairs(task, tokenizer)
+    batch = collate_pairs(pairs, list(range(len(pairs))), tokenizer.pad_token_id,
+                          {"chosen": torch.zeros(len(pairs)), "rejected": torch.zeros(len(pairs))})
+    loss_fn = preference_loss_fn("dpo", {"beta": 0.1})
+
+    def run():
+        model.zero_grad()
+        with bf16.autocast():
+            out = loss_fn(model, batch)
+        out.total.backward()
+        return out.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    keep_adapter_inputs_in_compute_dtype(model)
+    loss_after, grads_after = run()
+    assert torch.equal(loss, loss_after) and grads.keys() == grads_after.keys()
+    assert all(torch.equal(grads[n], grads_after[n]) for n in grads)

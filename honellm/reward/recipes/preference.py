@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import math
 import random
+import time
 
 import numpy as np
 import torch
@@ -236,7 +237,10 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
 
         key = fingerprint(sequences["train"] + sequences["validation"], task.config.model, config.adapter,
                           seen.tolist())
+        started = time.perf_counter()
         reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
+        if is_main:
+            run.log_metrics(event="reference", pairs=len(seen), seconds=round(time.perf_counter() - started, 2))
 
     # --- optimizer, schedule, accelerator, resume
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
@@ -468,7 +472,10 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                 "validation": reference_scores(model, val_sequences, **score_kwargs)}
 
     key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter, seen.tolist())
+    started = time.perf_counter()
     reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
+    if is_main:
+        run.log_metrics(event="reference", completions=len(seen), seconds=round(time.perf_counter() - started, 2))
 
     # --- optimizer, schedule, accelerator, resume
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)

@@ -1,0 +1,239 @@
+"""DPO step time and peak memory: Hone's DPO recipe against TRL's `DPOTrainer`, same data and settings.
+
+Both sides train a LoRA adapter (same rank, alpha, target modules, no dropout) on the same base model with the
+same bf16 policy (frozen weights bf16, adapter fp32, bf16 autocast), batch size, max length, optimizer settings
+(AdamW, constant lr, no warmup, clip 1.0) and gradient checkpointing setting, on the same HH-RLHF pairs. The pairs
+are the first ones whose chosen and rejected sequences are within 64 tokens below `--max-length`, so that neither
+side truncates and the two samplers' different orders pad about the same. The reference log-probs are computed
+before training on both sides (TRL `precompute_ref_log_probs=True`, what Hone always does); `--trl-reference
+both` adds TRL's default, a reference forward with the adapter disabled at every step.
+
+Each side runs in its own subprocess (a clean peak RSS / CUDA peak), trains `--warmup` + `--steps` steps, and
+reports the median wall time of the timed steps (batch collation included), the tokens they forward, and the
+peak memory of the process (CPU: peak RSS; CUDA: `torch.cuda.max_memory_allocated`). It prints figures and
+the ratio; it asserts nothing. Runs on CUDA when a GPU is present (the same command).
+
+    python bench/bench_dpo.py [--model smollm2-135m-instruct] [--batch-size 4] [--max-length 256] [--steps 6]
+                              [--trl-reference precompute|both] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MARK = "BENCH "
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def prepare_data(args, folder: Path) -> Path:
+    """Write the benchmark's pairs (conversational prompt/chosen/rejected) to `folder/pairs.jsonl`."""
+    from honellm.models import load_tokenizer
+    from honellm.prompting.program import PromptProgram
+    from honellm.reward.recipes.common import encode_pairs
+    from honellm.task import Task
+
+    task = Task.load(ROOT / "examples" / "hh_rlhf.yaml", [f"model={args.model}"])
+    tokenizer = load_tokenizer(args.model)
+    program = PromptProgram.from_task(task)
+    pairs = task.pairs("train")
+    encoded = encode_pairs(task, program, tokenizer, "train", max_length=10**6)
+    low, high = args.max_length - 64, args.max_length - 2  # TRL's template adds a newline after the end of turn
+    keep = [i for i, e in enumerate(encoded) if low <= e.length <= high]
+    need = (args.warmup + args.steps) * args.batch_size
+    if len(keep) < need:
+        raise SystemExit(f"only {len(keep)} pairs of {low}-{high} tokens; lower --steps or --batch-size")
+    path = folder / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in keep[:need]:
+            p = pairs[i]
+            handle.write(json.dumps({"prompt": program.chat_messages(p.prompt), "chosen": p.chosen,
+                                     "rejected": p.rejected}) + "\n")
+    return path
+
+
+def peak_memory(device: str) -> int:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+
+
+def run_hone(args, data: Path, out: Path) -> dict:
+    """The DPO recipe itself (`hone align --method dpo`), timed from its metrics.jsonl."""
+    import torch
+
+    from honellm.reward.recipes.preference import DPOConfig, train_preference
+    from honellm.runs import read_metrics
+    from honellm.task import Task
+
+    task = Task.from_config({"name": "bench-dpo", "model": args.model, "data": {"train": str(data)}})
+    config = DPOConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                       r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
+                       eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
+                       gradient_checkpointing=args.gradient_checkpointing)
+    started = time.perf_counter()
+    train_preference(task, config, method="dpo", out=out)
+    total = time.perf_counter() - started
+    rows = read_metrics(out / "metrics.jsonl")
+    start = next(r for r in rows if r.get("event") == "start")
+    steps = [r for r in rows if "loss" in r]
+    times = [start["time"]] + [r["time"] for r in steps]
+    seconds = [b - a for a, b in zip(times, times[1:], strict=False)][args.warmup:]
+    tokens = [r["tokens"] for r in steps][args.warmup:]
+    reference = next(r for r in rows if r.get("event") == "reference")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"side": "hone", "step_seconds": statistics.median(seconds), "tokens_per_step": statistics.mean(tokens),
+            "reference_seconds": reference["seconds"], "peak_memory_bytes": peak_memory(device),
+            "losses": [r["loss"] for r in steps], "total_seconds": round(total, 1), "device": device}
+
+
+def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
+    """TRL's DPOTrainer with the same model, LoRA, batch, lengths and bf16 policy."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from honellm.hardware import pick_dtype
+    from honellm.models import resolve
+    from honellm.tuning.targets import resolve_targets
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve(args.model).path
+    dtype = pick_dtype("auto", device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                             target_modules=resolve_targets(model.config.model_type, "all-linear"))
+    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+                       max_steps=args.warmup + args.steps, learning_rate=args.lr, beta=0.1,
+                       lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+                       bf16=dtype == torch.bfloat16, use_cpu=device == "cpu",
+                       gradient_checkpointing=args.gradient_checkpointing, precompute_ref_log_probs=precompute,
+                       precompute_ref_batch_size=args.batch_size * 2, logging_steps=1, save_strategy="no",
+                       report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.begin = None
+
+        def on_train_begin(self, *_, **__):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.ends.append(time.perf_counter())
+
+    timer = StepTimes()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[timer])
+    started = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - started
+    ends = [timer.begin, *timer.ends]
+    seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)][args.warmup:]
+    # tokens of the timed steps: the same pairs in TRL's tokenization (prompt + each answer)
+    tokenized = trainer.train_dataset
+    per_pair = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in tokenized]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"side": "trl" + ("" if precompute else " (reference every step)"),
+            "step_seconds": statistics.median(seconds), "tokens_per_step": statistics.mean(per_pair) * args.batch_size,
+            "reference_seconds": None, "peak_memory_bytes": peak_memory(device), "losses": losses,
+            "total_seconds": round(total, 1), "device": device}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def subprocess_side(args, side: str, data: Path) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--data", str(data), "--model", args.model,
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--r", str(args.r), "--lr", str(args.lr)]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode != 0 or not found:
+        raise SystemExit(f"the {side} side failed:\n{done.stderr[-4000:]}")
+    return json.loads(found[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per step (2x sequences)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (default: off on both)")
+    parser.add_argument("--trl-reference", choices=("precompute", "both"), default="both")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps, TRL with precomputed reference only")
+    parser.add_argument("--side", choices=("hone", "trl", "trl-live"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        import contextlib
+        import io
+
+        noise = io.StringIO()
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(noise):
+            if args.side == "hone":
+                found = run_hone(args, Path(args.data), Path(tmp) / "run")
+            else:
+                found = run_trl(args, Path(args.data), Path(tmp) / "run", precompute=args.side == "trl")
+        print(MARK + json.dumps(found), flush=True)
+        return
+    if args.quick:
+        args.steps, args.trl_reference = 3, "precompute"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_data(args, Path(tmp))
+        sides = ["hone", "trl"] + (["trl-live"] if args.trl_reference == "both" else [])
+        results = [subprocess_side(args, side, data) for side in sides]
+
+    device = results[0]["device"]
+    print(f"DPO step, {args.model}, LoRA r={args.r} all-linear, batch {args.batch_size} pairs, max_length "
+          f"{args.max_length}, bf16 policy, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{device}; median of {args.steps} steps after {args.warmup}")
+    print(f"{'side':34s} {'s/step':>8s} {'tokens/step':>12s} {'tokens/s':>9s} {'peak GiB':>9s} {'ref pass s':>11s}")
+    for r in results:
+        ref = f"{r['reference_seconds']:.1f}" if r["reference_seconds"] is not None else "-"
+        print(f"{r['side']:34s} {r['step_seconds']:8.2f} {r['tokens_per_step']:12.0f} "
+              f"{r['tokens_per_step'] / r['step_seconds']:9.0f} {r['peak_memory_bytes'] / 2**30:9.2f} {ref:>11s}")
+    hone = results[0]
+    for r in results[1:]:
+        print(f"{r['side']} / hone: step time x{r['step_seconds'] / hone['step_seconds']:.2f}, "
+              f"peak memory x{r['peak_memory_bytes'] / hone['peak_memory_bytes']:.2f}")
+    print("first losses: " + "; ".join(f"{r['side']}: {[round(x, 4) for x in r['losses'][:3]]}" for r in results))
+
+
+if __name__ == "__main__":
+    main()
