@@ -235,6 +235,7 @@ def generate_rollouts(generator, prompts: PromptSet, params, group_size: int, *,
     """Sample `group_size` completions per prompt in one batched call (the system prompt's KV computed once)."""
     repeated = [ids for ids in prompts.ids for _ in range(group_size)]
     started = time.perf_counter()
+    generator.sync_weights()  # the policy changed since the last call (a no-op for the torch engine)
     with precision.autocast():
         completions = generator.generate(repeated, params, shared_prefix="auto")
     return Rollouts(prompts, group_size, completions, set(generator.eos_ids), time.perf_counter() - started)
