@@ -336,7 +336,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         prompt_ids = rollouts.per_completion(prompts.ids)
         batches = rollout_batches(prompt_ids, rollouts.token_ids, batch_size=config.batch_size, pad_id=pad_id,
                                   loss_mask=keep)
-        need_ref = config.kl_coef > 0 or method.kl_in_reward
+        need_ref = config.kl_coef > 0
         ref = no_grad_logprobs(policy, batches, precision=precision, device=device, reference=True) if need_ref \
             else None
         need_old = config.updates_per_step > 1 or (method.kl_in_reward and config.kl_coef > 0)
@@ -353,8 +353,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                 b.data["ref_logps"] = ref[k]
             if old is not None and config.updates_per_step > 1:
                 b.data["old_logps"] = old[k]
-            b.num_loss_units = int(b.mask.sum(-1).gt(0).sum()) if (method.sequence_units or getattr(
-                config, "loss_normalisation", "token") == "sequence") else b.num_completion_tokens
+            per_sequence = method.sequence_units or getattr(config, "loss_normalisation", "token") == "sequence"
+            b.num_loss_units = int(b.mask.sum(-1).gt(0).sum()) if per_sequence else b.num_completion_tokens
         prepare_seconds = time.perf_counter() - started
 
         # 4. update: ppo_epochs passes, each split into mini_batches optimizer updates
@@ -364,7 +364,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
             order = order_rng.permutation(len(batches)) if config.ppo_epochs > 1 else np.arange(len(batches))
             for part in np.array_split(order, config.mini_batches):
                 update = [batches[i] for i in part if batches[i].num_loss_units > 0]
-                if not update:
+                if not update:  # every completion of this update is masked (truncated, under mask_truncated)
                     continue
                 try:
                     results.append(train_step(update, lambda m, b: method.loss(m, b, config=config),
@@ -372,10 +372,6 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                 except NonFiniteLoss as err:
                     monitor.close()
                     raise HoneError(err.what, where=str(run.path), fix=err.fix) from None
-                except HoneError as err:
-                    if "no token to learn from" not in err.what:
-                        raise
-                    # every completion of this update was masked (truncated under mask_truncated): skip it
         state.step += 1
 
         # 5. log
@@ -412,7 +408,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
             alarms = check(state.step)
             if alarms:
                 alarm_note = ",".join(a.kind for a in alarms)
-                monitor.bar.set_postfix(loss=f"{step_result.loss:.4f}", **postfix, alarm=alarm_note)
+                monitor.bar.set_postfix({"loss": f"{step_result.loss:.4f}"} | postfix | {"alarm": alarm_note})
             stop = guard.should_stop
             if stop:
                 monitor.log(state.step, event="guard_stop", best_step=guard.best_step,

@@ -338,7 +338,7 @@ def ppo(task, config: PPOConfig | None = None, *, out: str | Path | None = None,
             alarms = check(state.step)
             if alarms:
                 alarm_note = ",".join(a.kind for a in alarms)
-                monitor.bar.set_postfix(loss=f"{step_result.loss:.4f}", **postfix, alarm=alarm_note)
+                monitor.bar.set_postfix({"loss": f"{step_result.loss:.4f}"} | postfix | {"alarm": alarm_note})
             stop = guard.should_stop
             if stop:
                 monitor.log(state.step, event="guard_stop", best_step=guard.best_step,
