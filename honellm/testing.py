@@ -147,3 +147,43 @@ def make_tiny_preference_task(folder: str | Path, model_dir: str | Path, *, n_tr
         "metric: preference_accuracy\n"
     )
     return task
+
+
+def make_tiny_reward_task(folder: str | Path, model_dir: str | Path, *, n_train: int = 32, n_validation: int = 8,
+                          rewards: list[dict] | None = None, gold_rewards: list[dict] | None = None,
+                          reward_code: str | None = None, max_new_tokens: int = 8, seed: int = 0) -> Path:
+    """Write a small arithmetic task with reward functions over the tiny model (for online RL tests).
+
+    Records are `{"question": "What is 2 + 3?", "answer": "5"}`; the reward defaults to numeric_match.
+    `reward_code` is written to `rewards.py` beside the task, for `{python: rewards.py:NAME}` specs.
+    """
+    import json
+    import random
+
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("validation", n_validation)):
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for _ in range(n):
+                a, b = rng.randint(0, 4), rng.randint(0, 4)
+                handle.write(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+    if reward_code is not None:
+        (folder / "rewards.py").write_text(reward_code)
+    config = {
+        "name": "tiny-arithmetic",
+        "model": str(Path(model_dir).resolve()),
+        "data": {"train": "train.jsonl", "validation": "validation.jsonl"},
+        "prompt": {"system": "Answer with a number.", "template": "{question}"},
+        "target": "answer",
+        "metric": "numeric_match",
+        "rewards": rewards if rewards is not None else [{"name": "numeric_match"}],
+        "generation": {"max_new_tokens": max_new_tokens},
+    }
+    if gold_rewards:
+        config["gold_rewards"] = gold_rewards
+    task = folder / "task.yaml"
+    task.write_text(yaml.safe_dump(config, sort_keys=False))
+    return task

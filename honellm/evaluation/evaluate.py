@@ -55,6 +55,10 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     from honellm.progress import progress as progress_bar
 
     generator = Generator(model, tokenizer, batch_size=batch_size)
+    if (artifact.manifest.model_extra or {}).get("inference"):  # sampling at inference, e.g. best-of-n
+        from honellm.reward.recipes.best_of_n import inference_generator
+
+        generator = inference_generator(artifact, generator, task=task)
     was_training = getattr(model, "training", False)
     model.eval()
     bar = progress_bar(total=len(records), desc=f"eval {task.name}/{split}", unit="ex", disable=None if progress else True)

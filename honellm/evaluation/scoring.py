@@ -217,7 +217,10 @@ def generate_answers(ctx: EvalContext, prompts: list[str], shared_prefix: str | 
     params = _sampling_params(ctx)
     completions = []
     for start, end in ctx.chunks(len(prompts)):
-        completions += ctx.generator.generate(prompts[start:end], params, shared_prefix=shared_prefix)
+        context = {}
+        if getattr(ctx.generator, "takes_context", False):  # best-of-n: its reward may read records or messages
+            context = {"records": ctx.records[start:end], "messages": [ctx.messages(i) for i in range(start, end)]}
+        completions += ctx.generator.generate(prompts[start:end], params, shared_prefix=shared_prefix, **context)
         ctx.advance(end - start)
     return completions
 

@@ -107,6 +107,14 @@ class Generator:
         """Which forward runs: "decoder" (the lean Llama-family path), "transformers", or "vllm"."""
         return self._runner.name if self._runner is not None else "vllm"
 
+    def sync_weights(self) -> None:
+        """Make the next generation use the model's current weights (call after an optimizer step).
+
+        The torch engine reads the live weights on every forward, so this is a no-op there; vLLM holds its own
+        copy, which this refreshes (merging a PEFT adapter in)."""
+        if self._vllm is not None:
+            self._vllm.sync_weights()
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -49,8 +49,12 @@ class TrainingMonitor:
         self.bar = progress(total=total_steps, desc=desc, unit="step", disable=None if is_main else True,
                             initial=start_step)
 
-    def log_step(self, step: int, result: StepResult, *, log: bool = True, **extra) -> None:
-        """Count a finished step (1-based `step`) and, when `log`, write its metrics line."""
+    def log_step(self, step: int, result: StepResult, *, log: bool = True, postfix: dict | None = None,
+                 **extra) -> None:
+        """Count a finished step (1-based `step`) and, when `log`, write its metrics line.
+
+        `postfix` adds fields to the progress bar after loss and tokens/s (e.g. an RL recipe's reward, an alarm).
+        """
         self.train_seconds += result.seconds
         self.train_tokens += result.tokens
         now = time.process_time()
@@ -61,7 +65,7 @@ class TrainingMonitor:
         self._window = [*self._window[-19:], (result.tokens, result.seconds)]
         recent = sum(t for t, _ in self._window) / max(1e-9, sum(s for _, s in self._window))
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{recent:.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{recent:.0f}", **(postfix or {}), refresh=False)
         if log and self.run is not None:
             self.run.log_metrics(step=step, loss=round(result.loss, 6), lr=result.lr,
                                  grad_norm=round(result.grad_norm, 6), tokens=result.tokens, units=result.units,

@@ -87,7 +87,7 @@ def test_every_method_is_registered_once_with_a_documented_config():
 
 def test_unknown_names_suggest_the_closest(task_yaml):
     with pytest.raises(HoneError, match="did you mean 'dpo'"):
-        get_align_method("dpp")
+        get_align_method("dpoo")  # not "dpp": "ppo" is as close to it as "dpo"
     with pytest.raises(HoneError, match="did you mean 'beta'"):
         align_task(str(task_yaml), "dpo", ["betta=0.2"])
 

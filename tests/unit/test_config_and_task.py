@@ -188,7 +188,7 @@ def test_fields_data_without_template_is_a_clear_error(tmp_path):
 def test_task_rewards_are_checked_at_load_and_built_on_use():
     task = Task.load("arithmetic_hackable")
     reward = task.reward()
-    assert reward(["q"], ["I am definitely sure: 7"], target=["7"]) == [pytest.approx(1.2)]
+    assert reward(["q"], ["Let's see: 7"], target=["7"]) == [pytest.approx(1.2)]
     assert task.reward(gold=True)(["q"], ["8"], target=["7"]) == [0.0]
     with pytest.raises(HoneError) as err:
         Task.load("arithmetic", ["rewards=[{name: numeric_mach}]"])

@@ -1,0 +1,121 @@
+"""The online recipes end to end on the tiny model (library calls): metrics lines, KL at step 0, the guard
+stopping a hacked run and keeping the pre-hack weights, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from honellm.reward.guard import GuardConfig
+from honellm.reward.recipes.grpo import GRPOConfig, grpo
+from honellm.runs import read_metrics
+from honellm.task import Task
+from honellm.testing import make_tiny_reward_task
+
+# A scripted hack. The proxy pays more at every held-out check (as a gamed proxy does while the policy learns the
+# trick), plus a little for the completion's tokens so that groups differ and the policy trains. The gold signal
+# rises for three checks, then falls: the hack has started to break the real task at the fourth check.
+HACK = '''
+CHECKS = {"n": 0}
+GOLD = [0.2, 0.4, 0.6, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def proxy(prompts, completions, completion_ids, **kwargs):
+    return [0.2 * CHECKS["n"] + 0.01 * (sum(ids) % 7) for ids in completion_ids]
+
+
+def gold(prompts, completions, **kwargs):
+    value = GOLD[CHECKS["n"]]
+    CHECKS["n"] += 1
+    return [value] * len(completions)
+'''
+
+ONLY_DIVERGENCE = {"kl_budget": None, "max_length_ratio": None, "min_length_ratio": None, "min_distinct_ratio": None,
+                   "min_entropy_ratio": None}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _small(**kw):
+    base = dict(max_steps=2, prompts_per_step=2, group_size=4, batch_size=8, guard_prompts=4, r=4,
+                max_new_tokens=6, precision="fp32")
+    return GRPOConfig(**(base | kw))
+
+
+def test_grpo_logs_train_and_guard_lines_with_zero_kl_at_the_start(tiny_model_dir, tmp_path):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
+    artifact = grpo(task, _small(kl_coef=0.1, eval_every=1, lr=1e-3), out=tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in rows if r.get("kind") == "train"]
+    guard = [r for r in rows if r.get("kind") == "guard"]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in guard] == [0, 1, 2]
+    # step 1's loss is taken before the first update: the policy is still the reference
+    assert train[0]["kl"] == 0.0 and guard[0]["kl"] == 0.0
+    for key in ("loss", "reward", "reward_std", "rewards/numeric_match", "clip_fraction", "completion_length",
+                "generation_share", "generation_tokens_per_second", "training_tokens_per_second"):
+        assert key in train[0], key
+    assert set(guard[0]) >= {"proxy", "gold", "kl", "mean_length", "distinct_n", "entropy"}
+    assert [r for r in rows if r.get("kind") == "guard_summary"][0]["best_step"] is not None
+    assert artifact.kind == "adapter" and (tmp_path / "run" / "artifact" / "adapter").is_dir()
+    assert 0 < artifact.manifest.cost["generation_share"] < 1
+
+
+def test_the_guard_stops_a_hacked_run_and_keeps_the_pre_hack_weights(tiny_model_dir, tmp_path):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=HACK,
+                                           rewards=[{"python": "rewards.py:proxy"}],
+                                           gold_rewards=[{"python": "rewards.py:gold"}]))
+    guard = GuardConfig(every=1, window=3, smooth=1, action="stop", **ONLY_DIVERGENCE)
+    config = _small(max_steps=10, lr=1e-2, kl_coef=0.0, guard=guard, save_every=1, keep_checkpoints=20)
+    artifact = grpo(task, config, out=tmp_path / "run")
+
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    alarms = [r for r in rows if r.get("kind") == "alarm"]
+    assert alarms and alarms[0]["alarm"] == "proxy_gold_divergence" and alarms[0]["step"] == 3
+    assert alarms[0]["message"]
+    assert [r["gold"] for r in rows if r.get("kind") == "guard"] == [0.2, 0.4, 0.6, 0.3]
+    assert [r for r in rows if r.get("kind") == "guard_summary"][0]["best_step"] == 2
+    assert any(r.get("event") == "guard_stop" for r in rows)
+    metrics = artifact.manifest.metrics
+    assert metrics["stopped_by_guard"] and metrics["final_step"] == 3 and metrics["selected_step"] == 2
+
+    # the artifact holds the weights of step 2, not the (trained further) weights of step 3, nor the initial ones
+    kept = load_file(tmp_path / "run" / "artifact" / "adapter" / "adapter_model.safetensors")
+    at_2 = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    at_1 = load_file(tmp_path / "run" / "checkpoints" / "step-000001" / "trainable.safetensors")
+    lora_b = sorted(k for k in at_2 if "lora_B" in k)
+    assert lora_b and all(float(at_2[k].abs().max()) > 0 for k in lora_b)
+    for name, value in at_2.items():
+        saved = name.replace(".default", "")
+        torch.testing.assert_close(kept[saved], value)
+    assert any(not torch.equal(at_1[k], at_2[k]) for k in lora_b)
+    manifest = json.loads((tmp_path / "run" / "artifact" / "hone.json").read_text())
+    assert manifest["metrics"]["guard"]["best_step"] == 2
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model_dir, tmp_path):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
+    config = _small(max_steps=3, lr=1e-3, save_every=1, keep_checkpoints=5, eval_every=2)
+    whole = grpo(task, config, out=tmp_path / "whole")
+    # "interrupt" a copy after its step-2 checkpoint: drop everything after it, then resume
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "whole", part)
+    shutil.rmtree(part / "artifact")
+    lines = [r for r in read_metrics(part / "metrics.jsonl") if r.get("step", 0) <= 2 and r.get("event") != "done"]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    resumed = grpo(task, config, out=part, resume=True)
+    a = load_file(tmp_path / "whole" / "artifact" / "adapter" / "adapter_model.safetensors")
+    b = load_file(part / "artifact" / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    assert resumed.manifest.metrics["final_step"] == whole.manifest.metrics["final_step"] == 3
