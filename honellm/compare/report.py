@@ -19,7 +19,8 @@ from honellm.compare.results import CompareRun, MethodResult
 from honellm.runs import read_metrics
 
 GUARD_KEYS = ("proxy", "gold", "kl", "mean_length", "distinct_n", "entropy")
-CURVE_KEYS = ("loss", "val_score", "reward", "score")
+CURVE_KEYS = ("loss", "val_loss", "reward")  # and every other val_<metric> a recipe logs (val_accuracy, ...)
+MAX_CURVE_PANELS = 4
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -89,12 +90,14 @@ def learning_curves_figure(results: list[MethodResult]) -> str | None:
         if not r.run_dir:
             continue
         rows = [m for m in read_metrics(Path(r.run_dir) / "metrics.jsonl") if m.get("kind", "train") in ("train", "eval")]
-        for key in CURVE_KEYS:
+        scores = sorted({k for m in rows for k in m if k.startswith("val_") and k not in CURVE_KEYS})
+        for key in (*CURVE_KEYS, *scores):
             points = [(m["step"], m[key]) for m in rows if "step" in m and isinstance(m.get(key), (int, float))]
             if len(points) >= 2:
                 series.setdefault(key, {})[r.method] = points
     if not series:
         return None
+    series = dict(list(series.items())[:MAX_CURVE_PANELS])
     plt = _plt()
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 3.8), squeeze=False)
     for ax, (key, by_method) in zip(axes[0], series.items(), strict=True):
@@ -142,7 +145,7 @@ def disagreements(results: list[MethodResult], limit: int = 12) -> tuple[list[st
     for r in results:
         if r.done and r.eval_path and Path(r.eval_path).exists():
             data = json.loads(Path(r.eval_path).read_text())
-            per_method[r.method] = data.get("examples", [])
+            per_method[r.method] = data.get("records", data.get("examples", []))
     if len(per_method) < 2:
         return [], []
     methods = list(per_method)
@@ -152,7 +155,9 @@ def disagreements(results: list[MethodResult], limit: int = 12) -> tuple[list[st
         scores = [per_method[m][i].get("score") for m in methods]
         if len({s for s in scores if s is not None}) > 1:
             first = per_method[methods[0]][i]
-            rows.append({"input": first.get("input", first.get("prompt", "")), "reference": first.get("reference"),
+            text = str(first.get("input") or first.get("prompt") or "")
+            # the prompt as the model saw it ends with the query (demonstrations and system text come before it)
+            rows.append({"input": text if len(text) <= 400 else "…" + text[-400:], "reference": first.get("reference"),
                          "predictions": {m: (per_method[m][i].get("prediction"), per_method[m][i].get("score"))
                                          for m in methods}})
         if len(rows) >= limit:
@@ -239,7 +244,7 @@ def render_report(run: CompareRun) -> str:
                 prediction, score = row["predictions"][m]
                 cls = "ok" if score and score > 0 else "bad"
                 cells.append(f"<td class='{cls}'>{html.escape(str(prediction))[:300]}</td>")
-            parts.append(f"<tr><td>{html.escape(str(row['input']))[:400]}</td><td>{html.escape(str(row['reference']))[:200]}</td>"
+            parts.append(f"<tr><td>{html.escape(str(row['input']))}</td><td>{html.escape(str(row['reference']))[:200]}</td>"
                          + "".join(cells) + "</tr>")
         parts.append("</tbody></table>")
     parts.append("<p class='meta'>Written by Hone. Each method's run folder holds its config, metrics.jsonl, "

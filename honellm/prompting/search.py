@@ -325,11 +325,13 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
                          calibration: str | None = None, model_name: str | None = None, out: str | Path | None = None,
                          force: bool = False, max_examples: int = 100, max_seconds: float = 1800.0,
                          propose: int | None = None, seed: int = 0, batch_size: int = 16,
-                         search_config: PromptSearchConfig | None = None, progress: bool = True) -> PromptRun:
+                         search_config: PromptSearchConfig | None = None, run_dir: str | Path | None = None,
+                         progress: bool = True) -> PromptRun:
     """What `hone prompt` does: build one program (or search for the best), score it on validation, save the
     Artifact (with pool.jsonl when it selects per query) and the run folder (config, metrics.jsonl,
     candidates.csv). `search_config` sets every knob of the search (`search` and the caps then only fill in
-    what it leaves at defaults: it wins)."""
+    what it leaves at defaults: it wins). `run_dir` names the run folder (default: a new one under the runs
+    root); it is replaced when it exists."""
     from honellm.artifact import Artifact
     from honellm.evaluation import evaluate
     from honellm.models import load
@@ -357,7 +359,7 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
     if out is not None and Path(out).exists() and not force:
         raise HoneError("the artifact folder already exists", where=str(out),
                         fix="choose another --out, or pass --force to replace it")
-    run = RunDir.create(task.name, "prompt-search" if search else "prompt")
+    run = RunDir.create(task.name, "prompt-search" if search else "prompt", out=run_dir, force=run_dir is not None)
     settings = {"task": task.source, "overrides": overrides or [], "model": model_name, "search": search,
                 "shots": shots, "selector": selector, "per_query": per_query, "calibration": calibration,
                 "max_examples": max_examples, "max_seconds": max_seconds, "propose": propose, "seed": seed,

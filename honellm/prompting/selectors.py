@@ -258,6 +258,28 @@ def select_demonstrations(spec, task, program, records: list[dict], pool_records
     return [[Demonstration(query=pool.queries[i], answer=pool.answers[i]) for i in idx] for idx in chosen]
 
 
+def build_selector(spec, pool_records: list[dict], *, task, program, model=None, tokenizer=None,
+                   seed: int = 0, encoder=None) -> Callable[[str], list]:
+    """A per-query picker for serving: `(query text) -> demonstrations` over `pool_records`.
+
+    The pool is rendered (and, for embedding selectors, embedded) once; each call selects for one query the way
+    the evaluator does, so a served artifact shows the demonstrations `hone eval` scored it with.
+    """
+    from honellm.prompting.program import Demonstration
+
+    task.format_for(pool_records)  # the pool's own records fix the format: the task's data files may be elsewhere
+    pool = DemoPool.build(task, program, pool_records)
+    selector = get_selector(spec.name)
+    if selector.needs_embeddings and encoder is None:
+        encoder = make_encoder(dict(spec.params), model, tokenizer)
+
+    def pick(query: str) -> list:
+        idx = select_indices(spec, [query], pool, model=model, tokenizer=tokenizer, seed=seed, encoder=encoder)[0]
+        return [Demonstration(query=pool.queries[i], answer=pool.answers[i]) for i in idx]
+
+    return pick
+
+
 def select_fixed_demonstrations(spec, task, program, pool_records: list[dict], *, model=None, tokenizer=None,
                                 seed: int = 0, encoder=None) -> list:
     """One set of demonstrations for every query (stored in the program, so its KV prefix is shared)."""

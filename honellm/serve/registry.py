@@ -151,24 +151,27 @@ def default_name(source: str, artifact: Artifact) -> str:
     return source
 
 
-def demonstration_picker(artifact: Artifact) -> DemonstrationPicker | None:
+def demonstration_picker(artifact: Artifact, model=None, tokenizer=None) -> DemonstrationPicker | None:
     """The hook for per-query demonstration selection: None when the program's demonstrations are fixed.
 
-    An artifact whose program selects demonstrations per query carries a selector spec and a pool. The selector
-    comes from `honellm.prompting.selectors.build_selector(spec, pool)`, which must return a callable
-    `(query: str) -> list[Demonstration]`. Until that module exists such an artifact is refused rather than
-    served with the wrong prompt.
+    An artifact whose program selects demonstrations per query carries a selector spec, its pool (pool.jsonl)
+    and the task's config in its manifest; `honellm.prompting.selectors.build_selector` turns them into a
+    callable `(query: str) -> list[Demonstration]` (embedding selectors embed with `model` unless the spec
+    names an embedding model).
     """
     spec = artifact.program.selector
     if spec is None or not spec.per_query:
         return None
-    try:
-        from honellm.prompting.selectors import build_selector  # type: ignore[import-not-found]
-    except ImportError:
-        raise HoneError("this artifact picks demonstrations per query, and this Hone has no example selectors "
-                        "(honellm.prompting.selectors)", where=str(artifact.path),
-                        fix="upgrade honellm, or serve an artifact with fixed demonstrations") from None
-    return build_selector(spec, artifact.pool())
+    from honellm.prompting.selectors import build_selector
+    from honellm.task import Task
+
+    where = str(artifact.path) if artifact.path else artifact.name
+    pool = artifact.pool()
+    if not pool or not (artifact.manifest.task or {}).get("config"):
+        raise HoneError("this artifact picks demonstrations per query but has no demonstration pool or task config",
+                        where=where, fix="re-create it with `hone prompt` (it saves pool.jsonl and the task)")
+    task = Task.from_config(artifact.manifest.task["config"])
+    return build_selector(spec, pool, task=task, program=artifact.program, model=model, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------- loading
@@ -274,7 +277,7 @@ def load_models(specs: list[str], *, dtype: str = "auto", device: str | None = N
         engine = _make_engine(key, model, tokenizer, bool(adapters), batch_size, generator_factory)
         for i, entry in enumerate(group):
             served.append(ServedModel(entry.name, entry.source, entry.artifact, engine, adapters.get(i),
-                                      demonstration_picker(entry.artifact), created))
+                                      demonstration_picker(entry.artifact, model, tokenizer), created))
     order = {e.name: i for i, e in enumerate(entries)}
     return sorted(served, key=lambda s: order[s.name])
 

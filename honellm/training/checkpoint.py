@@ -196,8 +196,11 @@ class Checkpointer:
             self.accelerator.wait_for_everyone()
 
 
-def save_trainable(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write trainable tensors (from `gather_trainable`) to one safetensors file atomically."""
+def save_trainable(path: str | Path, tensors: dict[str, torch.Tensor] | torch.nn.Module) -> None:
+    """Write trainable tensors (from `gather_trainable`, or a module's trainable parameters) to one safetensors
+    file atomically (the best-so-far weights)."""
+    if isinstance(tensors, torch.nn.Module):
+        tensors = trainable_state(tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -20,6 +20,9 @@ class TrainingConfig(Config):
     # --- how long
     epochs: float = Field(3.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps to take (overrides epochs)")
+    max_seconds: float | None = Field(
+        None, gt=0, description="wall-clock budget: stop after the step that uses it up, evaluate and save as at the "
+                                "planned end (the schedule keeps its planned length; `hone compare --budget` sets it)")
     # --- batching
     batch_size: int = Field(8, ge=1, description="examples per micro-batch on each device")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch_size x grad_accum x devices)")

@@ -111,5 +111,26 @@ class TrainingMonitor:
         self.started = time.time() - float(state.get("wall_seconds", 0.0))
         self.cpu_seconds = float(state.get("cpu_seconds", 0.0))
 
+    def out_of_time(self, max_seconds: float | None, step: int, accelerator=None) -> bool:
+        """Whether the run has used its wall-clock budget (`max_seconds` since it started, resumes included).
+
+        The main process decides and every process follows (one broadcast, only when a budget is set), so all
+        of them stop after the same step. The first time it says yes it logs a `time_budget` event.
+        """
+        if max_seconds is None:
+            return False
+        over = time.time() - self.started >= max_seconds
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flag = broadcast(torch.tensor([float(over)], device=accelerator.device), from_process=0)
+            over = bool(flag.item() > 0)
+        if over:
+            self.bar.total = step
+            self.bar.refresh()
+            self.log(step, event="time_budget", max_seconds=max_seconds,
+                     wall_seconds=round(time.time() - self.started, 2))
+        return over
+
     def close(self) -> None:
         self.bar.close()

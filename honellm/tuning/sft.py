@@ -166,6 +166,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                             fix=f"{err.fix}; the last good checkpoint is {kept}" if kept else
                             f"{err.fix}; no checkpoint was written yet (set save_every to keep some)") from None
         state.step += 1
+        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
+            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
         log = state.step % config.log_every == 0 or state.step == total_steps
         monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
 

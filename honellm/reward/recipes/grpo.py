@@ -373,6 +373,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                     monitor.close()
                     raise HoneError(err.what, where=str(run.path), fix=err.fix) from None
         state.step += 1
+        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
+            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
 
         # 5. log
         step_result = merge_results(results, seconds=prepare_seconds)

@@ -296,6 +296,8 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
         except NonFiniteLoss as err:
             raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
         state.step += 1
+        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
+            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
         log = state.step % config.log_every == 0 or state.step == total_steps
         monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
 
@@ -587,6 +589,8 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                                               else float("nan"))
         result.metrics["rewards/margins"] = result.metrics["rewards/chosen"] - result.metrics["rewards/rejected"]
         state.step += 1
+        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
+            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
         log = state.step % config.log_every == 0 or state.step == total_steps
         monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
 

@@ -136,6 +136,7 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
         return stats
 
     check(0, 0)
+    out_of_time = False
     for round_index in range(1, config.rounds + 1):
         # 1. sample n completions per prompt (this process's share), score, keep each prompt's best
         order = np.random.default_rng([config.seed, round_index]).permutation(len(train))[:per_round]
@@ -194,7 +195,11 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
             step += 1
             monitor.log_step(step, result, log=step % config.log_every == 0 or s == steps - 1,
                              postfix={"round": round_index}, kind="train", round=round_index, reward=mean_kept)
+            if out_of_time := monitor.out_of_time(config.max_seconds, step, accelerator):
+                break
         check(step, round_index)
+        if out_of_time:
+            break
     monitor.close()
     accelerator.wait_for_everyone()
 
