@@ -134,6 +134,7 @@ class Task:
         self.skip_invalid = skip_invalid
         self._splits: dict[str, SplitData] = {}
         self._format: str | None = None
+        self._held_out: dict[str, dict] = {}  # splits carved from another one by `hold_out`
         self.name = config.name or (Path(source).stem if source else "task")
 
     # ------------------------------------------------------------------------------------------ loading
@@ -230,8 +231,33 @@ class Task:
         data = self.config.data
         if data.file:
             fractions = data.split or SplitFractions()
-            return [s for s in SPLITS if s == "train" or getattr(fractions, s) > 0]
-        return [s for s in SPLITS if getattr(data, s)]
+            found = [s for s in SPLITS if s == "train" or getattr(fractions, s) > 0]
+        else:
+            found = [s for s in SPLITS if getattr(data, s)]
+        return [s for s in SPLITS if s in found or s in self._held_out]
+
+    def hold_out(self, into: str = "test", *, source: str = "train", fraction: float = 0.2,
+                 max_records: int = 200, seed: int = 0) -> dict:
+        """Carve split `into` out of `source` in memory (seeded; the files are not touched) and say what was done.
+
+        For comparisons on a task without a test split: the methods then train on the rest of `source` and are
+        judged on records none of them saw or selected with (validation stays for search and early stopping).
+        """
+        if self.has_split(into):
+            raise HoneError(f"task {self.name!r} already has a {into} split", where=self.source)
+        records = self.split(source)
+        n = min(max_records, round(len(records) * fraction))
+        if n < 1 or n >= len(records):
+            raise HoneError(f"the {source} split ({len(records)} records) is too small to hold out a {into} split",
+                            where=self.source, fix=f"add data.{into} to the task")
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        picked = set(order[:n])
+        self._splits[into] = SplitData([records[i] for i in sorted(picked)])
+        self._splits[source] = SplitData([r for i, r in enumerate(records) if i not in picked],
+                                         self._splits[source].skipped)
+        self._held_out[into] = {"from": source, "records": n, "seed": seed}
+        return {"split": into, **self._held_out[into]}
 
     def has_split(self, name: str) -> bool:
         return name in self.available_splits()

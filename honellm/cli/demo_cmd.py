@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 
-from honellm.cli.common import not_yet
+from honellm.cli.common import echo
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def demo_command(ctx: typer.Context):
-        """The main job on the embedded model: compare methods on the built-in tasks in minutes."""
-        not_yet("demo", 7, "the demo")
+    @app.command("demo")
+    def demo_command(
+        out: str = typer.Option(None, "--out", "-o", help="demo folder (default: runs/demo-<time>/)"),
+        tasks: str = typer.Option(None, "--tasks", help="comma-separated subset of intents,support_prefs,arithmetic"),
+        limit: int = typer.Option(None, "--limit", help="judge each method on the first N test examples"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+    ):
+        """Compare prompting, tuning and reward-based methods on the built-in tasks with the embedded model.
+
+        Sized to finish in under 10 minutes on 2 CPU cores; prints each leaderboard and writes one HTML report.
+        """
+        from honellm.compare.demo import run_demo
+
+        started = time.perf_counter()
+        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+        root, runs, report = run_demo(out, tasks=names, limit=limit, force=force, echo=echo)
+        echo(f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} min: {root}")
+        echo(f"report: {report}")

@@ -27,6 +27,9 @@ log = logging.getLogger("honellm.compare")
 
 DEFAULT_METHODS = ("zero-shot", "few-shot", "prompt-search", "lora", "dora", "ia3", "dpo", "grpo")
 LATENCY_REQUESTS = 5
+ONLINE = ("grpo", "rloo", "ppo", "rft", "best_of_n")  # methods that sample and score their own answers
+PROMPT_SETTINGS = {"shots": int, "selector": str, "per_query": lambda v: v.lower() in ("1", "true", "yes"),
+                   "calibration": str, "max_examples": int, "search": int, "propose": int, "seed": int}
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,16 @@ def _run_prompt(task, out: Path, budget, overrides, progress, *, search: bool):
     # few-shot: one demonstration per label, fixed for every query (its KV prefix is shared), or 4 BM25
     # neighbours per query for tasks without labels; the search tries shots, selectors and calibration itself.
     choices = task.config.choices
-    shots = {} if search else {"shots": len(choices) if choices else 4, "selector": "balanced" if choices else "bm25",
-                               "per_query": not choices}
-    result = make_prompt_artifact(task.source, overrides, search=12 if search else None, run_dir=out,
-                                  out=out / "artifact", force=True, max_seconds=budget or 1800.0, progress=progress,
-                                  **shots)
+    settings = {"search": 12} if search else {"shots": len(choices) if choices else 4,
+                                             "selector": "balanced" if choices else "bm25", "per_query": not choices}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in PROMPT_SETTINGS:
+            raise HoneError(f"unknown prompting setting {key!r}", where=f"--set {item}",
+                            fix=f"settings: {', '.join(PROMPT_SETTINGS)}")
+        settings[key] = PROMPT_SETTINGS[key](value)
+    result = make_prompt_artifact(task, None, run_dir=out, out=out / "artifact", force=True,
+                                  max_seconds=budget or 1800.0, progress=progress, **settings)
     return result.artifact
 
 
@@ -120,8 +128,12 @@ def compare_methods() -> dict[str, CompareMethod]:
         def applicable(task, kinds=kinds, name=name):
             if task.kind not in kinds:
                 return f"trains on {' or '.join(kinds)} data; this task has {task.kind} records"
-            if name in ("grpo", "rloo", "ppo", "rft", "best_of_n") and not task.config.rewards and name != "ppo":
-                return "needs reward functions (task `rewards:`)"
+            if name in ONLINE and not task.config.rewards:
+                from honellm.reward.rollout import metric_reward
+
+                if metric_reward(task) is None:
+                    return (f"needs a reward: the task's `rewards:`, or a metric that checks generated answers "
+                            f"({task.metric} does not)")
             return None
 
         methods[name] = CompareMethod(name, "reward", applicable, partial(_run_align, method=name))
@@ -147,14 +159,22 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
                  for m in unknown]
         raise HoneError(f"unknown method{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}", where="--methods",
                         fix=f"methods: {', '.join(available)}")
-    split = split or ("test" if task.has_split("test") else "validation")
+    held_out = None
+    if split is None:
+        split = "test"
+        if not task.has_split("test"):
+            # Judge every method on records none of them trained on, searched with or selected checkpoints by.
+            held_out = task.hold_out("test", source="train", seed=0)
+            log.info("compare: task %s has no test split; held out %d train records as its test split",
+                     task.name, held_out["records"])
     if not task.has_split(split):
         raise HoneError(f"task {task.name!r} has no {split} split to compare on", where=task.source,
                         fix="add data.test (or data.file with data.split), or pass --split validation")
 
     run_dir = _compare_dir(task, out, resume, force)
     previous = CompareRun.load(run_dir) if (run_dir / "compare.json").exists() else None
-    run = CompareRun(run_dir, _task_summary(task), names, split, budget_seconds, limit)
+    run = CompareRun(run_dir, _task_summary(task) | ({"held_out": held_out} if held_out else {}), names, split,
+                     budget_seconds, limit)
     if previous is not None:
         if (previous.split, previous.limit) != (split, limit):
             raise HoneError(f"the run in {run_dir} compared on split={previous.split} limit={previous.limit}",

@@ -194,15 +194,55 @@ th{background:#f5f5f5} .meta{color:#666;font-size:.9rem} img{max-width:100%}
 """
 
 
+def _head(title: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>")
+
+
+FOOT = ("<p class='meta'>Written by Hone. Each method's run folder holds its config, metrics.jsonl, log and "
+        "artifact.</p></body></html>")
+
+
 def render_report(run: CompareRun) -> str:
+    """One compare run as a self-contained HTML page (figures embedded as PNG data)."""
+    name = str(run.task.get("name", ""))
+    return "\n".join([_head(f"Hone report: {name}"), f"<h1>Hone report: {html.escape(name)}</h1>",
+                      *render_sections(run), FOOT])
+
+
+def render_combined(runs: list[CompareRun], title: str = "Hone demo", intro: str = "") -> str:
+    """Several compare runs (one per task, as `hone demo` makes) in one page: a summary, then each run's sections."""
+    parts = [_head(title), f"<h1>{html.escape(title)}</h1>"]
+    if intro:
+        parts.append(f"<p class='meta'>{html.escape(intro)}</p>")
+    parts.append("<h2>Summary</h2><table><thead><tr><th>task</th><th>recommended</th><th>its score</th>"
+                 "<th>zero-shot</th></tr></thead><tbody>")
+    for run in runs:
+        rec = run.recommendation or {}
+        best = run.results.get(rec.get("method", ""))
+        base = run.results.get("zero-shot")
+        parts.append(f"<tr><td><a href='#{html.escape(str(run.task.get('name')))}'>"
+                     f"{html.escape(str(run.task.get('name')))}</a></td><td>{html.escape(rec.get('method', '-'))}</td>"
+                     f"<td>{f'{best.score:.3f}' if best and best.done else '-'}</td>"
+                     f"<td>{f'{base.score:.3f}' if base and base.done else '-'}</td></tr>")
+    parts.append("</tbody></table>")
+    for run in runs:
+        name = str(run.task.get("name", ""))
+        parts.append(f"<h1 id='{html.escape(name)}' style='margin-top:3rem'>Task: {html.escape(name)}</h1>")
+        parts.extend(render_sections(run))
+    parts.append(FOOT)
+    return "\n".join(parts)
+
+
+def render_sections(run: CompareRun) -> list[str]:
+    """The body of one run's report: recommendation, leaderboard, figures, guard panels, disagreements."""
     results = run.ordered()
     task = run.task
     budget = f"{run.budget_seconds:.0f} s" if run.budget_seconds else "none"
     limit = f" · limit: {run.limit} examples" if run.limit else ""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Hone report: {html.escape(task.get('name', ''))}</title>",
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>Hone report: {html.escape(str(task.get('name')))}</h1>",
-             f"<p class='meta'>split: {run.split} · metric: {html.escape(str(task.get('metric')))} · model: "
+    held = task.get("held_out")
+    held_text = f" (held out from {held['from']}: {held['records']} records, seed {held['seed']})" if held else ""
+    parts = [f"<p class='meta'>split: {run.split}{held_text} · metric: {html.escape(str(task.get('metric')))} · model: "
              f"{html.escape(str(task.get('model')))} · budget per method: "
              f"{budget}{limit} · written {time.strftime('%Y-%m-%d %H:%M')}</p>"]
     rec = run.recommendation
@@ -247,13 +287,20 @@ def render_report(run: CompareRun) -> str:
             parts.append(f"<tr><td>{html.escape(str(row['input']))}</td><td>{html.escape(str(row['reference']))[:200]}</td>"
                          + "".join(cells) + "</tr>")
         parts.append("</tbody></table>")
-    parts.append("<p class='meta'>Written by Hone. Each method's run folder holds its config, metrics.jsonl, "
-                 "log and artifact.</p></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = CompareRun.load(run_dir)
     path = Path(out) if out else run.path / "report.html"
     atomic_write_text(path, render_report(run))
+    return path
+
+
+def write_combined_report(run_dirs: list[str | Path], out: str | Path, *, title: str = "Hone demo",
+                          intro: str = "") -> Path:
+    """One HTML file for several compare runs (what `hone demo` writes)."""
+    runs = [CompareRun.load(d) for d in run_dirs]
+    path = Path(out)
+    atomic_write_text(path, render_combined(runs, title, intro))
     return path

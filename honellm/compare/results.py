@@ -98,3 +98,46 @@ class CompareRun:
         done = sorted((r for r in self.results.values() if r.done), key=lambda r: -r.score)
         rest = [self.results[m] for m in self.methods if m in self.results and not self.results[m].done]
         return done + rest
+
+
+def leaderboard_rows(run: CompareRun) -> list[list[str]]:
+    """The leaderboard as text cells, best first: a header row, then one row per method."""
+    rows = [["method", "family", run.task.get("metric") or "score", "95% CI", "train time", "train tokens",
+             "trainable", "peak mem", "prompt tok/req", "latency/req"]]
+    for r in run.ordered():
+        if r.done:
+            rows.append([r.method, r.family, f"{r.score:.3f}",
+                         f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-",
+                         _seconds(r.train_seconds), f"{r.train_tokens:,}" if r.train_tokens else "-",
+                         _count(r.trainable_params), f"{r.peak_memory_mb / 1024:.2f} GiB" if r.peak_memory_mb else "-",
+                         f"{r.prompt_tokens:.0f}" if r.prompt_tokens is not None else "-",
+                         f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-"])
+        else:
+            rows.append([r.method, r.family, r.status, (r.reason or "")[:110], *([""] * 6)])
+    return rows
+
+
+def leaderboard_text(run: CompareRun) -> str:
+    """The leaderboard as an aligned text table (skipped and failed methods last, with their reason)."""
+    rows = leaderboard_rows(run)
+    done = [r for r in rows[1:] if r[2] not in ("skipped", "failed")]
+    widths = [max(len(r[i]) for r in [rows[0], *done]) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        if row is rows[0] or row in done:
+            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+        else:
+            lines.append(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}: {row[3]}")
+    return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    if not value:
+        return "-"
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _count(value: int) -> str:
+    if not value:
+        return "0"
+    return f"{value / 1e6:.2f} M" if value >= 1e5 else f"{value:,}"

@@ -320,7 +320,7 @@ class PromptRun:
     validation: dict[str, Any] | None
 
 
-def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, search: int | None = None,
+def make_prompt_artifact(task_text, overrides: list[str] | None = None, *, search: int | None = None,
                          shots: int = 0, selector: str = "balanced", per_query: bool | None = None,
                          calibration: str | None = None, model_name: str | None = None, out: str | Path | None = None,
                          force: bool = False, max_examples: int = 100, max_seconds: float = 1800.0,
@@ -339,7 +339,7 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
     from honellm.runs import RunDir
     from honellm.task import Task
 
-    task = Task.load(task_text, overrides or [])
+    task = task_text if isinstance(task_text, Task) else Task.load(task_text, overrides or [])
     model_name = model_name or task.config.model
     if shots > 0 and not search:
         get_selector(selector)  # a misspelt name fails now, not after the model has loaded
@@ -360,7 +360,7 @@ def make_prompt_artifact(task_text: str, overrides: list[str] | None = None, *, 
         raise HoneError("the artifact folder already exists", where=str(out),
                         fix="choose another --out, or pass --force to replace it")
     run = RunDir.create(task.name, "prompt-search" if search else "prompt", out=run_dir, force=run_dir is not None)
-    settings = {"task": task.source, "overrides": overrides or [], "model": model_name, "search": search,
+    settings = {"task": task.source, "task_name": task.name, "overrides": overrides or [], "model": model_name, "search": search,
                 "shots": shots, "selector": selector, "per_query": per_query, "calibration": calibration,
                 "max_examples": max_examples, "max_seconds": max_seconds, "propose": propose, "seed": seed,
                 "batch_size": batch_size}

@@ -319,9 +319,13 @@ def load_reward_model_artifact(path: str, *, where: str):
 
 
 def proxy_reward(task, config: PolicyConfig) -> RewardSource:
-    """The reward the policy is trained on: the task's `rewards:` and/or `reward_model`."""
+    """The reward the policy is trained on: the task's `rewards:` and/or `reward_model`; for a task with answers
+    but neither, its metric on the generated text (accuracy, exact or numeric match against the reference):
+    RL with a verifiable reward."""
     functions = task.reward() if config.task_rewards and task.config.rewards else None
     model = load_reward_model_artifact(config.reward_model, where="reward_model") if config.reward_model else None
+    if functions is None and model is None and config.task_rewards:
+        functions = metric_reward(task)
     if functions is None and model is None:
         raise HoneError(f"task {task.name!r} has no reward to train on", where=task.source,
                         fix="add `rewards: [{name: numeric_match}]` (or another reward) to the task, or pass "
@@ -337,18 +341,26 @@ def gold_reward(task, reward_model: str | None = None) -> RewardSource | None:
         return RewardSource(None, model, 1.0, model_name="gold_reward_model")
     if task.config.gold_rewards:
         return RewardSource(task.reward(gold=True))
+    combined = metric_reward(task)
+    return RewardSource(combined) if combined is not None else None
+
+
+def metric_reward(task):
+    """The task's metric as a reward function over generated text against the `target` column, or None when the
+    metric does not read generated text (log-likelihood choice scoring, perplexity, ...) or the task has no
+    answers to check."""
     from honellm.evaluation.metrics import METRICS
     from honellm.reward.functions import CombinedReward
 
     metric = METRICS.get(task.metric)
-    if metric is None or metric.needs != "text" or not metric.higher_is_better:
+    if metric is None or metric.needs != "text" or not metric.higher_is_better or task.kind not in ("sft", "reference"):
         return None
 
-    def metric_reward(prompts, completions, **columns):
+    def score(prompts, completions, **columns):
         references = [r if r is not None else "" for r in columns["target"]]
         return [float(s) for s in metric.fn(predictions=list(completions), references=references)]
 
-    return RewardSource(CombinedReward([f"metric:{metric.name}"], [metric_reward], [1.0]))
+    return CombinedReward([f"metric:{metric.name}"], [score], [1.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

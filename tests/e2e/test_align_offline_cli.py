@@ -65,7 +65,7 @@ def test_resume_continues_from_the_last_checkpoint(task_yaml, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--method", "dpp"], "did you mean 'dpo'"),
+    (["--method", "dpoo"], "did you mean 'dpo'"),
     (["--method", "dpo", "betta=0.2"], "did you mean 'beta'"),
     (["--method", "dpo", "beta=-1"], "beta"),
     (["--method", "simpo", "adapter=ia3"], "adapter"),

@@ -3,8 +3,9 @@ estimate is not below the peak it then measures."""
 
 from __future__ import annotations
 
+from honellm.artifact import Artifact
 from honellm.runs import read_metrics
-from honellm.tuning import tune_task
+from tests.e2e.helpers import hone
 
 
 def test_short_lora_run_on_sst2_beats_zero_shot(embedded_model_dir, shared_data, tmp_path):
@@ -12,7 +13,10 @@ def test_short_lora_run_on_sst2_beats_zero_shot(embedded_model_dir, shared_data,
     overrides = [f"data.train={shared_data / 'sst2' / 'train.jsonl'}",
                  f"data.validation={shared_data / 'sst2' / 'validation.jsonl'}",
                  "max_steps=12", "eval_every=12", "eval_limit=60", "lr=5e-4", "r=8"]
-    art = tune_task("examples/sst2.yaml", "lora", overrides, out=str(out))
+    # its own process, so that the peak resident memory it measures is this run's alone
+    result = hone("tune", "examples/sst2.yaml", "--method", "lora", *overrides, "--out", out)
+    assert result.returncode == 0, result.stderr
+    art = Artifact.load(out / "artifact")
     # zero-shot SmolLM2-135M-Instruct scores 0.60 on this validation split (hone eval)
     assert art.manifest.metrics["val_accuracy"] >= 0.75
     rows = read_metrics(out / "metrics.jsonl")
