@@ -175,7 +175,8 @@ def subprocess_side(args, side: str, data: Path) -> dict:
                "--warmup", str(args.warmup), "--r", str(args.r), "--lr", str(args.lr)]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]

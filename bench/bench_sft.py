@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
+# HONE_BENCH_SST2 points elsewhere (e.g. a GPU machine without ../shared/data)
+SST2 = Path(os.environ.get("HONE_BENCH_SST2", ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"))
 SYSTEM = "Classify the sentiment of the movie review as positive or negative. Answer with one word."
 TEMPLATE = "Review: {text}"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -255,7 +256,7 @@ def main() -> None:
     names = args.configs.split(",")
     for name in [n for _ in range(args.repeat) for n in names]:
         env = {**os.environ, "HONE_QUIET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--examples", str(args.examples),
                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--r", str(args.r), "--threads", str(args.threads), "--device", args.device]

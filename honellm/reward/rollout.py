@@ -355,6 +355,12 @@ def metric_reward(task):
     metric = METRICS.get(task.metric)
     if metric is None or metric.needs != "text" or not metric.higher_is_better or task.kind not in ("sft", "reference"):
         return None
+    if task.config.choices:
+        # A label task is judged by the label the model commits to ("The intent is billing." says billing), as
+        # the evaluator's log-likelihood choice scoring does, not by the first line being exactly the label.
+        from honellm.reward.functions import choice_correct
+
+        return CombinedReward(["choice_correct"], [choice_correct(list(task.config.choices))], [1.0])
 
     def score(prompts, completions, **columns):
         references = [r if r is not None else "" for r in columns["target"]]

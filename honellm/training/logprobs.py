@@ -2,10 +2,11 @@
 
 A causal LM computes `logits = lm_head(hidden)` at every position: for SmolLM2 that is 49,152 logits per token,
 a fifth of the model's FLOPs and, in fp32 with its softmax and gradient, ~600 KB of memory per token. A loss on
-the answer tokens needs them only at the positions that predict an answer token. We ask the model for exactly
-those: transformers' `logits_to_keep` accepts a boolean (batch, sequence) mask and applies the LM head to the
-selected hidden states only, returning logits of shape (n_selected, vocab). The base model still runs over
-every real token (attention needs them); the head runs on a few.
+the answer tokens needs them only at the positions that predict an answer token. We compute exactly those: a
+pre-forward hook on the model's output embedding (the LM head) keeps the hidden states of the selected
+(batch, sequence) positions only, so the head returns logits of shape (n_selected, vocab). The base model still
+runs over every real token (attention needs them); the head runs on a few. (transformers' own boolean
+`logits_to_keep` does the same in recent versions; the hook works with every version and architecture.)
 
 The same function serves every recipe: SFT sums the negative log-probabilities (`sft_loss`); DPO and its family
 sum them per sequence (`sequence_logprobs`); GRPO/PPO use them per token with their row and position
@@ -87,11 +88,12 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     keep = predicting_positions(batch.labels)
     offset = virtual_tokens(_unwrap(model))
     keep_model = F.pad(keep, (offset, 0), value=False) if offset else keep
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep_model,
-                use_cache=False)
-    logits = out.logits
-    if logits.dim() == 3:  # an architecture without boolean logits_to_keep: it returned every position
-        logits = logits[keep_model]
+    head = _unwrap(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep_model], *args[1:]))
+    try:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    finally:
+        handle.remove()
     rows, positions = keep.nonzero(as_tuple=True)
     targets = batch.labels[rows, positions + 1]
     logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
