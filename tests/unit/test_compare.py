@@ -134,3 +134,18 @@ def test_compare_run_round_trips(compared):
     _, run = compared
     loaded = CompareRun.load(run.path)
     assert loaded.results.keys() == run.results.keys() and loaded.recommendation == run.recommendation
+
+
+def test_online_rl_rewards_a_label_task_by_the_label_the_answer_commits_to(tiny_model_dir, tmp_path):
+    from honellm.reward.rollout import metric_reward
+
+    task = Task.load(make_tiny_task(tmp_path / "task", tiny_model_dir))
+    reward = metric_reward(task)
+    scores = reward.score(["p"] * 3, ["Positive.", "The review is negative", "positive or negative"],
+                          target=["positive", "positive", "negative"])
+    assert scores.total == [1.0, 0.0, 0.0]
+    text_task = Task.from_config({"name": "t", "model": str(tiny_model_dir), "data": {"train": "x.jsonl"},
+                                  "target": "answer", "prompt": {"template": "{q}"}, "metric": "exact_match"})
+    text_task._format = "fields"
+    assert metric_reward(text_task).score(["p"], ["Nope"], target=["answer"]).total == [0.0]
+    assert metric_reward(text_task).score(["p"], ["The answer."], target=["answer"]).total == [1.0]

@@ -51,9 +51,9 @@ def make_run(tmp_path):
         f.write(json.dumps({"kind": "alarm", "step": 30, "alarm": "proxy_gold_divergence", "message": "proxy up, gold down"}) + "\n")
         f.write(json.dumps({"kind": "guard_summary", "best_step": 10}) + "\n")
     for name, preds in (("zero-shot", ["billing", "cancel"]), ("lora", ["billing", "shipping"])):
-        (tmp_path / f"{name}.eval.json").write_text(json.dumps({"examples": [
-            {"input": "refund me", "reference": "billing", "prediction": preds[0], "score": 1.0},
-            {"input": "where is my parcel", "reference": "shipping", "prediction": preds[1],
+        (tmp_path / f"{name}.eval.json").write_text(json.dumps({"records": [
+            {"prompt": "refund me", "reference": "billing", "prediction": preds[0], "score": 1.0},
+            {"prompt": "where is my parcel", "reference": "shipping", "prediction": preds[1],
              "score": float(preds[1] == "shipping")}]}))
     run.results = {
         "zero-shot": result("zero-shot", "prompting", 0.40, 0.30, 0.50, 30, eval_path=str(tmp_path / "zero-shot.eval.json")),
@@ -84,3 +84,20 @@ def test_report_of_a_run_with_nothing_finished(tmp_path):
     run.save()
     page = render_report(CompareRun.load(tmp_path))
     assert "nothing to recommend" in page and "out of memory" in page
+
+
+def test_combined_report_holds_every_run_with_a_summary(tmp_path):
+    from honellm.compare.report import write_combined_report
+
+    (tmp_path / "a").mkdir()
+    make_run(tmp_path / "a")
+    other = CompareRun(tmp_path / "b", {"name": "prefs", "metric": "preference_accuracy", "model": "tiny"},
+                       ["zero-shot", "dpo"], "test", None, None)
+    other.results = {"zero-shot": result("zero-shot", "prompting", 0.5, 0.4, 0.6, 20),
+                     "dpo": result("dpo", "reward", 0.8, 0.7, 0.9, 20, train=50)}
+    other.recommendation = recommend(list(other.results.values()))
+    (tmp_path / "b").mkdir()
+    other.save()
+    page = write_combined_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report.html", intro="two tasks").read_text()
+    assert "<h2>Summary</h2>" in page and "Task: intents" in page and "Task: prefs" in page
+    assert page.count("<h2>Leaderboard</h2>") == 2 and "<td>dpo</td><td>0.800</td><td>0.500</td>" in page

@@ -4,16 +4,13 @@ and the hook for per-query demonstration selection."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.prompting.program import Demonstration, PromptProgram, SelectorSpec
+from honellm.prompting.program import Demonstration, PromptProgram
 from honellm.serve.registry import (
-    demonstration_picker,
     load_models,
     parse_spec,
     plan_engines,
@@ -109,23 +106,33 @@ def test_program_system_and_demonstrations_go_first(tiny_model_dir, tmp_path):
                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "hi"}]
 
 
-def test_per_query_selector_hook(tiny_model_dir, tmp_path, monkeypatch):
-    program = PromptProgram(system="S", selector=SelectorSpec(name="nearest", k=1))
-    art = Artifact.create(name="sel", method="few-shot", base_model=str(tiny_model_dir), program=program)
-    art.save(tmp_path / "sel", pool=[{"query": "pool q", "answer": "pool a"}])
-    art = Artifact.load(tmp_path / "sel")
-    monkeypatch.setitem(sys.modules, "honellm.prompting.selectors", None)  # no selectors in this build
-    with pytest.raises(HoneError, match="per query"):
-        demonstration_picker(art)
+def test_per_query_selector_picks_the_demonstrations_the_evaluator_would(tiny_model_dir, tmp_path):
+    from honellm.prompting.search import make_prompt_artifact
+    from honellm.prompting.selectors import select_demonstrations
+    from honellm.task import Task
+    from honellm.testing import make_tiny_task
 
-    seen = {}
+    task_path = make_tiny_task(tmp_path / "task", tiny_model_dir, n_train=24, n_validation=4)
+    made = make_prompt_artifact(str(task_path), shots=2, selector="bm25", per_query=True, out=tmp_path / "sel",
+                                run_dir=tmp_path / "run", progress=False)
+    art = Artifact.load(made.path)
+    assert art.program.selector.per_query and len(art.pool()) == 24
+    (served,) = load_models([str(made.path)], generator_factory=scripted)
+    messages = served.chat_messages([{"role": "user", "content": "Review: a dull, lazy film"}])
 
-    def build_selector(spec, pool):
-        seen["spec"], seen["pool"] = spec, pool
-        return lambda query: [Demonstration(query=f"like {query}", answer=pool[0]["answer"])]
+    task = Task.load(task_path)
+    expected = select_demonstrations(art.program.selector, task, art.program, [{"text": "a dull, lazy film"}], art.pool())[0]
+    shown = [(m["content"]) for m in messages[1:-1]]
+    assert shown == [x for d in expected for x in (d.query, d.answer)] and len(expected) == 2
+    assert messages[-1] == {"role": "user", "content": "Review: a dull, lazy film"}
+    assert all("dull" in d.query or "lazy" in d.query for d in expected)  # BM25 found lexical neighbours
 
-    monkeypatch.setitem(sys.modules, "honellm.prompting.selectors", types.SimpleNamespace(build_selector=build_selector))
-    (served,) = load_models([str(tmp_path / "sel")], generator_factory=scripted)
-    assert seen["spec"].name == "nearest" and seen["pool"] == [{"query": "pool q", "answer": "pool a"}]
-    messages = served.chat_messages([{"role": "user", "content": "new q"}])
-    assert messages[1:3] == [{"role": "user", "content": "like new q"}, {"role": "assistant", "content": "pool a"}]
+
+def test_a_per_query_artifact_without_its_pool_is_refused(tiny_model_dir, tmp_path):
+    from honellm.prompting.program import SelectorSpec
+    from honellm.serve.registry import demonstration_picker
+
+    program = PromptProgram(system="S", selector=SelectorSpec(name="bm25", k=1))
+    Artifact.create(name="sel", method="prompt", base_model=str(tiny_model_dir), program=program).save(tmp_path / "sel")
+    with pytest.raises(HoneError, match="no demonstration pool"):
+        demonstration_picker(Artifact.load(tmp_path / "sel"))
