@@ -155,7 +155,7 @@ def disagreements(results: list[MethodResult], limit: int = 12) -> tuple[list[st
         scores = [per_method[m][i].get("score") for m in methods]
         if len({s for s in scores if s is not None}) > 1:
             first = per_method[methods[0]][i]
-            text = str(first.get("input") or first.get("prompt") or "")
+            text = str(first.get("query") or first.get("input") or first.get("prompt") or "")
             # the prompt as the model saw it ends with the query (demonstrations and system text come before it)
             rows.append({"input": text if len(text) <= 400 else "…" + text[-400:], "reference": first.get("reference"),
                          "predictions": {m: (per_method[m][i].get("prediction"), per_method[m][i].get("score"))

@@ -90,9 +90,12 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
         peak_memory_mb=round(memory.mb, 1) if memory.mb is not None else None,
         memory_kind=memory.kind,
     )
+    from honellm.prompting.selectors import query_text
+
     examples = [
         ExampleResult(index=i, prompt=scored.prompts[i], prediction=scored.predictions[i],
                       reference=scored.references[i], score=scores[i],
+                      query=query_text(task, artifact.program, records[i]),
                       details=(scored.details[i] if scored.details else {}) | {"where": getattr(records[i], "where", None)})
         for i in range(len(records))
     ]

@@ -31,6 +31,7 @@ class ExampleResult:
     reference: str | None
     score: float
     details: dict[str, Any] = field(default_factory=dict)  # e.g. per-choice log-probabilities, a margin, rewards
+    query: str | None = None  # the record's own user turn (the prompt without system text and demonstrations)
 
 
 @dataclass
