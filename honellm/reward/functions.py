@@ -20,13 +20,13 @@ import inspect
 import json
 import math
 import re
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from honellm.errors import HoneError
+from honellm.evaluation.metrics import normalize_text  # one SQuAD normalisation for metrics and rewards
 
 Reward = Callable[..., list[float | None]]
 
@@ -68,16 +68,6 @@ def _column(columns: dict[str, Any], name: str, n: int, reward: str) -> list[Any
     if len(values) != n:
         raise ValueError(f"field {name!r} has {len(values)} values for {n} completions")
     return values
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_text(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = _ARTICLES.sub(" ", str(text).lower().translate(_PUNCTUATION))
-    return " ".join(text.split())
 
 
 # A number: thousands separated by commas or plain digits, optional decimals; or a bare decimal like .5
