@@ -77,6 +77,11 @@ def data_facts(task: Task, tokenizer=None, sample: int = 200) -> dict:
     facts["has_unpaired"] = task.kind == "unpaired"
     facts["has_rewards"] = bool(task.config.rewards)
     facts["has_gold_rewards"] = bool(task.config.gold_rewards)
+    from honellm.reward.rollout import metric_reward
+
+    # Without `rewards:`, online RL can still train on the task's metric when it checks generated answers.
+    facts["metric_reward"] = None if facts["has_rewards"] else (
+        ("choice_correct" if task.config.choices else task.metric) if metric_reward(task) is not None else None)
     if tokenizer is not None and facts["n_train"]:
         from honellm.data.chat import build_messages, render_answer, render_prompt
 
@@ -200,11 +205,15 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         advice.not_applicable.append(("dpo", "no preference pairs in the data (R5)"))
 
     # R6: verifiable rewards.
-    if facts["has_rewards"] and n:
+    if (facts["has_rewards"] or facts.get("metric_reward")) and n:
         group, steps = 8, 100
         rollout_tokens = steps * 4 * group * (prompt_len + 64)
-        why = "reward functions can check answers: online RL with verifiable rewards"
-        if not facts["has_gold_rewards"]:
+        if facts["has_rewards"]:
+            why = "reward functions can check answers: online RL with verifiable rewards"
+        else:
+            why = (f"the answers can be checked ({facts['metric_reward']} on the reference is the reward), but labelled "
+                   "answers also train directly: try RL after tuning")
+        if not facts["has_gold_rewards"] and facts["has_rewards"]:
             why += "; add gold_rewards so the reward-hacking guard has a signal the policy is not trained on"
         note = None
         if advice.probe and advice.probe.get("zero_shot_score") == 0.0:
@@ -213,7 +222,7 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
             est_train_seconds=round(_train_seconds(rollout_tokens, params, peak, "inference") * 4, 1),
             est_memory_gb=round(peft_memory + 0.6, 2), est_prompt_tokens=round(prompt_len, 1), note=note)
     else:
-        advice.not_applicable.append(("grpo", "no reward functions in the task (R6)"))
+        advice.not_applicable.append(("grpo", "no reward functions in the task and no checkable answers (R6)"))
 
     # Budget and latency: methods over budget go last, with a note.
     if budget_seconds is not None:
@@ -243,4 +252,4 @@ def _probe(task: Task, limit: int = 50) -> dict:
     start = time.perf_counter()
     result = evaluate(Artifact.zero_shot(task.config.model, task), task, split=split, limit=limit, progress=False)
     return {"split": split, "limit": limit, "zero_shot_score": result.score, "metric": result.metric,
-            "ci": list(result.ci), "seconds": round(time.perf_counter() - start, 1)}
+            "ci95": list(result.ci95), "seconds": round(time.perf_counter() - start, 1)}

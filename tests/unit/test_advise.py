@@ -1,0 +1,49 @@
+"""`hone advise`: the playbook's order of methods from the task's data, the budget and a probe (tiny model)."""
+
+from __future__ import annotations
+
+from honellm.compare.advise import advise
+from honellm.task import Task
+from honellm.testing import make_tiny_preference_task, make_tiny_reward_task, make_tiny_task
+
+
+def methods(advice):
+    return [s.method for s in advice.steps]
+
+
+def test_a_label_task_prompts_first_then_tunes_then_rl_on_its_checkable_answers(tiny_model_dir, tmp_path):
+    advice = advise(Task.load(make_tiny_task(tmp_path / "t", tiny_model_dir, n_train=80)))
+    assert methods(advice) == ["zero-shot", "few-shot", "prompt-search", "lora", "dora", "ia3", "grpo"]
+    assert advice.facts["metric_reward"] == "choice_correct"
+    grpo = advice.steps[-1]
+    assert "after tuning" in grpo.why and grpo.est_train_seconds > 0
+    assert dict(advice.not_applicable)["dpo"].startswith("no preference pairs")
+    assert all(s.est_memory_gb > 0 for s in advice.steps)
+    assert advice.steps[1].est_prompt_tokens > advice.steps[0].est_prompt_tokens  # demonstrations cost tokens
+
+
+def test_few_examples_do_not_get_tuning(tiny_model_dir, tmp_path):
+    advice = advise(Task.load(make_tiny_task(tmp_path / "t", tiny_model_dir, n_train=20)))
+    assert "lora" not in methods(advice) and "only 20 training examples" in dict(advice.not_applicable)["lora"]
+
+
+def test_preference_pairs_get_the_dpo_family(tiny_model_dir, tmp_path):
+    advice = advise(Task.load(make_tiny_preference_task(tmp_path / "p", tiny_model_dir, n_train=64)))
+    assert "dpo" in methods(advice) and "simpo" in methods(advice) and "few-shot" not in methods(advice)
+    assert methods(advice)[0] == "zero-shot"
+
+
+def test_reward_functions_get_online_rl_and_a_budget_moves_slow_methods_last(tiny_model_dir, tmp_path):
+    task = Task.load(make_tiny_reward_task(tmp_path / "r", tiny_model_dir, n_train=64))
+    advice = advise(task)
+    grpo = next(s for s in advice.steps if s.method == "grpo")
+    assert "reward functions can check answers" in grpo.why and "gold_rewards" in grpo.why
+    tight = advise(task, budget_seconds=grpo.est_train_seconds / 2)
+    assert methods(tight)[-1] == "grpo" and "over the" in tight.steps[-1].note
+
+
+def test_the_probe_measures_the_zero_shot_score(tiny_model_dir, tmp_path):
+    advice = advise(Task.load(make_tiny_task(tmp_path / "t", tiny_model_dir, n_train=80)), probe=True)
+    probe = advice.probe
+    assert probe["split"] == "validation" and 0.0 <= probe["zero_shot_score"] <= 1.0
+    assert probe["ci95"][0] <= probe["zero_shot_score"] <= probe["ci95"][1] and probe["metric"] == "accuracy"
