@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from honellm.compare.results import FAMILIES, MethodResult
 
+LATENCY_TOLERANCE = 0.15  # five timed requests: differences below ~15% are within the run-to-run spread
+
 
 def _fmt(r: MethodResult) -> str:
     ci = f" [{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None and r.ci_high is not None else ""
@@ -34,7 +36,15 @@ def recommend(results: list[MethodResult], *, baseline: str = "zero-shot") -> di
     if not done:
         return None
     best, tied = tied_with_best(done)
-    pick = min(tied, key=lambda r: (*_serve_cost(r), r.train_seconds, FAMILIES.index(r.family) if r.family in FAMILIES else 9))
+    fastest = min(_serve_cost(r)[0] for r in tied)
+
+    def cost(r: MethodResult) -> tuple:
+        latency, tokens = _serve_cost(r)
+        # Latencies within LATENCY_TOLERANCE of the fastest are timing noise, not a difference in serving cost.
+        return (0.0 if latency <= fastest * (1 + LATENCY_TOLERANCE) else latency, tokens, r.train_seconds,
+                r.trainable_params, FAMILIES.index(r.family) if r.family in FAMILIES else 9)
+
+    pick = min(tied, key=cost)
     reasons = [f"best score: {_fmt(best)} ({best.metric}, n={best.n})"]
     if pick is not best:
         reasons.append(f"{pick.method} ({pick.score:.3f}) is statistically tied with {best.method}: its 95% interval "
