@@ -202,12 +202,18 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
 
 
 def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrides, progress) -> MethodResult:
+    import torch
+
     from honellm.artifact import Artifact
     from honellm.evaluation import evaluate
+    from honellm.evaluation.cost import PeakMemory
 
     out.mkdir(parents=True, exist_ok=True)
     result = MethodResult(spec.name, spec.family, "failed", run_dir=str(out))
     started = time.perf_counter()
+    # This method's own peak (training or search, then evaluation): the high-water mark is reset first, so
+    # methods run earlier in this process do not count.
+    meter = PeakMemory("cuda" if torch.cuda.is_available() else "cpu").__enter__()
     try:
         artifact = spec.run(task, out, budget, overrides, progress)
     except HoneError as err:
@@ -221,6 +227,7 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     model, tokenizer = art.load_model()
     evaluation = evaluate(art, task, split, limit, model=model, tokenizer=tokenizer, progress=progress)
+    meter.__exit__(None, None, None)
     evaluation.save(out / "eval.json")
     cost = art.manifest.cost or {}
     result.status = "done"
@@ -233,7 +240,7 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
         result.train_seconds = float(cost.get("train_seconds", make_seconds))
     result.train_tokens = int(cost.get("train_tokens", 0))
     result.trainable_params = int(cost.get("trainable_params", 0))
-    result.peak_memory_mb = cost.get("peak_memory_mb") or evaluation.cost.peak_memory_mb
+    result.peak_memory_mb = round(meter.mb, 1) if meter.mb is not None else evaluation.cost.peak_memory_mb
     result.prompt_tokens = evaluation.cost.prompt_tokens_per_example
     result.latency_ms = measure_latency(art, task, model, tokenizer)
     result.extra = {"eval_mode": evaluation.mode, "extras": evaluation.extras}
