@@ -76,13 +76,15 @@ class MemoryEstimate:
     micro_batch_size: int
     seq_len: int
     gradient_checkpointing: bool
+    evaluation: int = 0  # validation during training: the engine's packed weights and full-vocabulary logits
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+                + self.evaluation)
 
     def describe(self) -> str:
-        parts = ("weights", "gradients", "optimizer", "activations", "logits", "overhead")
+        parts = ("weights", "gradients", "optimizer", "activations", "logits", "overhead", "evaluation")
         inner = ", ".join(f"{p} {getattr(self, p) / GiB:.2f}" for p in parts)
         return f"{self.total / GiB:.2f} GiB ({inner})"
 
@@ -102,10 +104,12 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
                              loss_tokens: int | None = None, gradient_checkpointing: bool = False,
                              compute_dtype: torch.dtype = torch.bfloat16, distributed: bool = False,
                              device_type: str = "cpu", optimizer_states: int = 2,
-                             attention: str = "sdpa") -> MemoryEstimate:
+                             attention: str = "sdpa", evaluation_batch: int = 0) -> MemoryEstimate:
     """Estimate the peak memory of training `model` on micro-batches of `micro_batch_size` x `seq_len` tokens.
 
     `loss_tokens` is the number of positions per micro-batch where logits are computed (all of them when None).
+    `evaluation_batch`: sequences per forward pass of the validation runs during training (0: none); they add
+    the generation engine's packed copy of the weights and fp32 logits over the vocabulary for that batch.
     """
     shape = ModelShape.of(getattr(model, "config", None) or object())
     stored, trainable, _ = parameter_bytes(model)
@@ -122,10 +126,12 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
     n_logits = tokens if loss_tokens is None else loss_tokens
     logits = n_logits * shape.vocab * 4 * 3
     gradients = trainable * 4 * (2 if distributed else 1)
+    evaluation = stored + evaluation_batch * seq_len * shape.vocab * 4 * 2 if evaluation_batch else 0
     return MemoryEstimate(
         weights=stored, gradients=gradients, optimizer=trainable * 4 * optimizer_states, activations=activations,
         logits=logits, overhead=GPU_OVERHEAD if device_type == "cuda" else CPU_OVERHEAD,
-        micro_batch_size=micro_batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing)
+        micro_batch_size=micro_batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+        evaluation=evaluation)
 
 
 def available_memory(device: torch.device | str) -> tuple[int, str]:

@@ -120,7 +120,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         return estimate_training_memory(
             model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
             loss_tokens=batch * (answer_tokens if config.completion_only_loss else min(length, longest)),
-            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type, attention=attention)
+            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type, attention=attention,
+            evaluation_batch=config.eval_batch_size if validation is not None and config.eval_every != 0 else 0)
 
     memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
                           grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
