@@ -213,21 +213,20 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
     started = time.perf_counter()
     # This method's own peak (training or search, then evaluation): the high-water mark is reset first, so
     # methods run earlier in this process do not count.
-    meter = PeakMemory("cuda" if torch.cuda.is_available() else "cpu").__enter__()
-    try:
-        artifact = spec.run(task, out, budget, overrides, progress)
-    except HoneError as err:
-        result.reason = err.render().split("\n")[0]
-        return result
-    except Exception as err:  # noqa: BLE001 - one method's crash must not lose the others' results
-        (out / "error.txt").write_text(traceback.format_exc())
-        result.reason = f"{type(err).__name__}: {err} (traceback in {out / 'error.txt'})"
-        return result
-    make_seconds = time.perf_counter() - started
-    art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
-    model, tokenizer = art.load_model()
-    evaluation = evaluate(art, task, split, limit, model=model, tokenizer=tokenizer, progress=progress)
-    meter.__exit__(None, None, None)
+    with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as meter:
+        try:
+            artifact = spec.run(task, out, budget, overrides, progress)
+        except HoneError as err:
+            result.reason = err.render().split("\n")[0]
+            return result
+        except Exception as err:  # noqa: BLE001 - one method's crash must not lose the others' results
+            (out / "error.txt").write_text(traceback.format_exc())
+            result.reason = f"{type(err).__name__}: {err} (traceback in {out / 'error.txt'})"
+            return result
+        make_seconds = time.perf_counter() - started
+        art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+        model, tokenizer = art.load_model()
+        evaluation = evaluate(art, task, split, limit, model=model, tokenizer=tokenizer, progress=progress)
     evaluation.save(out / "eval.json")
     cost = art.manifest.cost or {}
     result.status = "done"
@@ -235,9 +234,7 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
     result.ci_low, result.ci_high = evaluation.ci95
     result.artifact = str(art.path) if art.path else None
     result.eval_path = str(out / "eval.json")
-    result.train_seconds = float(cost.get("train_seconds", make_seconds if spec.family != "prompting" else 0.0))
-    if spec.family == "prompting" and spec.name != "zero-shot":
-        result.train_seconds = float(cost.get("train_seconds", make_seconds))
+    result.train_seconds = float(cost.get("train_seconds", 0.0 if spec.name == "zero-shot" else make_seconds))
     result.train_tokens = int(cost.get("train_tokens", 0))
     result.trainable_params = int(cost.get("trainable_params", 0))
     result.peak_memory_mb = round(meter.mb, 1) if meter.mb is not None else evaluation.cost.peak_memory_mb
