@@ -21,6 +21,11 @@ from honellm.errors import HoneError
 RUNS_ROOT = Path("runs")
 
 
+def runs_root() -> Path:
+    """Where run folders go: `HONE_RUNS`, else `runs/` in the current folder."""
+    return Path(os.environ.get("HONE_RUNS", RUNS_ROOT))
+
+
 class RunDir:
     """A run's folder: `config.yaml`, `metrics.jsonl`, `log.txt`, checkpoints, and the artifact."""
 
@@ -37,7 +42,7 @@ class RunDir:
             path = Path(out)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = Path(root or os.environ.get("HONE_RUNS", RUNS_ROOT)) / _safe(task_name) / f"{_safe(method)}-{stamp}"
+            path = Path(root or runs_root()) / _safe(task_name) / f"{_safe(method)}-{stamp}"
             n = 1
             while path.exists():
                 n += 1

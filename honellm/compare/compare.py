@@ -274,9 +274,7 @@ def measure_latency(artifact, task, model, tokenizer, requests: int = LATENCY_RE
 
 
 def _compare_dir(task: Task, out, resume: bool, force: bool) -> Path:
-    import os
-
-    from honellm.runs import RUNS_ROOT, _safe
+    from honellm.runs import _safe, runs_root
 
     if out is not None:
         path = Path(out)
@@ -289,7 +287,7 @@ def _compare_dir(task: Task, out, resume: bool, force: bool) -> Path:
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         return path
-    root = Path(os.environ.get("HONE_RUNS", RUNS_ROOT)) / _safe(task.name)
+    root = runs_root() / _safe(task.name)
     if resume:
         found = sorted(root.glob("compare-*"), key=lambda p: p.stat().st_mtime)
         if found:

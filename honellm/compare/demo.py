@@ -46,19 +46,18 @@ DEFAULT_TASKS = ("intents", "support_prefs")
 def run_demo(out: str | Path | None = None, *, tasks: list[str] | None = None, limit: int | None = None,
              force: bool = False, progress: bool = True, echo=print) -> tuple[Path, list, Path]:
     """Run the demo; returns (demo folder, the compare runs, the report path)."""
-    import os
 
     from honellm.cli.compare_cmd import print_leaderboard
     from honellm.compare.compare import compare
     from honellm.compare.report import write_combined_report
-    from honellm.runs import RUNS_ROOT
+    from honellm.runs import runs_root
 
     plan = [d for d in DEMO_TASKS if d.task in (tasks or DEFAULT_TASKS)]
     unknown = sorted(set(tasks or []) - {d.task for d in DEMO_TASKS})
     if unknown:
         raise HoneError(f"no demo task named {', '.join(unknown)}", where="--tasks",
                         fix=f"demo tasks: {', '.join(d.task for d in DEMO_TASKS)}")
-    root = Path(out) if out else Path(os.environ.get("HONE_RUNS", RUNS_ROOT)) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = Path(out) if out else runs_root() / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     if root.exists() and any(root.iterdir()) and not force:
         raise HoneError("the demo folder already exists", where=str(root),
                         fix="pass --force to replace it, or choose another --out")

@@ -7,13 +7,12 @@ method or settings differ from the ones it started with (the weights would no lo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
 
 from honellm.errors import HoneError
-from honellm.runs import RUNS_ROOT, RunDir, _safe
+from honellm.runs import RunDir, _safe, runs_root
 
 
 def open_run(task, method: str, config, *, out, resume: bool, force: bool, accelerator) -> RunDir:
@@ -43,7 +42,7 @@ def open_run(task, method: str, config, *, out, resume: bool, force: bool, accel
 
 def latest_run(task_name: str, method: str) -> Path:
     """The most recent run folder of `method` on task `task_name` (what `--resume` without `--out` continues)."""
-    root = Path(os.environ.get("HONE_RUNS", RUNS_ROOT)) / _safe(task_name)
+    root = runs_root() / _safe(task_name)
     runs = sorted(root.glob(f"{_safe(method)}-*"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not runs:
         raise HoneError(f"no earlier {method} run of task {task_name!r} to resume under {root}",
