@@ -1,0 +1,129 @@
+"""The fused LoRA forward/backward (honellm.training.fused) against PEFT's own, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from honellm.training import fused
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(tiny_model_dir, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    from honellm.models import load
+
+    model, _ = load(tiny_model_dir, dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; make the adapter do something
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def _run(model, ids, autocast: bool = False):
+    """Loss, input-embedding gradient and every trainable gradient of one forward and backward."""
+    model.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with context:
+        logits = model(inputs_embeds=embeds).logits
+    loss = logits.float().logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), embeds.grad.clone(), grads
+
+
+def _count_fused_calls(monkeypatch) -> list:
+    calls = []
+    original = fused.LoraLinearFunction.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fused.LoraLinearFunction, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_fused_matches_peft_in_fp32(tiny_model_dir, monkeypatch, use_rslora):
+    model = _lora_model(tiny_model_dir, use_rslora=use_rslora)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    loss, grad_in, grads = _run(model, ids)
+    calls = _count_fused_calls(monkeypatch)
+    assert fused.install(model) == len(TARGETS) * model.config.num_hidden_layers
+    fused_loss, fused_grad_in, fused_grads = _run(model, ids)
+    assert len(calls) == len(TARGETS) * model.config.num_hidden_layers  # every adapted layer took the fused path
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_grad_in, grad_in, rtol=1e-4, atol=1e-6)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 2 * len(calls)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_matches_peft_under_bf16_autocast(tiny_model_dir):
+    """The recipes' setting: frozen weights in bf16, adapters in fp32, autocast; gradients come back in fp32."""
+    from honellm.training.precision import Precision
+
+    model = _lora_model(tiny_model_dir)
+    Precision.resolve("bf16", "cpu").cast_model(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    loss, _, grads = _run(model, ids, autocast=True)
+    fused.install(model)
+    fused_loss, _, fused_grads = _run(model, ids, autocast=True)
+    torch.testing.assert_close(fused_loss, loss, rtol=2e-2, atol=2e-2)  # both round activations to bf16
+    for name, grad in grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        scale = grad.abs().max().item() + 1e-6
+        assert (fused_grads[name] - grad).abs().max().item() <= 0.05 * scale, name
+
+
+def test_fused_forward_under_inference_mode_and_no_autocast(tiny_model_dir):
+    """The generation engine calls adapted layers in bf16 without autocast, under inference mode."""
+    model = _lora_model(tiny_model_dir).to(torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        fused.install(model)
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("case", ["dropout", "dora", "disabled", "merged"])
+def test_fused_falls_back_to_peft_where_it_would_differ(tiny_model_dir, monkeypatch, case):
+    model = _lora_model(tiny_model_dir, lora_dropout=0.5 if case == "dropout" else 0.0, use_dora=case == "dora")
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    calls = _count_fused_calls(monkeypatch)
+    fused.install(model)
+    if case == "disabled":
+        with model.disable_adapter():
+            model(input_ids=ids)
+    elif case == "merged":
+        model.merge_adapter()
+        model(input_ids=ids)
+    else:
+        model(input_ids=ids)
+    assert calls == []
+    if case == "dropout":  # in eval mode dropout is the identity: the fused path is exact again
+        model.eval()
+        model(input_ids=ids)
+        assert len(calls) == len(TARGETS) * model.config.num_hidden_layers
+
+
+def test_install_keeps_the_layer_peft_and_uninstall_restores(tiny_model_dir, monkeypatch):
+    model = _lora_model(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused.install(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    fused.uninstall(model)
+    calls = _count_fused_calls(monkeypatch)
+    model(input_ids=torch.randint(0, model.config.vocab_size, (1, 5)))
+    assert calls == []
+    monkeypatch.setenv("HONE_FUSED_LORA", "0")
+    assert fused.install(model) == 0
