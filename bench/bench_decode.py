@@ -3,8 +3,10 @@
 Both sides sample (temperature 0.7, top-p 0.9, top-k 50) 64 new tokens from bf16 weights (on a CPU with fast
 bf16; the hardware policy's dtype elsewhere), at batch 1 and batch 16, from chat prompts built on SST-2 reviews.
 Throughput counts the tokens each side really produced (up to and including EOS) over the wall time of the call,
-prefill included. Runs alternate between the two sides and the best of `--repeats` is kept, which damps the noise
-of a shared machine. It prints figures; it asserts nothing.
+prefill included. Runs alternate between the two sides, `--repeats` pairs of them: the table shows the best run
+of each side and, as the headline ratio, the median over pairs of (Hone / generate) for runs made back to back,
+which cancels most of the slow phases of a shared machine (its speed drifts by up to 2x over tens of seconds).
+It prints figures; it asserts nothing.
 
     python bench/bench_decode.py [--model smollm2-135m-instruct] [--quick]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,7 +77,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 new tokens, one run per side")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="alternating pairs of runs per batch size")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=50)
@@ -104,21 +107,26 @@ def main() -> None:
     print(f"model {args.model} ({next(model.parameters()).dtype}), engine runner: {gen.runner_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"sampling: temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}, "
-          f"{args.new_tokens} new tokens; best of {args.repeats} alternating runs\n")
-    print(f"{'batch':>5} | {'generate tok/s':>14} | {'hone tok/s':>10} | {'ratio':>5} | tokens (generate / hone)")
+          f"{args.new_tokens} new tokens; {args.repeats} alternating pairs of runs\n")
+    print(f"{'batch':>5} | {'generate tok/s (best)':>21} | {'hone tok/s (best)':>17} | {'ratio of bests':>14} | "
+          f"{'paired ratio, median [min, max]':>31} | tokens (generate / hone)")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         chosen = prompts[:batch]
         hf_generate(model, tok, chosen, argparse.Namespace(**{**vars(args), "new_tokens": 4}))  # warm-up
         hone_generate(gen, chosen, argparse.Namespace(**{**vars(args), "new_tokens": 4}))
         best_hf = best_hone = 0.0
         counts = (0, 0)
+        ratios = []
         for _ in range(args.repeats):
             n_hf, s_hf = hf_generate(model, tok, chosen, args)
             n_hone, s_hone = hone_generate(gen, chosen, args)
             best_hf, best_hone = max(best_hf, n_hf / s_hf), max(best_hone, n_hone / s_hone)
+            ratios.append((n_hone / s_hone) / (n_hf / s_hf))
             counts = (n_hf, n_hone)
-        print(f"{batch:>5} | {best_hf:>14.1f} | {best_hone:>10.1f} | {best_hone / best_hf:>4.2f}x | "
-              f"{counts[0]} / {counts[1]}")
+        ratios.sort()
+        paired = f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
+        print(f"{batch:>5} | {best_hf:>21.1f} | {best_hone:>17.1f} | {best_hone / best_hf:>13.2f}x | {paired:>31} | "
+              f"{counts[0]} / {counts[1]}", flush=True)
 
 
 if __name__ == "__main__":
