@@ -548,6 +548,48 @@ def test_peft_lora_model_matches_its_own_generate(lively):
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
 
 
+def test_lora_layers_decode_merged_and_follow_training_and_disabling(lively):
+    """LoRA layers enter the derived weights merged (W + s B A): outputs equal PEFT's own forward, an adapter
+    updated in place (an optimizer step) is seen, and a disabled adapter gives the base model back."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lively
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=targets,
+                                                                  init_lora_weights=False)).eval()
+    prompts = chat(tok)[:3]
+    gen = Generator(peft_model, tok, batch_size=3)
+    params = SamplingParams(max_new_tokens=8)
+    outs = [o.token_ids for o in gen.generate(prompts, params)]
+    layer = gen._runner.derived.layers[0]
+    assert all(w is not None for w in (layer.qkv, layer.o, layer.gate_up, layer.down))  # merged, not bypassed
+    assert outs == [reference_greedy(peft_model, tok, p, 8) for p in prompts]
+    with torch.no_grad():  # what an optimizer step does: in-place updates of the adapter only
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-3.0)
+    updated = [o.token_ids for o in gen.generate(prompts, params)]
+    assert updated != outs and updated == [reference_greedy(peft_model, tok, p, 8) for p in prompts]
+    base = [o.token_ids for o in Generator(model, tok, batch_size=3).generate(prompts, params)]
+    with peft_model.disable_adapter():
+        assert [o.token_ids for o in gen.generate(prompts, params)] == base
+    assert [o.token_ids for o in gen.generate(prompts, params)] == updated
+
+
+def test_dora_layers_run_through_their_own_forward(lively):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lively
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "up_proj"],
+                                                                  use_dora=True, init_lora_weights=False)).eval()
+    gen = Generator(peft_model, tok)
+    prompt = chat(tok)[1]
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    layer = gen._runner.derived.layers[0]
+    assert layer.qkv is None and layer.gate_up is None and layer.o is not None  # DoRA is not merged
+    assert out == reference_greedy(peft_model, tok, prompt, 8)
+
+
 def test_weights_updated_in_place_are_seen(lively):
     model, tok = lively
     model = copy.deepcopy(model)
