@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honellm.training.fused import lora_parts
+
 # Model types whose decoder layer has the Llama structure (pre-norm, rotary q/k, SDPA, gated MLP).
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
 # Norm classes computed as `weight * normalize(x.float()).to(dtype)`, the Llama RMSNorm.
@@ -206,28 +208,18 @@ def _base(module: nn.Module) -> nn.Module:
 
 def _mergeable_lora(module: nn.Module):
     """`(base, lora_A weight, lora_B weight, scaling)` when `module` is a PEFT LoRA `Linear` whose output is
-    exactly `base(x) + scaling * B @ A @ x` (plain LoRA, one active adapter, no bias on the adapter); `(base, None,
-    None, 0.0)` when its output is just `base(x)` (adapters disabled, or merged into the base already); None when
+    exactly `base(x) + scaling * B @ A @ x` (see `honellm.training.fused.lora_parts`); `(base, None, None, 0.0)`
+    when its output is just `base(x)` (adapters disabled, merged into the base already, or none active); None when
     it is anything else (DoRA and other variants, several adapters, quantized bases ...)."""
-    if not hasattr(module, "lora_A") or not hasattr(module, "base_layer") or type(module.base_layer) is not nn.Linear:
+    if not hasattr(module, "lora_A") or type(getattr(module, "base_layer", None)) is not nn.Linear:
         return None
-    if getattr(module, "fan_in_fan_out", False):
-        return None
-    if module.disable_adapters or module.merged:
+    if module.disable_adapters or module.merged or not any(a in module.lora_A for a in module.active_adapters):
         return module.base_layer, None, None, 0.0
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        return (module.base_layer, None, None, 0.0) if not active else None
-    adapter = active[0]
-    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+    parts = lora_parts(module)
+    if parts is None:
         return None
-    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
-        return None
-    scaling = module.scaling.get(adapter)
-    if not isinstance(scaling, (int, float)):
-        return None
-    return module.base_layer, lora_a.weight, lora_b.weight, float(scaling)
+    _, base, lora_a, lora_b, scaling = parts
+    return base, lora_a.weight, lora_b.weight, scaling
 
 
 def _lora_state(module: nn.Module, scaling: float) -> str:

@@ -93,9 +93,15 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                                         self.lora_B[adapter].weight, float(self.scaling[adapter]))
 
 
-def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-    """The one active adapter of `layer` when the fused path computes exactly what PEFT would, else None."""
-    if args or kwargs or layer.disable_adapters or layer.merged or not x.is_floating_point():
+def lora_parts(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, float] | None:
+    """`(adapter, base, lora_A, lora_B, scaling)` when `layer` is a PEFT LoRA `Linear` computing exactly
+    `base(x) + scaling * lora_B(lora_A(dropout(x)))` with one active adapter: plain LoRA (rsLoRA scaling and any
+    initialisation included) over an `nn.Linear`, no DoRA or other variant, no bias on the adapter. None for
+    anything else, and for a layer whose adapters are disabled or merged (its caller decides what those mean).
+    The generation engine merges such layers into its derived weights (honellm/generation/runners.py)."""
+    if not hasattr(layer, "lora_A") or type(getattr(layer, "base_layer", None)) is not nn.Linear:
+        return None
+    if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
         return None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
@@ -103,15 +109,27 @@ def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str |
     adapter = active[0]
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
         return None
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
+        return None
+    scaling = layer.scaling.get(adapter)
+    if not isinstance(scaling, (int, float)):
+        return None
+    return adapter, layer.base_layer, lora_a, lora_b, float(scaling)
+
+
+def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The one active adapter of `layer` when the fused path computes exactly what PEFT would, else None."""
+    if args or kwargs or not x.is_floating_point():
+        return None
+    parts = lora_parts(layer)
+    if parts is None:
+        return None
+    adapter, base, lora_a, lora_b, _ = parts
     dropout = layer.lora_dropout[adapter]
     if layer.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) > 0:
         return None
-    base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
-    if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
-        return None
-    if getattr(layer, "fan_in_fan_out", False) or not isinstance(layer.scaling.get(adapter), (int, float)):
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
     if any(type(p) is not nn.Parameter and type(p) is not torch.Tensor
            for p in (base.weight, lora_a.weight, lora_b.weight)):
