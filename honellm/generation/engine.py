@@ -76,11 +76,13 @@ class Generator:
     the number of sequences per forward; `max_length` caps prompt plus completion (default: the model's context
     length).
     Prompts are tokenized without adding special tokens (they are already formatted, a chat template included);
-    pass `add_special_tokens=True` for raw text on models that expect a BOS token.
+    pass `add_special_tokens=True` for raw text on models that expect a BOS token. LoRA layers are merged into the
+    engine's weight copies (an adapted model decodes at its base's speed; a changed adapter costs one rebuild at
+    the next call); `merge_adapters=False` runs them unmerged, for a model that switches adapters between calls.
     """
 
     def __init__(self, model, tokenizer, *, backend: str = "auto", batch_size: int = 16,
-                 max_length: int | None = None, add_special_tokens: bool = False):
+                 max_length: int | None = None, add_special_tokens: bool = False, merge_adapters: bool = True):
         if backend not in BACKENDS:
             raise HoneError(f"unknown generation backend {backend!r}", where="Generator(backend=...)",
                             fix=f"use one of: {', '.join(BACKENDS)}")
@@ -100,7 +102,7 @@ class Generator:
         self.backend = vllm_backend.select_backend(backend, model)
         self._vllm = vllm_backend.VLLMBackend(model, tokenizer, max_length=self.max_length,
                                               add_special_tokens=add_special_tokens) if self.backend == "vllm" else None
-        self._runner = make_runner(model) if self.backend == "torch" else None
+        self._runner = make_runner(model, merge_adapters=merge_adapters) if self.backend == "torch" else None
 
     @property
     def runner_name(self) -> str:

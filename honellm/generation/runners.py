@@ -70,11 +70,11 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model()
 
 
-def make_runner(model: nn.Module):
-    """The fastest runner that is exact for this model."""
+def make_runner(model: nn.Module, *, merge_adapters: bool = True):
+    """The fastest runner that is exact for this model (`merge_adapters`: see `DerivedWeights`)."""
     base = unwrap_peft(model)
     if DecoderRunner.unsupported(base) is None:
-        return DecoderRunner(base)
+        return DecoderRunner(base, merge_adapters=merge_adapters)
     return HFRunner(base)
 
 
@@ -112,11 +112,17 @@ class DerivedWeights:
     and rebuilds the copy unless every source weight still has the same storage, the same version counter (which
     every in-place update through autograd-visible ops bumps: optimizers, `load_state_dict`) and the same values
     at a few fixed positions (which catches writes through `.data`, such as PEFT's adapter merging, that bump no
-    counter). Rebuilding costs one copy of the weights, tens of milliseconds for a 135M model.
+    counter). Rebuilding costs one copy of the weights, tens of milliseconds for a 135M model (0.3-0.4 s when LoRA
+    layers are merged in).
+
+    `merge_adapters=False` leaves LoRA layers to their own forward (slower per token) instead of merging them:
+    for a model whose active adapter changes from call to call (a server switching adapters), where every switch
+    would otherwise rebuild the copy.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, merge_adapters: bool = True):
         self.model = model
+        self.merge_adapters = merge_adapters
         self.layers: list[LayerWeights] | None = None  # None: not built (yet), use the modules
         self.lm_head: DerivedWeight | None = None
         self.signature: list | None = None
@@ -150,7 +156,7 @@ class DerivedWeights:
         modules = [m for layer in self.model.model.layers for m in self._sources(layer)]
         modules.append(self.model.get_output_embeddings())
         for module in modules:
-            lora = _mergeable_lora(module)
+            lora = _mergeable_lora(module) if self.merge_adapters else None
             if type(module) is not nn.Linear and lora is None:
                 signature.append(type(module))
                 continue
@@ -174,14 +180,14 @@ class DerivedWeights:
             return
         self.layers = [self._build(layer) for layer in self.model.model.layers]
         head = self.model.get_output_embeddings()
-        found = _effective(head)
+        found = _effective(head, self.merge_adapters)
         self.lm_head = _derive(found[0], own=found[2] or self.row_copies) if found and found[1] is None else None
         self.signature = signature
 
     def _build(self, layer) -> LayerWeights:
         sources = self._sources(layer)
         # (weight, bias, is the module's own weight) for each derivable module, else None
-        found = [_effective(m) for m in sources]
+        found = [_effective(m, self.merge_adapters) for m in sources]
         (q, k, v, o, gate, up, down) = found
         qkv = qkv_bias = gate_up = None
         if q and k and v:
@@ -227,13 +233,13 @@ def _lora_state(module: nn.Module, scaling: float) -> str:
     return f"lora {list(module.active_adapters)} merged={module.merged} disabled={module.disable_adapters} x{scaling!r}"
 
 
-def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
+def _effective(module: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
     """`(weight, bias, is the module's own tensor)` of the linear map `module` computes, or None when it is not
-    one: a plain `nn.Linear`'s own weight, or a LoRA layer merged (W + scaling * B @ A, in fp32, rounded once to
-    W's dtype, the arithmetic of PEFT's `merge`)."""
+    one: a plain `nn.Linear`'s own weight, or (`merge`) a LoRA layer merged (W + scaling * B @ A, in fp32, rounded
+    once to W's dtype, the arithmetic of PEFT's `merge`)."""
     if type(module) is nn.Linear:
         return module.weight.detach(), None if module.bias is None else module.bias.detach(), True
-    lora = _mergeable_lora(module)
+    lora = _mergeable_lora(module) if merge else None
     if lora is None:
         return None
     base, lora_a, lora_b, scaling = lora
@@ -321,7 +327,7 @@ class DecoderRunner:
 
     name = "decoder"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, merge_adapters: bool = True):
         self.model = model
         self.config = model.config
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
@@ -329,7 +335,7 @@ class DecoderRunner:
         self.n_heads = self.config.num_attention_heads
         self.n_kv_heads = self.config.num_key_value_heads
         self.gqa = self.n_heads != self.n_kv_heads
-        self.derived = DerivedWeights(model)
+        self.derived = DerivedWeights(model, merge_adapters=merge_adapters)
 
     def prepare(self) -> None:
         """Called at the start of every engine call: bring the derived weights up to date."""

@@ -274,7 +274,10 @@ def load_models(specs: list[str], *, dtype: str = "auto", device: str | None = N
                     model.load_adapter(entry.artifact.adapter_dir, adapter_name=internal)
             adapters[i] = internal
         model.eval()
-        engine = _make_engine(key, model, tokenizer, bool(adapters), batch_size, generator_factory)
+        # One adapter alone on its engine is merged into the engine's weights (base speed); several entries
+        # switch adapters between batches, and each switch would rebuild the merged copy: run them unmerged.
+        engine = _make_engine(key, model, tokenizer, bool(adapters), batch_size, generator_factory,
+                              merge_adapters=len(group) == 1)
         for i, entry in enumerate(group):
             served.append(ServedModel(entry.name, entry.source, entry.artifact, engine, adapters.get(i),
                                       demonstration_picker(entry.artifact, model, tokenizer), created))
@@ -283,12 +286,13 @@ def load_models(specs: list[str], *, dtype: str = "auto", device: str | None = N
 
 
 def _make_engine(key: tuple, model, tokenizer, has_adapters: bool, batch_size: int,
-                 generator_factory: Callable[..., Any] | None) -> Engine:
+                 generator_factory: Callable[..., Any] | None, *, merge_adapters: bool = True) -> Engine:
     if generator_factory is None:
         from honellm.generation.engine import Generator
 
         # The torch engine reads the live modules, so adapter switches take effect; vLLM would not see them.
-        generator = Generator(model, tokenizer, backend="torch" if has_adapters else "auto", batch_size=batch_size)
+        generator = Generator(model, tokenizer, backend="torch" if has_adapters else "auto", batch_size=batch_size,
+                              merge_adapters=merge_adapters)
     else:
         generator = generator_factory(model, tokenizer, batch_size=batch_size)
     what = f"{key[1]} + {key[2]} adapters" if key[0] == "base" and key[2] else str(key[1])

@@ -576,6 +576,20 @@ def test_lora_layers_decode_merged_and_follow_training_and_disabling(lively):
     assert [o.token_ids for o in gen.generate(prompts, params)] == updated
 
 
+def test_merge_adapters_off_leaves_lora_layers_to_their_forward(lively):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lively
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "up_proj"],
+                                                                  init_lora_weights=False)).eval()
+    gen = Generator(peft_model, tok, merge_adapters=False)
+    prompt = chat(tok)[1]
+    out = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    layer = gen._runner.derived.layers[0]
+    assert layer.qkv is None and layer.gate_up is None and layer.o is not None and layer.down is not None
+    assert out == reference_greedy(peft_model, tok, prompt, 8)
+
+
 def test_dora_layers_run_through_their_own_forward(lively):
     from peft import LoraConfig, get_peft_model
 

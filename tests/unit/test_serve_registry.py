@@ -136,3 +136,12 @@ def test_a_per_query_artifact_without_its_pool_is_refused(tiny_model_dir, tmp_pa
     Artifact.create(name="sel", method="prompt", base_model=str(tiny_model_dir), program=program).save(tmp_path / "sel")
     with pytest.raises(HoneError, match="no demonstration pool"):
         demonstration_picker(Artifact.load(tmp_path / "sel"))
+
+
+def test_adapters_are_merged_only_on_an_engine_that_never_switches(lora, tiny_model_dir):
+    """An engine serving several entries switches adapters between batches: it runs them unmerged (a switch would
+    rebuild the merged weights); a lone adapter is merged into the engine's weights."""
+    shared = load_models([f"x={lora[0]}", str(tiny_model_dir), f"y={lora[1]}"])
+    alone = load_models([f"x={lora[0]}"])
+    assert shared[0].engine.generator._runner.derived.merge_adapters is False
+    assert alone[0].engine.generator._runner.derived.merge_adapters is True
