@@ -109,7 +109,8 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
 
     `loss_tokens` is the number of positions per micro-batch where logits are computed (all of them when None).
     `evaluation_batch`: sequences per forward pass of the validation runs during training (0: none); they add
-    the generation engine's packed copy of the weights and fp32 logits over the vocabulary for that batch.
+    the generation engine's derived weights (a packed copy, plus row-major copies of the concatenated and the
+    merged LoRA matrices: up to two copies in all) and fp32 logits over the vocabulary for that batch.
     """
     shape = ModelShape.of(getattr(model, "config", None) or object())
     stored, trainable, _ = parameter_bytes(model)
@@ -126,7 +127,7 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
     n_logits = tokens if loss_tokens is None else loss_tokens
     logits = n_logits * shape.vocab * 4 * 3
     gradients = trainable * 4 * (2 if distributed else 1)
-    evaluation = stored + evaluation_batch * seq_len * shape.vocab * 4 * 2 if evaluation_batch else 0
+    evaluation = 2 * stored + evaluation_batch * seq_len * shape.vocab * 4 * 2 if evaluation_batch else 0
     return MemoryEstimate(
         weights=stored, gradients=gradients, optimizer=trainable * 4 * optimizer_states, activations=activations,
         logits=logits, overhead=GPU_OVERHEAD if device_type == "cuda" else CPU_OVERHEAD,
