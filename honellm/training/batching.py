@@ -74,14 +74,28 @@ class Batch:
     labels: torch.Tensor  # [B, T] long, -100 where no loss
     num_tokens: int
     num_loss_tokens: int
+    # Flat indices (row * T + position) of the positions whose hidden state predicts a labelled token, computed
+    # where the labels were built (on the CPU) and moved with them: on a GPU, finding them from device labels
+    # would wait for the device (a synchronisation per micro-batch). None: `token_logprobs` finds them itself.
+    predicting_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
+        index = self.predicting_index
+        if index is None and self.labels.device.type == "cpu":
+            index = predicting_index(self.labels)
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.num_tokens, self.num_loss_tokens)
+                     self.num_tokens, self.num_loss_tokens, index.to(device) if index is not None else None)
 
     @property
     def num_loss_units(self) -> int:
         return self.num_loss_tokens
+
+
+def predicting_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [B, T] of the positions t whose next token t+1 takes a loss (row-major order)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep.flatten().nonzero().squeeze(1)
 
 
 def collate(sequences: list[TokenSequence], pad_id: int) -> Batch:

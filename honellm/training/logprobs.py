@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from honellm.training.batching import IGNORE, Batch
+from honellm.training.batching import IGNORE, Batch, predicting_index
 
 
 @dataclass
@@ -56,12 +56,13 @@ class LossOutput:
 
     `total` is a SUM over the micro-batch's loss units (tokens for SFT, pairs for DPO) and `count` their number;
     the shared training step divides by the global count of the whole optimizer step, so any split into
-    micro-batches and processes gives the same gradient. `metrics` are sums too (averaged the same way).
+    micro-batches and processes gives the same gradient. `metrics` are sums too (averaged the same way): floats,
+    or 0-d tensors that the step reads in one transfer with the loss (no wait for the device per micro-batch).
     """
 
     total: torch.Tensor
     count: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 def virtual_tokens(model) -> int:
@@ -85,17 +86,22 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenLogprobs:
     """Log-probabilities of `batch.labels` under `model`, with the LM head applied at target positions only."""
-    keep = predicting_positions(batch.labels)
+    width = batch.labels.shape[1]
+    index = getattr(batch, "predicting_index", None)
+    if index is None:
+        index = predicting_index(batch.labels)
+    rows, positions = index // width, index % width
     offset = virtual_tokens(_unwrap(model))
-    keep_model = F.pad(keep, (offset, 0), value=False) if offset else keep
+    # Row-major positions in the model's sequence (prompt-learning methods prepend `offset` virtual tokens).
+    model_index = rows * (width + offset) + positions + offset if offset else index
     head = _unwrap(model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep_model], *args[1:]))
+    handle = head.register_forward_pre_hook(
+        lambda module, args: (args[0].flatten(0, 1).index_select(0, model_index), *args[1:]))
     try:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     finally:
         handle.remove()
-    rows, positions = keep.nonzero(as_tuple=True)
-    targets = batch.labels[rows, positions + 1]
+    targets = batch.labels.flatten().index_select(0, index + 1)
     logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
     values = -F.cross_entropy(logits, targets, reduction="none")
     entropy = None
@@ -115,7 +121,7 @@ def sft_loss(model, batch: Batch) -> LossOutput:
     """Summed negative log-likelihood of the target tokens (the step averages it over the global token count)."""
     found = token_logprobs(model, batch)
     nll = -found.values.sum()
-    return LossOutput(nll, int(found.values.numel()), {"nll": float(nll.detach())})
+    return LossOutput(nll, int(found.values.numel()), {"nll": nll.detach()})
 
 
 def full_logits_nll(model, batch: Batch) -> torch.Tensor:
