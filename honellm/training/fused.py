@@ -34,7 +34,6 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -43,12 +42,10 @@ class LoraLinearFunction(torch.autograd.Function):
     `x`'s dtype and their gradients come back in their own."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, a=None, b=None):
-        """`a`, `b`: `lora_a`, `lora_b` already in `x`'s dtype (see `_adapter_in`), else cast here."""
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
-        a = lora_a.to(dtype) if a is None else a
-        b = lora_b.to(dtype) if b is None else b
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
         h = flat @ a.t()
         y = F.linear(flat, weight, bias)
         y.addmm_(h, b.t(), alpha=scaling)
@@ -71,7 +68,7 @@ class LoraLinearFunction(torch.autograd.Function):
             g_a = torch.mm(g_h.t(), flat).to(ctx.adapter_dtypes[0]).mul_(scaling)
         if ctx.needs_input_grad[4]:
             g_b = torch.mm(g.t(), h).to(ctx.adapter_dtypes[1]).mul_(scaling)
-        return g_x, None, None, g_a, g_b, None, None, None
+        return g_x, None, None, g_a, g_b, None
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -91,37 +88,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dtype = _compute_dtype(x, base.weight)
     if dtype is None or base.weight.dtype != dtype or (base.bias is not None and base.bias.dtype != dtype):
         return type(self).forward(self, x, *args, **kwargs)
-    lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
     with torch.autocast(x.device.type, enabled=False):
-        return LoraLinearFunction.apply(x.to(dtype), base.weight, base.bias, lora_a, lora_b,
-                                        float(self.scaling[adapter]), *_adapter_in(self, lora_a, lora_b, dtype))
-
-
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_step)  # every optimizer, every step
-
-
-def _adapter_in(layer, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """`lora_a` and `lora_b` in `dtype`, cast once per optimizer step rather than once per call (gradient
-    accumulation, the reward recipes' extra forwards, and on GPUs two cast kernels fewer per layer and call, where
-    a small model's step is bound by the host launching kernels). The copy is kept while both tensors are the same
-    objects at the same version and no optimizer has stepped: the fused AdamW kernel updates parameters without
-    bumping their version counter, so every optimizer step (a global post-step hook) invalidates the copy too."""
-    if lora_a.dtype == dtype and lora_b.dtype == dtype:
-        return None, None
-    key = (id(lora_a), lora_a._version, id(lora_b), lora_b._version, dtype, _OPTIMIZER_STEPS[0])
-    cached = layer.__dict__.get("_hone_adapter_in")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, lora_a.detach().to(dtype), lora_b.detach().to(dtype))
-        layer.__dict__["_hone_adapter_in"] = cached
-    return cached[1], cached[2]
+        return LoraLinearFunction.apply(x.to(dtype), base.weight, base.bias, self.lora_A[adapter].weight,
+                                        self.lora_B[adapter].weight, float(self.scaling[adapter]))
 
 
 def lora_parts(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, float] | None:
@@ -193,4 +162,3 @@ def uninstall(model: nn.Module) -> None:
         forward = module.__dict__.get("forward")
         if isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward:
             del module.forward
-            module.__dict__.pop("_hone_adapter_in", None)
