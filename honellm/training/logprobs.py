@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from honellm.training import fastpath
 from honellm.training.batching import IGNORE, Batch, predicting_index
 
 
@@ -91,16 +92,20 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     if index is None:
         index = predicting_index(batch.labels)
     rows, positions = index // width, index % width
-    offset = virtual_tokens(_unwrap(model))
-    # Row-major positions in the model's sequence (prompt-learning methods prepend `offset` virtual tokens).
-    model_index = rows * (width + offset) + positions + offset if offset else index
     head = _unwrap(model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(
-        lambda module, args: (args[0].flatten(0, 1).index_select(0, model_index), *args[1:]))
-    try:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    finally:
-        handle.remove()
+    hidden = fastpath.hidden_states(model, batch.input_ids, batch.attention_mask)
+    if hidden is not None:  # the direct LLaMA-family forward (honellm.training.fastpath)
+        logits = head(hidden.flatten(0, 1).index_select(0, index))
+    else:
+        offset = virtual_tokens(_unwrap(model))
+        # Row-major positions in the model's sequence (prompt-learning methods prepend `offset` virtual tokens).
+        model_index = rows * (width + offset) + positions + offset if offset else index
+        handle = head.register_forward_pre_hook(
+            lambda module, args: (args[0].flatten(0, 1).index_select(0, model_index), *args[1:]))
+        try:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        finally:
+            handle.remove()
     targets = batch.labels.flatten().index_select(0, index + 1)
     logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
     values = -F.cross_entropy(logits, targets, reduction="none")

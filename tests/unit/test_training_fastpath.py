@@ -1,0 +1,98 @@
+"""The direct LLaMA-family training forward (honellm.training.fastpath) against transformers' own, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from honellm.models import load
+from honellm.training import fastpath, fused
+from honellm.training.batching import collate, encode_conversation
+from honellm.training.logprobs import sft_loss
+from honellm.training.precision import Precision
+from honellm.training.setup import seed_everything
+from honellm.tuning import get_method
+
+
+def _batch(tokenizer):
+    convs = [([{"role": "system", "content": "Classify."}, {"role": "user", "content": "a warm, funny film"}], "positive"),
+             ([{"role": "user", "content": "dull"}], "negative, and far too long"),
+             ([{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}], "neutral")]
+    return collate([encode_conversation(tokenizer, m, a, max_length=128) for m, a in convs], tokenizer.pad_token_id)
+
+
+def _model(tiny_model_dir, method, attention="eager"):
+    seed_everything(0)
+    model, tokenizer = load(tiny_model_dir, dtype="fp32", device="cpu")
+    model.set_attn_implementation(attention)
+    if method != "full":
+        spec = get_method(method)
+        model = spec.apply(model, spec.config(), str(tiny_model_dir))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; make the adapter do something
+                torch.nn.init.normal_(p, std=0.1)
+    return model.train(), tokenizer
+
+
+def _loss_and_grads(model, batch, monkeypatch, fast: bool, autocast: bool = False):
+    monkeypatch.setenv("HONE_FAST_FORWARD", "1" if fast else "0")
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sft_loss(model, batch)
+    out.total.backward()
+    return out.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "full"])
+def test_direct_forward_equals_transformers_in_fp32(tiny_model_dir, monkeypatch, method, attention):
+    model, tokenizer = _model(tiny_model_dir, method, attention)
+    batch = _batch(tokenizer)
+    assert fastpath.decoder_of(model) is not None
+    layers = []
+    original = fastpath._layer
+    monkeypatch.setattr(fastpath, "_layer", lambda *a: layers.append(1) or original(*a))
+    fast, fast_grads = _loss_and_grads(model, batch, monkeypatch, fast=True)
+    assert len(layers) == model.config.num_hidden_layers  # the direct forward ran
+    slow, slow_grads = _loss_and_grads(model, batch, monkeypatch, fast=False)
+    assert len(layers) == model.config.num_hidden_layers  # and transformers' did not call it
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == slow_grads.keys() and fast_grads
+    for name, grad in slow_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tiny_model_dir, monkeypatch):
+    """Frozen bf16 weights, fp32 adapters, autocast, the fused LoRA layers, gradient checkpointing."""
+    model, tokenizer = _model(tiny_model_dir, "lora")
+    Precision.resolve("bf16", "cpu").cast_model(model)
+    fused.install(model)
+    batch = _batch(tokenizer)
+    slow, slow_grads = _loss_and_grads(model, batch, monkeypatch, fast=False, autocast=True)
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fast, fast_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+        torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-3)
+        for name, grad in slow_grads.items():
+            assert fast_grads[name].dtype == torch.float32
+            scale = grad.abs().max().item() + 1e-6
+            assert (fast_grads[name] - grad).abs().max().item() <= 0.02 * scale, name
+
+
+def test_transformers_path_where_the_direct_one_would_differ(tiny_model_dir, monkeypatch):
+    model, _ = _model(tiny_model_dir, "lora")
+    assert fastpath.decoder_of(model) is not None
+    monkeypatch.setenv("HONE_FAST_FORWARD", "0")
+    assert fastpath.decoder_of(model) is None
+    monkeypatch.delenv("HONE_FAST_FORWARD")
+    handle = model.get_base_model().model.layers[0].mlp.register_forward_hook(lambda *_: None)
+    assert fastpath.decoder_of(model) is None  # a user's hook must run
+    handle.remove()
+    model.get_base_model().model.layers[0].compile(dynamic=True)
+    assert fastpath.decoder_of(model) is None  # compile=true compiles transformers' layers
+    prompt, _ = _model(tiny_model_dir, "prompt_tuning")
+    assert fastpath.decoder_of(prompt) is None  # virtual tokens change the input
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert fastpath.decoder_of(wrapper) is None  # DDP / FSDP wrappers hook their own forward
