@@ -96,3 +96,17 @@ def test_transformers_path_where_the_direct_one_would_differ(tiny_model_dir, mon
     wrapper = torch.nn.Module()
     wrapper.module = model
     assert fastpath.decoder_of(wrapper) is None  # DDP / FSDP wrappers hook their own forward
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_rms_norm_function_gradients_equal_autograd(weight_trains):
+    """Against autograd through the textbook formula (the function normalises in fp32, as LlamaRMSNorm does)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.nn.Parameter(torch.rand(16) + 0.5, requires_grad=weight_trains)
+    grad = torch.randn(2, 5, 16)
+    reference = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    expected = torch.autograd.grad(reference, [x, weight] if weight_trains else [x], grad)
+    got = torch.autograd.grad(fastpath.RMSNormFunction.apply(x, weight, 1e-6), [x, weight] if weight_trains else [x], grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
