@@ -6,8 +6,8 @@ time in Python: transformers' decorators, output capturing and keyword handling 
 dispatch around every adapted projection, nn.Module.__call__ around every norm and activation. `hidden_states`
 computes the decoder's final hidden states with the modules' own parameters (and PEFT's own adapters) but calls
 the arithmetic directly: RMSNorm in fp32 exactly as `LlamaRMSNorm`, rotary embeddings from the model's own
-`rotary_emb` (so every rope scaling type is honoured), attention as transformers' eager or sdpa kernels compute
-it, and each projection through its own forward without nn.Module's call machinery (PEFT's layers, with the
+`rotary_emb` (so every rope scaling type is honoured), attention as transformers' eager attention computes it
+(the kernel Hone's SFT picks on CPU for sequences up to 256 tokens), and each projection through its own forward without nn.Module's call machinery (PEFT's layers, with the
 fused LoRA path where `honellm.training.fused` installed it: DoRA, IA3, LoHa, LoKr and full fine-tuning work
 unchanged).
 
@@ -16,8 +16,9 @@ time 0.89-0.97 of the transformers path (medians of 24-32 interleaved step pairs
 measurements), 1.07x tokens/s over four alternated `bench/bench_sft.py` runs; gradients as accurate against fp32
 as transformers' (3.10% vs 3.08% relative error).
 
-It applies where it is exact: a single process (DDP and FSDP hook into the wrapped module's forward), model types
-`llama`, `mistral` and `qwen2` without sliding-window attention, no prompt-learning adapter (virtual tokens change
+It applies where it is exact (in fp32, bit for bit): eager attention (sdpa configurations keep transformers' path,
+which chooses among kernels and mask layouts by version and device), a single process (DDP and FSDP hook into the
+wrapped module's forward), model types `llama`, `mistral` and `qwen2` without sliding-window attention, no prompt-learning adapter (virtual tokens change
 the input), no attention dropout while training, decoder layers not compiled (`compile=true` keeps transformers'
 path, which is the one it compiles). Gradient checkpointing is honoured per layer. Anything else takes the
 transformers path; `HONE_FAST_FORWARD=0` forces it.
@@ -53,8 +54,8 @@ def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         return None
     if getattr(config, "pretraining_tp", 1) != 1:
         return None
-    if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
-        return None
+    if getattr(config, "_attn_implementation", None) != "eager":
+        return None  # sdpa's kernels and transformers' choice among them (mask or not, GQA or repeated heads) vary
     layers = getattr(decoder, "layers", None)
     if not layers or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "embed_tokens"):
         return None
@@ -94,32 +95,29 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     positions = torch.arange(width, device=input_ids.device).unsqueeze(0).expand(batch, width)
     cos, sin = decoder.rotary_emb(x, positions)
     rotary = (cos.unsqueeze(1), sin.unsqueeze(1))
-    sdpa = config._attn_implementation == "sdpa"
-    mask = _attention_mask(attention_mask, width, boolean=sdpa)
+    mask = _attention_mask(attention_mask, width)
     checkpointing = lm.training and getattr(decoder, "gradient_checkpointing", False)
     for layer in decoder.layers:
         if checkpointing and torch.is_grad_enabled():
-            x = checkpoint(_layer, layer, x, rotary, mask, sdpa, use_reentrant=False)
+            x = checkpoint(_layer, layer, x, rotary, mask, use_reentrant=False)
         else:
-            x = _layer(layer, x, rotary, mask, sdpa)
+            x = _layer(layer, x, rotary, mask)
     return _rms_norm(decoder.norm, x)
 
 
-def _attention_mask(attention_mask: torch.Tensor, width: int, *, boolean: bool) -> torch.Tensor:
-    """Causal and padding mask [B, 1, T, T]: boolean (True = may attend) for sdpa, additive fp32 for eager.
+def _attention_mask(attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Additive causal and padding mask [B, 1, T, T] in fp32, as transformers builds it for eager attention.
 
     A padding query (right padding) still sees the real keys before it, so its row stays finite; no real query
     sees a padding key."""
     device = attention_mask.device
     allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]
-    if boolean:
-        return allowed
     return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(
         ~allowed, torch.finfo(torch.float32).min)
 
 
-def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask: torch.Tensor, sdpa: bool) -> torch.Tensor:
+def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask: torch.Tensor) -> torch.Tensor:
     attn, mlp = layer.self_attn, layer.mlp
     batch, width, _ = x.shape
     h = _rms_norm(layer.input_layernorm, x)
@@ -130,13 +128,9 @@ def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask: torch.Tensor,
     cos, sin = rotary
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    if sdpa:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-    else:
-        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-        scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
-        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
+    out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
     x = x + _linear(attn.o_proj, out.transpose(1, 2).reshape(batch, width, -1))
     h = _rms_norm(layer.post_attention_layernorm, x)
     return x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
@@ -155,7 +149,9 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`LlamaRMSNorm` (and Mistral's, Qwen2's): normalise in fp32, round, then scale by the weight."""
-    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+    if x.dtype != torch.float32 and torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+        # In fp32 runs autograd's graph below is kept: it gives transformers' gradients bit for bit, so one process
+        # (this forward) and DDP (transformers' forward, see `decoder_of`) train to the same weights.
         return RMSNormFunction.apply(x, module.weight, module.variance_epsilon)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
