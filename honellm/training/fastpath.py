@@ -89,7 +89,6 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if found is None:
         return None
     lm, decoder = found
-    config = lm.config
     batch, width = input_ids.shape
     x = decoder.embed_tokens(input_ids)
     positions = torch.arange(width, device=input_ids.device).unsqueeze(0).expand(batch, width)
