@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The data sets live beside the project (../shared/data); from a git worktree one level deeper, too.
-CANDIDATES = [ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data"]
+# The data sets live beside the project (../shared/data); from a git worktree one level deeper, too; HONE_BENCH_DATA
+# names the folder elsewhere (e.g. a GPU machine without ../shared/data).
+CANDIDATES = [Path(p) for p in [os.environ.get("HONE_BENCH_DATA")] if p] + [ROOT.parent / "shared" / "data",
+                                                                           ROOT.parent.parent / "shared" / "data"]
 DATA = next((c for c in CANDIDATES if c.is_dir()), CANDIDATES[0]) / "sst2"
 sys.path.insert(0, str(ROOT))
 
