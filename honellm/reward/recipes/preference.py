@@ -81,7 +81,7 @@ from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import every, open_run
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -207,15 +207,17 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     if truncated and is_main:
         run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
 
-    # --- memory pre-flight: a micro-batch is 2 x batch_size sequences
+    # --- attention kernel (as SFT picks it: eager on CPU up to 256 tokens) and memory pre-flight: a micro-batch is
+    # 2 x batch_size sequences
     longest = max(p.length for p in train)
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
     answer_tokens = max(max(p.chosen.num_loss_tokens, p.rejected.num_loss_tokens) for p in train)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(
             model, micro_batch_size=2 * batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
             loss_tokens=2 * batch * answer_tokens, compute_dtype=precision.compute_dtype, distributed=world > 1,
-            device_type=device.type)
+            device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
                           grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
@@ -456,15 +458,16 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
 
-    # --- memory pre-flight
+    # --- attention kernel (as SFT picks it) and memory pre-flight
     longest = max(len(s) for s in train + mismatched)
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
     answer_tokens = max(s.num_loss_tokens for s in train)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(
             model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
             loss_tokens=batch * answer_tokens, compute_dtype=precision.compute_dtype, distributed=world > 1,
-            device_type=device.type)
+            device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
                           grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
