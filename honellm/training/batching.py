@@ -91,11 +91,16 @@ class Batch:
         return self.num_loss_tokens
 
 
-def predicting_index(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices into [B, T] of the positions t whose next token t+1 takes a loss (row-major order)."""
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, T]: True at position t when token t+1 takes a loss (the hidden state at t predicts it)."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
-    return keep.flatten().nonzero().squeeze(1)
+    return keep
+
+
+def predicting_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [B, T] of `predicting_positions` (row-major order)."""
+    return predicting_positions(labels).flatten().nonzero().squeeze(1)
 
 
 def collate(sequences: list[TokenSequence], pad_id: int) -> Batch:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from honellm.training import fastpath
-from honellm.training.batching import IGNORE, Batch, predicting_index
+from honellm.training.batching import IGNORE, Batch, predicting_index, predicting_positions  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -76,13 +76,6 @@ def virtual_tokens(model) -> int:
     if config.peft_type == PeftType.PREFIX_TUNING:  # key/values only: the sequence keeps its length
         return 0
     return int(config.num_virtual_tokens)
-
-
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, T]: True at position t when token t+1 takes a loss (the hidden state at t predicts it)."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    return keep
 
 
 def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenLogprobs:
