@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from honellm.training.fused import lora_parts
 
@@ -468,7 +469,7 @@ class DecoderRunner:
             qkv = _matmul(x, weights.qkv, weights.qkv_bias).view(batch, steps, -1, self.head_dim).transpose(1, 2)
             split = self.n_heads + self.n_kv_heads
             qk = qkv[:, :split]
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             return qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, split:]
         q = _linear(attn.q_proj, x).view(batch, steps, -1, self.head_dim)
         k = _linear(attn.k_proj, x).view(batch, steps, -1, self.head_dim)
@@ -476,8 +477,8 @@ class DecoderRunner:
         if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head's query and key before the rotation
             q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         return q, k, v
 
     @staticmethod
@@ -522,11 +523,6 @@ def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
         return module.weight * normed.to(x.dtype)
     return module(x)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------------ HF runner

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -125,9 +126,10 @@ def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask: torch.Tensor)
     k = _linear(attn.k_proj, h).view(batch, width, -1, head_dim).transpose(1, 2)
     v = _linear(attn.v_proj, h).view(batch, width, -1, head_dim).transpose(1, 2)
     cos, sin = rotary
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
     out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
     x = x + _linear(attn.o_proj, out.transpose(1, 2).reshape(batch, width, -1))
@@ -185,16 +187,3 @@ class RMSNormFunction(torch.autograd.Function):
             dot = (g_n * n).mean(-1, keepdim=True)
             g_x = g_n.sub_(n.mul_(dot)).mul_(r).to(x.dtype)
         return g_x, g_w, None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, kv_heads, width, head_dim = x.shape
-    if kv_heads == heads:
-        return x
-    return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, width, head_dim).reshape(batch, heads, width,
-                                                                                                head_dim)
