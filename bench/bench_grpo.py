@@ -13,7 +13,7 @@ and reads its metrics.jsonl: per step, the seconds and tokens/s of each phase, a
 It prints figures; it asserts nothing. On a shared machine the numbers move a lot from run to run: run it alone.
 
     python bench/bench_grpo.py [--model smollm2-135m-instruct] [--steps 3] [--prompts 4] [--group 8]
-                               [--max-new-tokens 48] [--threads N] [--out DIR]
+                               [--max-new-tokens 48] [--attention auto|eager|sdpa] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest completion")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per training micro-batch")
     parser.add_argument("--kl-coef", type=float, default=0.04, help="0 skips the reference forward")
+    parser.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa"],
+                        help="attention kernel of the training forward (auto: eager on CPU up to 256 tokens)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     args = parser.parse_args()
@@ -56,7 +58,7 @@ def main() -> None:
     task = Task.load("arithmetic", overrides)
     config = GRPOConfig(max_steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, kl_coef=args.kl_coef,
-                        eval_every=0, save_every=0)
+                        attention=args.attention, eval_every=0, save_every=0)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "run"
         started = time.perf_counter()

@@ -151,6 +151,6 @@ def test_the_reward_model_learns_a_plain_preference(tiny_model_dir, tmp_path):
     (folder / "task.yaml").write_text(f"name: yes-no\nmodel: {tiny_model_dir}\n"
                                       "data: {train: train.jsonl, validation: validation.jsonl}\n")
     art = align_task(str(folder / "task.yaml"), "reward_model", ["max_steps=6", "batch_size=4", "eval_every=6",
-                                                                  "lr=3e-2", "r=4", "warmup_ratio=0"],
+                                                                  "lr=1e-2", "r=4", "warmup_ratio=0"],
                      out=str(tmp_path / "run"))
     assert art.manifest.metrics["val_accuracy"] == 1.0

@@ -73,7 +73,7 @@ from honellm.training.memory import check_memory, estimate_training_memory, para
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, StepResult, TrainStep
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,14 +253,16 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch))
     total_updates = total_steps * config.updates_per_step
 
-    # --- memory pre-flight: the longest micro-batch of prompt + completion
+    # --- attention kernel of the policy's training forward (as SFT picks it) and memory pre-flight: the longest
+    # micro-batch of prompt + completion
     longest = max(map(len, train.ids)) + max_new_tokens
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(model, micro_batch_size=batch, seq_len=min(length, longest),
                                         gradient_checkpointing=checkpointing, loss_tokens=batch * max_new_tokens,
                                         compute_dtype=precision.compute_dtype, distributed=world > 1,
-                                        device_type=device.type)
+                                        device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=config.batch_size, seq_len=longest, grad_accum=1,
                           gradient_checkpointing=config.gradient_checkpointing, device=device,

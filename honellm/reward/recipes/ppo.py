@@ -60,6 +60,7 @@ from honellm.reward.rollout import (
     scatter_tokens,
     step_seed,
 )
+from honellm.training import fastpath
 from honellm.training.batching import LengthGroupedBatches
 from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
 from honellm.training.logprobs import LossOutput, predicting_positions
@@ -67,7 +68,7 @@ from honellm.training.memory import check_memory, estimate_training_memory, para
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, StepResult, TrainStep
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -107,8 +108,10 @@ class PolicyWithValueHead(nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         base = self.policy.get_base_model()
         keep = predicting_positions(labels)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        states = hidden.last_hidden_state[keep]  # (n, hidden)
+        hidden = fastpath.hidden_states(self.policy, input_ids, attention_mask)  # the direct LLaMA forward, or None
+        if hidden is None:
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        states = hidden[keep]  # (n, hidden)
         rows, positions = keep.nonzero(as_tuple=True)
         targets = labels[rows, positions + 1]
         logits = base.get_output_embeddings()(states).float()
@@ -185,14 +188,15 @@ def ppo(task, config: PPOConfig | None = None, *, out: str | Path | None = None,
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch))
     total_updates = total_steps * config.updates_per_step
 
-    # --- memory pre-flight
+    # --- attention kernel of the training forward (as SFT picks it) and memory pre-flight
     longest = max(map(len, train.ids)) + max_new_tokens
+    attention = pick_attention(policy, config.attention, device=device, longest=longest)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(model, micro_batch_size=batch, seq_len=min(length, longest),
                                         gradient_checkpointing=checkpointing, loss_tokens=batch * max_new_tokens,
                                         compute_dtype=precision.compute_dtype, distributed=world > 1,
-                                        device_type=device.type)
+                                        device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=config.batch_size, seq_len=longest, grad_accum=1,
                           gradient_checkpointing=config.gradient_checkpointing, device=device,

@@ -48,7 +48,7 @@ from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import every, open_run
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 
 
@@ -109,14 +109,15 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     if truncated and is_main:
         run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
 
-    # --- memory pre-flight: 2 x batch_size sequences, no LM head
+    # --- attention kernel (as SFT picks it) and memory pre-flight: 2 x batch_size sequences, no LM head
     longest = max(p.length for p in train)
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
         return estimate_training_memory(
             reward_model, micro_batch_size=2 * batch, seq_len=min(length, longest),
             gradient_checkpointing=checkpointing, loss_tokens=0, compute_dtype=precision.compute_dtype,
-            distributed=world > 1, device_type=device.type)
+            distributed=world > 1, device_type=device.type, attention=attention)
 
     memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
                           grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,

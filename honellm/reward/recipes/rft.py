@@ -46,7 +46,7 @@ from honellm.training.memory import check_memory, estimate_training_memory, para
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything, setup_accelerator
+from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 
 
@@ -94,11 +94,16 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
                 if config.eval_prompts and task.has_split("validation") else None)
     proxy = proxy_reward(task, config)
     gold = gold_reward(task) if held_out is not None else None
+    # attention kernel of the training forward (as SFT picks it) and memory pre-flight; +8: a margin for what the
+    # chat template adds after an answer (end of turn)
+    longest = max(map(len, train.ids)) + max_new_tokens + 8
+    attention = pick_attention(model, config.attention, device=device, longest=longest)
     memory = check_memory(
         lambda b, length, ckpt: estimate_training_memory(
             model, micro_batch_size=b, seq_len=length, gradient_checkpointing=ckpt, loss_tokens=b * max_new_tokens,
-            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type),
-        batch_size=config.batch_size, seq_len=max(map(len, train.ids)) + max_new_tokens + 8, grad_accum=config.grad_accum,
+            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type,
+            attention=attention),
+        batch_size=config.batch_size, seq_len=longest, grad_accum=config.grad_accum,
         gradient_checkpointing=config.gradient_checkpointing, device=device, limit_gb=config.memory_limit_gb)
 
     # --- optimizer, accelerator, generator
