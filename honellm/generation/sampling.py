@@ -26,7 +26,7 @@ def choose_tokens(
     if params.greedy:
         tokens = logits.argmax(-1)  # no softmax: the argmax of logits is the argmax of probabilities
     else:
-        tokens = _sample(logits.float(), params, generator)
+        tokens = _sample(logits, params, generator)
     logprobs = None
     if params.logprobs:
         full = logits.float()
@@ -35,11 +35,17 @@ def choose_tokens(
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    scores = logits / params.temperature
-    vocab = scores.shape[-1]
+    vocab = logits.shape[-1]
     candidates = None  # (values sorted descending [B, C], their token ids [B, C]) when truncating
     if 0 < params.top_k < vocab:
-        candidates = scores.topk(params.top_k, dim=-1)
+        # The k largest logits are the k largest of logits / temperature (a positive scale keeps the order), so
+        # only the k survivors are converted to fp32 and scaled: two passes over the vocabulary fewer (at batch
+        # 16 and 49,152 tokens, 4.6 -> 1.7 ms per step here).
+        values, ids = logits.topk(params.top_k, dim=-1)
+        candidates = (values.float() / params.temperature, ids)
+        scores = None
+    else:
+        scores = logits.float() / params.temperature
     if params.top_p < 1.0:
         if candidates is not None:
             # After top-k the distribution is renormalized over the k survivors (Hugging Face's order).

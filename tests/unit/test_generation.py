@@ -237,6 +237,26 @@ def test_sampling_stays_inside_top_k_and_top_p():
     assert set(tokens.tolist()) == {0, 1, 2, 3}
 
 
+def test_sampling_follows_hugging_face_warpers_on_bf16_logits():
+    """Temperature, then top-k, then top-p (transformers' order) on bf16 logits: the engine draws from the same
+    distribution as transformers' warpers computed in fp32 (the engine converts only the top-k survivors)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from honellm.generation.sampling import choose_tokens
+
+    logits = (torch.randn(1, 300, generator=torch.Generator().manual_seed(3)) * 3).to(torch.bfloat16)
+    scores = logits.float()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)):
+        scores = warper(None, scores)
+    expected = scores.softmax(-1)[0]
+    draws = 40000
+    tokens, _ = choose_tokens(logits.repeat(draws, 1), SamplingParams(temperature=0.7, top_k=20, top_p=0.9),
+                              torch.Generator().manual_seed(0))
+    observed = torch.bincount(tokens, minlength=300).float() / draws
+    assert set(tokens.unique().tolist()) <= set(expected.nonzero()[:, 0].tolist())
+    assert 0.5 * (observed - expected).abs().sum().item() < 0.02  # total variation distance
+
+
 def test_top_p_falls_back_to_a_full_sort_for_flat_distributions():
     from honellm.generation import sampling
 
