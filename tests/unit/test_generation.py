@@ -237,6 +237,18 @@ def test_sampling_stays_inside_top_k_and_top_p():
     assert set(tokens.tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_runner_rotation_is_transformers_rotary_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from honellm.generation.runners import _rotate, _signed_sin
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 64, generator=generator).to(dtype)
+    cos, sin = (torch.randn(3, 1, 7, 64, generator=generator).to(dtype) for _ in range(2))
+    assert torch.equal(_rotate(x, cos, _signed_sin(sin)), x * cos + rotate_half(x) * sin)
+
+
 def test_sampling_follows_hugging_face_warpers_on_bf16_logits():
     """Temperature, then top-k, then top-p (transformers' order) on bf16 logits: the engine draws from the same
     distribution as transformers' warpers computed in fp32 (the engine converts only the top-k survivors)."""
