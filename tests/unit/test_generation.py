@@ -252,7 +252,11 @@ def test_the_runner_rotation_is_transformers_rotary_bit_for_bit(dtype):
 def test_sampling_follows_hugging_face_warpers_on_bf16_logits():
     """Temperature, then top-k, then top-p (transformers' order) on bf16 logits: the engine draws from the same
     distribution as transformers' warpers computed in fp32 (the engine converts only the top-k survivors)."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     from honellm.generation.sampling import choose_tokens
 
