@@ -17,8 +17,8 @@ measurements), 1.07x tokens/s over four alternated `bench/bench_sft.py` runs; gr
 as transformers' (3.10% vs 3.08% relative error).
 
 It applies where it is exact (in fp32, bit for bit): eager attention (sdpa configurations keep transformers' path,
-which chooses among kernels and mask layouts by version and device), a single process (DDP and FSDP hook into the
-wrapped module's forward), model types `llama`, `mistral` and `qwen2` without sliding-window attention, no prompt-learning adapter (virtual tokens change
+which chooses among kernels and mask layouts by version and device), one process or DDP (run inside DDP's own
+forward; FSDP wrappers and any module hook keep transformers' path), model types `llama`, `mistral` and `qwen2` without sliding-window attention, no prompt-learning adapter (virtual tokens change
 the input), no attention dropout while training, decoder layers not compiled (`compile=true` keeps transformers'
 path, which is the one it compiles). Gradient checkpointing is honoured per layer. Anything else takes the
 transformers path; `HONE_FAST_FORWARD=0` forces it.
@@ -26,6 +26,7 @@ transformers path; `HONE_FAST_FORWARD=0` forces it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -85,10 +86,35 @@ def _global_hooks() -> bool:
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """The decoder's final (normed) hidden states [B, T, hidden] for a right-padded batch, or None when this
-    forward does not apply to `model` (the caller then runs the model itself)."""
-    found = decoder_of(model)
-    if found is None:
+    forward does not apply to `model` (the caller then runs the model itself).
+
+    Under DDP the direct forward runs inside the wrapper's own forward (DDP prepares its gradient reducer there, and
+    a forward that bypassed it would leave the gradients unsynchronised): the wrapped module's `forward` is this
+    function for the duration of the call."""
+    if _is_ddp(model):
+        inner = model.module
+        if decoder_of(inner) is None:
+            return None
+        inner.forward = functools.partial(_direct, inner)  # an instance attribute: nn.Module.__call__ finds it first
+        try:
+            return model(input_ids, attention_mask)
+        finally:
+            del inner.forward
+    if decoder_of(model) is None:
         return None
+    return _direct(model, input_ids, attention_mask)
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) and os.environ.get("HONE_FAST_FORWARD", "1") != "0"
+
+
+def _direct(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    found = decoder_of(model)
+    if found is None:  # pragma: no cover - the callers checked
+        raise RuntimeError("the direct forward does not apply to this model")
     lm, decoder = found
     batch, width = input_ids.shape
     x = decoder.embed_tokens(input_ids)

@@ -100,6 +100,33 @@ def test_transformers_path_where_the_direct_one_would_differ(tiny_model_dir, mon
     assert fastpath.decoder_of(wrapper) is None  # DDP / FSDP wrappers hook their own forward
 
 
+def test_direct_forward_runs_inside_ddp_and_gives_the_same_gradients(tiny_model_dir, monkeypatch, tmp_path):
+    """Under DDP the direct forward runs inside DDP's own forward (which prepares the gradient reducer); one process
+    of a one-process group, fp32: the same loss and gradients as transformers' path through the same wrapper."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, tokenizer = _model(tiny_model_dir, "lora")
+    batch = _batch(tokenizer)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model, find_unused_parameters=False)
+        layers = []
+        original = fastpath._layer
+        monkeypatch.setattr(fastpath, "_layer", lambda *a: layers.append(1) or original(*a))
+        fast, fast_grads = _loss_and_grads(ddp, batch, monkeypatch, fast=True)
+        assert len(layers) == model.config.num_hidden_layers  # the direct forward ran, inside the wrapper
+        assert "forward" not in model.__dict__  # and the wrapped module has its own forward back
+        slow, slow_grads = _loss_and_grads(ddp, batch, monkeypatch, fast=False)
+        assert len(layers) == model.config.num_hidden_layers
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(fast, slow)
+    assert fast_grads.keys() == slow_grads.keys() and fast_grads
+    for name, grad in slow_grads.items():
+        assert torch.equal(fast_grads[name], grad), name
+
+
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_rms_norm_function_gradients_equal_autograd(weight_trains):
     """Against autograd through the textbook formula (the function normalises in fp32, as LlamaRMSNorm does)."""
