@@ -32,6 +32,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
@@ -91,31 +92,21 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     Under DDP the direct forward runs inside the wrapper's own forward (DDP prepares its gradient reducer there, and
     a forward that bypassed it would leave the gradients unsynchronised): the wrapped module's `forward` is this
     function for the duration of the call."""
-    if _is_ddp(model):
+    if isinstance(model, DistributedDataParallel):
         inner = model.module
-        if decoder_of(inner) is None:
+        found = decoder_of(inner)
+        if found is None:
             return None
-        inner.forward = functools.partial(_direct, inner)  # an instance attribute: nn.Module.__call__ finds it first
+        inner.forward = functools.partial(_direct, *found)  # an instance attribute: nn.Module.__call__ finds it first
         try:
             return model(input_ids, attention_mask)
         finally:
             del inner.forward
-    if decoder_of(model) is None:
-        return None
-    return _direct(model, input_ids, attention_mask)
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel) and os.environ.get("HONE_FAST_FORWARD", "1") != "0"
-
-
-def _direct(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     found = decoder_of(model)
-    if found is None:  # pragma: no cover - the callers checked
-        raise RuntimeError("the direct forward does not apply to this model")
-    lm, decoder = found
+    return None if found is None else _direct(*found, input_ids, attention_mask)
+
+
+def _direct(lm: nn.Module, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     batch, width = input_ids.shape
     x = decoder.embed_tokens(input_ids)
     positions = torch.arange(width, device=input_ids.device).unsqueeze(0).expand(batch, width)
