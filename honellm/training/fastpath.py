@@ -168,8 +168,8 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`LlamaRMSNorm` (and Mistral's, Qwen2's): normalise in fp32, round, then scale by the weight."""
     if x.dtype != torch.float32 and torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
-        # In fp32 runs autograd's graph below is kept: it gives transformers' gradients bit for bit, so one process
-        # (this forward) and DDP (transformers' forward, see `decoder_of`) train to the same weights.
+        # In fp32 runs autograd's graph below is kept: it gives transformers' gradients bit for bit, so a run trains
+        # to the same weights whichever path it takes (an sdpa, FSDP or hooked run takes transformers').
         return RMSNormFunction.apply(x, module.weight, module.variance_epsilon)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)

@@ -43,23 +43,28 @@ def _loss_and_grads(model, batch, monkeypatch, fast: bool, autocast: bool = Fals
     return out.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "full"])
-def test_direct_forward_equals_transformers_in_fp32(tiny_model_dir, monkeypatch, method):
-    """Bit for bit: one process (this forward) and DDP (transformers') must train to the same weights."""
-    model, tokenizer = _model(tiny_model_dir, method)
-    batch = _batch(tokenizer)
-    assert fastpath.decoder_of(model) is not None
-    layers = []
+def _direct_equals_transformers(model, batch, monkeypatch, layers: int) -> None:
+    """Loss and gradients of the direct forward (checked to run) equal transformers' path's, bit for bit."""
+    calls = []
     original = fastpath._layer
-    monkeypatch.setattr(fastpath, "_layer", lambda *a: layers.append(1) or original(*a))
+    monkeypatch.setattr(fastpath, "_layer", lambda *a: calls.append(1) or original(*a))
     fast, fast_grads = _loss_and_grads(model, batch, monkeypatch, fast=True)
-    assert len(layers) == model.config.num_hidden_layers  # the direct forward ran
+    assert len(calls) == layers  # the direct forward ran
     slow, slow_grads = _loss_and_grads(model, batch, monkeypatch, fast=False)
-    assert len(layers) == model.config.num_hidden_layers  # and transformers' did not call it
+    assert len(calls) == layers  # and transformers' did not call it
     assert torch.equal(fast, slow)
     assert fast_grads.keys() == slow_grads.keys() and fast_grads
     for name, grad in slow_grads.items():
         assert torch.equal(fast_grads[name], grad), name
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "full"])
+def test_direct_forward_equals_transformers_in_fp32(tiny_model_dir, monkeypatch, method):
+    """Bit for bit: a run trains to the same weights whichever path it takes (sdpa, FSDP and hooked runs take
+    transformers')."""
+    model, tokenizer = _model(tiny_model_dir, method)
+    assert fastpath.decoder_of(model) is not None
+    _direct_equals_transformers(model, _batch(tokenizer), monkeypatch, model.config.num_hidden_layers)
 
 
 def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tiny_model_dir, monkeypatch):
@@ -111,20 +116,10 @@ def test_direct_forward_runs_inside_ddp_and_gives_the_same_gradients(tiny_model_
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
         ddp = DistributedDataParallel(model, find_unused_parameters=False)
-        layers = []
-        original = fastpath._layer
-        monkeypatch.setattr(fastpath, "_layer", lambda *a: layers.append(1) or original(*a))
-        fast, fast_grads = _loss_and_grads(ddp, batch, monkeypatch, fast=True)
-        assert len(layers) == model.config.num_hidden_layers  # the direct forward ran, inside the wrapper
-        assert "forward" not in model.__dict__  # and the wrapped module has its own forward back
-        slow, slow_grads = _loss_and_grads(ddp, batch, monkeypatch, fast=False)
-        assert len(layers) == model.config.num_hidden_layers
+        _direct_equals_transformers(ddp, batch, monkeypatch, model.config.num_hidden_layers)
+        assert "forward" not in model.__dict__  # the wrapped module has its own forward back
     finally:
         dist.destroy_process_group()
-    assert torch.equal(fast, slow)
-    assert fast_grads.keys() == slow_grads.keys() and fast_grads
-    for name, grad in slow_grads.items():
-        assert torch.equal(fast_grads[name], grad), name
 
 
 @pytest.mark.parametrize("weight_trains", [False, True])
