@@ -12,8 +12,8 @@ The engine drives every model through the same five calls: `new_state`, `forward
   For plain layers it also keeps a derived copy of the weights: q|k|v and gate|up concatenated (fewer, larger
   matrix products) and, for bf16 on a CPU, prepacked into oneDNN's blocked layout (the reorder a bf16 matmul
   otherwise repeats on every call). A product over a single row (batch-1 decoding) reads a row-major copy with
-  a matrix-vector product instead, which streams the weight at memory speed (the model's own weight where no
-  concatenation is needed). A PEFT LoRA layer (plain LoRA, one active adapter) enters that copy merged,
+  a matrix-vector product instead (`native.mv`: a compiled kernel where it builds, else `torch.mv`), which streams
+  the weight at memory speed (the model's own weight where no concatenation is needed). A PEFT LoRA layer (plain LoRA, one active adapter) enters that copy merged,
   W + scaling * B @ A computed in fp32 and rounded once, so an adapted model decodes about as fast as its base
   (PEFT's unmerged forward costs three more products and two passes per layer: SST-2 evaluation of a LoRA
   artifact ran at 3.86 examples/s unmerged, 5.66 merged, the base model at 6.80).
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honellm.generation import native
 from honellm.training.fused import lora_parts
 
 # Model types whose decoder layer has the Llama structure (pre-norm, rotary q/k, SDPA, gated MLP).
@@ -293,14 +294,15 @@ _PACKING = torch.backends.mkldnn.is_available() and os.environ.get("HONE_GEN_PAC
 def _matmul(x: torch.Tensor, weight: DerivedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), for a derived weight.
 
-    One row (batch-1 decoding): `torch.mv` over the row-major form, which streams the weight once at memory
-    speed: 17% less time per decoding step than oneDNN's prepacked product on SmolLM2-135M (median of paired
-    steps). More rows: oneDNN's prepacked linear when the weight was packed. Packed results equal `F.linear`'s on
+    One row (batch-1 decoding): a matrix-vector product over the row-major form, which streams the weight once:
+    `torch.mv` took 17% less time per decoding step than oneDNN's prepacked product on SmolLM2-135M (median of
+    paired steps), and `native.mv` (a compiled AVX512-BF16 kernel that prefetches, where it builds) about a third
+    less than `torch.mv`. More rows: oneDNN's prepacked linear when the weight was packed. Packed results equal `F.linear`'s on
     the same bf16 inputs (bit for bit at the batch sizes we checked; the tests bound the difference); what
     packing saves is the weight reorder a bf16 matmul otherwise repeats on every call.
     """
     if weight.rows is not None and x.numel() == x.shape[-1]:
-        out = torch.mv(weight.rows, x.reshape(-1))
+        out = native.mv(weight.rows, x.reshape(-1))
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], out.shape[0])

@@ -687,8 +687,8 @@ def test_derived_weights_in_bf16_give_the_module_outputs(lively):
 
 
 def test_one_row_products_use_the_row_major_weights_and_agree(lively, monkeypatch):
-    """Batch-1 decoding takes `torch.mv` over row-major weights (the blocked layout serves many rows); a step
-    computed that way matches the module outputs, and every derived matrix has a row-major form."""
+    """Batch-1 decoding takes a matrix-vector product over row-major weights (the blocked layout serves many
+    rows); a step computed that way matches the module outputs, and every derived matrix has a row-major form."""
     import honellm.generation.runners as runners
 
     model, tok = lively
@@ -700,8 +700,8 @@ def test_one_row_products_use_the_row_major_weights_and_agree(lively, monkeypatc
     assert runner.derived.lm_head.rows is not None
     ids = tok(chat(tok)[1], add_special_tokens=False).input_ids[:10]
     one_row = []
-    real_mv = torch.mv
-    monkeypatch.setattr(runners.torch, "mv", lambda *a: one_row.append(1) or real_mv(*a))
+    real_mv = runners.native.mv  # torch.mv, or the native kernel where it was built (honellm/generation/native.py)
+    monkeypatch.setattr(runners.native, "mv", lambda *a: one_row.append(1) or real_mv(*a))
     with torch.inference_mode():
         state = runner.new_state(1, 11)
         runner.forward(state, torch.tensor([ids[:9]]), torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool), 1)
