@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,81 +87,268 @@ void hone_bf16_gemv(const uint16_t *W, long ldw, const uint16_t *x, uint16_t *y,
         for (long r = 0; r < rows; r++) y[n0 + r] = to_bf16(_mm512_reduce_add_ps(acc[r]));
     }
 }
+
+#ifdef __AMX_BF16__
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int hone_has_amx(void) { return 1; }
+
+/* Linux hands out AMX tile state only to a process that asks for it (once; oneDNN asks too). 0 on success. */
+int hone_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */); }
+
+/* Tiles of W [N, K] (row stride ldw) for the AMX product: for each block of 16 rows, for each chunk of 32 columns,
+   one 1 KiB tile of 16 x 16 bf16 pairs, tile[r][n] = (W[n][2r], W[n][2r + 1]) (the B operand's layout); zeros
+   beyond N and K. out holds ceil(N / 16) * 16 * ceil(K / 32) * 32 bf16. */
+void hone_amx_pack(const uint16_t *W, long ldw, long N, long K, uint16_t *out, int threads) {
+    long blocks = (N + 15) / 16, chunks = (K + 31) / 32;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long b = 0; b < blocks; b++) {
+        for (long c = 0; c < chunks; c++) {
+            uint16_t *tile = out + (b * chunks + c) * 512;
+            for (long n = 0; n < 16; n++) {
+                long row = b * 16 + n;
+                for (long k = 0; k < 32; k++) {
+                    long col = c * 32 + k;
+                    tile[((k >> 1) * 16 + n) * 2 + (k & 1)] = (row < N && col < K) ? W[row * ldw + col] : 0;
+                }
+            }
+        }
+    }
+}
+
+typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+/* Tiles 0, 1: rows [m0, m0 + 16) and [m0 + 16, m0 + 32) of x; 2, 3: two blocks of 16 weight rows; 4..7: their
+   four products (fp32). `low` = rows of tile 0 (<= 16), `high` = rows of tile 1 (0: unused). */
+static void configure(long low, long high) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    uint8_t h = (uint8_t)(high ? high : 1);
+    cfg.rows[0] = cfg.rows[4] = cfg.rows[5] = (uint8_t)low;
+    cfg.rows[1] = cfg.rows[6] = cfg.rows[7] = h;
+    _tile_loadconfig(&cfg);
+}
+
+static void emit(float (*acc)[16], long rows, uint16_t *y, long ldy, long n0, long N) {
+    long cols = N - n0 < 16 ? N - n0 : 16;
+    for (long m = 0; m < rows; m++)
+        for (long n = 0; n < cols; n++) y[m * ldy + n0 + n] = to_bf16(acc[m][n]);
+}
+
+#define TILE_AHEAD 8192  /* bytes of weight tiles prefetched ahead of use */
+
+/* y[m, n] = sum_k x[m, k] W[n, k] with W's tiles from hone_amx_pack: x [M, K] bf16 with row stride ldx and
+   K % 32 == 0, y [M, N] bf16 with row stride ldy; fp32 sums (AMX), rounded once. Each thread takes pairs of
+   16-row weight blocks and runs all of x's rows (32 at a time) against them: the weights stream from memory
+   once, prefetched ahead, and x stays in cache. */
+void hone_amx_matmul(const uint16_t *x, long ldx, const uint16_t *tiles, uint16_t *y, long ldy, long M, long N,
+                     long K, int threads) {
+    long blocks = (N + 15) / 16, chunks = K / 32, pairs = (blocks + 1) / 2;
+    #pragma omp parallel num_threads(threads)
+    {
+        float acc[16][16];
+        long shape_low = -1, shape_high = -1;
+        #pragma omp for schedule(static)
+        for (long p = 0; p < pairs; p++) {
+            long b0 = 2 * p;
+            int two = b0 + 1 < blocks;
+            const uint16_t *w0 = tiles + b0 * chunks * 512, *w1 = two ? w0 + chunks * 512 : w0;
+            for (long m0 = 0; m0 < M; m0 += 32) {
+                long low = M - m0 < 16 ? M - m0 : 16;
+                long high = M - m0 <= 16 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
+                if (low != shape_low || high != shape_high) {
+                    configure(low, high);
+                    shape_low = low, shape_high = high;
+                }
+                _tile_zero(4); _tile_zero(5);
+                if (high) { _tile_zero(6); _tile_zero(7); }
+                const uint16_t *xl = x + m0 * ldx, *xh = xl + 16 * ldx;
+                for (long c = 0; c < chunks; c++) {
+                    if (m0 == 0) {  /* the first pass over these weights reads them from memory */
+                        const char *ahead = (const char *)(w0 + c * 512) + TILE_AHEAD;
+                        for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+                        if (two) {
+                            ahead = (const char *)(w1 + c * 512) + TILE_AHEAD;
+                            for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+                        }
+                    }
+                    _tile_loadd(0, xl + c * 32, ldx * 2);
+                    _tile_loadd(2, w0 + c * 512, 64);
+                    _tile_dpbf16ps(4, 0, 2);
+                    if (two) { _tile_loadd(3, w1 + c * 512, 64); _tile_dpbf16ps(5, 0, 3); }
+                    if (high) {
+                        _tile_loadd(1, xh + c * 32, ldx * 2);
+                        _tile_dpbf16ps(6, 1, 2);
+                        if (two) _tile_dpbf16ps(7, 1, 3);
+                    }
+                }
+                _tile_stored(4, acc, 64);
+                emit(acc, low, y + m0 * ldy, ldy, b0 * 16, N);
+                if (two) { _tile_stored(5, acc, 64); emit(acc, low, y + m0 * ldy, ldy, b0 * 16 + 16, N); }
+                if (high) {
+                    _tile_stored(6, acc, 64);
+                    emit(acc, high, y + (m0 + 16) * ldy, ldy, b0 * 16, N);
+                    if (two) { _tile_stored(7, acc, 64); emit(acc, high, y + (m0 + 16) * ldy, ldy, b0 * 16 + 16, N); }
+                }
+            }
+        }
+        _tile_release();
+    }
+}
+#else
+int hone_has_amx(void) { return 0; }
+#endif
 """
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 COMPILE_TIMEOUT = 120  # seconds; a compiler that hangs must not hang generation
+MATMUL_ROWS = 1024  # rows of x per AMX call: up to here it matched oneDNN's time or beat it (below)
+
+
+@dataclass
+class Tiles:
+    """A weight [out_features, in_features] packed for `matmul` (see `hone_amx_pack` in SOURCE)."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+@dataclass
+class _Kernels:
+    gemv: object
+    amx: bool
+    pack: object = None
+    matmul: object = None
+
 
 _lock = threading.Lock()
-_kernel = None  # the loaded function once built; see `_resolve`
-_status: str | None = None  # "native ..." or why not
+_kernels: _Kernels | None = None
+_status: str | None = None  # what is used, or why not
 
 
 def status() -> str:
-    """Which matrix-vector product batch-1 decoding uses, and why (builds the kernel if it has not been tried)."""
+    """Which products decoding uses, and why (builds the kernels if that has not been tried yet)."""
     _resolve()
     return _status or ""
 
 
+def amx_available() -> bool:
+    """Whether `pack` and `matmul` run here (a CPU with AMX, and the kernels built)."""
+    kernels = _resolve()
+    return kernels is not None and kernels.amx
+
+
 def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`torch.mv(weight, x)`, through the native kernel where it applies (bf16 CPU tensors, unit inner stride)."""
-    kernel = _resolve() if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
-    if (kernel is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dim() != 2 or x.dim() != 1
+    kernels = _resolve() if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
+    if (kernels is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.dim() != 2 or x.dim() != 1
             or x.shape[0] != weight.shape[1] or weight.stride(1) != 1 or x.stride(0) != 1
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
         return torch.mv(weight, x)  # autograd, other dtypes and layouts
     out = torch.empty(weight.shape[0], dtype=torch.bfloat16)
-    kernel(weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
-           torch.get_num_threads())
+    kernels.gemv(weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr(), weight.shape[0],
+                 weight.shape[1], torch.get_num_threads())
     return out
 
 
-def _resolve():
-    global _kernel, _status
+def pack(weight: torch.Tensor) -> Tiles | None:
+    """`weight` [N, K] (bf16, CPU, K a multiple of 32) packed for `matmul`; None where AMX does not apply."""
+    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
+            or weight.shape[1] % 32 or not amx_available()):
+        return None
+    return _pack(_kernels, weight)
+
+
+def matmul(x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """`x @ W.T` for the W that `tiles` packs: x [..., K] bf16 on the CPU, the result [..., N] bf16 (no autograd)."""
+    return _matmul(_kernels, x, tiles)
+
+
+def _pack(kernels: _Kernels, weight: torch.Tensor) -> Tiles:
+    weight = weight.detach()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    rows, cols = weight.shape
+    data = torch.empty(-(-rows // 16) * 16 * cols, dtype=torch.bfloat16)
+    kernels.pack(weight.data_ptr(), weight.stride(0), rows, cols, data.data_ptr(), torch.get_num_threads())
+    return Tiles(data, rows, cols)
+
+
+def _matmul(kernels: _Kernels, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    rows = x.reshape(-1, tiles.in_features)
+    if rows.stride(1) != 1 or rows.dtype != torch.bfloat16:
+        rows = rows.to(torch.bfloat16).contiguous()
+    out = torch.empty(rows.shape[0], tiles.out_features, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    for start in range(0, rows.shape[0], MATMUL_ROWS):
+        part = rows[start: start + MATMUL_ROWS]
+        kernels.matmul(part.data_ptr(), part.stride(0), tiles.data.data_ptr(), out[start:].data_ptr(),
+                       out.stride(0), part.shape[0], tiles.out_features, tiles.in_features, threads)
+    return out.view(*x.shape[:-1], tiles.out_features)
+
+
+def _resolve() -> _Kernels | None:
+    global _kernels, _status
     if _status is None:
         with _lock:
             if _status is None:
                 try:
-                    _kernel, _status = _load()
-                except Exception as error:  # noqa: BLE001 - any failure means: use torch.mv
-                    _kernel, _status = None, f"torch.mv (the native kernel failed: {error})"
-    return _kernel
+                    _kernels, _status = _load()
+                except Exception as error:  # noqa: BLE001 - any failure means: use torch's products
+                    _kernels, _status = None, f"torch.mv and oneDNN (the native kernels failed: {error})"
+    return _kernels
 
 
 def _reset() -> None:
-    """Forget the loaded kernel (tests)."""
-    global _kernel, _status
+    """Forget the loaded kernels (tests)."""
+    global _kernels, _status
     with _lock:
-        _kernel, _status = None, None
+        _kernels, _status = None, None
 
 
-def _load():
-    """(kernel or None, status line)."""
+def _load() -> tuple[_Kernels | None, str]:
+    fallback = "torch.mv and oneDNN"
     if os.environ.get("HONE_NATIVE", "1") == "0":
-        return None, "torch.mv (HONE_NATIVE=0)"
+        return None, f"{fallback} (HONE_NATIVE=0)"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"torch.mv (the native kernel is for Linux on x86-64, not {sys.platform} {platform.machine()})"
+        return None, f"{fallback} (the native kernels are for Linux on x86-64, not {sys.platform} {platform.machine()})"
     flags = _cpu_flags()
     missing = [f for f in ("avx512f", "avx512bw", "avx512_bf16") if f not in flags]
     if missing:
-        return None, f"torch.mv (this CPU lacks {', '.join(missing)})"
+        return None, f"{fallback} (this CPU lacks {', '.join(missing)})"
     if not _torch_gomp():
-        return None, "torch.mv (torch does not run on GNU OpenMP here, and the kernel would start a second thread pool)"
+        return None, f"{fallback} (torch does not run on GNU OpenMP here, and the kernels would start a second thread pool)"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        return None, "torch.mv (no C compiler found: set CC, or install gcc)"
+        return None, f"{fallback} (no C compiler found: set CC, or install gcc)"
     path = _build(compiler, flags)
     library = ctypes.CDLL(str(path))
-    kernel = library.hone_bf16_gemv
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                       ctypes.c_long, ctypes.c_int]
-    kernel.restype = None
     if len(_gomp_paths()) > 1:
-        return None, "torch.mv (the kernel loaded a second OpenMP runtime beside torch's)"
-    problem = _self_check(kernel)
+        return None, f"{fallback} (the kernels loaded a second OpenMP runtime beside torch's)"
+    gemv = library.hone_bf16_gemv
+    gemv.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                     ctypes.c_int]
+    gemv.restype = None
+    kernels = _Kernels(gemv, amx=False)
+    # AMX where the compiler built it for this CPU and Linux grants the tile state.
+    if library.hone_has_amx() and "amx_bf16" in flags and library.hone_amx_init() == 0:
+        kernels.pack, kernels.matmul = library.hone_amx_pack, library.hone_amx_matmul
+        kernels.pack.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                 ctypes.c_int]
+        kernels.matmul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+        kernels.pack.restype = kernels.matmul.restype = None
+        kernels.amx = True
+    problem = _self_check(kernels)
     if problem:
-        return None, f"torch.mv (the native kernel disagreed with torch.mv: {problem})"
-    return kernel, f"native AVX512-BF16 kernel ({path.name})"
+        return None, f"{fallback} (a native kernel disagreed with torch: {problem})"
+    what = "AMX matrix products and an AVX512-BF16 matrix-vector product" if kernels.amx else \
+        "an AVX512-BF16 matrix-vector product (no AMX: oneDNN for several rows)"
+    return kernels, f"native: {what} ({path.name})"
 
 
 def _cpu_flags() -> set[str]:
@@ -193,32 +381,39 @@ def _build(compiler: str, flags: set[str]) -> Path:
     model = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
     key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), version, model, " ".join(sorted(flags))]).encode())
     folder = hone_cache() / "native"
-    path = folder / f"hone_gemv-{key.hexdigest()[:16]}.so"
+    path = folder / f"hone_kernels-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        source = Path(scratch) / "hone_gemv.c"
+        source = Path(scratch) / "hone_kernels.c"
         source.write_text(SOURCE)
         built = Path(scratch) / path.name
         result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
                                 timeout=COMPILE_TIMEOUT)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
-        os.replace(built, path)  # atomic: a concurrent process sees the old state or the whole library
+        os.replace(built, path)  # atomic: a concurrent process sees no library or the whole of it
     return path
 
 
-def _self_check(kernel) -> str | None:
-    """Compare with torch.mv on shapes that take every path (full blocks, a partial block, a K tail)."""
+def _self_check(kernels: _Kernels) -> str | None:
+    """Compare with fp32 products on shapes that take every path (full and partial blocks, a K tail, one row, a
+    second tile of rows); fp32 sums in another order than torch's may differ by one bf16 rounding step."""
     generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
     for rows, cols in ((45, 100), (300, 576), (8, 32)):
         weight = torch.randn(rows, cols, generator=generator).to(torch.bfloat16)
         x = torch.randn(cols, generator=generator).to(torch.bfloat16)
         out = torch.empty(rows, dtype=torch.bfloat16)
-        kernel(weight.data_ptr(), cols, x.data_ptr(), out.data_ptr(), rows, cols, torch.get_num_threads())
-        reference = weight.float() @ x.float()
-        # fp32 sums in another order than torch.mv's: allow one bf16 rounding step
-        if not torch.allclose(out.float(), reference, rtol=2 ** -7, atol=1e-3):
-            return f"{rows}x{cols}: largest difference {(out.float() - reference).abs().max().item():.3g}"
+        kernels.gemv(weight.data_ptr(), cols, x.data_ptr(), out.data_ptr(), rows, cols, threads)
+        if not torch.allclose(out.float(), weight.float() @ x.float(), rtol=2 ** -7, atol=1e-3):
+            return f"matrix-vector product {rows}x{cols}"
+    if kernels.amx:
+        for rows, cols, batch in ((45, 96, 1), (300, 576, 37), (16, 32, 16)):
+            weight = torch.randn(rows, cols, generator=generator).to(torch.bfloat16)
+            x = torch.randn(batch, cols, generator=generator).to(torch.bfloat16)
+            out = _matmul(kernels, x, _pack(kernels, weight))
+            if not torch.allclose(out.float(), x.float() @ weight.float().T, rtol=2 ** -7, atol=1e-3):
+                return f"AMX product {batch}x{cols} @ {cols}x{rows}"
     return None

@@ -667,8 +667,22 @@ def test_weights_written_through_data_are_seen(lively):
     assert after != before and after == reference_greedy(model, tok, prompt, 8)
 
 
-def test_derived_weights_in_bf16_give_the_module_outputs(lively):
-    """Fused and (on CPUs with oneDNN) prepacked bf16 weights compute what the model's own modules compute."""
+@pytest.fixture(params=["tiles", "onednn"])
+def product_path(request, monkeypatch):
+    """Both ways the runner's bf16 products go: AMX tiles (where the native kernels run here) and oneDNN with a
+    matrix-vector product for one row (everywhere else; forced here by declining the tiles)."""
+    import honellm.generation.runners as runners
+
+    if request.param == "tiles" and not runners.native.amx_available():
+        pytest.skip(f"no AMX kernels here: {runners.native.status()}")
+    if request.param == "onednn":
+        monkeypatch.setattr(runners.native, "pack", lambda weight: None)
+    return request.param
+
+
+def test_derived_weights_in_bf16_give_the_module_outputs(lively, product_path):
+    """Fused and packed bf16 weights (AMX tiles, or oneDNN's blocked layout) compute what the model's own modules
+    compute."""
     model, tok = lively
     model = copy.deepcopy(model).to(torch.bfloat16)
     runner = DecoderRunner(model)
@@ -679,6 +693,7 @@ def test_derived_weights_in_bf16_give_the_module_outputs(lively):
         plain = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
         runner.prepare()
         assert runner.derived.layers is not None and runner.derived.layers[0].qkv is not None
+        assert (runner.derived.layers[0].qkv.tiles is not None) == (product_path == "tiles")
         derived = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
         reference = model(ids).logits
     assert torch.allclose(derived.float(), plain.float(), atol=0.05, rtol=0.02)
@@ -686,9 +701,10 @@ def test_derived_weights_in_bf16_give_the_module_outputs(lively):
     assert (derived.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
 
 
-def test_one_row_products_use_the_row_major_weights_and_agree(lively, monkeypatch):
-    """Batch-1 decoding takes a matrix-vector product over row-major weights (the blocked layout serves many
-    rows); a step computed that way matches the module outputs, and every derived matrix has a row-major form."""
+def test_one_row_products_agree_with_the_modules(lively, product_path, monkeypatch):
+    """A batch-1 decoding step matches the module outputs. Without tiles it takes a matrix-vector product over
+    row-major weights (the blocked layout serves many rows), and every derived matrix has a row-major form; with
+    tiles, every product goes through them."""
     import honellm.generation.runners as runners
 
     model, tok = lively
@@ -696,20 +712,27 @@ def test_one_row_products_use_the_row_major_weights_and_agree(lively, monkeypatc
     runner = DecoderRunner(model)
     runner.prepare()
     layer = runner.derived.layers[0]
-    assert all(w.rows is not None and not w.rows.is_mkldnn for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    assert runner.derived.lm_head.rows is not None
+    derived = (layer.qkv, layer.o, layer.gate_up, layer.down, runner.derived.lm_head)
+    if product_path == "tiles":
+        assert all(w.tiles is not None and w.blocked is None and w.rows is None for w in derived)
+    else:
+        assert all(w.rows is not None and not w.rows.is_mkldnn for w in derived)
     ids = tok(chat(tok)[1], add_special_tokens=False).input_ids[:10]
-    one_row = []
-    real_mv = runners.native.mv  # torch.mv, or the native kernel where it was built (honellm/generation/native.py)
-    monkeypatch.setattr(runners.native, "mv", lambda *a: one_row.append(1) or real_mv(*a))
+    calls = {"mv": 0, "tiles": 0}
+    real_mv, real_matmul = runners.native.mv, runners.native.matmul
+    monkeypatch.setattr(runners.native, "mv", lambda *a: calls.__setitem__("mv", calls["mv"] + 1) or real_mv(*a))
+    monkeypatch.setattr(runners.native, "matmul",
+                        lambda *a: calls.__setitem__("tiles", calls["tiles"] + 1) or real_matmul(*a))
+    products = 4 * model.config.num_hidden_layers + 1
     with torch.inference_mode():
         state = runner.new_state(1, 11)
         runner.forward(state, torch.tensor([ids[:9]]), torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool), 1)
-        assert len(one_row) == 1  # a prefill of 9 rows takes the blocked path; its one kept row, the head's mv
-        one_row.clear()
+        # a prefill of 9 rows takes the many-row path; its one kept row, the head's one-row product
+        assert calls == ({"mv": 0, "tiles": products} if product_path == "tiles" else {"mv": 1, "tiles": 0})
+        calls.update(mv=0, tiles=0)
         step = runner.forward(state, torch.tensor([ids[9:10]]), torch.tensor([[9]]), torch.ones(1, 1, dtype=torch.bool), 1)
         reference = model(torch.tensor([ids])).logits[:, -1:]
-    assert len(one_row) == 4 * model.config.num_hidden_layers + 1
+    assert calls == ({"mv": 0, "tiles": products} if product_path == "tiles" else {"mv": products, "tiles": 0})
     assert torch.allclose(step.float(), reference.float(), atol=0.05, rtol=0.02)
     assert step.argmax(-1).item() == reference.argmax(-1).item()
 
