@@ -106,6 +106,13 @@ void hone_amx_pack(const uint16_t *W, long ldw, long N, long K, uint16_t *out, i
     for (long b = 0; b < blocks; b++) {
         for (long c = 0; c < chunks; c++) {
             uint16_t *tile = out + (b * chunks + c) * 512;
+            if (b * 16 + 16 <= N && c * 32 + 32 <= K) {  /* a whole tile: a 16 x 16 transpose of bf16 pairs */
+                uint32_t pairs[16][16], *dst = (uint32_t *)tile;
+                for (long n = 0; n < 16; n++) memcpy(pairs[n], W + (b * 16 + n) * ldw + c * 32, 64);
+                for (long r = 0; r < 16; r++)
+                    for (long n = 0; n < 16; n++) dst[r * 16 + n] = pairs[n][r];
+                continue;
+            }
             for (long n = 0; n < 16; n++) {
                 long row = b * 16 + n;
                 for (long k = 0; k < 32; k++) {
