@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from honellm.generation import native
+from honellm import native
 from honellm.training.fused import lora_parts
 
 # Model types whose decoder layer has the Llama structure (pre-norm, rotary q/k, SDPA, gated MLP).
