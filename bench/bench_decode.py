@@ -110,7 +110,7 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     from honellm import native
 
-    print(f"one-row products (batch 1): {native.status()}")
+    print(f"engine products: {native.status()}")
     print(f"sampling: temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}, "
           f"{args.new_tokens} new tokens; {args.repeats} alternating pairs of runs\n")
     print(f"{'batch':>5} | {'generate tok/s (best)':>21} | {'hone tok/s (best)':>17} | {'ratio of bests':>14} | "
