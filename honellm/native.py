@@ -304,7 +304,10 @@ def _resolve() -> _Kernels | None:
         with _lock:
             if _status is None:
                 try:
-                    _kernels, _status = _load()
+                    # The self-check's fp32 references must stay fp32 when the first call comes under autocast
+                    # (GRPO's rollouts do): autocast would compute them in bf16.
+                    with torch.autocast("cpu", enabled=False):
+                        _kernels, _status = _load()
                 except Exception as error:  # noqa: BLE001 - any failure means: use torch's products
                     _kernels, _status = None, f"torch.mv and oneDNN (the native kernels failed: {error})"
     return _kernels

@@ -133,3 +133,11 @@ def test_pack_declines_what_the_amx_kernel_does_not_take():
     assert native.pack(torch.randn(16, 48).to(torch.bfloat16)) is None  # columns not a multiple of 32
     tiles = native.pack(torch.randn(17, 64).to(torch.bfloat16))
     assert (tiles.out_features, tiles.in_features) == (17, 64) and tiles.data.numel() == 32 * 64  # rows padded to 16
+
+
+def test_the_first_call_may_come_under_autocast(fresh_native):
+    """GRPO's rollouts call the engine under bf16 autocast: the load-time self-check must not be turned to bf16."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        status = fresh_native.status()
+    fresh_native._reset()
+    assert status == fresh_native.status()
