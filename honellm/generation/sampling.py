@@ -13,6 +13,8 @@ from honellm.generation.params import SamplingParams
 
 # Top-p without top-k first considers this many candidates; for chat models the nucleus is almost always smaller.
 TOP_P_CANDIDATES = 512
+# Up to this many candidates a draw is `torch.multinomial`; over more, inverse transform sampling (see `_draw`).
+MULTINOMIAL_MAX = 1024
 
 
 def choose_tokens(
@@ -64,11 +66,27 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         values = values.masked_fill(before >= params.top_p, float("-inf"))
         candidates = (values, ids)
     if candidates is None:
-        probs = scores.softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return _draw(scores.softmax(-1), generator)
     values, ids = candidates
-    picked = torch.multinomial(values.softmax(-1), 1, generator=generator)
-    return ids.gather(-1, picked)[:, 0]
+    picked = _draw(values.softmax(-1), generator)
+    return ids.gather(-1, picked[:, None])[:, 0]
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of `probs` [B, n] (rows summing to 1), drawn from that distribution.
+
+    Over a few candidates (top-k), `torch.multinomial`. Over a whole vocabulary it draws one exponential number
+    per entry (the exponential race), which costs far more than the forward pass of a small model: 56 ms per step
+    at 32 x 49,152 here, a quarter of a GRPO rollout. Inverse transform sampling needs one uniform number per row:
+    the first index whose cumulative probability exceeds u times the total, the sums in fp64 so that each
+    entry's interval has its probability's width to ~1e-16 (3-4 ms for the same batch). Exact either way.
+    """
+    if probs.shape[-1] <= MULTINOMIAL_MAX:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    cumulative = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
+    picked = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)
+    return picked.clamp_(max=probs.shape[-1] - 1)[:, 0]  # u * total < total; the clamp only guards rounding
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -237,6 +237,36 @@ def test_sampling_stays_inside_top_k_and_top_p():
     assert set(tokens.tolist()) == {0, 1, 2, 3}
 
 
+def test_draws_over_a_whole_vocabulary_follow_the_distribution(monkeypatch):
+    """Inverse transform sampling (used over more than MULTINOMIAL_MAX candidates, here forced on 6 tokens) draws
+    each token at its probability and never one of probability zero."""
+    import honellm.generation.sampling as sampling
+
+    monkeypatch.setattr(sampling, "MULTINOMIAL_MAX", 2)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).repeat(40000, 1)
+    tokens, _ = sampling.choose_tokens(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert shares[1] == 0 and shares[5] == 0
+    assert torch.allclose(shares, probs, atol=0.01), shares
+    again, _ = sampling.choose_tokens(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)  # seeded
+
+
+def test_a_training_model_is_switched_to_eval_once_per_call_and_back(lively, monkeypatch):
+    """`train()`/`eval()` walk every module: a training policy (GRPO's) is switched once per generate call, not
+    per decoding step, and is training again afterwards."""
+    model, tok = lively
+    model = copy.deepcopy(model).train()
+    switches = []
+    real_train = type(model).train
+    monkeypatch.setattr(type(model), "train", lambda self, mode=True: switches.append(mode) or real_train(self, mode))
+    gen = Generator(model, tok)
+    out = gen.generate(chat(tok)[:3], SamplingParams(max_new_tokens=12, temperature=1.0, seed=0))
+    assert max(len(o.token_ids) for o in out) > 2
+    assert switches == [False, True] and model.training
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_runner_rotation_is_transformers_rotary_bit_for_bit(dtype):
     from transformers.models.llama.modeling_llama import rotate_half

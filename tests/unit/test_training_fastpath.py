@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 import pytest
 import torch
 
@@ -119,6 +122,12 @@ def test_direct_forward_runs_inside_ddp_and_gives_the_same_gradients(tiny_model_
         _direct_equals_transformers(ddp, batch, monkeypatch, model.config.num_hidden_layers)
         assert "forward" not in model.__dict__  # the wrapped module has its own forward back
     finally:
+        # Tear down in this order, the GIL released first: gloo's worker thread frees its last all-reduce work
+        # item, which needs the GIL, and the group's destructor (run when DDP's reducer is freed) joins that
+        # thread while holding the GIL. Freed at the test's return instead, it deadlocked once in about ten runs.
+        time.sleep(0.5)
+        ddp = None
+        gc.collect()
         dist.destroy_process_group()
 
 
