@@ -2,7 +2,8 @@
 
 One pure function instead of a stack of logits processors. It never sorts the full vocabulary when it can avoid
 it: top-k takes `topk` directly, and top-p alone first looks at the few hundred most likely tokens and only falls
-back to a full sort for rows where those do not yet reach `top_p` of the mass (exact either way).
+back to a full sort for rows where those do not yet reach `top_p` of the mass (exact either way). A draw over the
+whole vocabulary takes one uniform number per row (inverse transform sampling, see `_draw`).
 """
 
 from __future__ import annotations
