@@ -212,7 +212,7 @@ int hone_has_amx(void) { return 0; }
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 COMPILE_TIMEOUT = 120  # seconds; a compiler that hangs must not hang generation
-MATMUL_ROWS = 1024  # rows of x per AMX call: up to here it matched oneDNN's time or beat it (below)
+MATMUL_ROWS = 1024  # rows of x per AMX call: up to here it matched oneDNN's time or beat it (runners._matmul)
 
 
 @dataclass
@@ -256,10 +256,7 @@ def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             or x.shape[0] != weight.shape[1] or weight.stride(1) != 1 or x.stride(0) != 1
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
         return torch.mv(weight, x)  # autograd, other dtypes and layouts
-    out = torch.empty(weight.shape[0], dtype=torch.bfloat16)
-    kernels.gemv(weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr(), weight.shape[0],
-                 weight.shape[1], torch.get_num_threads())
-    return out
+    return _gemv(kernels, weight, x)
 
 
 def pack(weight: torch.Tensor) -> Tiles | None:
@@ -273,6 +270,13 @@ def pack(weight: torch.Tensor) -> Tiles | None:
 def matmul(x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
     """`x @ W.T` for the W that `tiles` packs: x [..., K] bf16 on the CPU, the result [..., N] bf16 (no autograd)."""
     return _matmul(_kernels, x, tiles)
+
+
+def _gemv(kernels: _Kernels, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(weight.shape[0], dtype=torch.bfloat16)
+    kernels.gemv(weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr(), weight.shape[0],
+                 weight.shape[1], torch.get_num_threads())
+    return out
 
 
 def _pack(kernels: _Kernels, weight: torch.Tensor) -> Tiles:
@@ -411,12 +415,10 @@ def _self_check(kernels: _Kernels) -> str | None:
     """Compare with fp32 products on shapes that take every path (full and partial blocks, a K tail, one row, a
     second tile of rows); fp32 sums in another order than torch's may differ by one bf16 rounding step."""
     generator = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
     for rows, cols in ((45, 100), (300, 576), (8, 32)):
         weight = torch.randn(rows, cols, generator=generator).to(torch.bfloat16)
         x = torch.randn(cols, generator=generator).to(torch.bfloat16)
-        out = torch.empty(rows, dtype=torch.bfloat16)
-        kernels.gemv(weight.data_ptr(), cols, x.data_ptr(), out.data_ptr(), rows, cols, threads)
+        out = _gemv(kernels, weight, x)
         if not torch.allclose(out.float(), weight.float() @ x.float(), rtol=2 ** -7, atol=1e-3):
             return f"matrix-vector product {rows}x{cols}"
     if kernels.amx:
