@@ -10,11 +10,12 @@ The engine drives every model through the same five calls: `new_state`, `forward
   for instance) is called as a module, so adapters work unchanged; modules are looked up on every forward, so
   adapters injected later, or weights updated in place by an optimizer, are always seen.
   For plain layers it also keeps a derived copy of the weights: q|k|v and gate|up concatenated (fewer, larger
-  matrix products) and, for bf16 on a CPU, prepacked into oneDNN's blocked layout (the reorder a bf16 matmul
-  otherwise repeats on every call). A product over a single row (batch-1 decoding) reads a row-major copy with
-  a matrix-vector product instead (`native.mv`: a compiled kernel where it builds, else `torch.mv`), which streams
-  the weight at memory speed (the model's own weight where no concatenation is needed). A PEFT LoRA layer (plain LoRA, one active adapter) enters that copy merged,
-  W + scaling * B @ A computed in fp32 and rounded once, so an adapted model decodes about as fast as its base
+  matrix products) and, for bf16 on a CPU, packed: into AMX tiles for Hone's own kernel where the CPU has AMX
+  (`honellm/native.py`, every row count), else into oneDNN's blocked layout (the reorder a bf16 matmul otherwise
+  repeats on every call), with a row-major copy for one-row products (batch-1 decoding), read by a
+  matrix-vector product (`native.mv`: a compiled kernel where it builds, else `torch.mv`) that streams the weight
+  at memory speed (the model's own weight where no concatenation is needed). A PEFT LoRA layer (plain LoRA, one
+  active adapter) enters that copy merged, W + scaling * B @ A computed in fp32 and rounded once, so an adapted model decodes about as fast as its base
   (PEFT's unmerged forward costs three more products and two passes per layer: SST-2 evaluation of a LoRA
   artifact ran at 3.86 examples/s unmerged, 5.66 merged, the base model at 6.80).
   See `DerivedWeights` for when those copies are rebuilt.
@@ -303,8 +304,8 @@ def _matmul(x: torch.Tensor, weight: DerivedWeight, bias: torch.Tensor | None = 
 
     With AMX tiles, `native.matmul` for any number of rows: decoding streams the weights once, prefetched, at
     0.39-0.48 of oneDNN's time for 1-16 rows and 0.55 for 32 (all of a SmolLM2-135M step's products, paired
-    runs), and prefill rows run as fast as oneDNN's (0.92x at 256 rows, 1.03x at 1,024), with the same bits as
-    `F.linear` in the cases the tests check.
+    runs), and prefill rows about as fast as oneDNN's (0.92 of its time at 256 rows, 1.03 at 1,024), with the same
+    bits as `F.linear` in the cases the tests check.
 
     Otherwise, one row (batch-1 decoding): a matrix-vector product over the row-major form, which streams the
     weight once: `torch.mv` took 17% less time per decoding step than oneDNN's prepacked product (median of
