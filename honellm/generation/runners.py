@@ -15,9 +15,10 @@ The engine drives every model through the same five calls: `new_state`, `forward
   repeats on every call), with a row-major copy for one-row products (batch-1 decoding), read by a
   matrix-vector product (`native.mv`: a compiled kernel where it builds, else `torch.mv`) that streams the weight
   at memory speed (the model's own weight where no concatenation is needed). A PEFT LoRA layer (plain LoRA, one
-  active adapter) enters that copy merged, W + scaling * B @ A computed in fp32 and rounded once, so an adapted model decodes about as fast as its base
-  (PEFT's unmerged forward costs three more products and two passes per layer: SST-2 evaluation of a LoRA
-  artifact ran at 3.86 examples/s unmerged, 5.66 merged, the base model at 6.80).
+  active adapter) enters that copy merged, W + scaling * B @ A computed in fp32 and rounded once, so an adapted
+  model decodes about as fast as its base (PEFT's unmerged forward costs three more products and two passes per
+  layer: SST-2 evaluation of a LoRA artifact ran at 3.86 examples/s unmerged, 5.66 merged, the base model at
+  6.80).
   See `DerivedWeights` for when those copies are rebuilt.
 - `HFRunner`, for every other architecture: the model's own forward with a `DynamicCache`, a 2D attention mask
   and explicit position ids.
