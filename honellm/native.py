@@ -1,19 +1,24 @@
-"""A native bf16 matrix-vector product for batch-1 decoding, compiled on first use; `torch.mv` wherever it is not.
+"""Native bf16 products for the generation engine, compiled on first use; torch's products wherever they are not.
 
-At batch 1 a decoding step reads every weight once, and its time is the time of those reads. `torch.mv` on bf16
-streams them at about three quarters of this machine's read bandwidth (it reduces one row at a time, and nothing
-fetches ahead). The kernel below reduces eight rows at once with AVX512-BF16 dot products (`vdpbf16ps`: pairs of
-bf16 products accumulated in fp32) and prefetches the rows it will read next. Measured on the 2-core AMX VM, over
-the 121 products of a SmolLM2-135M step (268 MB of weights): 0.63-0.65 of `torch.mv`'s time (medians of paired
-runs; 25 GB/s against 16-19), outputs equal to `torch.mv`'s except for rare last-bit roundings (fp32 sums in
-another order, rounded once to bf16 like `torch.mv`).
+A decoding step reads every weight once, and at 1-32 rows its time is the time of those reads. Neither `torch.mv`
+(one row at a time) nor oneDNN's prepacked product prefetches, and both stream the weights well below this
+machine's read bandwidth. Two kernels do:
+
+- AMX (`pack`, `matmul`): the weight packed once into 1 KiB bf16 tiles; each thread streams pairs of 16-row
+  blocks once, prefetched, against x's rows 32 at a time (2 x 2 tiles, fp32 sums). Over the 121 products of a
+  SmolLM2-135M step (268 MB, cold): 0.39-0.48 of oneDNN's time at 1-16 rows, 0.53-0.55 at 24-32, about the same
+  as oneDNN from 256 rows up; the same bits as `F.linear` at every shape checked.
+- AVX512-BF16 matrix-vector product (`mv`), for CPUs without AMX: eight rows reduced at once with `vdpbf16ps`,
+  prefetching: 0.61-0.65 of `torch.mv`'s time (25 GB/s against 16-19), equal to it but for rare last-bit
+  roundings (fp32 sums in another order, rounded once to bf16 like `torch.mv`).
 
 It is plain C (no torch headers), compiled with the system's C compiler in well under a second, cached in Hone's
 cache folder under a name that hashes the source, the compiler and this CPU, and called through `ctypes` with the
-tensors' data pointers. It runs its rows on OpenMP threads of the runtime torch already loaded (the library asks
-for `libgomp.so.1`, which resolves to torch's copy), with torch's thread count. It is used only where everything
-holds: Linux on x86-64, a CPU with AVX512-BF16, torch on GNU OpenMP, a compiler that builds it, and a self-check
-against `torch.mv` at load. Anything else, or `HONE_NATIVE=0`, keeps `torch.mv`; `status()` says which and why.
+tensors' data pointers. It runs on OpenMP threads of the runtime torch already loaded (the library asks for
+`libgomp.so.1`, which resolves to torch's copy), with torch's thread count. It is used only where everything
+holds: Linux on x86-64, a CPU with AVX512-BF16 (and AMX for the tiles), torch on GNU OpenMP, a compiler that
+builds it, Linux granting AMX tile state, and a self-check against fp32 products at load. Anything else, or
+`HONE_NATIVE=0`, keeps torch's products; `status()` says which and why.
 """
 
 from __future__ import annotations
@@ -330,7 +335,7 @@ def _load() -> tuple[_Kernels | None, str]:
         return None, f"{fallback} (HONE_NATIVE=0)"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"{fallback} (the native kernels are for Linux on x86-64, not {sys.platform} {platform.machine()})"
-    flags = _cpu_flags()
+    model, flags = _cpu()
     missing = [f for f in ("avx512f", "avx512bw", "avx512_bf16") if f not in flags]
     if missing:
         return None, f"{fallback} (this CPU lacks {', '.join(missing)})"
@@ -339,7 +344,7 @@ def _load() -> tuple[_Kernels | None, str]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None, f"{fallback} (no C compiler found: set CC, or install gcc)"
-    path = _build(compiler, flags)
+    path = _build(compiler, model, flags)
     library = ctypes.CDLL(str(path))
     if len(_gomp_paths()) > 1:
         return None, f"{fallback} (the kernels loaded a second OpenMP runtime beside torch's)"
@@ -365,14 +370,19 @@ def _load() -> tuple[_Kernels | None, str]:
     return kernels, f"native: {what} ({path.name})"
 
 
-def _cpu_flags() -> set[str]:
+def _cpu() -> tuple[str, set[str]]:
+    """This CPU's model name and feature flags, from /proc/cpuinfo (empty where it cannot be read)."""
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith("model name") and not model:
+                model = line
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
-    return set()
+    return model, flags
 
 
 def _gomp_paths() -> set[str]:
@@ -387,12 +397,11 @@ def _torch_gomp() -> bool:
     return torch.backends.openmp.is_available() and bool(_gomp_paths())
 
 
-def _build(compiler: str, flags: set[str]) -> Path:
+def _build(compiler: str, model: str, flags: set[str]) -> Path:
     """Compile SOURCE into Hone's cache (once per source, compiler and CPU); return the library's path."""
     from honellm.defaults import hone_cache
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    model = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
     key = hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), version, model, " ".join(sorted(flags))]).encode())
     folder = hone_cache() / "native"
     path = folder / f"hone_kernels-{key.hexdigest()[:16]}.so"
