@@ -7,6 +7,7 @@ parameter count, and prompt tokens per request at inference.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,7 +45,16 @@ class Advice:
 
 
 def measure_matmul_flops(seconds: float = 0.5) -> dict[str, float]:
-    """Achieved matmul FLOP/s on this machine in bf16 (where fast) and fp32, from square 1024 products."""
+    """Achieved matmul FLOP/s on this machine in bf16 (where fast) and fp32, from square 1024 products.
+
+    Measured once per process and kept: a shared or throttled machine's speed moves by 2x and more within a minute,
+    and advice given twice in one process (a budget tried after the defaults) must rest on the same figures.
+    """
+    return dict(_measured_matmul_flops(seconds))
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_matmul_flops(seconds: float) -> dict[str, float]:
     import torch
 
     from honellm.hardware import default_device, pick_dtype

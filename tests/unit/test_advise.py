@@ -47,3 +47,12 @@ def test_the_probe_measures_the_zero_shot_score(tiny_model_dir, tmp_path):
     probe = advice.probe
     assert probe["split"] == "validation" and 0.0 <= probe["zero_shot_score"] <= 1.0
     assert probe["ci95"][0] <= probe["zero_shot_score"] <= probe["ci95"][1] and probe["metric"] == "accuracy"
+
+
+def test_the_matmul_speed_is_measured_once_per_process():
+    from honellm.compare.advise import measure_matmul_flops
+
+    first = measure_matmul_flops(0.05)
+    first["auto"] = 0.0  # a caller's copy; the kept figures stay
+    second = measure_matmul_flops(0.05)
+    assert second["auto"] > 0 and second == measure_matmul_flops(0.05) and set(second) == {"auto", "fp32"}
