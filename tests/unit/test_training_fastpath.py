@@ -143,3 +143,73 @@ def test_rms_norm_function_gradients_equal_autograd(weight_trains):
     got = torch.autograd.grad(fastpath.RMSNormFunction.apply(x, weight, 1e-6), [x, weight] if weight_trains else [x], grad)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+SYSTEM = "Classify the sentiment of the movie review as positive or negative. Answer with one word."
+
+
+def _shared_batch(tokenizer, completion_only=True):
+    """Sequences of different lengths that share a long system prompt and template."""
+    texts = [("a warm, funny film", "positive"), ("dull", "negative"),
+             ("The quick brown fox jumps over the lazy dog, twice.", "neutral, and far too long")]
+    convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Review: " + t}] for t, _ in texts]
+    return collate([encode_conversation(tokenizer, m, a, max_length=128, completion_only=completion_only)
+                    for m, (_, a) in zip(convs, texts, strict=True)], tokenizer.pad_token_id)
+
+
+def test_shared_prefix_finds_the_common_real_tokens(tiny_model_dir, monkeypatch):
+    _, tokenizer = _model(tiny_model_dir, "lora")
+    batch = _shared_batch(tokenizer)
+    ids, mask = batch.input_ids, batch.attention_mask
+    prefix = fastpath.shared_prefix(ids, mask)
+    assert prefix >= fastpath.MIN_SHARED_PREFIX
+    assert (ids[:, :prefix] == ids[:1, :prefix]).all() and not (ids[:, prefix] == ids[0, prefix]).all()
+    assert fastpath.shared_prefix(ids[:1], mask[:1]) == 0  # one sequence: nothing to share
+    same = ids[:1].expand(3, -1).clone()  # identical sequences: each keeps a token of its own
+    assert fastpath.shared_prefix(same, mask[:1].expand(3, -1)) == int(mask[0].sum()) - 1
+    assert fastpath.shared_prefix(_batch(tokenizer).input_ids, _batch(tokenizer).attention_mask) == 0  # too short
+    padded = mask.clone()
+    padded[1, 5:] = 0  # a sequence shorter than the common tokens: only its real ones count
+    assert fastpath.shared_prefix(ids, padded) == 0
+    monkeypatch.setenv("HONE_SHARED_PREFIX", "0")
+    assert fastpath.shared_prefix(ids, mask) == 0
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+@pytest.mark.parametrize("method", ["lora", "dora", "full"])
+def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir, monkeypatch, method, completion_only):
+    """fp32: the prefix computed once gives the per-sequence forward's loss and gradients up to summation order
+    (with a loss on every token too, so the prefix's own positions are read back per sequence)."""
+    model, tokenizer = _model(tiny_model_dir, method)
+    batch = _shared_batch(tokenizer, completion_only)
+    runs = []
+    original = fastpath._direct_shared
+    monkeypatch.setattr(fastpath, "_direct_shared", lambda *a: runs.append(a[-1]) or original(*a))
+    shared, shared_grads = _loss_and_grads(model, batch, monkeypatch, fast=True)
+    assert runs and runs[0] >= fastpath.MIN_SHARED_PREFIX  # the shared forward ran
+    monkeypatch.setenv("HONE_SHARED_PREFIX", "0")
+    plain, plain_grads = _loss_and_grads(model, batch, monkeypatch, fast=True)
+    assert len(runs) == 1
+    torch.testing.assert_close(shared, plain, rtol=1e-6, atol=1e-5)
+    assert shared_grads.keys() == plain_grads.keys() and shared_grads
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().item()
+        assert (shared_grads[name] - grad).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_a_shared_prefix_in_the_recipes_setting_bf16_fused_lora_checkpointing(tiny_model_dir, monkeypatch):
+    model, tokenizer = _model(tiny_model_dir, "lora")
+    Precision.resolve("bf16", "cpu").cast_model(model)
+    fused.install(model)
+    batch = _shared_batch(tokenizer)
+    monkeypatch.setenv("HONE_SHARED_PREFIX", "0")
+    plain, plain_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+    monkeypatch.delenv("HONE_SHARED_PREFIX")
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shared, shared_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+        torch.testing.assert_close(shared, plain, rtol=1e-2, atol=1e-2)
+        for name, grad in plain_grads.items():
+            scale = grad.abs().max().item() + 1e-6
+            assert (shared_grads[name] - grad).abs().max().item() <= 0.02 * scale, name
