@@ -78,13 +78,17 @@ class Batch:
     # where the labels were built (on the CPU) and moved with them: on a GPU, finding them from device labels
     # would wait for the device (a synchronisation per micro-batch). None: `token_logprobs` finds them itself.
     predicting_index: torch.Tensor | None = None
+    # 1 + the last of those positions (the columns a forward needs), found on the CPU with the index.
+    needed_width: int | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        index = self.predicting_index
+        index, needed = self.predicting_index, self.needed_width
         if index is None and self.labels.device.type == "cpu":
             index = predicting_index(self.labels)
+        if needed is None and index is not None and index.device.type == "cpu":
+            needed = int((index % self.labels.shape[1]).max()) + 1 if index.numel() else 1
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.num_tokens, self.num_loss_tokens, index.to(device) if index is not None else None)
+                     self.num_tokens, self.num_loss_tokens, index.to(device) if index is not None else None, needed)
 
     @property
     def num_loss_units(self) -> int:

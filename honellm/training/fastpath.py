@@ -41,9 +41,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from honellm.training import fused
+
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # A common prefix shorter than this is computed per sequence (two attention calls per layer cost more than it saves).
 MIN_SHARED_PREFIX = 16
+QKV, GATE_UP = fused.SIBLINGS
 
 
 def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -92,9 +95,13 @@ def _global_hooks() -> bool:
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """The decoder's final (normed) hidden states [B, T, hidden] for a right-padded batch, or None when this
-    forward does not apply to `model` (the caller then runs the model itself).
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  index: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The decoder's final (normed) hidden states for a right-padded batch, or None when this forward does not apply
+    to `model` (the caller then runs the model itself): [B, T, hidden], or with `index` (flat row-major positions
+    into [B, T]) the [n, hidden] states of those positions only. With `index`, the last layer runs its output
+    projection, MLP and the final norm on those rows only (no other row is read after its attention; for an SFT
+    answer of two tokens that is most of the last layer's work).
 
     Under DDP the direct forward runs inside the wrapper's own forward (DDP prepares its gradient reducer there, and
     a forward that bypassed it would leave the gradients unsynchronised): the wrapped module's `forward` is this
@@ -106,33 +113,35 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             return None
         inner.forward = functools.partial(_direct, *found)  # an instance attribute: nn.Module.__call__ finds it first
         try:
-            return model(input_ids, attention_mask)
+            return model(input_ids, attention_mask, index)
         finally:
             del inner.forward
     found = decoder_of(model)
-    return None if found is None else _direct(*found, input_ids, attention_mask)
+    return None if found is None else _direct(*found, input_ids, attention_mask, index)
 
 
-def _direct(lm: nn.Module, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _direct(lm: nn.Module, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            index: torch.Tensor | None = None) -> torch.Tensor:
     prefix = shared_prefix(input_ids, attention_mask)
     if prefix:
-        return _direct_shared(lm, decoder, input_ids, attention_mask, prefix)
+        return _direct_shared(lm, decoder, input_ids, attention_mask, prefix, index)
     batch, width = input_ids.shape
     x = decoder.embed_tokens(input_ids)
     positions = torch.arange(width, device=input_ids.device).unsqueeze(0).expand(batch, width)
     cos, sin = decoder.rotary_emb(x, positions)
     rotary = (cos.unsqueeze(1), sin.unsqueeze(1))
-    return _run_layers(lm, decoder, x, rotary, _attention_mask(attention_mask, width), None)
+    return _run_layers(lm, decoder, x, rotary, _attention_mask(attention_mask, width), None, index)
 
 
 def _direct_shared(lm: nn.Module, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   prefix: int) -> torch.Tensor:
+                   prefix: int, index: torch.Tensor | None = None) -> torch.Tensor:
     """The same hidden states with the batch's common prefix computed once (see `shared_prefix`).
 
     The layers run over one flat row of `prefix + batch x rest` tokens: the prefix once, then each sequence's
     remainder. Every row-wise operation (norms, projections, MLP) is the same per token; attention runs twice, the
     prefix's queries over the prefix (causal), each remainder's queries over the prefix's keys and values (expanded
-    to the batch, so their gradients sum over it) followed by its own. The result is expanded back to [B, T, H]."""
+    to the batch, so their gradients sum over it) followed by its own. The result is expanded back to [B, T, H]
+    (or `index` mapped into the flat row)."""
     batch, width = input_ids.shape
     rest = width - prefix
     device = input_ids.device
@@ -145,17 +154,26 @@ def _direct_shared(lm: nn.Module, decoder: nn.Module, input_ids: torch.Tensor, a
     prefix_mask = _attention_mask(attention_mask[:1, :prefix], prefix)
     rest_mask = _attention_mask(attention_mask[:, prefix:], rest)
     rest_mask = torch.cat([rest_mask.new_zeros(batch, 1, rest, prefix), rest_mask], dim=-1)  # the prefix is all real
+    if index is not None:
+        rows, cols = index // width, index % width
+        flat_index = torch.where(cols < prefix, cols, prefix + rows * rest + (cols - prefix))
+        return _run_layers(lm, decoder, x, rotary, (prefix_mask, rest_mask), (prefix, batch), flat_index)
     h = _run_layers(lm, decoder, x, rotary, (prefix_mask, rest_mask), (prefix, batch))[0]
     return torch.cat([h[:prefix].expand(batch, prefix, h.shape[-1]), h[prefix:].view(batch, rest, h.shape[-1])], dim=1)
 
 
-def _run_layers(lm: nn.Module, decoder: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared) -> torch.Tensor:
+def _run_layers(lm: nn.Module, decoder: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder layers and the final norm; with `keep` (flat indices into x's rows), the last layer's output rows
+    `keep` only, [n, hidden]."""
     checkpointing = lm.training and getattr(decoder, "gradient_checkpointing", False)
-    for layer in decoder.layers:
+    last = len(decoder.layers) - 1
+    for i, layer in enumerate(decoder.layers):
+        args = (layer, x, rotary, mask, shared) + ((keep,) if i == last and keep is not None else ())
         if checkpointing and torch.is_grad_enabled():
-            x = checkpoint(_layer, layer, x, rotary, mask, shared, use_reentrant=False)
+            x = checkpoint(_layer, *args, use_reentrant=False)
         else:
-            x = _layer(layer, x, rotary, mask, shared)
+            x = _layer(*args)
     return _rms_norm(decoder.norm, x)
 
 
@@ -189,14 +207,18 @@ def _attention_mask(attention_mask: torch.Tensor, width: int) -> torch.Tensor:
         ~allowed, torch.finfo(torch.float32).min)
 
 
-def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared: tuple[int, int] | None) -> torch.Tensor:
+def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared: tuple[int, int] | None,
+           keep: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoder layer over x [B, T, hidden] (or the shared layout's [1, rows, hidden]); with `keep`, the rows
+    `keep` of its output only, [n, hidden] (every row still serves as a key and value)."""
     attn, mlp = layer.self_attn, layer.mlp
     batch, width, _ = x.shape
     h = _rms_norm(layer.input_layernorm, x)
     head_dim = attn.head_dim
-    q = _linear(attn.q_proj, h).view(batch, width, -1, head_dim).transpose(1, 2)
-    k = _linear(attn.k_proj, h).view(batch, width, -1, head_dim).transpose(1, 2)
-    v = _linear(attn.v_proj, h).view(batch, width, -1, head_dim).transpose(1, 2)
+    qkv = fused.group_forward(attn, QKV, h) if not _hooked_any(attn, QKV) else None
+    if qkv is None:
+        qkv = _linear(attn.q_proj, h), _linear(attn.k_proj, h), _linear(attn.v_proj, h)
+    q, k, v = (t.view(batch, width, -1, head_dim).transpose(1, 2) for t in qkv)
     cos, sin = rotary
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
@@ -217,9 +239,17 @@ def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared: tuple
         out_rest = _attention(attn, qr, keys, values, rest_mask)
         out = torch.cat([out_prefix.transpose(1, 2).flatten(0, 1), out_rest.transpose(1, 2).flatten(0, 1)])
         out = out.reshape(1, width, -1)
+    if keep is not None:
+        x, out = x.flatten(0, 1).index_select(0, keep), out.flatten(0, 1).index_select(0, keep)
     x = x + _linear(attn.o_proj, out)
     h = _rms_norm(layer.post_attention_layernorm, x)
-    return x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+    gate_up = fused.group_forward(mlp, GATE_UP, h) if not _hooked_any(mlp, GATE_UP) else None
+    gate, up = gate_up if gate_up is not None else (_linear(mlp.gate_proj, h), _linear(mlp.up_proj, h))
+    return x + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+def _hooked_any(parent: nn.Module, names: tuple[str, ...]) -> bool:
+    return any(_hooked(getattr(parent, name)) for name in names)
 
 
 def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

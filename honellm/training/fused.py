@@ -71,6 +71,50 @@ class LoraLinearFunction(torch.autograd.Function):
         return g_x, None, None, g_a, g_b, None
 
 
+class LoraGroupFunction(torch.autograd.Function):
+    """Sibling LoRA layers that read the same input (a decoder layer's q, k and v projections; gate and up) as one:
+
+        y = x @ W.T (+ b);   y += (x @ A.T) @ D.T        W = [W_1; W_2; ...] (one buffer), A = [A_1; A_2; ...],
+                                                          D = blockdiag(scaling_i * B_i)
+
+    returned split into the members' outputs. Three (or two) base products, adapter products and in-place additions
+    become one each, in the forward and in the backward (`g_x = g @ W + (g @ D) @ A` in two calls): a third of the
+    matrix-product calls of a LoRA step, and wider products that run closer to the machine's peak. `W` must be the
+    buffer the members' frozen weights are views of (`install` arranges it), so no weight is copied."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, splits: tuple[int, ...], scalings: tuple[float, ...], *adapters):
+        n = len(splits)
+        lora_as, lora_bs = adapters[:n], adapters[n:]
+        dtype = x.dtype
+        flat = x.reshape(-1, x.shape[-1])
+        a = torch.cat([t.to(dtype) for t in lora_as])
+        d = torch.block_diag(*[(t * s).to(dtype) for t, s in zip(lora_bs, scalings, strict=True)])
+        h = flat @ a.t()
+        y = F.linear(flat, weight, bias)
+        y.addmm_(h, d.t())
+        ctx.save_for_backward(flat, h, weight, a, d)
+        ctx.splits, ctx.scalings, ctx.shape = splits, scalings, x.shape
+        ctx.ranks = tuple(t.shape[0] for t in lora_as)
+        ctx.adapter_dtypes = tuple(t.dtype for t in adapters)
+        return tuple(part.view(*x.shape[:-1], part.shape[-1]) for part in y.split(splits, dim=1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat, h, weight, a, d = ctx.saved_tensors
+        n = len(ctx.splits)
+        g = torch.cat([grad.reshape(-1, grad.shape[-1]).to(flat.dtype) for grad in grads], dim=1)
+        g_h = g @ d  # [tokens, sum of ranks], the scalings included
+        g_x = (g @ weight).addmm_(g_h, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        g_as = [t.to(dtype) for t, dtype in zip(torch.mm(g_h.t(), flat).split(ctx.ranks), ctx.adapter_dtypes)]
+        g_b = torch.mm(g.t(), h)  # its diagonal blocks are the members' gradients
+        g_bs, rows, cols = [], 0, 0
+        for out, rank, scaling, dtype in zip(ctx.splits, ctx.ranks, ctx.scalings, ctx.adapter_dtypes[n:], strict=True):
+            g_bs.append(g_b[rows:rows + out, cols:cols + rank].to(dtype).mul_(scaling))
+            rows, cols = rows + out, cols + rank
+        return (g_x, None, None, None, None, *g_as, *g_bs)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype the layer computes in (autocast's when it is on), or None when it is not one we fuse."""
     device = x.device.type
@@ -137,6 +181,100 @@ def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str |
     return adapter
 
 
+# Sibling projections that read the same input, by the names LLaMA-family decoders give them.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of `parent`'s sibling LoRA layers `names` on `x` through `LoraGroupFunction`, or None where the
+    group does not apply now (no group was formed, a member is not on the fused path for this call, or a member's
+    weight is no longer a view of the group's buffer: the model was moved or cast since); the caller then calls the
+    layers one by one."""
+    group = parent.__dict__.get("_hone_groups", {}).get(names)
+    if group is None:
+        return None
+    weight, bias = group
+    dtype = _compute_dtype(x, weight)
+    if dtype is None or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None
+    members, adapters, splits, scalings, offset = [], [], [], [], 0
+    for name in names:
+        layer = getattr(parent, name)
+        forward = layer.__dict__.get("forward")
+        if not (isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward):
+            return None  # uninstalled
+        adapter = _fusable_adapter(layer, x, (), {})
+        if adapter is None or not _is_view_of(layer.base_layer, weight, bias, offset):
+            return None
+        out = layer.base_layer.weight.shape[0]
+        members.append(layer)
+        adapters.append(adapter)
+        splits.append(out)
+        scalings.append(float(layer.scaling[adapter]))
+        offset += out
+    lora_as = [layer.lora_A[a].weight for layer, a in zip(members, adapters, strict=True)]
+    lora_bs = [layer.lora_B[a].weight for layer, a in zip(members, adapters, strict=True)]
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraGroupFunction.apply(x.to(dtype), weight, bias, tuple(splits), tuple(scalings), *lora_as, *lora_bs)
+
+
+def _is_view_of(base: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, offset: int) -> bool:
+    """Whether `base`'s weight (and bias) are still rows `offset:` of the group's buffers."""
+    w = base.weight
+    if w.dtype != weight.dtype or w.device != weight.device or w.shape[1] != weight.shape[1] or not w.is_contiguous():
+        return False
+    if w.data_ptr() != weight.data_ptr() + offset * weight.shape[1] * weight.element_size():
+        return False
+    if (base.bias is None) != (bias is None):
+        return False
+    return bias is None or base.bias.data_ptr() == bias.data_ptr() + offset * bias.element_size()
+
+
+def _still_grouped(parent: nn.Module, names: tuple[str, ...], bases: list[nn.Linear]) -> bool:
+    group = parent.__dict__.get("_hone_groups", {}).get(names)
+    if group is None:
+        return False
+    offsets = [0]
+    for base in bases[:-1]:
+        offsets.append(offsets[-1] + base.weight.shape[0])
+    return all(_is_view_of(base, *group, offset) for base, offset in zip(bases, offsets, strict=True))
+
+
+def _form_groups(model: nn.Module, layer_type: type) -> int:
+    """Make the frozen weights (and biases) of each set of `SIBLINGS` LoRA layers views of one buffer, so that
+    `LoraGroupFunction` can multiply by all of them at once without a copy; return how many groups were formed."""
+    count = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, name, None) for name in names]
+            if any(type(m) is not layer_type or lora_parts(m) is None for m in members):
+                continue
+            bases = [m.base_layer for m in members]
+            if _still_grouped(parent, names, bases):
+                continue
+            weights = [b.weight for b in bases]
+            biases = [b.bias for b in bases]
+            first = weights[0]
+            if any(w.requires_grad or type(w) is not nn.Parameter or w.dtype != first.dtype or w.device != first.device
+                   or w.shape[1] != first.shape[1] for w in weights):
+                continue
+            if any((b is None) != (biases[0] is None) or (b is not None and (b.requires_grad or b.dtype != first.dtype))
+                   for b in biases):
+                continue
+            weight = torch.cat([w.data for w in weights])
+            bias = None if biases[0] is None else torch.cat([b.data for b in biases])
+            offset = 0
+            for base in bases:
+                out = base.weight.shape[0]
+                base.weight.data = weight[offset:offset + out]
+                if bias is not None:
+                    base.bias.data = bias[offset:offset + out]
+                offset += out
+            parent.__dict__.setdefault("_hone_groups", {})[names] = (weight, bias)
+            count += 1
+    return count
+
+
 def install(model: nn.Module) -> int:
     """Give every PEFT LoRA `Linear` of `model` the fused forward (see the module docstring); return how many.
 
@@ -153,6 +291,7 @@ def install(model: nn.Module) -> int:
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
+    _form_groups(model, LoraLinear)
     return count
 
 

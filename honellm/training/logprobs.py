@@ -85,21 +85,26 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     if index is None:
         index = predicting_index(batch.labels)
     rows, positions = index // width, index % width
+    targets = batch.labels.flatten().index_select(0, index + 1)
+    # No position after the last one that predicts a target is read by anything (attention is causal): the forward
+    # runs on the columns up to it (an answer's final end-of-turn token is a target, never an input that matters).
+    needed = _needed_width(batch, positions)
+    input_ids, attention_mask = batch.input_ids[:, :needed], batch.attention_mask[:, :needed]
+    index = rows * needed + positions if needed != width else index
     head = _unwrap(model).get_output_embeddings()
-    hidden = fastpath.hidden_states(model, batch.input_ids, batch.attention_mask)
-    if hidden is not None:  # the direct LLaMA-family forward (honellm.training.fastpath)
-        logits = head(hidden.flatten(0, 1).index_select(0, index))
+    hidden = fastpath.hidden_states(model, input_ids, attention_mask, index)
+    if hidden is not None:  # the direct LLaMA-family forward (honellm.training.fastpath), at `index` only
+        logits = head(hidden)
     else:
         offset = virtual_tokens(_unwrap(model))
         # Row-major positions in the model's sequence (prompt-learning methods prepend `offset` virtual tokens).
-        model_index = rows * (width + offset) + positions + offset if offset else index
+        model_index = rows * (needed + offset) + positions + offset if offset else index
         handle = head.register_forward_pre_hook(
             lambda module, args: (args[0].flatten(0, 1).index_select(0, model_index), *args[1:]))
         try:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         finally:
             handle.remove()
-    targets = batch.labels.flatten().index_select(0, index + 1)
     logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
     values = -F.cross_entropy(logits, targets, reduction="none")
     entropy = None
@@ -107,6 +112,15 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
         logp = logits.log_softmax(-1)
         entropy = -(logp.exp() * logp).sum(-1)
     return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0], entropy)
+
+
+def _needed_width(batch: Batch, positions: torch.Tensor) -> int:
+    """Columns the forward needs: up to the last position that predicts a target (read on the CPU where the batch
+    was built; on a GPU without that figure, all of them rather than wait for the device)."""
+    needed = getattr(batch, "needed_width", None)
+    if needed is None and positions.device.type == "cpu":
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+    return batch.labels.shape[1] if needed is None else needed
 
 
 def sequence_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

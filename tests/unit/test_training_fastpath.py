@@ -47,7 +47,10 @@ def _loss_and_grads(model, batch, monkeypatch, fast: bool, autocast: bool = Fals
 
 
 def _direct_equals_transformers(model, batch, monkeypatch, layers: int) -> None:
-    """Loss and gradients of the direct forward (checked to run) equal transformers' path's, bit for bit."""
+    """Loss and gradients of the direct forward (checked to run) equal transformers' path's up to summation order:
+    its last layer runs its output projection and MLP on the rows the loss reads only, so a weight's gradient sums
+    fewer zero rows (in fp32, within a few units in the last place; anything the direct forward computed wrongly
+    would show as orders of magnitude more)."""
     calls = []
     original = fastpath._layer
     monkeypatch.setattr(fastpath, "_layer", lambda *a: calls.append(1) or original(*a))
@@ -55,10 +58,10 @@ def _direct_equals_transformers(model, batch, monkeypatch, layers: int) -> None:
     assert len(calls) == layers  # the direct forward ran
     slow, slow_grads = _loss_and_grads(model, batch, monkeypatch, fast=False)
     assert len(calls) == layers  # and transformers' did not call it
-    assert torch.equal(fast, slow)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=0)
     assert fast_grads.keys() == slow_grads.keys() and fast_grads
     for name, grad in slow_grads.items():
-        assert torch.equal(fast_grads[name], grad), name
+        assert (fast_grads[name] - grad).abs().max().item() <= 1e-6 * grad.abs().max().item(), name
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "full"])
@@ -184,7 +187,7 @@ def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir, monke
     batch = _shared_batch(tokenizer, completion_only)
     runs = []
     original = fastpath._direct_shared
-    monkeypatch.setattr(fastpath, "_direct_shared", lambda *a: runs.append(a[-1]) or original(*a))
+    monkeypatch.setattr(fastpath, "_direct_shared", lambda *a: runs.append(a[4]) or original(*a))
     shared, shared_grads = _loss_and_grads(model, batch, monkeypatch, fast=True)
     assert runs and runs[0] >= fastpath.MIN_SHARED_PREFIX  # the shared forward ran
     monkeypatch.setenv("HONE_SHARED_PREFIX", "0")

@@ -127,3 +127,102 @@ def test_install_keeps_the_layer_peft_and_uninstall_restores(tiny_model_dir, mon
     assert calls == []
     monkeypatch.setenv("HONE_FUSED_LORA", "0")
     assert fused.install(model) == 0
+
+
+# ------------------------------------------------------------------------------------------------ sibling groups
+
+
+def _group_inputs(dtype=torch.float64, bias=True):
+    torch.manual_seed(0)
+    outs, ranks, scalings = (6, 3, 3), (2, 3, 1), (2.0, 0.5, 1.7)
+    x = torch.randn(2, 4, 5, dtype=dtype, requires_grad=True)
+    weight = torch.randn(sum(outs), 5, dtype=dtype)
+    b = torch.randn(sum(outs), dtype=dtype) if bias else None
+    lora_as = [torch.randn(r, 5, dtype=dtype, requires_grad=True) for r in ranks]
+    lora_bs = [torch.randn(o, r, dtype=dtype, requires_grad=True) for o, r in zip(outs, ranks, strict=True)]
+    return x, weight, b, outs, scalings, lora_as, lora_bs
+
+
+def test_group_function_gradients_pass_gradcheck():
+    """Different ranks and scalings per member, with biases, in float64 against finite differences."""
+    x, weight, bias, outs, scalings, lora_as, lora_bs = _group_inputs()
+    assert torch.autograd.gradcheck(
+        lambda x, *ab: fused.LoraGroupFunction.apply(x, weight, bias, outs, scalings, *ab), (x, *lora_as, *lora_bs))
+
+
+def test_group_function_equals_the_members_one_by_one():
+    x, weight, bias, outs, scalings, lora_as, lora_bs = _group_inputs(torch.float32)
+    grads = [torch.randn(2, 4, o) for o in outs]
+    got = fused.LoraGroupFunction.apply(x, weight, bias, outs, scalings, *lora_as, *lora_bs)
+    got_grads = torch.autograd.grad(got, [x, *lora_as, *lora_bs], grads)
+    expected = [fused.LoraLinearFunction.apply(x, w, b, a, lb, s) for w, b, a, lb, s in
+                zip(weight.split(outs), bias.split(outs), lora_as, lora_bs, scalings, strict=True)]
+    expected_grads = torch.autograd.grad(expected, [x, *lora_as, *lora_bs], grads)
+    for g, e in zip([*got, *got_grads], [*expected, *expected_grads], strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_install_groups_siblings_in_one_buffer_without_a_copy(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused.install(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # same weights, now views
+    for layer in model.get_base_model().model.layers:
+        for parent, names in ((layer.self_attn, fused.SIBLINGS[0]), (layer.mlp, fused.SIBLINGS[1])):
+            weight, bias = parent._hone_groups[names]
+            members = [getattr(parent, n).base_layer.weight for n in names]
+            assert weight.shape[0] == sum(m.shape[0] for m in members) and bias is None
+            assert members[0].data_ptr() == weight.data_ptr()
+            assert all(m.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr() for m in members)
+    attn = model.get_base_model().model.layers[0].self_attn
+    kept = attn._hone_groups[fused.SIBLINGS[0]][0]
+    fused.install(model)  # again: the groups are kept, not formed twice
+    assert attn._hone_groups[fused.SIBLINGS[0]][0] is kept
+
+
+def test_the_direct_forward_uses_the_groups_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    from honellm.models import load_tokenizer
+    from honellm.training.batching import collate, encode_conversation
+    from honellm.training.logprobs import sft_loss
+
+    model = _lora_model(tiny_model_dir).train()
+    model.get_base_model().set_attn_implementation("eager")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    batch = collate([encode_conversation(tokenizer, [{"role": "user", "content": t}], a, max_length=64)
+                     for t, a in (("a warm film", "positive"), ("dull and long", "negative"))], tokenizer.pad_token_id)
+    fused.install(model)
+    calls = []
+    original = fused.LoraGroupFunction.apply
+    monkeypatch.setattr(fused.LoraGroupFunction, "apply", lambda *a: calls.append(1) or original(*a))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = sft_loss(model, batch)
+        out.total.backward()
+        return out.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    assert len(calls) == 2 * model.config.num_hidden_layers  # q/k/v and gate/up of every layer
+    monkeypatch.setattr(fused, "group_forward", lambda *a: None)
+    single_loss, single_grads = run()
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(loss, single_loss, rtol=1e-6, atol=0)
+    for name, grad in single_grads.items():
+        assert (grads[name] - grad).abs().max().item() <= 1e-5 * grad.abs().max().item(), name
+
+
+def test_a_group_falls_back_where_it_no_longer_applies(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    fused.install(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    h = torch.randn(1, 3, model.config.hidden_size)
+    assert fused.group_forward(attn, fused.SIBLINGS[0], h) is not None
+    with model.disable_adapter():
+        assert fused.group_forward(attn, fused.SIBLINGS[0], h) is None
+    attn.k_proj.base_layer.weight.data = attn.k_proj.base_layer.weight.data.clone()  # no longer a view
+    assert fused.group_forward(attn, fused.SIBLINGS[0], h) is None
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert fused.group_forward(mlp, fused.SIBLINGS[1], h) is not None
+    fused.uninstall(model)
+    assert fused.group_forward(mlp, fused.SIBLINGS[1], h) is None

@@ -108,11 +108,13 @@ class PolicyWithValueHead(nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         base = self.policy.get_base_model()
         keep = predicting_positions(labels)
-        hidden = fastpath.hidden_states(self.policy, input_ids, attention_mask)  # the direct LLaMA forward, or None
-        if hidden is None:
-            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        states = hidden[keep]  # (n, hidden)
         rows, positions = keep.nonzero(as_tuple=True)
+        index = rows * labels.shape[1] + positions  # row-major, as hidden[keep]
+        # The direct LLaMA forward at those positions only, or None
+        states = fastpath.hidden_states(self.policy, input_ids, attention_mask, index)  # (n, hidden)
+        if states is None:
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            states = hidden[keep]
         targets = labels[rows, positions + 1]
         logits = base.get_output_embeddings()(states).float()
         logps = -F.cross_entropy(logits, targets, reduction="none")
