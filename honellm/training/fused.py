@@ -291,7 +291,10 @@ def install(model: nn.Module) -> int:
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
-    _form_groups(model, LoraLinear)
+    if _form_groups(model, LoraLinear):
+        from honellm.hardware import release_freed_memory
+
+        release_freed_memory()  # the weights the groups replaced
     return count
 
 
