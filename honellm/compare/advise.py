@@ -53,7 +53,7 @@ def measure_matmul_flops(seconds: float = 0.5) -> dict[str, float]:
     return dict(_measured_matmul_flops(seconds))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured_matmul_flops(seconds: float) -> dict[str, float]:
     import torch
 

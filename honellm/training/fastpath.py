@@ -7,8 +7,8 @@ dispatch around every adapted projection, nn.Module.__call__ around every norm a
 computes the decoder's final hidden states with the modules' own parameters (and PEFT's own adapters) but calls
 the arithmetic directly: RMSNorm in fp32 exactly as `LlamaRMSNorm`, rotary embeddings from the model's own
 `rotary_emb` (so every rope scaling type is honoured), attention as transformers' eager attention computes it
-(the kernel Hone's SFT picks on CPU for sequences up to 256 tokens), and each projection through its own forward without nn.Module's call machinery (PEFT's layers, with the
-fused LoRA path where `honellm.training.fused` installed it: DoRA, IA3, LoHa, LoKr and full fine-tuning work
+(the kernel Hone's SFT picks on CPU for sequences up to 256 tokens), and each projection through its own forward
+without nn.Module's call machinery (PEFT's layers, with the fused LoRA path where `honellm.training.fused` installed it: DoRA, IA3, LoHa, LoKr and full fine-tuning work
 unchanged).
 
 Measured on SmolLM2-135M, LoRA r=8 on all projections, 8 SST-2 examples per micro-batch, bf16 autocast: step
@@ -16,17 +16,24 @@ time 0.89-0.97 of the transformers path (medians of 24-32 interleaved step pairs
 measurements), 1.07x tokens/s over four alternated `bench/bench_sft.py` runs; gradients as accurate against fp32
 as transformers' (3.10% vs 3.08% relative error).
 
-A batch whose sequences all start with the same tokens (a task's system prompt and template, a GRPO group's
-prompt) has that prefix computed once and attended to by every sequence (`shared_prefix`): on the SFT benchmark's
-SST-2 batches 28 of 59 tokens per sequence; measured 1.19-1.25x tokens/s (step pairs interleaved in one process,
-three runs), with the loss and gradients of the per-sequence forward up to summation order (tested).
+Three more savings, each the same function of the same weights:
+- a prefix every sequence of the batch starts with (a task's system prompt and template, a GRPO group's prompt)
+  is computed once and attended to by every sequence (`shared_prefix`): on the SFT benchmark's SST-2 batches 28
+  of 59 tokens per sequence (1.19-1.25x tokens/s, step pairs interleaved in one process, three runs);
+- with `index` (the positions a loss reads), the last layer runs its output projection and MLP on those rows
+  only, and the caller (`honellm.training.logprobs`) drops the columns after the last of them;
+- q/k/v and gate/up LoRA projections run as one grouped product where `honellm.training.fused` grouped them.
+Together 1.3-1.5x tokens/s on `bench/bench_sft.py` (see bench/README.md).
 
-It applies where it is exact (in fp32, bit for bit; the shared prefix up to summation order): eager attention (sdpa configurations keep transformers' path,
+It applies where it is exact: in fp32 the loss and gradients equal transformers' path's up to summation order
+(1e-6 relative, tested for LoRA, DoRA, IA3 and full fine-tuning; before the three savings above, bit for bit).
+Conditions: eager attention (sdpa configurations keep transformers' path,
 which chooses among kernels and mask layouts by version and device), one process or DDP (run inside DDP's own
-forward; FSDP wrappers and any module hook keep transformers' path), model types `llama`, `mistral` and `qwen2` without sliding-window attention, no prompt-learning adapter (virtual tokens change
+forward; FSDP wrappers and any module hook keep transformers' path), model types `llama`, `mistral` and `qwen2`
+without sliding-window attention, no prompt-learning adapter (virtual tokens change
 the input), no attention dropout while training, decoder layers not compiled (`compile=true` keeps transformers'
 path, which is the one it compiles). Gradient checkpointing is honoured per layer. Anything else takes the
-transformers path; `HONE_FAST_FORWARD=0` forces it.
+transformers path; `HONE_FAST_FORWARD=0` forces it, `HONE_SHARED_PREFIX=0` computes every sequence in full.
 """
 
 from __future__ import annotations

@@ -24,6 +24,13 @@ active adapter, no dropout while training, no DoRA or other variant, no LoRA bia
 when one fails (adapters disabled or merged later, for instance), so nothing about saving, merging or loading
 changes: the layer is still PEFT's. The training recipes (SFT, preference, reward model, RL) install it after
 casting the model; `HONE_FUSED_LORA=0` turns it off.
+
+`install` also groups sibling LoRA layers that read the same input (q, k and v; gate and up, by their names in
+LLaMA-family decoders): their frozen weights become views of one buffer (no copy; the replaced storage goes back
+to the system), and the direct training forward (`honellm.training.fastpath`) runs each group as one
+`LoraGroupFunction`: one base product, one adapter product and one in-place addition for the group, forward and
+backward. A group steps aside, and its layers run one by one, wherever one of them would not take the fused path
+or its weight is no longer a view of the buffer (the model was moved or cast since).
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ class LoraGroupFunction(torch.autograd.Function):
         g = torch.cat([grad.reshape(-1, grad.shape[-1]).to(flat.dtype) for grad in grads], dim=1)
         g_h = g @ d  # [tokens, sum of ranks], the scalings included
         g_x = (g @ weight).addmm_(g_h, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        g_as = [t.to(dtype) for t, dtype in zip(torch.mm(g_h.t(), flat).split(ctx.ranks), ctx.adapter_dtypes)]
+        g_as = [t.to(dtype) for t, dtype in zip(torch.mm(g_h.t(), flat).split(ctx.ranks), ctx.adapter_dtypes[:n], strict=True)]
         g_b = torch.mm(g.t(), h)  # its diagonal blocks are the members' gradients
         g_bs, rows, cols = [], 0, 0
         for out, rank, scaling, dtype in zip(ctx.splits, ctx.ranks, ctx.scalings, ctx.adapter_dtypes[n:], strict=True):
