@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from honellm.runs import read_metrics
@@ -51,5 +50,7 @@ def test_two_ddp_processes_follow_one_process(tiny_model_dir, tmp_path, method, 
     assert len(evals[0]) == 4 and evals[1] == pytest.approx(evals[0], rel=1e-4)
     a = load_file(single / "artifact" / "adapter" / "adapter_model.safetensors")
     b = load_file(ddp / "artifact" / "adapter" / "adapter_model.safetensors")
+    # to 1e-3 of each tensor's largest entry: Adam divides each gradient by its own running size, so an entry whose
+    # gradient is near zero moves by up to lr in either direction on a rounding difference (lr=1e-2 here)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+        assert (b[name] - a[name]).abs().max().item() <= 1e-3 * a[name].abs().max().item(), name
