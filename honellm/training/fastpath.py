@@ -23,7 +23,8 @@ Three more savings, each the same function of the same weights:
 - with `index` (the positions a loss reads), the last layer runs its output projection and MLP on those rows
   only, and the caller (`honellm.training.logprobs`) drops the columns after the last of them;
 - q/k/v and gate/up LoRA projections run as one grouped product where `honellm.training.fused` grouped them.
-Together 1.3-1.5x tokens/s on `bench/bench_sft.py` (see bench/README.md).
+Together 1.29x and 1.70x tokens/s in two `bench/bench_sft.py` runs alternated with the code before them
+(bench/README.md).
 
 It applies where it is exact: in fp32 the loss and gradients equal transformers' path's up to summation order
 (1e-6 relative, tested for LoRA, DoRA, IA3 and full fine-tuning; before the three savings above, bit for bit).
