@@ -73,22 +73,30 @@ def test_direct_forward_equals_transformers_in_fp32(tiny_model_dir, monkeypatch,
     _direct_equals_transformers(model, _batch(tokenizer), monkeypatch, model.config.num_hidden_layers)
 
 
-def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tiny_model_dir, monkeypatch):
-    """Frozen bf16 weights, fp32 adapters, autocast, the fused LoRA layers, gradient checkpointing."""
+def _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, batch_of, *, reference_fast: bool, loss_tol: float):
+    """Frozen bf16 weights, fp32 adapters, autocast, the fused LoRA layers, with and without gradient checkpointing:
+    the direct forward (sharing a prefix where the batch has one) against a reference computing every sequence in
+    full, through transformers' path (`reference_fast=False`) or the direct one."""
     model, tokenizer = _model(tiny_model_dir, "lora")
     Precision.resolve("bf16", "cpu").cast_model(model)
     fused.install(model)
-    batch = _batch(tokenizer)
-    slow, slow_grads = _loss_and_grads(model, batch, monkeypatch, fast=False, autocast=True)
+    batch = batch_of(tokenizer)
+    monkeypatch.setenv("HONE_SHARED_PREFIX", "0")
+    expected, expected_grads = _loss_and_grads(model, batch, monkeypatch, fast=reference_fast, autocast=True)
+    monkeypatch.delenv("HONE_SHARED_PREFIX")
     for checkpointing in (False, True):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        fast, fast_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
-        torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-3)
-        for name, grad in slow_grads.items():
-            assert fast_grads[name].dtype == torch.float32
+        got, got_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+        torch.testing.assert_close(got, expected, rtol=loss_tol, atol=loss_tol)
+        for name, grad in expected_grads.items():
+            assert got_grads[name].dtype == torch.float32
             scale = grad.abs().max().item() + 1e-6
-            assert (fast_grads[name] - grad).abs().max().item() <= 0.02 * scale, name
+            assert (got_grads[name] - grad).abs().max().item() <= 0.02 * scale, name
+
+
+def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tiny_model_dir, monkeypatch):
+    _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, _batch, reference_fast=False, loss_tol=1e-3)
 
 
 def test_transformers_path_where_the_direct_one_would_differ(tiny_model_dir, monkeypatch):
@@ -201,18 +209,4 @@ def test_a_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir, monke
 
 
 def test_a_shared_prefix_in_the_recipes_setting_bf16_fused_lora_checkpointing(tiny_model_dir, monkeypatch):
-    model, tokenizer = _model(tiny_model_dir, "lora")
-    Precision.resolve("bf16", "cpu").cast_model(model)
-    fused.install(model)
-    batch = _shared_batch(tokenizer)
-    monkeypatch.setenv("HONE_SHARED_PREFIX", "0")
-    plain, plain_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
-    monkeypatch.delenv("HONE_SHARED_PREFIX")
-    for checkpointing in (False, True):
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        shared, shared_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
-        torch.testing.assert_close(shared, plain, rtol=1e-2, atol=1e-2)
-        for name, grad in plain_grads.items():
-            scale = grad.abs().max().item() + 1e-6
-            assert (shared_grads[name] - grad).abs().max().item() <= 0.02 * scale, name
+    _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, _shared_batch, reference_fast=True, loss_tol=1e-2)
