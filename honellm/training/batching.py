@@ -86,7 +86,7 @@ class Batch:
         if index is None and self.labels.device.type == "cpu":
             index = predicting_index(self.labels)
         if needed is None and index is not None and index.device.type == "cpu":
-            needed = int((index % self.labels.shape[1]).max()) + 1 if index.numel() else 1
+            needed = needed_width(index, self.labels.shape[1])
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      self.num_tokens, self.num_loss_tokens, index.to(device) if index is not None else None, needed)
 
@@ -105,6 +105,12 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 def predicting_index(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices into [B, T] of `predicting_positions` (row-major order)."""
     return predicting_positions(labels).flatten().nonzero().squeeze(1)
+
+
+def needed_width(index: torch.Tensor, width: int) -> int:
+    """The columns a forward needs for flat `predicting_index` positions into [B, width]: up to the last of them
+    (attention is causal, so no later column is read by anything)."""
+    return int((index % width).max()) + 1 if index.numel() else 1
 
 
 def collate(sequences: list[TokenSequence], pad_id: int) -> Batch:

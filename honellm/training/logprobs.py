@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from honellm.training import fastpath
-from honellm.training.batching import IGNORE, Batch, predicting_index, predicting_positions  # noqa: F401 - re-exported
+from honellm.training.batching import IGNORE, Batch, needed_width, predicting_index, predicting_positions  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -88,7 +88,7 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     targets = batch.labels.flatten().index_select(0, index + 1)
     # No position after the last one that predicts a target is read by anything (attention is causal): the forward
     # runs on the columns up to it (an answer's final end-of-turn token is a target, never an input that matters).
-    needed = _needed_width(batch, positions)
+    needed = _needed_width(batch, index)
     input_ids, attention_mask = batch.input_ids[:, :needed], batch.attention_mask[:, :needed]
     index = rows * needed + positions if needed != width else index
     head = _unwrap(model).get_output_embeddings()
@@ -114,12 +114,12 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0], entropy)
 
 
-def _needed_width(batch: Batch, positions: torch.Tensor) -> int:
+def _needed_width(batch: Batch, index: torch.Tensor) -> int:
     """Columns the forward needs: up to the last position that predicts a target (read on the CPU where the batch
     was built; on a GPU without that figure, all of them rather than wait for the device)."""
     needed = getattr(batch, "needed_width", None)
-    if needed is None and positions.device.type == "cpu":
-        needed = int(positions.max()) + 1 if positions.numel() else 1
+    if needed is None and index.device.type == "cpu":
+        needed = needed_width(index, batch.labels.shape[1])
     return batch.labels.shape[1] if needed is None else needed
 
 

@@ -81,6 +81,17 @@ def test_predicting_positions_shift_by_one():
     assert predicting_positions(labels).tolist() == [[False, True, True, False, False], [True, False, False, False, False]]
 
 
+def test_the_forward_needs_the_columns_up_to_the_last_predicting_position():
+    from honellm.training.batching import Batch, needed_width, predicting_index
+
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE, IGNORE], [IGNORE, 7, 8, IGNORE, IGNORE, IGNORE]])
+    assert needed_width(predicting_index(labels), 6) == 3  # position 2 predicts the 6; nothing reads columns 3-5
+    assert needed_width(torch.zeros(0, dtype=torch.long), 6) == 1
+    ids = torch.ones_like(labels)
+    moved = Batch(ids, ids, labels, 12, 4).to("cpu")
+    assert moved.needed_width == 3 and moved.predicting_index.tolist() == [1, 2, 6, 7]
+
+
 def test_bf16_policy_frozen_bf16_trainable_fp32_and_loss_close_to_fp32(tiny_model_dir):
     model, tokenizer = _model(tiny_model_dir, "lora")
     batch = _batch(tokenizer)
