@@ -16,16 +16,30 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 
 
-@functools.cache
 def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    return _cpuinfo()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" line from /proc/cpuinfo (empty where it cannot be read)."""
+    return _cpuinfo()[0]
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "", frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return model, flags
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.startswith("model name") and not model:
+            model = line
+        elif line.startswith("flags"):
+            flags = frozenset(line.split(":", 1)[1].split())
+            break
+    return model, flags
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from honellm import hardware
+
 SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -335,7 +337,7 @@ def _load() -> tuple[_Kernels | None, str]:
         return None, f"{fallback} (HONE_NATIVE=0)"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"{fallback} (the native kernels are for Linux on x86-64, not {sys.platform} {platform.machine()})"
-    model, flags = _cpu()
+    model, flags = hardware.cpu_model(), hardware.cpu_flags()
     missing = [f for f in ("avx512f", "avx512bw", "avx512_bf16") if f not in flags]
     if missing:
         return None, f"{fallback} (this CPU lacks {', '.join(missing)})"
@@ -370,21 +372,6 @@ def _load() -> tuple[_Kernels | None, str]:
     return kernels, f"native: {what} ({path.name})"
 
 
-def _cpu() -> tuple[str, set[str]]:
-    """This CPU's model name and feature flags, from /proc/cpuinfo (empty where it cannot be read)."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return model, flags
-
-
 def _gomp_paths() -> set[str]:
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
@@ -397,7 +384,7 @@ def _torch_gomp() -> bool:
     return torch.backends.openmp.is_available() and bool(_gomp_paths())
 
 
-def _build(compiler: str, model: str, flags: set[str]) -> Path:
+def _build(compiler: str, model: str, flags: frozenset[str]) -> Path:
     """Compile SOURCE into Hone's cache (once per source, compiler and CPU); return the library's path."""
     from honellm.defaults import hone_cache
 
