@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import rotate_half
 
 from honellm.training import fused
 
@@ -261,11 +261,19 @@ def _hooked_any(parent: nn.Module, names: tuple[str, ...]) -> bool:
 
 
 def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """transformers' eager attention: [B, heads, T, d] queries against [B, kv_heads, S, d] keys and values."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
-    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+    """transformers' eager attention: [B, heads, T, d] queries against [B, kv_heads, S, d] keys and values.
+
+    The query heads that share a key/value head are folded into the query length ([B, kv_heads, groups x T, d]:
+    a free view, heads being ordered by their key/value head), so each product reads the keys and values once
+    and their gradients come out summed over the group; transformers' `repeat_kv` copies them `groups` times
+    and its backward reduces over a middle dimension (a step 0.92x the time on SmolLM2's 3 x 3 heads, measured
+    in interleaved pairs)."""
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    folded = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    scores = torch.matmul(folded, k.transpose(2, 3)).view(batch, heads, length, -1) * attn.scaling + mask
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs.view(batch, kv_heads, -1, probs.shape[-1]), v).view(batch, heads, length, dim)
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
