@@ -47,8 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import rotate_half
 
+from honellm import native
 from honellm.training import fused
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -251,9 +253,12 @@ def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared: tuple
         x, out = x.flatten(0, 1).index_select(0, keep), out.flatten(0, 1).index_select(0, keep)
     x = x + _linear(attn.o_proj, out)
     h = _rms_norm(layer.post_attention_layernorm, x)
-    gate_up = fused.group_forward(mlp, GATE_UP, h) if not _hooked_any(mlp, GATE_UP) else None
-    gate, up = gate_up if gate_up is not None else (_linear(mlp.gate_proj, h), _linear(mlp.up_proj, h))
-    return x + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+    gate_up = fused.group_forward(mlp, GATE_UP, h, whole=True) if not _hooked_any(mlp, GATE_UP) else None
+    if gate_up is not None:
+        act = _swiglu(mlp, gate_up)
+    else:
+        act = mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h)
+    return x + _linear(mlp.down_proj, act)
 
 
 def _hooked_any(parent: nn.Module, names: tuple[str, ...]) -> bool:
@@ -276,6 +281,34 @@ def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return torch.matmul(probs.view(batch, kv_heads, -1, probs.shape[-1]), v).view(batch, heads, length, dim)
 
 
+def _swiglu(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """`act_fn(gate) * up` for the MLP's gate and up products side by side: one native pass each way
+    (`SwiGLUFunction`) for SiLU in bf16 where the kernels run, else torch's operations on the two halves."""
+    if (type(mlp.act_fn) in (SiLUActivation, nn.SiLU) and gate_up.dtype == torch.bfloat16
+            and gate_up.device.type == "cpu" and native.training_kernels()):
+        return SwiGLUFunction.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return mlp.act_fn(gate) * up
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """`silu(gate) * up` over z = [gate | up] with `honellm.native`'s kernels: one pass forward, one backward that
+    writes both halves of z's gradient into one tensor (autograd would run silu, a product, their two backward
+    nodes and a concatenation: 0.51x the time at [284, 2 x 1536], the same bits)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        flat = z.reshape(-1, z.shape[-1])
+        ctx.save_for_backward(flat)
+        ctx.shape = z.shape
+        return native.swiglu(flat).view(*z.shape[:-1], z.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        return native.swiglu_backward(grad.reshape(-1, grad.shape[-1]), flat).view(ctx.shape)
+
+
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A projection without nn.Module.__call__ where no hook needs it (global hooks were ruled out by
     `decoder_of`): a plain nn.Linear directly, a PEFT layer through its own forward (the fused LoRA one where
@@ -293,6 +326,10 @@ def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # In fp32 runs autograd's graph below is kept: it gives transformers' gradients bit for bit, so a run trains
         # to the same weights whichever path it takes (an sdpa, FSDP or hooked run takes transformers').
         return RMSNormFunction.apply(x, module.weight, module.variance_epsilon)
+    if x.dtype == torch.bfloat16 and not module.weight.requires_grad:
+        fast = native.rms_norm(x.reshape(-1, x.shape[-1]), module.weight, module.variance_epsilon)
+        if fast is not None:
+            return fast[0].view(x.shape)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
     return module.weight * h.to(x.dtype)
@@ -309,6 +346,13 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
+        flat = x.reshape(-1, x.shape[-1])
+        fast = None if ctx.needs_input_grad[1] else native.rms_norm(flat, weight, eps)
+        ctx.native = fast is not None
+        if fast is not None:  # one pass each way in honellm.native (bf16, frozen weight)
+            y, r = fast
+            ctx.save_for_backward(flat, r, weight)
+            return y.view(x.shape)
         x32 = x.float()
         r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, r, weight)
@@ -316,6 +360,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.native:
+            flat, r, weight = ctx.saved_tensors
+            return native.rms_norm_backward(grad.reshape(-1, grad.shape[-1]), flat, r, weight).view(grad.shape), None, None
         x, r, weight = ctx.saved_tensors
         n = x.float().mul_(r)
         g_x = g_w = None

@@ -84,7 +84,7 @@ class LoraGroupFunction(torch.autograd.Function):
         y = x @ W.T (+ b);   y += (x @ A.T) @ D.T        W = [W_1; W_2; ...] (one buffer), A = [A_1; A_2; ...],
                                                           D = blockdiag(scaling_i * B_i)
 
-    returned split into the members' outputs. Three (or two) base products, adapter products and in-place additions
+    the members' outputs side by side ([..., sum of their widths]; `group_forward` splits them). Three (or two) base products, adapter products and in-place additions
     become one each, in the forward and in the backward (`g_x = g @ W + (g @ D) @ A` in two calls): a third of the
     matrix-product calls of a LoRA step, and wider products that run closer to the machine's peak. `W` must be the
     buffer the members' frozen weights are views of (`install` arranges it), so no weight is copied."""
@@ -104,13 +104,13 @@ class LoraGroupFunction(torch.autograd.Function):
         ctx.splits, ctx.scalings, ctx.shape = splits, scalings, x.shape
         ctx.ranks = tuple(t.shape[0] for t in lora_as)
         ctx.adapter_dtypes = tuple(t.dtype for t in adapters)
-        return tuple(part.view(*x.shape[:-1], part.shape[-1]) for part in y.split(splits, dim=1))
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad):
         flat, h, weight, a, d = ctx.saved_tensors
         n = len(ctx.splits)
-        g = torch.cat([grad.reshape(-1, grad.shape[-1]).to(flat.dtype) for grad in grads], dim=1)
+        g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
         g_h = g @ d  # [tokens, sum of ranks], the scalings included
         g_x = (g @ weight).addmm_(g_h, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
         g_as = [t.to(dtype) for t, dtype in zip(torch.mm(g_h.t(), flat).split(ctx.ranks), ctx.adapter_dtypes[:n], strict=True)]
@@ -192,8 +192,10 @@ def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str |
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """The outputs of `parent`'s sibling LoRA layers `names` on `x` through `LoraGroupFunction`, or None where the
+def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor,
+                  whole: bool = False) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
+    """The outputs of `parent`'s sibling LoRA layers `names` on `x` through `LoraGroupFunction` (with `whole`, side by
+    side in one tensor, as the product made them; else split, one per layer), or None where the
     group does not apply now (no group was formed, a member is not on the fused path for this call, or a member's
     weight is no longer a view of the group's buffer: the model was moved or cast since); the caller then calls the
     layers one by one."""
@@ -222,7 +224,8 @@ def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) ->
     lora_as = [layer.lora_A[a].weight for layer, a in zip(members, adapters, strict=True)]
     lora_bs = [layer.lora_B[a].weight for layer, a in zip(members, adapters, strict=True)]
     with torch.autocast(x.device.type, enabled=False):
-        return LoraGroupFunction.apply(x.to(dtype), weight, bias, tuple(splits), tuple(scalings), *lora_as, *lora_bs)
+        y = LoraGroupFunction.apply(x.to(dtype), weight, bias, tuple(splits), tuple(scalings), *lora_as, *lora_bs)
+    return y if whole else y.split(splits, dim=-1)
 
 
 def _is_view_of(base: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, offset: int) -> bool:

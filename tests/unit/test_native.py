@@ -141,3 +141,66 @@ def test_the_first_call_may_come_under_autocast(fresh_native):
         status = fresh_native.status()
     fresh_native._reset()
     assert status == fresh_native.status()
+
+
+def _bf16(*shape, scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 7), (5, 16), (37, 100), (284, 576)])
+def test_native_rms_norm_and_its_gradient_equal_torchs_bf16_computation(rows, cols):
+    """LlamaRMSNorm's bf16 arithmetic (normalise in fp32, round, scale by the weight) and autograd's gradient of it,
+    with and without a vector tail; fp32 sums in another order may move a gradient by one bf16 step."""
+    needs_kernel()
+    x, weight, grad = _bf16(rows, cols, scale=3), _bf16(cols, seed=1), _bf16(rows, cols, seed=2)
+    leaf = x.clone().requires_grad_()
+    h = leaf.float()
+    expected = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    expected.backward(grad)
+    y, r = native.rms_norm(x, weight, 1e-5)
+    assert y.dtype == torch.bfloat16 and r.shape == (rows,) and r.dtype == torch.float32
+    assert torch.equal(y, expected.detach())
+    g_x = native.rms_norm_backward(grad, x, r, weight)
+    assert torch.allclose(g_x.float(), leaf.grad.float(), rtol=2 ** -7, atol=1e-3 * leaf.grad.abs().max().item())
+    assert (g_x == leaf.grad).float().mean() >= 0.99
+
+
+def test_native_rms_norm_reads_rows_with_a_stride_and_declines_what_it_does_not_take():
+    needs_kernel()
+    wide, weight = _bf16(6, 80, scale=2), _bf16(64, seed=1)
+    x = wide[:, :64]  # rows with a stride of 80
+    y, r = native.rms_norm(x, weight, 1e-6)
+    assert torch.equal(y, native.rms_norm(x.contiguous(), weight, 1e-6)[0])
+    grad = _bf16(6, 64, seed=2).t().contiguous().t()  # a column-major gradient is made row-major first
+    assert torch.equal(native.rms_norm_backward(grad, x, r, weight),
+                       native.rms_norm_backward(grad.contiguous(), x.contiguous(), r, weight))
+    assert native.rms_norm(x.float(), weight, 1e-6) is None  # fp32
+    assert native.rms_norm(x, weight.float(), 1e-6) is None
+    assert native.rms_norm(x, weight[:32], 1e-6) is None  # a weight of another width
+
+
+@pytest.mark.parametrize("rows, inner", [(1, 5), (3, 16), (7, 37), (284, 1536)])
+def test_native_swiglu_and_its_gradient_equal_torch_bit_for_bit(rows, inner):
+    """`F.silu(gate) * up` over [gate | up], and both halves of its gradient in one tensor (autograd's values)."""
+    needs_kernel()
+    z, grad = _bf16(rows, 2 * inner, scale=3), _bf16(rows, inner, seed=1)
+    leaf = z.clone().requires_grad_()
+    gate, up = leaf.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    expected.backward(grad)
+    ours = native.swiglu(z)
+    assert ours.shape == (rows, inner)
+    assert (ours == expected.detach()).float().mean() >= 0.999  # fp32 exp rounding may differ from Sleef's
+    assert torch.allclose(ours.float(), expected.detach().float(), rtol=2 ** -7, atol=1e-3)
+    d_z = native.swiglu_backward(grad, z)
+    assert (d_z == leaf.grad).float().mean() >= 0.999
+    assert torch.allclose(d_z.float(), leaf.grad.float(), rtol=2 ** -7, atol=1e-3)
+    assert native.swiglu(z.float()) is None and native.swiglu(z[:, :-1]) is None  # fp32; an odd width
+
+
+def test_hone_native_0_turns_the_training_kernels_off(fresh_native, monkeypatch):
+    monkeypatch.setenv("HONE_NATIVE", "0")
+    assert not fresh_native.training_kernels()
+    assert fresh_native.rms_norm(_bf16(4, 32), _bf16(32), 1e-5) is None
+    assert fresh_native.swiglu(_bf16(4, 32)) is None

@@ -99,6 +99,36 @@ def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tin
     _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, _batch, reference_fast=False, loss_tol=1e-3)
 
 
+def test_bf16_norms_and_mlps_take_the_native_kernels_with_torchs_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Where `honellm.native`'s elementwise kernels run, every RMSNorm (frozen weight) and every SwiGLU of a bf16
+    LoRA step goes through them, forward and backward, and the step's loss and gradients are those of the torch
+    operations they replace (the same rounding; fp32 sums in another order)."""
+    from honellm import native
+
+    if not native.training_kernels():
+        pytest.skip(f"the native kernels are not available here: {native.status()}")
+    model, tokenizer = _model(tiny_model_dir, "lora")
+    Precision.resolve("bf16", "cpu").cast_model(model)
+    fused.install(model)
+    batch = _batch(tokenizer)
+    calls = {name: 0 for name in ("rms_norm", "rms_norm_backward", "swiglu", "swiglu_backward")}
+    for name in calls:
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _f(*a))
+    got, got_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+    layers = model.config.num_hidden_layers
+    # The first norm's input, the frozen embeddings' output, needs no gradient.
+    assert calls == {"rms_norm": 2 * layers + 1, "rms_norm_backward": 2 * layers, "swiglu": layers,
+                     "swiglu_backward": layers}
+    monkeypatch.setattr(native, "training_kernels", lambda: False)
+    monkeypatch.setattr(native, "rms_norm", lambda *a: None)
+    expected, expected_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert got_grads.keys() == expected_grads.keys() and got_grads
+    for name, grad in expected_grads.items():
+        assert (got_grads[name] - grad).abs().max().item() <= 0.02 * (grad.abs().max().item() + 1e-6), name
+
+
 def test_transformers_path_where_the_direct_one_would_differ(tiny_model_dir, monkeypatch):
     model, _ = _model(tiny_model_dir, "lora")
     assert fastpath.decoder_of(model) is not None
