@@ -257,6 +257,104 @@ void hone_swiglu_bwd(const uint16_t *g, long ldg, const uint16_t *z, long ldz, u
     }
 }
 
+/* Rotary embedding and the attention layout for one decoder layer, from its q|k|v product qkv [rows, (H + 2 KV) D]
+   (row stride ldq; H query heads, KV key/value heads, D = 2 * half). Rows are P shared-prefix tokens, then B
+   sequences of R tokens each (P = 0: a plain batch). Writes q_prefix [H, P, D], q_rest [B, H, R, D], and keys,
+   values [B, KV, P + R, D], the prefix's keys and values copied into every sequence. A rotated element is
+   bf16(bf16(x cos) + bf16(rotate_half(x) sin)), torch's rounding; cos and sin [rows, D] bf16. */
+static inline void rotate_row(const uint16_t *x, const uint16_t *c, const uint16_t *s, uint16_t *out, long half) {
+    for (long k = 0; k < half; k += 16) {
+        long left = half - k < 16 ? half - k : 16;
+        __m512 x1 = load16_tail(x + k, left), x2 = load16_tail(x + half + k, left);
+        __m512 c1 = load16_tail(c + k, left), c2 = load16_tail(c + half + k, left);
+        __m512 s1 = load16_tail(s + k, left), s2 = load16_tail(s + half + k, left);
+        __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), x2);
+        store16_tail(out + k, _mm512_add_ps(round16(_mm512_mul_ps(x1, c1)), round16(_mm512_mul_ps(neg, s1))), left);
+        store16_tail(out + half + k, _mm512_add_ps(round16(_mm512_mul_ps(x2, c2)), round16(_mm512_mul_ps(x1, s2))), left);
+    }
+}
+
+void hone_qkv_rotary_fwd(const uint16_t *qkv, long ldq, const uint16_t *cos, const uint16_t *sin, uint16_t *q_prefix,
+                         uint16_t *q_rest, uint16_t *keys, uint16_t *values, long P, long B, long R, long H, long KV,
+                         long D, int threads) {
+    long rows = P + B * R, half = D / 2, S = P + R;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * (H + 2 * KV) * D >= 16384)
+    for (long t = 0; t < rows; t++) {
+        const uint16_t *x = qkv + t * ldq, *c = cos + t * D, *s = sin + t * D;
+        long b = t < P ? -1 : (t - P) / R, i = t < P ? t : (t - P) % R;
+        for (long h = 0; h < H; h++) {
+            uint16_t *out = b < 0 ? q_prefix + (h * P + i) * D : q_rest + ((b * H + h) * R + i) * D;
+            rotate_row(x + h * D, c, s, out, half);
+        }
+        for (long h = 0; h < KV; h++) {
+            const uint16_t *kx = x + (H + h) * D, *vx = x + (H + KV + h) * D;
+            long first = b < 0 ? 0 : b, last = b < 0 ? B : b + 1, pos = b < 0 ? i : P + i;
+            uint16_t *k0 = keys + ((first * KV + h) * S + pos) * D;
+            rotate_row(kx, c, s, k0, half);
+            for (long bb = first; bb < last; bb++) {
+                uint16_t *k = keys + ((bb * KV + h) * S + pos) * D, *v = values + ((bb * KV + h) * S + pos) * D;
+                if (bb != first) memcpy(k, k0, D * 2);
+                memcpy(v, vx, D * 2);
+            }
+        }
+    }
+}
+
+/* Its gradient: d_qkv [rows, (H + 2 KV) D] from the gradients of q_prefix, q_rest, keys and values (a prefix key's
+   or value's over every sequence summed in fp32 and rounded once, as autograd sums an expanded tensor's). The
+   rotation's transpose: d_x = bf16(bf16(g cos) + bf16(rotate_half^T(g sin))), rotate_half^T(y) = [y2, -y1]. */
+static inline void unrotate_row(const float *g, const uint16_t *c, const uint16_t *s, uint16_t *out, long half) {
+    for (long k = 0; k < half; k += 16) {
+        long left = half - k < 16 ? half - k : 16;
+        __mmask16 m = (__mmask16)((1u << left) - 1u);
+        __m512 g1 = round16(_mm512_maskz_loadu_ps(m, g + k)), g2 = round16(_mm512_maskz_loadu_ps(m, g + half + k));
+        __m512 c1 = load16_tail(c + k, left), c2 = load16_tail(c + half + k, left);
+        __m512 s1 = load16_tail(s + k, left), s2 = load16_tail(s + half + k, left);
+        __m512 gs1 = round16(_mm512_mul_ps(g1, s1)), gs2 = round16(_mm512_mul_ps(g2, s2));
+        store16_tail(out + k, _mm512_add_ps(round16(_mm512_mul_ps(g1, c1)), gs2), left);
+        store16_tail(out + half + k, _mm512_sub_ps(round16(_mm512_mul_ps(g2, c2)), gs1), left);
+    }
+}
+
+static inline void sum_rows(const uint16_t *first, long stride, long count, float *acc, long D) {
+    for (long k = 0; k < D; k++) acc[k] = 0.0f;
+    for (long n = 0; n < count; n++)
+        for (long k = 0; k < D; k += 16) {
+            long left = D - k < 16 ? D - k : 16;
+            __mmask16 m = (__mmask16)((1u << left) - 1u);
+            _mm512_mask_storeu_ps(acc + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + k),
+                                                            load16_tail(first + n * stride + k, left)));
+        }
+}
+
+void hone_qkv_rotary_bwd(const uint16_t *g_prefix, const uint16_t *g_rest, const uint16_t *g_keys,
+                         const uint16_t *g_values, const uint16_t *cos, const uint16_t *sin, uint16_t *d_qkv, long P,
+                         long B, long R, long H, long KV, long D, int threads) {
+    long rows = P + B * R, half = D / 2, S = P + R, width = (H + 2 * KV) * D;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * width >= 16384)
+    for (long t = 0; t < rows; t++) {
+        float acc[512];
+        const uint16_t *c = cos + t * D, *s = sin + t * D;
+        uint16_t *out = d_qkv + t * width;
+        long b = t < P ? -1 : (t - P) / R, i = t < P ? t : (t - P) % R;
+        for (long h = 0; h < H; h++) {
+            const uint16_t *g = b < 0 ? g_prefix + (h * P + i) * D : g_rest + ((b * H + h) * R + i) * D;
+            sum_rows(g, 0, 1, acc, D);
+            unrotate_row(acc, c, s, out + h * D, half);
+        }
+        long first = b < 0 ? 0 : b, count = b < 0 ? B : 1, pos = b < 0 ? i : P + i, stride = KV * S * D;
+        for (long h = 0; h < KV; h++) {
+            sum_rows(g_keys + ((first * KV + h) * S + pos) * D, stride, count, acc, D);
+            unrotate_row(acc, c, s, out + (H + h) * D, half);
+            sum_rows(g_values + ((first * KV + h) * S + pos) * D, stride, count, acc, D);
+            for (long k = 0; k < D; k += 16) {
+                long left = D - k < 16 ? D - k : 16;
+                store16_tail(out + (H + KV + h) * D + k, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), acc + k), left);
+            }
+        }
+    }
+}
+
 #ifdef __AMX_BF16__
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -403,6 +501,8 @@ class _Kernels:
     rmsnorm_bwd: object = None
     swiglu_fwd: object = None
     swiglu_bwd: object = None
+    qkv_rotary_fwd: object = None
+    qkv_rotary_bwd: object = None
 
 
 _lock = threading.Lock()
@@ -485,6 +585,69 @@ def swiglu(z: torch.Tensor) -> torch.Tensor | None:
 def swiglu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The gradient of `swiglu` with respect to z, both halves in one [rows, 2 x inner] tensor (no concatenation)."""
     return _swiglu_backward(_kernels, grad, z)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a decoder layer's rows are laid out for attention: `prefix` shared-prefix tokens (0: none), then `batch`
+    sequences of `rest` tokens each; `heads` query heads, `kv_heads` key/value heads of `head_dim`."""
+
+    prefix: int
+    batch: int
+    rest: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Rotary embedding and attention layout in one pass over a layer's q|k|v product qkv [rows, (heads + 2 x
+    kv_heads) x head_dim] bf16, with cos and sin [rows, head_dim] bf16: `(q_prefix [1, heads, prefix, d], q_rest
+    [batch, heads, rest, d], keys, values [batch, kv_heads, prefix + rest, d])`, the prefix's keys and values in
+    every sequence; the bits of `q * cos + rotate_half(q) * sin` (and k's) sliced and concatenated that way. None
+    where the kernels do not apply."""
+    return _qkv_rotary(_kernels, qkv, cos, sin, layout) if qkv_rotary_applies(qkv, cos, sin, layout) else None
+
+
+def qkv_rotary_applies(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> bool:
+    """Whether `qkv_rotary` takes these tensors (bf16 rows, the layout's sizes) and the kernels run here."""
+    d = layout.head_dim
+    if (not _rows(qkv) or not _rows(cos) or not _rows(sin) or d % 2 or d > 512 or cos.stride(0) != d
+            or sin.stride(0) != d or qkv.shape[1] != (layout.heads + 2 * layout.kv_heads) * d
+            or qkv.shape[0] != layout.prefix + layout.batch * layout.rest or cos.shape != (qkv.shape[0], d)
+            or sin.shape != cos.shape):
+        return False
+    return _resolve() is not None
+
+
+def qkv_rotary_backward(grads: tuple, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The gradient of `qkv_rotary` with respect to qkv from its four outputs' gradients (None for an unused one)."""
+    return _qkv_rotary_backward(_kernels, grads, cos, sin, layout)
+
+
+def _qkv_rotary(kernels: _Kernels, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout):
+    p, b, r, h, kv, d = (layout.prefix, layout.batch, layout.rest, layout.heads, layout.kv_heads, layout.head_dim)
+    q_prefix = torch.empty(1, h, p, d, dtype=torch.bfloat16)
+    q_rest = torch.empty(b, h, r, d, dtype=torch.bfloat16)
+    keys = torch.empty(b, kv, p + r, d, dtype=torch.bfloat16)
+    values = torch.empty(b, kv, p + r, d, dtype=torch.bfloat16)
+    kernels.qkv_rotary_fwd(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q_prefix.data_ptr(),
+                           q_rest.data_ptr(), keys.data_ptr(), values.data_ptr(), p, b, r, h, kv, d,
+                           torch.get_num_threads())
+    return q_prefix, q_rest, keys, values
+
+
+def _qkv_rotary_backward(kernels: _Kernels, grads: tuple, cos: torch.Tensor, sin: torch.Tensor,
+                         layout: Layout) -> torch.Tensor:
+    p, b, r, h, kv, d = (layout.prefix, layout.batch, layout.rest, layout.heads, layout.kv_heads, layout.head_dim)
+    shapes = ((1, h, p, d), (b, h, r, d), (b, kv, p + r, d), (b, kv, p + r, d))
+    grads = [torch.zeros(shape, dtype=torch.bfloat16) if g is None else g.to(torch.bfloat16).contiguous()
+             for g, shape in zip(grads, shapes, strict=True)]
+    out = torch.empty(p + b * r, (h + 2 * kv) * d, dtype=torch.bfloat16)
+    kernels.qkv_rotary_bwd(*(g.data_ptr() for g in grads), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), p, b, r, h,
+                           kv, d, torch.get_num_threads())
+    return out
 
 
 def _rms_norm(kernels: _Kernels, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -604,7 +767,9 @@ def _load() -> tuple[_Kernels | None, str]:
             ("rmsnorm_fwd", [pointer, size, pointer, pointer, pointer, size, size, ctypes.c_float, threads]),
             ("rmsnorm_bwd", [pointer, size, pointer, size, pointer, pointer, pointer, size, size, threads]),
             ("swiglu_fwd", [pointer, size, pointer, size, size, threads]),
-            ("swiglu_bwd", [pointer, size, pointer, size, pointer, size, size, threads])):
+            ("swiglu_bwd", [pointer, size, pointer, size, pointer, size, size, threads]),
+            ("qkv_rotary_fwd", [pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, *[size] * 6, threads]),
+            ("qkv_rotary_bwd", [pointer] * 7 + [size] * 6 + [threads])):
         function = getattr(library, f"hone_{name}")
         function.argtypes, function.restype = argtypes, None
         setattr(kernels, name, function)
@@ -710,4 +875,22 @@ def _check_training_kernels(kernels: _Kernels, generator: torch.Generator) -> st
         if not torch.allclose(_swiglu_backward(kernels, grad, z).float(), torch.cat([d_gate, d_up], dim=1), rtol=2 ** -6,
                               atol=1e-2):
             return f"SwiGLU's gradient {rows}x{cols}"
+    layout = Layout(prefix=5, batch=2, rest=3, heads=4, kv_heads=2, head_dim=40)
+    rows, d = 11, layout.head_dim
+    qkv = torch.randn(rows, 8 * d, generator=generator).to(torch.bfloat16)
+    angles = torch.randn(rows, d // 2, generator=generator).repeat(1, 2)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+
+    def rotate(t):  # q * cos + rotate_half(q) * sin over [rows, heads, d]
+        return t * cos[:, None] + torch.cat([-t[..., d // 2:], t[..., :d // 2]], dim=-1) * sin[:, None]
+
+    q = rotate(qkv[:, :4 * d].view(rows, 4, d)).transpose(0, 1)
+    k = rotate(qkv[:, 4 * d:6 * d].view(rows, 2, d)).transpose(0, 1)
+    v = qkv[:, 6 * d:].view(rows, 2, d).transpose(0, 1)
+    expected_keys = torch.stack([torch.cat([k[:, :5], k[:, 5 + 3 * i:8 + 3 * i]], dim=1) for i in range(2)])
+    expected_values = torch.stack([torch.cat([v[:, :5], v[:, 5 + 3 * i:8 + 3 * i]], dim=1) for i in range(2)])
+    q_prefix, q_rest, keys, values = _qkv_rotary(kernels, qkv, cos, sin, layout)
+    if not (torch.equal(q_prefix[0], q[:, :5]) and torch.equal(q_rest, q[:, 5:].unflatten(1, (2, 3)).transpose(0, 1))
+            and torch.equal(keys, expected_keys) and torch.equal(values, expected_values)):
+        return "the rotary layout"
     return None

@@ -224,29 +224,18 @@ def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared: tuple
     attn, mlp = layer.self_attn, layer.mlp
     batch, width, _ = x.shape
     h = _rms_norm(layer.input_layernorm, x)
-    head_dim = attn.head_dim
-    qkv = fused.group_forward(attn, QKV, h) if not _hooked_any(attn, QKV) else None
-    if qkv is None:
-        qkv = _linear(attn.q_proj, h), _linear(attn.k_proj, h), _linear(attn.v_proj, h)
-    q, k, v = (t.view(batch, width, -1, head_dim).transpose(1, 2) for t in qkv)
-    cos, sin = rotary
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
     if shared is None:
-        out = _attention(attn, q, k, v, mask).transpose(1, 2).reshape(batch, width, -1)
+        layout = (0, batch, width)
     else:
         prefix, rows = shared
+        layout = (prefix, rows, (width - prefix) // rows)
+    q_prefix, q_rest, keys, values = _queries_keys_values(attn, h, rotary, *layout)
+    if shared is None:
+        out = _attention(attn, q_rest, keys, values, mask).transpose(1, 2).reshape(batch, width, -1)
+    else:
         prefix_mask, rest_mask = mask
-        rest = (width - prefix) // rows
-
-        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [1, heads, prefix + rows x rest, d]
-            return t[:, :, :prefix], t[0, :, prefix:].unflatten(1, (rows, rest)).transpose(0, 1)
-
-        (qp, qr), (kp, kr), (vp, vr) = split(q), split(k), split(v)
-        out_prefix = _attention(attn, qp, kp, vp, prefix_mask)
-        keys = torch.cat([kp.expand(rows, -1, -1, -1), kr], dim=2)
-        values = torch.cat([vp.expand(rows, -1, -1, -1), vr], dim=2)
-        out_rest = _attention(attn, qr, keys, values, rest_mask)
+        out_prefix = _attention(attn, q_prefix, keys[:1, :, :prefix], values[:1, :, :prefix], prefix_mask)
+        out_rest = _attention(attn, q_rest, keys, values, rest_mask)
         out = torch.cat([out_prefix.transpose(1, 2).flatten(0, 1), out_rest.transpose(1, 2).flatten(0, 1)])
         out = out.reshape(1, width, -1)
     if keep is not None:
@@ -259,6 +248,58 @@ def _layer(layer: nn.Module, x: torch.Tensor, rotary: tuple, mask, shared: tuple
     else:
         act = mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h)
     return x + _linear(mlp.down_proj, act)
+
+
+def _queries_keys_values(attn: nn.Module, h: torch.Tensor, rotary: tuple, prefix: int, batch: int, rest: int):
+    """A layer's queries, keys and values, rotated and laid out for attention: `(q_prefix [1, heads, prefix, d] or
+    None, q_rest [batch, heads, rest, d], keys, values [batch, kv_heads, prefix + rest, d])`, the shared prefix's
+    keys and values in front of every sequence's own (h holds `prefix + batch x rest` rows). In bf16 where the
+    native kernels run, one pass forward and one backward over the grouped q|k|v product (`QKVRotaryFunction`);
+    else torch's operations: views, `q * cos + rotate_half(q) * sin`, a concatenation."""
+    d = attn.head_dim
+    heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    cos, sin = rotary
+    grouped = fused.group_forward(attn, QKV, h, whole=True) if not _hooked_any(attn, QKV) else None
+    if grouped is not None and grouped.dtype == torch.bfloat16:
+        layout = native.Layout(prefix, batch, rest, heads, kv_heads, d)
+        flat, flat_cos, flat_sin = grouped.reshape(-1, grouped.shape[-1]), cos.reshape(-1, d), sin.reshape(-1, d)
+        if native.qkv_rotary_applies(flat, flat_cos, flat_sin, layout):
+            return QKVRotaryFunction.apply(flat, flat_cos, flat_sin, layout)
+    if grouped is not None:
+        qkv = grouped.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    else:
+        qkv = _linear(attn.q_proj, h), _linear(attn.k_proj, h), _linear(attn.v_proj, h)
+    q, k, v = (t.view(*h.shape[:2], -1, d).transpose(1, 2) for t in qkv)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    if not prefix:
+        return None, q, k, v
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [1, heads, prefix + batch x rest, d]
+        return t[:, :, :prefix], t[0, :, prefix:].unflatten(1, (batch, rest)).transpose(0, 1)
+
+    (q_prefix, q_rest), (k_prefix, k_rest), (v_prefix, v_rest) = split(q), split(k), split(v)
+    keys = torch.cat([k_prefix.expand(batch, -1, -1, -1), k_rest], dim=2)
+    values = torch.cat([v_prefix.expand(batch, -1, -1, -1), v_rest], dim=2)
+    return q_prefix, q_rest, keys, values
+
+
+class QKVRotaryFunction(torch.autograd.Function):
+    """`native.qkv_rotary` with its gradient: the rotary embedding, the split into heads, the shared prefix's
+    keys and values placed before every sequence's, in one pass each way over the layer's q|k|v product (torch
+    would run the split, two rotations of five operations each, copies for the layout and a concatenation, and
+    their mirror images; the same bits)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, layout):
+        ctx.save_for_backward(cos, sin)
+        ctx.layout, ctx.shape = layout, qkv.shape
+        return native.qkv_rotary(qkv, cos, sin, layout)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cos, sin = ctx.saved_tensors
+        return native.qkv_rotary_backward(grads, cos, sin, ctx.layout).view(ctx.shape), None, None, None
 
 
 def _hooked_any(parent: nn.Module, names: tuple[str, ...]) -> bool:

@@ -204,3 +204,37 @@ def test_hone_native_0_turns_the_training_kernels_off(fresh_native, monkeypatch)
     assert not fresh_native.training_kernels()
     assert fresh_native.rms_norm(_bf16(4, 32), _bf16(32), 1e-5) is None
     assert fresh_native.swiglu(_bf16(4, 32)) is None
+
+
+@pytest.mark.parametrize("prefix, batch, rest", [(28, 8, 32), (0, 3, 20), (5, 2, 1)])
+def test_native_qkv_rotary_equals_torchs_rotation_and_layout_with_its_gradient(prefix, batch, rest):
+    """The fast path's q|k|v split, rotary embedding and shared-prefix layout (keys and values of the prefix in front
+    of every sequence's), against the torch operations it replaces, forward and backward, bit for bit."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    needs_kernel()
+    heads, kv_heads, d = 9, 3, 64
+    rows = prefix + batch * rest
+    qkv = _bf16(rows, (heads + 2 * kv_heads) * d, scale=2)
+    angles = torch.randn(rows, d // 2, generator=torch.Generator().manual_seed(1)).repeat(1, 2)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    leaf = qkv.clone().requires_grad_()
+    q, k, v = (t.view(1, rows, -1, d).transpose(1, 2) for t in leaf.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    q, k = (t * cos[None, None] + rotate_half(t) * sin[None, None] for t in (q, k))
+
+    def split(t):
+        return t[:, :, :prefix], t[0, :, prefix:].unflatten(1, (batch, rest)).transpose(0, 1)
+
+    (q_prefix, q_rest), (k_prefix, k_rest), (v_prefix, v_rest) = split(q), split(k), split(v)
+    expected = (q_prefix, q_rest, torch.cat([k_prefix.expand(batch, -1, -1, -1), k_rest], dim=2),
+                torch.cat([v_prefix.expand(batch, -1, -1, -1), v_rest], dim=2))
+    layout = native.Layout(prefix, batch, rest, heads, kv_heads, d)
+    ours = native.qkv_rotary(qkv, cos, sin, layout)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(ours, expected, strict=True))
+    grads = [_bf16(*t.shape, seed=i + 2) for i, t in enumerate(expected)]
+    torch.autograd.backward(expected, grads)
+    assert torch.equal(native.qkv_rotary_backward(tuple(grads), cos, sin, layout), leaf.grad)
+    if not prefix:  # an unused output's gradient may be None
+        assert torch.equal(native.qkv_rotary_backward((None, *grads[1:]), cos, sin, layout), leaf.grad)
+    assert native.qkv_rotary(qkv.float(), cos, sin, layout) is None  # fp32
+    assert native.qkv_rotary(qkv[:-1], cos[:-1], sin[:-1], layout) is None  # rows that do not match the layout

@@ -99,9 +99,10 @@ def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tin
     _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, _batch, reference_fast=False, loss_tol=1e-3)
 
 
-def test_bf16_norms_and_mlps_take_the_native_kernels_with_torchs_loss_and_gradients(tiny_model_dir, monkeypatch):
-    """Where `honellm.native`'s elementwise kernels run, every RMSNorm (frozen weight) and every SwiGLU of a bf16
-    LoRA step goes through them, forward and backward, and the step's loss and gradients are those of the torch
+@pytest.mark.parametrize("batch_of", ["plain", "shared"])
+def test_bf16_layers_take_the_native_kernels_with_torchs_loss_and_gradients(tiny_model_dir, monkeypatch, batch_of):
+    """Where `honellm.native`'s elementwise kernels run, every RMSNorm (frozen weight), SwiGLU and rotary layout of
+    a bf16 LoRA step (with and without a shared prefix) goes through them, forward and backward, and the step's loss and gradients are those of the torch
     operations they replace (the same rounding; fp32 sums in another order)."""
     from honellm import native
 
@@ -110,8 +111,11 @@ def test_bf16_norms_and_mlps_take_the_native_kernels_with_torchs_loss_and_gradie
     model, tokenizer = _model(tiny_model_dir, "lora")
     Precision.resolve("bf16", "cpu").cast_model(model)
     fused.install(model)
-    batch = _batch(tokenizer)
-    calls = {name: 0 for name in ("rms_norm", "rms_norm_backward", "swiglu", "swiglu_backward")}
+    batch = (_batch if batch_of == "plain" else _shared_batch)(tokenizer)
+    if batch_of == "shared":
+        assert fastpath.shared_prefix(batch.input_ids, batch.attention_mask)
+    calls = {name: 0 for name in ("rms_norm", "rms_norm_backward", "swiglu", "swiglu_backward", "qkv_rotary",
+                                  "qkv_rotary_backward")}
     for name in calls:
         original = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _f(*a))
@@ -119,9 +123,10 @@ def test_bf16_norms_and_mlps_take_the_native_kernels_with_torchs_loss_and_gradie
     layers = model.config.num_hidden_layers
     # The first norm's input, the frozen embeddings' output, needs no gradient.
     assert calls == {"rms_norm": 2 * layers + 1, "rms_norm_backward": 2 * layers, "swiglu": layers,
-                     "swiglu_backward": layers}
+                     "swiglu_backward": layers, "qkv_rotary": layers, "qkv_rotary_backward": layers}
     monkeypatch.setattr(native, "training_kernels", lambda: False)
     monkeypatch.setattr(native, "rms_norm", lambda *a: None)
+    monkeypatch.setattr(native, "qkv_rotary_applies", lambda *a: False)
     expected, expected_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     assert got_grads.keys() == expected_grads.keys() and got_grads
