@@ -13,12 +13,13 @@ machine's read bandwidth. Two kernels do:
   prefetching: 0.61-0.65 of `torch.mv`'s time (25 GB/s against 16-19), equal to it but for rare last-bit
   roundings (fp32 sums in another order, rounded once to bf16 like `torch.mv`).
 
-Training (`honellm.training.fastpath`) takes two fused elementwise kernels, each one pass over the activations
-forward and one backward where autograd runs five to eight operations: LlamaRMSNorm (`rms_norm`, frozen weight;
-0.15x torch's time forward plus backward at [284, 576]) and SwiGLU over the gate|up product (`swiglu`, its gradient
-written into one [rows, 2 x inner] tensor: 0.51x at [284, 2 x 1536]). Both round every intermediate to bf16 where
-torch does, so they give torch's bits but for rare last-bit differences in fp32 sums; together a LoRA step on
-SmolLM2-135M takes 0.895x the time (interleaved pairs).
+Training (`honellm.training.fastpath`) takes three fused kernels, each one pass over the activations forward and
+one backward where autograd runs five to a dozen operations: LlamaRMSNorm (`rms_norm`, frozen weight; 0.15x torch's
+time forward plus backward at [284, 576]), SwiGLU over the gate|up product (`swiglu`, its gradient written into one
+[rows, 2 x inner] tensor: 0.51x at [284, 2 x 1536]), and the q|k|v product's split into heads, rotary embedding and
+shared-prefix layout (`qkv_rotary`). They round every intermediate to bf16 where torch does, so they give torch's
+bits but for rare last-bit differences in fp32 sums. A LoRA step on SmolLM2-135M: 0.895x the time with the first
+two, about 0.9x again with the third (interleaved pairs; this machine's noise is of the same order).
 
 It is plain C (no torch headers), compiled with the system's C compiler in well under a second, cached in Hone's
 cache folder under a name that hashes the source, the compiler and this CPU, and called through `ctypes` with the
@@ -787,7 +788,7 @@ def _load() -> tuple[_Kernels | None, str]:
         return None, f"{fallback} (a native kernel disagreed with torch: {problem})"
     what = "AMX matrix products and an AVX512-BF16 matrix-vector product" if kernels.amx else \
         "an AVX512-BF16 matrix-vector product (no AMX: oneDNN for several rows)"
-    what += "; fused RMSNorm and SwiGLU for training"
+    what += "; fused RMSNorm, SwiGLU and rotary layout for training"
     return kernels, f"native: {what} ({path.name})"
 
 
