@@ -195,7 +195,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor,
                   whole: bool = False) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
     """The outputs of `parent`'s sibling LoRA layers `names` on `x` through `LoraGroupFunction` (with `whole`, side by
-    side in one tensor, as the product made them; else split, one per layer), or None where the
+    side in one tensor, as the product made them; else split, one per layer; with every adapter disabled, as for a
+    reference model under PEFT's `disable_adapter()`, the base products as one), or None where the
     group does not apply now (no group was formed, a member is not on the fused path for this call, or a member's
     weight is no longer a view of the group's buffer: the model was moved or cast since); the caller then calls the
     layers one by one."""
@@ -206,6 +207,17 @@ def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor,
     dtype = _compute_dtype(x, weight)
     if dtype is None or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
         return None
+    layers = [getattr(parent, name) for name in names]
+    if all(_disabled(layer) for layer in layers):  # under PEFT's disable_adapter(): the base products, as one
+        splits, offset = [], 0
+        for layer in layers:
+            if not x.is_floating_point() or not _is_view_of(layer.base_layer, weight, bias, offset):
+                return None
+            splits.append(layer.base_layer.weight.shape[0])
+            offset += splits[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x.to(dtype), weight, bias)
+        return y if whole else y.split(splits, dim=-1)
     members, adapters, splits, scalings, offset = [], [], [], [], 0
     for name in names:
         layer = getattr(parent, name)
@@ -226,6 +238,15 @@ def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor,
     with torch.autocast(x.device.type, enabled=False):
         y = LoraGroupFunction.apply(x.to(dtype), weight, bias, tuple(splits), tuple(scalings), *lora_as, *lora_bs)
     return y if whole else y.split(splits, dim=-1)
+
+
+def _disabled(layer: nn.Module) -> bool:
+    """Whether `layer` is an installed LoRA layer whose adapters are disabled (not merged): it computes its base
+    layer's product alone, so the group's buffer can compute it."""
+    forward = layer.__dict__.get("forward")
+    return (isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward
+            and type(getattr(layer, "base_layer", None)) is nn.Linear and bool(layer.disable_adapters)
+            and not layer.merged and not layer.base_layer.weight.requires_grad)
 
 
 def _is_view_of(base: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, offset: int) -> bool:

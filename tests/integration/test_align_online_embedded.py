@@ -37,8 +37,9 @@ def test_grpo_runs_on_the_embedded_model_and_its_artifact_evaluates(task, tmp_pa
     artifact = grpo(task, config, out=tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"][0]
-    # bf16: the policy equals the reference up to rounding (a fresh adapter adds exact zeros)
-    assert train["kl"] < 1e-3 and [r for r in rows if r.get("kind") == "guard"][0]["kl"] < 1e-2
+    # A fresh adapter adds exact zeros, and the policy and the reference (adapter disabled) take the same grouped
+    # products, so the KL starts at 0 (in bf16, two differently grouped computations put it near 1e-3 here).
+    assert train["kl"] < 1e-4 and [r for r in rows if r.get("kind") == "guard"][0]["kl"] < 1e-2
     assert train["generation_tokens_per_second"] > 0 and 0 < train["generation_share"] < 1
     result = evaluate(tmp_path / "run" / "artifact", task, "validation", limit=2, progress=False)
     assert result.n == 2 and result.metric == "numeric_match"

@@ -219,11 +219,60 @@ def test_a_group_falls_back_where_it_no_longer_applies(tiny_model_dir):
     attn = model.get_base_model().model.layers[0].self_attn
     h = torch.randn(1, 3, model.config.hidden_size)
     assert fused.group_forward(attn, fused.SIBLINGS[0], h) is not None
-    with model.disable_adapter():
-        assert fused.group_forward(attn, fused.SIBLINGS[0], h) is None
+    attn.q_proj.enable_adapters(False)  # one member only: the members compute different things
+    assert fused.group_forward(attn, fused.SIBLINGS[0], h) is None
+    attn.q_proj.enable_adapters(True)
     attn.k_proj.base_layer.weight.data = attn.k_proj.base_layer.weight.data.clone()  # no longer a view
     assert fused.group_forward(attn, fused.SIBLINGS[0], h) is None
     mlp = model.get_base_model().model.layers[0].mlp
     assert fused.group_forward(mlp, fused.SIBLINGS[1], h) is not None
     fused.uninstall(model)
     assert fused.group_forward(mlp, fused.SIBLINGS[1], h) is None
+
+
+def test_disabled_adapters_give_the_base_products_as_one(tiny_model_dir):
+    """Under PEFT's `disable_adapter()` (a reference model) a group computes its members' base products in one: the
+    base layers' outputs, bit for bit."""
+    model = _lora_model(tiny_model_dir)
+    fused.install(model)
+    layer = model.get_base_model().model.layers[0]
+    h = torch.randn(2, 3, model.config.hidden_size)
+    with model.disable_adapter():
+        for parent, names in ((layer.self_attn, fused.SIBLINGS[0]), (layer.mlp, fused.SIBLINGS[1])):
+            parts = fused.group_forward(parent, names, h)
+            expected = [getattr(parent, name).base_layer(h) for name in names]
+            assert all(torch.equal(p, e) for p, e in zip(parts, expected, strict=True))
+            assert torch.equal(fused.group_forward(parent, names, h, whole=True), torch.cat(expected, dim=-1))
+    assert not torch.equal(fused.group_forward(layer.mlp, fused.SIBLINGS[1], h)[0],
+                           layer.mlp.gate_proj.base_layer(h))  # enabled again: the adapter adds its part
+
+
+def test_a_fresh_adapter_gives_the_references_log_probs_bit_for_bit_in_bf16(tiny_model_dir, monkeypatch):
+    """The policy at step 0 (PEFT's B = 0) and the reference (adapters disabled) take the same arithmetic through the
+    direct forward, so the KL between them starts at exactly 0 (bf16 rounding of two different computations would
+    put it near 1e-3 on SmolLM2-135M)."""
+    from honellm.models import load_tokenizer
+    from honellm.training.batching import collate, encode_conversation
+    from honellm.training.logprobs import token_logprobs
+    from honellm.training.precision import Precision
+
+    model = _lora_model(tiny_model_dir)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.zeros_(param)
+    model.get_base_model().set_attn_implementation("eager")
+    Precision.resolve("bf16", "cpu").cast_model(model)
+    fused.install(model)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    batch = collate([encode_conversation(tokenizer, [{"role": "user", "content": t}], a, max_length=64)
+                     for t, a in (("2 + 3 =", "5"), ("7 * 6 =", "42"), ("10 - 4 =", "6"))], tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        policy = token_logprobs(model, batch)
+        grouped = []
+        original = fused.group_forward
+        monkeypatch.setattr(fused, "group_forward", lambda *a, **k: grouped.append(original(*a, **k)) or grouped[-1])
+        with model.disable_adapter():
+            reference = token_logprobs(model, batch)
+    assert grouped and all(g is not None for g in grouped)  # the reference took the grouped products too
+    assert policy.values.numel() > 0 and torch.equal(policy.values, reference.values)
+
