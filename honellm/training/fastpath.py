@@ -326,7 +326,8 @@ def _swiglu(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     """`act_fn(gate) * up` for the MLP's gate and up products side by side: one native pass each way
     (`SwiGLUFunction`) for SiLU in bf16 where the kernels run, else torch's operations on the two halves."""
     if (type(mlp.act_fn) in (SiLUActivation, nn.SiLU) and gate_up.dtype == torch.bfloat16
-            and gate_up.device.type == "cpu" and native.training_kernels()):
+            and gate_up.device.type == "cpu" and gate_up.stride(-1) == 1 and gate_up.shape[-1] % 2 == 0
+            and native.training_kernels()):
         return SwiGLUFunction.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return mlp.act_fn(gate) * up
