@@ -557,6 +557,11 @@ def _rows(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
 
 
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the kernels read it (a gradient autograd handed over in another layout or dtype is converted)."""
+    return t if _rows(t) else t.to(torch.bfloat16).contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """LlamaRMSNorm in bf16 in one pass over x [rows, cols]: `weight * (x.float() * r).to(bf16)` with
     `r = rsqrt(mean(x.float()^2) + eps)`. Returns `(y, r)` (y [rows, cols] bf16, r [rows] fp32 for the backward),
@@ -644,7 +649,7 @@ def _qkv_rotary_backward(kernels: _Kernels, grads: tuple, cos: torch.Tensor, sin
     p, b, r, h, kv, d = (layout.prefix, layout.batch, layout.rest, layout.heads, layout.kv_heads, layout.head_dim)
     shapes = ((1, h, p, d), (b, h, r, d), (b, kv, p + r, d), (b, kv, p + r, d))
     grads = [torch.zeros(shape, dtype=torch.bfloat16) if g is None else g.to(torch.bfloat16).contiguous()
-             for g, shape in zip(grads, shapes, strict=True)]
+             for g, shape in zip(grads, shapes, strict=True)]  # 4-d: read whole, so contiguous
     out = torch.empty(p + b * r, (h + 2 * kv) * d, dtype=torch.bfloat16)
     kernels.qkv_rotary_bwd(*(g.data_ptr() for g in grads), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), p, b, r, h,
                            kv, d, torch.get_num_threads())
@@ -661,8 +666,7 @@ def _rms_norm(kernels: _Kernels, x: torch.Tensor, weight: torch.Tensor, eps: flo
 
 def _rms_norm_backward(kernels: _Kernels, grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                        weight: torch.Tensor) -> torch.Tensor:
-    if not _rows(grad):
-        grad = grad.to(torch.bfloat16).contiguous()
+    grad = _as_rows(grad)
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=torch.bfloat16)
     kernels.rmsnorm_bwd(grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), r.data_ptr(), weight.data_ptr(),
@@ -678,8 +682,7 @@ def _swiglu(kernels: _Kernels, z: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_backward(kernels: _Kernels, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    if not _rows(grad):
-        grad = grad.to(torch.bfloat16).contiguous()
+    grad = _as_rows(grad)
     rows, inner = z.shape[0], z.shape[1] // 2
     out = torch.empty(rows, 2 * inner, dtype=torch.bfloat16)
     kernels.swiglu_bwd(grad.data_ptr(), grad.stride(0), z.data_ptr(), z.stride(0), out.data_ptr(), rows, inner,

@@ -209,12 +209,10 @@ def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor,
         return None
     layers = [getattr(parent, name) for name in names]
     if all(_disabled(layer) for layer in layers):  # under PEFT's disable_adapter(): the base products, as one
-        splits, offset = [], 0
-        for layer in layers:
-            if not x.is_floating_point() or not _is_view_of(layer.base_layer, weight, bias, offset):
-                return None
-            splits.append(layer.base_layer.weight.shape[0])
-            offset += splits[-1]
+        bases = [layer.base_layer for layer in layers]
+        if not x.is_floating_point() or not _still_grouped(parent, names, bases):
+            return None
+        splits = [base.weight.shape[0] for base in bases]
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x.to(dtype), weight, bias)
         return y if whole else y.split(splits, dim=-1)
