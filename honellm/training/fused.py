@@ -84,8 +84,9 @@ class LoraGroupFunction(torch.autograd.Function):
         y = x @ W.T (+ b);   y += (x @ A.T) @ D.T        W = [W_1; W_2; ...] (one buffer), A = [A_1; A_2; ...],
                                                           D = blockdiag(scaling_i * B_i)
 
-    the members' outputs side by side ([..., sum of their widths]; `group_forward` splits them). Three (or two) base products, adapter products and in-place additions
-    become one each, in the forward and in the backward (`g_x = g @ W + (g @ D) @ A` in two calls): a third of the
+    the members' outputs side by side ([..., sum of their widths]; `group_forward` splits them). Three (or two) base
+    products, adapter products and in-place additions become one each, in the forward and in the backward
+    (`g_x = g @ W + (g @ D) @ A` in two calls): a third of the
     matrix-product calls of a LoRA step, and wider products that run closer to the machine's peak. `W` must be the
     buffer the members' frozen weights are views of (`install` arranges it), so no weight is copied."""
 
@@ -216,34 +217,35 @@ def group_forward(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor,
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x.to(dtype), weight, bias)
         return y if whole else y.split(splits, dim=-1)
-    members, adapters, splits, scalings, offset = [], [], [], [], 0
-    for name in names:
-        layer = getattr(parent, name)
-        forward = layer.__dict__.get("forward")
-        if not (isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward):
-            return None  # uninstalled
+    adapters, splits, scalings, offset = [], [], [], 0
+    for layer in layers:
+        if not _installed(layer):
+            return None
         adapter = _fusable_adapter(layer, x, (), {})
         if adapter is None or not _is_view_of(layer.base_layer, weight, bias, offset):
             return None
         out = layer.base_layer.weight.shape[0]
-        members.append(layer)
         adapters.append(adapter)
         splits.append(out)
         scalings.append(float(layer.scaling[adapter]))
         offset += out
-    lora_as = [layer.lora_A[a].weight for layer, a in zip(members, adapters, strict=True)]
-    lora_bs = [layer.lora_B[a].weight for layer, a in zip(members, adapters, strict=True)]
+    lora_as = [layer.lora_A[a].weight for layer, a in zip(layers, adapters, strict=True)]
+    lora_bs = [layer.lora_B[a].weight for layer, a in zip(layers, adapters, strict=True)]
     with torch.autocast(x.device.type, enabled=False):
         y = LoraGroupFunction.apply(x.to(dtype), weight, bias, tuple(splits), tuple(scalings), *lora_as, *lora_bs)
     return y if whole else y.split(splits, dim=-1)
 
 
+def _installed(module: nn.Module) -> bool:
+    """Whether `install` gave `module` the fused forward (and `uninstall` has not taken it back)."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward
+
+
 def _disabled(layer: nn.Module) -> bool:
     """Whether `layer` is an installed LoRA layer whose adapters are disabled (not merged): it computes its base
     layer's product alone, so the group's buffer can compute it."""
-    forward = layer.__dict__.get("forward")
-    return (isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward
-            and type(getattr(layer, "base_layer", None)) is nn.Linear and bool(layer.disable_adapters)
+    return (_installed(layer) and type(getattr(layer, "base_layer", None)) is nn.Linear and bool(layer.disable_adapters)
             and not layer.merged and not layer.base_layer.weight.requires_grad)
 
 
@@ -330,6 +332,5 @@ def install(model: nn.Module) -> int:
 def uninstall(model: nn.Module) -> None:
     """Restore PEFT's own forward on every layer `install` changed."""
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward:
+        if _installed(module):
             del module.forward
