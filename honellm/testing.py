@@ -187,3 +187,86 @@ def make_tiny_reward_task(folder: str | Path, model_dir: str | Path, *, n_train:
     task = folder / "task.yaml"
     task.write_text(yaml.safe_dump(config, sort_keys=False))
     return task
+
+
+# Tiny random models of the architectures users bring (the contract matrix of tests/unit/test_architectures.py and
+# the model-core tests build them). Each entry is (config class name in transformers, the keyword arguments that
+# differ from the shared shape). Sliding windows are shorter than the test prompts, so windowed attention matters.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", {}),  # attention biases on q/k/v
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q/k norms
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0,
+                                "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", {"pad_token_id": None}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "logits_scaling": 4.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.25}),
+    "gpt2": ("GPT2Config", {}),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "opt": ("OPTConfig", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+}
+
+# A chat template that rejects a system turn (as Gemma's and Mistral's older templates do).
+NO_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _arch_config(arch: str, tok, hidden: int, layers: int):
+    import transformers
+
+    class_name, extra = ARCHITECTURES[arch]
+    config_class = getattr(transformers, class_name)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if arch == "gpt2":
+        return config_class(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024, **ids)
+    if arch == "gpt_neox":
+        return config_class(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=1024,
+                            tie_word_embeddings=False, **ids)
+    if arch == "opt":
+        return config_class(vocab_size=len(tok), hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=hidden, **ids)
+    kwargs = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=arch not in ("phi3", "olmo2"), **ids)
+    kwargs.update(extra)
+    if kwargs.get("pad_token_id", 0) is None:
+        kwargs["pad_token_id"] = tok.pad_token_id
+    return config_class(**kwargs)
+
+
+def make_tiny_arch_model(path: str | Path, arch: str, *, seed: int = 0, layers: int = 2, hidden: int = 64,
+                         chat_template: str | None = "chatml") -> Path:
+    """Write a tiny random model of architecture `arch` (a key of ARCHITECTURES) to `path`; return the path.
+
+    `chat_template`: "chatml" (SmolLM2's), "no-system" (a template that raises on a system turn) or None (a base
+    model without a chat template: Hone must fall back to a plain layout).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; one of {sorted(ARCHITECTURES)}")
+    path = Path(path)
+    tok = make_tiny_tokenizer()
+    tok.chat_template = {"chatml": CHATML_TEMPLATE, "no-system": NO_SYSTEM_TEMPLATE, None: None}[chat_template]
+    config = _arch_config(arch, tok, hidden, layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
