@@ -108,7 +108,7 @@ def main() -> None:
                for text in load_reviews(64)]
     print(f"model {args.model} ({next(model.parameters()).dtype}), engine runner: {gen.runner_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    from honellm import native
+    from honellm.core import native
 
     print(f"engine products: {native.status()}")
     print(f"sampling: temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}, "

@@ -23,7 +23,7 @@ from honellm.generation.params import (
     ContinuationScore,
     SamplingParams,
 )
-from honellm.generation.runners import make_runner
+from honellm.core.runners import make_runner
 from honellm.generation.sampling import choose_tokens, make_generator
 from honellm.generation.text import CompletionText
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from honellm.training import fastpath
+from honellm.core import fastpath
 from honellm.training.batching import IGNORE, Batch, needed_width, predicting_index, predicting_positions  # noqa: F401 - re-exported
 
 
@@ -93,7 +93,7 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     index = rows * needed + positions if needed != width else index
     head = _unwrap(model).get_output_embeddings()
     hidden = fastpath.hidden_states(model, input_ids, attention_mask, index)
-    if hidden is not None:  # the direct LLaMA-family forward (honellm.training.fastpath), at `index` only
+    if hidden is not None:  # the direct LLaMA-family forward (honellm.core.fastpath), at `index` only
         logits = head(hidden)
     else:
         offset = virtual_tokens(_unwrap(model))

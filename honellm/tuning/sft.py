@@ -28,7 +28,7 @@ import torch
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
-from honellm.training import fused
+from honellm.core import fused
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss
@@ -84,7 +84,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = spec.apply(model, config, base_path)
     precision.cast_model(model)
-    fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.training.fused)
+    fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
     _, trainable_params, total_params = parameter_bytes(model)
     initial_adapter = run.path / "initial-adapter" if spec.initial_adapter else None
     if initial_adapter is not None and is_main:

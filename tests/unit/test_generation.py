@@ -14,7 +14,7 @@ import torch
 
 from honellm.errors import HoneError, MissingDependency
 from honellm.generation import FINISH_LENGTH, FINISH_STOP, Generator, SamplingParams, eos_token_ids
-from honellm.generation.runners import DecoderRunner, HFRunner
+from honellm.core.runners import DecoderRunner, HFRunner
 from honellm.generation.text import CompletionText
 from honellm.generation.vllm_backend import select_backend
 
@@ -271,7 +271,7 @@ def test_a_training_model_is_switched_to_eval_once_per_call_and_back(lively, mon
 def test_the_runner_rotation_is_transformers_rotary_bit_for_bit(dtype):
     from transformers.models.llama.modeling_llama import rotate_half
 
-    from honellm.generation.runners import _rotate, _signed_sin
+    from honellm.core.runners import _rotate, _signed_sin
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 7, 64, generator=generator).to(dtype)
@@ -701,7 +701,7 @@ def test_weights_written_through_data_are_seen(lively):
 def product_path(request, monkeypatch):
     """Both ways the runner's bf16 products go: AMX tiles (where the native kernels run here) and oneDNN with a
     matrix-vector product for one row (everywhere else; forced here by declining the tiles)."""
-    import honellm.generation.runners as runners
+    import honellm.core.runners as runners
 
     if request.param == "tiles" and not runners.native.amx_available():
         pytest.skip(f"no AMX kernels here: {runners.native.status()}")
@@ -735,7 +735,7 @@ def test_one_row_products_agree_with_the_modules(lively, product_path, monkeypat
     """A batch-1 decoding step matches the module outputs. Without tiles it takes a matrix-vector product over
     row-major weights (the blocked layout serves many rows), and every derived matrix has a row-major form; with
     tiles, every product goes through them."""
-    import honellm.generation.runners as runners
+    import honellm.core.runners as runners
 
     model, tok = lively
     model = copy.deepcopy(model).to(torch.bfloat16)

@@ -17,7 +17,7 @@ from honellm.testing import make_tiny_task
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["max_steps=8", "eval_every=4", "lr=1e-2", "batch_size=4", "precision=fp32"]
 # fp32; the only differences are orders of summation: DDP's all-reduce against local accumulation, and a
-# micro-batch's shared prefix (honellm.training.fastpath) summing the gradients of 2 sequences rather than 4
+# micro-batch's shared prefix (honellm.core.fastpath) summing the gradients of 2 sequences rather than 4
 LOSS_RTOL = 1e-5
 
 

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.training import fused
+from honellm.core import fused
 from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
@@ -76,7 +76,7 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
     precision.cast_model(model)
     if precision.mixed:
         keep_adapter_inputs_in_compute_dtype(model)
-    fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.training.fused)
+    fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
     return model, tokenizer
 
 

@@ -60,7 +60,7 @@ from honellm.reward.rollout import (
     scatter_tokens,
     step_seed,
 )
-from honellm.training import fastpath
+from honellm.core import fastpath
 from honellm.training.batching import LengthGroupedBatches
 from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
 from honellm.training.logprobs import LossOutput, predicting_positions

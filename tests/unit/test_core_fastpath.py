@@ -1,4 +1,4 @@
-"""The direct LLaMA-family training forward (honellm.training.fastpath) against transformers' own, on the tiny model."""
+"""The direct LLaMA-family training forward (honellm.core.fastpath) against transformers' own, on the tiny model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from honellm.models import load
-from honellm.training import fastpath, fused
+from honellm.core import fastpath, fused
 from honellm.training.batching import collate, encode_conversation
 from honellm.training.logprobs import sft_loss
 from honellm.training.precision import Precision
@@ -101,10 +101,10 @@ def test_direct_forward_in_the_recipes_setting_bf16_fused_lora_checkpointing(tin
 
 @pytest.mark.parametrize("batch_of", ["plain", "shared"])
 def test_bf16_layers_take_the_native_kernels_with_torchs_loss_and_gradients(tiny_model_dir, monkeypatch, batch_of):
-    """Where `honellm.native`'s elementwise kernels run, every RMSNorm (frozen weight), SwiGLU and rotary layout of
+    """Where `honellm.core.native`'s elementwise kernels run, every RMSNorm (frozen weight), SwiGLU and rotary layout of
     a bf16 LoRA step (with and without a shared prefix) goes through them, forward and backward, and the step's loss and gradients are those of the torch
     operations they replace (the same rounding; fp32 sums in another order)."""
-    from honellm import native
+    from honellm.core import native
 
     if not native.training_kernels():
         pytest.skip(f"the native kernels are not available here: {native.status()}")

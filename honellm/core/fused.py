@@ -27,7 +27,7 @@ casting the model; `HONE_FUSED_LORA=0` turns it off.
 
 `install` also groups sibling LoRA layers that read the same input (q, k and v; gate and up, by their names in
 LLaMA-family decoders): their frozen weights become views of one buffer (no copy; the replaced storage goes back
-to the system), and the direct training forward (`honellm.training.fastpath`) runs each group as one
+to the system), and the direct training forward (`honellm.core.fastpath`) runs each group as one
 `LoraGroupFunction`: one base product, one adapter product and one in-place addition for the group, forward and
 backward. A group steps aside, and its layers run one by one, wherever one of them would not take the fused path
 or its weight is no longer a view of the buffer (the model was moved or cast since).
@@ -150,7 +150,7 @@ def lora_parts(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, 
     `base(x) + scaling * lora_B(lora_A(dropout(x)))` with one active adapter: plain LoRA (rsLoRA scaling and any
     initialisation included) over an `nn.Linear`, no DoRA or other variant, no bias on the adapter. None for
     anything else, and for a layer whose adapters are disabled or merged (its caller decides what those mean).
-    The generation engine merges such layers into its derived weights (honellm/generation/runners.py)."""
+    The generation engine merges such layers into its derived weights (honellm/core/runners.py)."""
     if not hasattr(layer, "lora_A") or type(getattr(layer, "base_layer", None)) is not nn.Linear:
         return None
     if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):

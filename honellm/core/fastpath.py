@@ -8,7 +8,7 @@ computes the decoder's final hidden states with the modules' own parameters (and
 the arithmetic directly: RMSNorm in fp32 exactly as `LlamaRMSNorm`, rotary embeddings from the model's own
 `rotary_emb` (so every rope scaling type is honoured), attention as transformers' eager attention computes it
 (the kernel Hone's SFT picks on CPU for sequences up to 256 tokens), and each projection through its own forward
-without nn.Module's call machinery (PEFT's layers, with the fused LoRA path where `honellm.training.fused` installed it: DoRA, IA3, LoHa, LoKr and full fine-tuning work
+without nn.Module's call machinery (PEFT's layers, with the fused LoRA path where `honellm.core.fused` installed it: DoRA, IA3, LoHa, LoKr and full fine-tuning work
 unchanged).
 
 Measured on SmolLM2-135M, LoRA r=8 on all projections, 8 SST-2 examples per micro-batch, bf16 autocast: step
@@ -22,12 +22,12 @@ Three more savings, each the same function of the same weights:
   of 59 tokens per sequence (1.19-1.25x tokens/s, step pairs interleaved in one process, three runs);
 - with `index` (the positions a loss reads), the last layer runs its output projection and MLP on those rows
   only, and the caller (`honellm.training.logprobs`) drops the columns after the last of them;
-- q/k/v and gate/up LoRA projections run as one grouped product where `honellm.training.fused` grouped them.
+- q/k/v and gate/up LoRA projections run as one grouped product where `honellm.core.fused` grouped them.
 Together 1.29x and 1.70x tokens/s in two `bench/bench_sft.py` runs alternated with the code before them
 (bench/README.md).
 
 And fewer passes over the activations: attention folds the query heads of a key/value head into the query length
-(`_attention`: no `repeat_kv` copies), and in bf16 where `honellm.native`'s kernels run, RMSNorm (frozen weight),
+(`_attention`: no `repeat_kv` copies), and in bf16 where `honellm.core.native`'s kernels run, RMSNorm (frozen weight),
 SwiGLU and the q|k|v split with its rotary embedding and shared-prefix layout take one pass forward and one backward
 each, with torch's rounding: 1.43x and 1.48x tokens/s in two `bench_sft.py` runs alternated with the code before.
 
@@ -55,8 +55,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import rotate_half
 
-from honellm import native
-from honellm.training import fused
+from honellm.core import native
+from honellm.core import fused
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # A common prefix shorter than this is computed per sequence (two attention calls per layer cost more than it saves).
@@ -339,7 +339,7 @@ def _swiglu(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """`silu(gate) * up` over z = [gate | up] with `honellm.native`'s kernels: one pass forward, one backward that
+    """`silu(gate) * up` over z = [gate | up] with `honellm.core.native`'s kernels: one pass forward, one backward that
     writes both halves of z's gradient into one tensor (autograd would run silu, a product, their two backward
     nodes and a concatenation: 0.51x the time at [284, 2 x 1536], the same bits)."""
 
@@ -359,7 +359,7 @@ class SwiGLUFunction(torch.autograd.Function):
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A projection without nn.Module.__call__ where no hook needs it (global hooks were ruled out by
     `decoder_of`): a plain nn.Linear directly, a PEFT layer through its own forward (the fused LoRA one where
-    `honellm.training.fused.install` put it)."""
+    `honellm.core.fused.install` put it)."""
     if _hooked(module):
         return module(x)
     if type(module) is nn.Linear:
@@ -396,7 +396,7 @@ class RMSNormFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         fast = None if ctx.needs_input_grad[1] else native.rms_norm(flat, weight, eps)
         ctx.native = fast is not None
-        if fast is not None:  # one pass each way in honellm.native (bf16, frozen weight)
+        if fast is not None:  # one pass each way in honellm.core.native (bf16, frozen weight)
             y, r = fast
             ctx.save_for_backward(flat, r, weight)
             return y.view(x.shape)

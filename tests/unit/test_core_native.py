@@ -1,4 +1,4 @@
-"""The native bf16 kernels (honellm/native.py): the same results as torch's products, and a quiet
+"""The native bf16 kernels (honellm/core/native.py): the same results as torch's products, and a quiet
 fallback to them wherever the kernels cannot be built or do not apply."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from honellm import native
+from honellm.core import native
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""The fused LoRA forward/backward (honellm.training.fused) against PEFT's own, on the tiny model."""
+"""The fused LoRA forward/backward (honellm.core.fused) against PEFT's own, on the tiny model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from honellm.training import fused
+from honellm.core import fused
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

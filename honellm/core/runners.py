@@ -11,7 +11,7 @@ The engine drives every model through the same five calls: `new_state`, `forward
   adapters injected later, or weights updated in place by an optimizer, are always seen.
   For plain layers it also keeps a derived copy of the weights: q|k|v and gate|up concatenated (fewer, larger
   matrix products) and, for bf16 on a CPU, packed: into AMX tiles for Hone's own kernel where the CPU has AMX
-  (`honellm/native.py`, every row count), else into oneDNN's blocked layout (the reorder a bf16 matmul otherwise
+  (`honellm/core/native.py`, every row count), else into oneDNN's blocked layout (the reorder a bf16 matmul otherwise
   repeats on every call), with a row-major copy for one-row products (batch-1 decoding), read by a
   matrix-vector product (`native.mv`: a compiled kernel where it builds, else `torch.mv`) that streams the weight
   at memory speed (the model's own weight where no concatenation is needed). A PEFT LoRA layer (plain LoRA, one
@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from honellm import native
-from honellm.training.fused import lora_parts
+from honellm.core import native
+from honellm.core.fused import lora_parts
 
 # Model types whose decoder layer has the Llama structure (pre-norm, rotary q/k, SDPA, gated MLP).
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
@@ -222,7 +222,7 @@ def _base(module: nn.Module) -> nn.Module:
 
 def _mergeable_lora(module: nn.Module):
     """`(base, lora_A weight, lora_B weight, scaling)` when `module` is a PEFT LoRA `Linear` whose output is
-    exactly `base(x) + scaling * B @ A @ x` (see `honellm.training.fused.lora_parts`); `(base, None, None, 0.0)`
+    exactly `base(x) + scaling * B @ A @ x` (see `honellm.core.fused.lora_parts`); `(base, None, None, 0.0)`
     when its output is just `base(x)` (adapters disabled, merged into the base already, or none active); None when
     it is anything else (DoRA and other variants, several adapters, quantized bases ...)."""
     if not hasattr(module, "lora_A") or type(getattr(module, "base_layer", None)) is not nn.Linear:
