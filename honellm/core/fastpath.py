@@ -33,13 +33,14 @@ each, with torch's rounding: 1.43x and 1.48x tokens/s in two `bench_sft.py` runs
 
 It applies where it is exact: in fp32 the loss and gradients equal transformers' path's up to summation order
 (1e-6 relative, tested for LoRA, DoRA, IA3 and full fine-tuning; before the three savings above, bit for bit).
-Conditions: eager attention (sdpa configurations keep transformers' path,
+Conditions: the architecture is one `honellm.core.support` says the training forward computes exactly (model
+types `llama`, `mistral` and `qwen2` without a sliding window shorter than the context, soft-capping, scaled
+embeddings or a rope type it does not implement), eager attention (sdpa configurations keep transformers' path,
 which chooses among kernels and mask layouts by version and device), one process or DDP (run inside DDP's own
-forward; FSDP wrappers and any module hook keep transformers' path), model types `llama`, `mistral` and `qwen2`
-without sliding-window attention, no prompt-learning adapter (virtual tokens change
+forward; FSDP wrappers and any module hook keep transformers' path), no prompt-learning adapter (virtual tokens change
 the input), no attention dropout while training, decoder layers not compiled (`compile=true` keeps transformers'
 path, which is the one it compiles). Gradient checkpointing is honoured per layer. Anything else takes the
-transformers path; `HONE_FAST_FORWARD=0` forces it, `HONE_SHARED_PREFIX=0` computes every sequence in full.
+transformers path; `HONE_FAST=0` (every fast path) or `HONE_FAST_FORWARD=0` (this one) forces it, `HONE_SHARED_PREFIX=0` computes every sequence in full.
 """
 
 from __future__ import annotations
@@ -55,19 +56,19 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import rotate_half
 
-from honellm.core import native
-from honellm.core import fused
+from honellm.core import fused, native, support
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 # A common prefix shorter than this is computed per sequence (two attention calls per layer cost more than it saves).
 MIN_SHARED_PREFIX = 16
 QKV, GATE_UP = fused.SIBLINGS
 
 
 def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """`(causal_lm, decoder)` under a PEFT wrapper, when `model` is one this forward computes exactly; else None."""
-    if os.environ.get("HONE_FAST_FORWARD", "1") == "0":
-        return None
+    """`(causal_lm, decoder)` under a PEFT wrapper, when `model` is one this forward computes exactly; else None.
+
+    What holds for the architecture is `support.training_config_problem`'s answer (the one check every caller
+    asks); what may change from call to call (a wrapper, a hook, dropout in training mode, the attention kernel a
+    run picked, a compiled layer) is checked here."""
     if getattr(model, "module", None) is not None and isinstance(model.module, nn.Module):
         return None  # DDP / FSDP wrapper: its hooks run in its own forward
     peft_config = getattr(model, "active_peft_config", None)
@@ -76,11 +77,7 @@ def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(lm, "config", None)
     decoder = getattr(lm, "model", None)
-    if config is None or decoder is None or getattr(config, "model_type", None) not in MODEL_TYPES:
-        return None
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return None
-    if getattr(config, "pretraining_tp", 1) != 1:
+    if config is None or decoder is None or not support.enabled() or support.training_config_problem(config):
         return None
     if getattr(config, "_attn_implementation", None) != "eager":
         return None  # sdpa's kernels and transformers' choice among them (mask or not, GQA or repeated heads) vary

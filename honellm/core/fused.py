@@ -23,7 +23,7 @@ active adapter, no dropout while training, no DoRA or other variant, no LoRA bia
 (FSDP) parameters. Each such layer checks those conditions on every call and falls back to PEFT's own forward
 when one fails (adapters disabled or merged later, for instance), so nothing about saving, merging or loading
 changes: the layer is still PEFT's. The training recipes (SFT, preference, reward model, RL) install it after
-casting the model; `HONE_FUSED_LORA=0` turns it off.
+casting the model; `HONE_FUSED_LORA=0` (or `HONE_FAST=0`) turns it off.
 
 `install` also groups sibling LoRA layers that read the same input (q, k and v; gate and up, by their names in
 LLaMA-family decoders): their frozen weights become views of one buffer (no copy; the replaced storage goes back
@@ -41,6 +41,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from honellm.core import support
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -310,8 +312,9 @@ def install(model: nn.Module) -> int:
     """Give every PEFT LoRA `Linear` of `model` the fused forward (see the module docstring); return how many.
 
     The layers stay PEFT's (same class, parameters and state dict): only their instance `forward` changes, and
-    `uninstall` restores it. `HONE_FUSED_LORA=0` in the environment turns it off (to compare, or to rule it out)."""
-    if os.environ.get("HONE_FUSED_LORA", "1") == "0":
+    `uninstall` restores it. `HONE_FUSED_LORA=0` in the environment turns it off (to compare, or to rule it out), and
+    so does `HONE_FAST=0` (every fast path off, see `honellm.core.support`)."""
+    if os.environ.get("HONE_FUSED_LORA", "1") == "0" or not support.enabled():
         return 0
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear

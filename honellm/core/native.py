@@ -26,8 +26,8 @@ cache folder under a name that hashes the source, the compiler and this CPU, and
 tensors' data pointers. It runs on OpenMP threads of the runtime torch already loaded (the library asks for
 `libgomp.so.1`, which resolves to torch's copy), with torch's thread count. It is used only where everything
 holds: Linux on x86-64, a CPU with AVX512-BF16 (and AMX for the tiles), torch on GNU OpenMP, a compiler that
-builds it, Linux granting AMX tile state, and a self-check against fp32 products at load. Anything else, or
-`HONE_NATIVE=0`, keeps torch's products; `status()` says which and why.
+builds it, Linux granting AMX tile state, and a self-check against fp32 products at load. Anything else,
+`HONE_NATIVE=0` or `HONE_FAST=0`, keeps torch's products; `status()` says which and why.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from honellm import hardware
+from honellm.core import support
 
 CSRC = Path(__file__).with_name("csrc")  # the kernels' C sources, one library built from every .c file there
 # Warnings on (the tests build the same sources with -Werror); -march=native: the CPU this process runs on.
@@ -319,6 +320,8 @@ def _load() -> tuple[_Kernels | None, str]:
     fallback = "torch.mv and oneDNN"
     if os.environ.get("HONE_NATIVE", "1") == "0":
         return None, f"{fallback} (HONE_NATIVE=0)"
+    if not support.enabled():
+        return None, f"{fallback} (HONE_FAST=0)"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"{fallback} (the native kernels are for Linux on x86-64, not {sys.platform} {platform.machine()})"
     model, flags = hardware.cpu_model(), hardware.cpu_flags()

@@ -3,7 +3,8 @@
 The engine drives every model through the same five calls: `new_state`, `forward`, `compute_prefix`,
 `load_prefix` and `select`. Two runners implement them:
 
-- `DecoderRunner` (Llama, Mistral, Qwen2, Qwen3 and their fine-tunes, which covers SmolLM2): a lean forward
+- `DecoderRunner` (Llama, Mistral, Qwen2, Qwen3 and their fine-tunes, which covers SmolLM2, wherever
+  `honellm.core.support.fast_path_support` says `decoding`): a lean forward
   that reads the model's own modules and writes keys and values into preallocated buffers. It exists for speed:
   transformers' forward spends more time in Python (decorators, mask construction, cache bookkeeping) than in
   arithmetic for a 135M model at batch 1. Every linear layer that is not a plain `nn.Linear` (a PEFT LoRA layer,
@@ -47,11 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from honellm.core import native
+from honellm.core import native, support
 from honellm.core.fused import lora_parts
 
-# Model types whose decoder layer has the Llama structure (pre-norm, rotary q/k, SDPA, gated MLP).
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
 # Norm classes computed as `weight * normalize(x.float()).to(dtype)`, the Llama RMSNorm.
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
@@ -75,7 +74,8 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def make_runner(model: nn.Module, *, merge_adapters: bool = True):
-    """The fastest runner that is exact for this model (`merge_adapters`: see `DerivedWeights`)."""
+    """The fastest runner that is exact for this model (`merge_adapters`: see `DerivedWeights`): the lean one where
+    `honellm.core.support` says decoding takes the fast path, else transformers' own forward."""
     base = unwrap_peft(model)
     if DecoderRunner.unsupported(base) is None:
         return DecoderRunner(base, merge_adapters=merge_adapters)
@@ -365,32 +365,8 @@ class DecoderRunner:
     @staticmethod
     def unsupported(model: nn.Module) -> str | None:
         """Why the lean forward cannot run this model exactly, or None when it can."""
-        config = getattr(model, "config", None)
-        if config is None or getattr(config, "model_type", None) not in LLAMA_LIKE:
-            return f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(LLAMA_LIKE)}"
-        if getattr(config, "hidden_act", "silu") != "silu":
-            return "activation is not silu"
-        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-            return "sliding-window attention"
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            return "layer types other than full attention"
-        if any(hasattr(m, "_hf_hook") for m in model.modules()):
-            return "accelerate hooks (offloading, device maps) move weights inside the modules' own forward"
-        core = getattr(model, "model", None)
-        if core is None or not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-            return "not the <Model>ForCausalLM(model=<Model>Model) layout"
-        if model.get_output_embeddings() is None:
-            return "no output embeddings"
-        for layer in core.layers:
-            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-            if attn is None or mlp is None or not all(
-                hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
-            ):
-                return "a decoder layer without q/k/v/o projections"
-            if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-                return "a decoder layer without a gated MLP"
-        return None
+        found = support.fast_path_support(model, kernels=False)
+        return None if found.decoding else found.reasons["decoding"]
 
     # ------------------------------------------------------------------------------------------------- states
 

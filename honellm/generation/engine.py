@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from honellm.core.runners import make_runner
 from honellm.errors import HoneError
 from honellm.generation.params import (
     FINISH_LENGTH,
@@ -23,7 +24,6 @@ from honellm.generation.params import (
     ContinuationScore,
     SamplingParams,
 )
-from honellm.core.runners import make_runner
 from honellm.generation.sampling import choose_tokens, make_generator
 from honellm.generation.text import CompletionText
 

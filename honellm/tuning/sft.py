@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
+from honellm.core import fused
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
-from honellm.core import fused
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from honellm.models import load
 from honellm.core import fastpath, fused
+from honellm.models import load
 from honellm.training.batching import collate, encode_conversation
 from honellm.training.logprobs import sft_loss
 from honellm.training.precision import Precision

@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
+from honellm.core.runners import DecoderRunner, HFRunner
 from honellm.errors import HoneError, MissingDependency
 from honellm.generation import FINISH_LENGTH, FINISH_STOP, Generator, SamplingParams, eos_token_ids
-from honellm.core.runners import DecoderRunner, HFRunner
 from honellm.generation.text import CompletionText
 from honellm.generation.vllm_backend import select_backend
 

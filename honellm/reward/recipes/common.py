@@ -25,8 +25,8 @@ import torch
 from pydantic import Field
 
 from honellm.artifact import Artifact
-from honellm.errors import HoneError
 from honellm.core import fused
+from honellm.errors import HoneError
 from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs

@@ -34,6 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from honellm.artifact import Artifact
+from honellm.core import fastpath
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
@@ -60,7 +61,6 @@ from honellm.reward.rollout import (
     scatter_tokens,
     step_seed,
 )
-from honellm.core import fastpath
 from honellm.training.batching import LengthGroupedBatches
 from honellm.training.checkpoint import Checkpointer, load_trainable_state, save_trainable
 from honellm.training.logprobs import LossOutput, predicting_positions

@@ -1,0 +1,226 @@
+"""Which fast path a model takes, and why not: the one eligibility check every caller asks.
+
+`fast_path_support(model_or_config)` answers for three pieces of speed code:
+
+- `training`: the direct LLaMA-family training forward (`honellm.core.fastpath`), used by SFT, the preference
+  and RL recipes and their reference passes (`honellm.training.logprobs`);
+- `decoding`: the lean decoding runner (`honellm.core.runners.DecoderRunner`), used by generation, evaluation
+  (choice log-likelihoods, generated answers), rollouts and serving;
+- `kernels`: the C kernels (`honellm.core.native`) inside those two, in bf16 on a CPU that has them.
+
+A path is taken only where it computes what transformers' own forward computes (the same operations in the same
+precision; the tests in tests/unit/test_core_exactness.py hold it to transformers' fp32 results within 1e-4 on
+thirteen architectures). Everything this module does not know to be exact steps aside: architectures outside the
+LLaMA family (gemma's soft-capping and scaled embeddings, granite's multipliers, olmo2's norms, phi3's fused
+projections, GPT-2/NeoX/OPT's learned positions or parallel blocks, mixture-of-experts layers), sliding-window
+attention whose window is shorter than the context, rope types whose frequencies change with the sequence
+length, tensor-parallel pretraining splits, quantized layers, and (training only) qwen3's q/k norms. Those models
+run transformers' forward, which is exact by definition.
+
+`HONE_FAST=0` turns every fast path off (the training forward, the decoding runner, fused LoRA and the kernels);
+`HONE_NATIVE=0` the kernels alone; `HONE_FAST_FORWARD=0` the training forward alone. `hone models --check MODEL`
+prints the answer; the recipes and `hone eval` write it once into their run log (`note_paths`).
+
+Per-call conditions that change while a model runs (a hook added, a DDP wrapper, dropout in training mode, a
+compiled layer, a prompt-learning adapter, the attention kernel a run picked: the training forward computes eager
+attention, which Hone's SFT picks on a CPU up to 256 tokens) are checked where the forward runs, in `fastpath.decoder_of` and
+`runners.make_runner`; this module answers what holds for the architecture and the loaded modules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# The architectures the fast paths implement: pre-norm decoder layers with Llama's RMSNorm, rotary q/k, attention
+# scaled by 1/sqrt(head_dim), a gated MLP, and a plain (unscaled, uncapped) LM head.
+DECODING_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+TRAINING_TYPES = ("llama", "mistral", "qwen2")  # qwen3's q/k norms are not in the training forward
+# Rope types whose cos/sin the model's own `rotary_emb` computes from the positions alone (both paths call it).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Config fields that change the arithmetic in a way the fast paths do not implement (the value that is harmless).
+UNSUPPORTED_FIELDS = {
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "logits_scaling": 1.0,
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "attention_multiplier": None,
+    "num_experts": None,
+    "num_local_experts": None,
+}
+PATHS = ("training", "decoding", "kernels")
+
+
+@dataclass(frozen=True)
+class Support:
+    """Which fast paths a model takes: `training`, `decoding`, `kernels`, and for each "no" its reason."""
+
+    model_type: str
+    training: bool
+    decoding: bool
+    kernels: bool
+    reasons: dict[str, str] = field(default_factory=dict)  # path -> why not (or, for kernels, what runs)
+
+    def path(self, name: str) -> str:
+        """One line for a path: "fast" or "transformers (why)"."""
+        taken = getattr(self, name)
+        if name == "kernels":
+            return "native" if taken else f"torch ({self.reasons.get(name, 'off')})"
+        if name == "training" and taken:  # the attention kernel is chosen per run (training.setup.pick_attention)
+            return "fast (where a run trains with eager attention: on a CPU, sequences up to 256 tokens)"
+        return "fast" if taken else f"transformers ({self.reasons.get(name, 'off')})"
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type, **{p: getattr(self, p) for p in PATHS},
+                "reasons": dict(self.reasons)}
+
+    def summary(self) -> str:
+        """One line for a run log: `training fast, decoding transformers (sliding-window attention ...), ...`."""
+        return "; ".join(f"{p} {self.path(p)}" for p in PATHS)
+
+
+def enabled() -> bool:
+    """False under `HONE_FAST=0`: every fast path off, transformers' forward and torch's operations everywhere."""
+    return os.environ.get("HONE_FAST", "1") != "0"
+
+
+def fast_path_support(model_or_config, *, kernels: bool = True) -> Support:
+    """Which fast paths `model_or_config` takes (a model, PEFT-wrapped or not, or its config).
+
+    Given a model, the loaded modules are checked too (the decoder layout the fast paths read, accelerate's
+    offloading hooks). `kernels=False` skips asking whether the C kernels build
+    here (that compiles them on first use): `kernels` is then False with the reason "not checked"."""
+    model = None if _is_config(model_or_config) else _unwrap(model_or_config)
+    config = _text_config(model_or_config if model is None else getattr(model, "config", None))
+    model_type = str(getattr(config, "model_type", None))
+    reasons: dict[str, str] = {}
+    if not enabled():
+        reasons = {p: "HONE_FAST=0" for p in PATHS}
+        return Support(model_type, False, False, False, reasons)
+    layout = layout_problem(model) if model is not None else None
+    decoding_problem = architecture_problem(config) or layout
+    training_problem = training_config_problem(config) or layout
+    if decoding_problem:
+        reasons["decoding"] = decoding_problem
+    if training_problem:
+        reasons["training"] = training_problem
+    uses_kernels = False
+    if decoding_problem and training_problem:
+        reasons["kernels"] = "no fast path to run them in"
+    elif not kernels:
+        reasons["kernels"] = "not checked"
+    else:
+        from honellm.core import native
+
+        uses_kernels = native.training_kernels()
+        reasons["kernels"] = native.status()  # what runs (bf16 only), or why torch's operations run
+    return Support(model_type, training_problem is None, decoding_problem is None, uses_kernels, reasons)
+
+
+def architecture_problem(config) -> str | None:
+    """Why the fast paths do not compute this architecture exactly (None: they do)."""
+    if config is None:
+        return "no model config"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DECODING_TYPES:
+        return f"model type {model_type!r} is not one of the LLaMA family the fast paths implement ({', '.join(DECODING_TYPES)})"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        context = getattr(config, "max_position_embeddings", None)
+        if context is None or window < context:
+            return f"sliding-window attention (a window of {window} tokens, shorter than the context)"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return f"layer types other than full attention ({sorted(set(layer_types))})"
+    for name, harmless in UNSUPPORTED_FIELDS.items():
+        value = getattr(config, name, harmless)
+        if value is not None and value != harmless:
+            return f"{name}={value} is not implemented"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return f"pretraining_tp={config.pretraining_tp}"
+    rope = rope_type(config)
+    if rope not in ROPE_TYPES:
+        return f"rope type {rope!r} (its frequencies change with the sequence length; implemented: {', '.join(ROPE_TYPES)})"
+    if getattr(config, "quantization_config", None) is not None:
+        return "a quantized model (its layers' forward is the quantization library's)"
+    return None
+
+
+def training_config_problem(config) -> str | None:
+    """Why the training forward does not compute this model exactly (None: it does). Cheap (a few attribute
+    reads): `fastpath.decoder_of` asks it on every forward."""
+    problem = architecture_problem(config)
+    if problem:
+        return problem
+    if config.model_type not in TRAINING_TYPES:
+        return f"the training forward does not implement {config.model_type}'s q/k norms"
+    if os.environ.get("HONE_FAST_FORWARD", "1") == "0":
+        return "HONE_FAST_FORWARD=0"
+    return None
+
+
+def layout_problem(model) -> str | None:
+    """Why the loaded modules are not the layout the fast paths read (None: they are)."""
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return "accelerate hooks (offloading, device maps) move weights inside the modules' own forward"
+    core = getattr(model, "model", None)
+    if core is None or not all(hasattr(core, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "not the <Model>ForCausalLM(model=<Model>Model) layout"
+    if model.get_output_embeddings() is None:
+        return "no output embeddings"
+    for layer in core.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(
+                hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            return "a decoder layer without q/k/v/o projections"
+        if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "a decoder layer without a gated MLP"
+    return None
+
+
+def rope_type(config) -> str:
+    """The config's rope type ("default" when it names none); transformers 5 calls the field rope_parameters."""
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict):
+            found = params.get("rope_type", params.get("type"))
+            if found is None and params and all(isinstance(v, dict) for v in params.values()):  # per layer type
+                kinds = {v.get("rope_type", "default") for v in params.values()}
+                return kinds.pop() if len(kinds) == 1 else f"mixed {sorted(kinds)}"
+            return str(found or "default")
+    return "default"
+
+
+def note_paths(model, run=None, note=None) -> Support:
+    """Say once which paths `model` takes: a `model_paths` event in the run's metrics.jsonl (with the kernels'
+    status, so a kernel that fell back to torch is on record) and, with `note` (a monitor's `note`), a line for
+    the user. Returns the answer."""
+    found = fast_path_support(model)
+    if run is not None:
+        run.log_metrics(event="model_paths", **found.to_dict())
+    if note is not None:
+        note(f"model paths: {found.summary()}")
+    return found
+
+
+def _text_config(config):
+    """A multimodal config's text part (the decoder the paths would run)."""
+    if config is not None and getattr(config, "model_type", None) not in DECODING_TYPES and hasattr(
+            config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def _is_config(obj) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(obj, PretrainedConfig)
+
+
+def _unwrap(model):
+    """The causal LM under DDP/FSDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    return model
