@@ -540,6 +540,7 @@ class HFState:
     cache: object  # a transformers Cache
     mask: torch.Tensor  # [batch, capacity] long: 1 for real tokens, 0 for padding
     length: int = 0
+    positions: torch.Tensor | None = None  # [batch, capacity] long, -1 for padding: where masks are built here
 
     @property
     def capacity(self) -> int:
@@ -547,7 +548,15 @@ class HFState:
 
 
 class HFRunner:
-    """Any causal LM through its own forward; slower, but exact wherever transformers is."""
+    """Any causal LM through its own forward; slower, but exact wherever transformers is.
+
+    A model with sliding-window attention gets its attention masks from here (`windows`): transformers measures a
+    window in cache slots, and the engine's slot layout puts padding between a shared prefix and a shorter
+    suffix, so transformers' own mask would let a query see fewer real tokens than the window holds (0.2-0.5 nats
+    on choice log-likelihoods, issue 17). Here the window is measured in each row's own positions, which gives
+    every row exactly what it sees alone; the cache then keeps every slot (no sliding-window layers). Where the
+    attention implementation takes no prepared mask (flash, flex), the runner reuses no prefix (`reuses_prefix`):
+    left padding alone keeps slots and positions in step."""
 
     name = "transformers"
 
@@ -557,6 +566,13 @@ class HFRunner:
         # transformers 5 renamed `past_key_values` to `cache`; accept either.
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.keeps_logits = "logits_to_keep" in params
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.windows = attention_windows(config)
+        self.implementation = getattr(config, "_attn_implementation", None)
+        custom = bool(self.windows) and self.implementation in ("eager", "sdpa")
+        self.reuses_prefix = self.windows is None or custom
+        if not custom:
+            self.windows = None
 
     def prepare(self) -> None:
         """Nothing to bring up to date: the model's own forward reads its weights."""
@@ -565,8 +581,11 @@ class HFRunner:
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
-        return HFState(DynamicCache(config=self.model.config),
-                       torch.zeros(batch, capacity, dtype=torch.long, device=device))
+        mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        if self.windows is None:
+            return HFState(DynamicCache(config=self.model.config), mask)
+        # Without the config every layer keeps all its slots: the masks below decide what each query sees.
+        return HFState(DynamicCache(), mask, positions=torch.full_like(mask, -1))
 
     def compute_prefix(self, ids: list[int]) -> HFState:
         device = next(self.model.parameters()).device
@@ -582,11 +601,15 @@ class HFRunner:
         if batch > 1:
             state.cache.batch_repeat_interleave(batch)
         state.mask[:, : prefix.length] = 1
+        if state.positions is not None:
+            state.positions[:, : prefix.length] = prefix.positions[:, : prefix.length]
         state.length = prefix.length
 
     def select(self, state: HFState, rows: torch.Tensor) -> None:
         state.cache.batch_select_indices(rows)
         state.mask = state.mask.index_select(0, rows)
+        if state.positions is not None:
+            state.positions = state.positions.index_select(0, rows)
 
     def forward(self, state: HFState, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                 keep: int) -> torch.Tensor:
@@ -595,7 +618,52 @@ class HFRunner:
         kwargs = {self.cache_arg: state.cache}
         if self.keeps_logits:
             kwargs["logits_to_keep"] = keep
-        out = self.model(input_ids=ids, attention_mask=state.mask[:, :end], position_ids=positions, use_cache=True,
+        attention_mask = state.mask[:, :end]
+        if state.positions is not None:
+            state.positions[:, start:end] = torch.where(valid, positions, -1)
+            attention_mask = self._masks(state, start, end)
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                          **kwargs)
         state.length = end
         return out.logits[:, -keep:]
+
+    def _masks(self, state: HFState, start: int, end: int):
+        """The attention masks [batch, 1, T, end] of queries in slots [start, end): a key is seen when it is real,
+        at or before the query's position and (in a windowed layer) within the window, counted in positions as
+        transformers counts them without padding (`kv > q - window`). A padding query sees its own slot only
+        (a row of nothing would be NaN). One mask per layer type (a dict) where the config names layer types,
+        else the one the model's layers use; boolean for sdpa, additive for eager, as transformers builds them."""
+        queries = state.positions[:, None, start:end, None]  # [B, 1, T, 1]
+        keys = state.positions[:, None, None, :end]  # [B, 1, 1, S]
+        seen = (keys >= 0) & (keys <= queries)
+        own = torch.arange(end, device=keys.device) == torch.arange(start, end, device=keys.device)[:, None]
+        dtype = self.model.get_input_embeddings().weight.dtype
+        masks = {}
+        for kind, window in self.windows.items():
+            allowed = seen if window is None else seen & (keys > queries - window)
+            allowed = allowed | own
+            if self.implementation == "eager":
+                masks[kind] = torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill_(
+                    ~allowed, torch.finfo(dtype).min)
+            else:
+                masks[kind] = allowed
+        return masks if len(masks) > 1 or "" not in masks else masks[""]
+
+
+def attention_windows(config) -> dict[str, int | None] | None:
+    """The attention window of each layer type, for a model with sliding-window attention (None when every layer
+    attends to the whole context; {} when a layer type is one this module builds no masks for, such as chunked
+    attention): keyed by the config's layer types ("full_attention", "sliding_attention"), or by "" where the
+    config names none and every layer uses the window (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        kinds = set(layer_types)
+        if kinds == {"full_attention"} or window is None:
+            return None
+        if not kinds <= {"full_attention", "sliding_attention"}:
+            return {}
+        return {kind: (window if kind == "sliding_attention" else None) for kind in sorted(kinds)}
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return None
+    return {"": window}

@@ -376,8 +376,8 @@ class Generator:
     def _shared_length(self, prompts: Sequence[Prompt] | None, encoded: list[list[int]], shared_prefix: SharedPrefix,
                        cap: int) -> int:
         """How many leading tokens every sequence shares with the requested prefix (0: no reuse)."""
-        if shared_prefix is None or cap < 1:
-            return 0
+        if shared_prefix is None or cap < 1 or not getattr(self._runner, "reuses_prefix", True):
+            return 0  # (a runner that cannot lay a prefix out exactly for this model says so: core.runners)
         if isinstance(shared_prefix, str) and shared_prefix == "auto":
             reference = encoded[0]
         elif isinstance(shared_prefix, str):
