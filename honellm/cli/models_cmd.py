@@ -14,10 +14,27 @@ def register(app: typer.Typer) -> None:
         paths: list[str] = typer.Argument(None, help="extra local model folders or .gguf files to describe"),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
         convert: bool = typer.Option(False, "--convert", help="convert the embedded model now (otherwise on first use)"),
+        check: str = typer.Option(None, "--check", metavar="MODEL",
+                                  help="say which paths MODEL takes (Hone's fast paths or transformers' forward) and why"),
     ):
         """List models usable offline: the embedded default, local paths, and the local Hugging Face cache."""
         from honellm.defaults import EMBEDDED_MODELS
-        from honellm.models import convert_embedded, list_models
+        from honellm.models import check_paths, convert_embedded, list_models
+
+        if check:
+            found = check_paths(check)
+            if as_json:
+                json_out({"model": check, **found.to_dict()})
+                return
+            table = Table(title=f"Paths of {check} ({found.model_type})")
+            table.add_column("part")
+            table.add_column("path", overflow="fold")
+            for part, what in (("training", "training forward"), ("decoding", "generation, evaluation, serving"),
+                               ("kernels", "C kernels (bf16)")):
+                table.add_row(f"{part}: {what}", found.path(part))
+            console.print(table)
+            console.print("HONE_FAST=0 turns every fast path off (transformers' forward everywhere).")
+            return
 
         if convert:
             for name in EMBEDDED_MODELS:

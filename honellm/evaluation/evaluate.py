@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+from honellm.core.support import fast_path_support
 from honellm.errors import HoneError
 from honellm.evaluation.bootstrap import bootstrap_ci
 from honellm.evaluation.cost import PeakMemory
@@ -55,6 +56,7 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     from honellm.progress import progress as progress_bar
 
     generator = Generator(model, tokenizer, batch_size=batch_size)
+    paths = f"{generator.runner_name} runner; {fast_path_support(model).summary()}"  # honellm.core.support
     if (artifact.manifest.model_extra or {}).get("inference"):  # sampling at inference, e.g. best-of-n
         from honellm.reward.recipes.best_of_n import inference_generator
 
@@ -105,7 +107,7 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
         artifact={"name": artifact.name, "path": str(artifact.path) if artifact.path else None,
                   "method": artifact.manifest.method, "kind": artifact.kind, "base_model": artifact.base_model},
         config={"limit": limit, "seed": seed, "batch_size": batch_size, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-                "task_source": task.source},
+                "task_source": task.source, "model_paths": paths},
         records=examples, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
 

@@ -27,6 +27,7 @@ import torch
 
 from honellm.artifact import Artifact
 from honellm.core import fused
+from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
@@ -149,6 +150,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
+        note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
     train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
                            max_grad_norm=config.max_grad_norm)
 

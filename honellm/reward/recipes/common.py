@@ -26,6 +26,7 @@ from pydantic import Field
 
 from honellm.artifact import Artifact
 from honellm.core import fused
+from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
 from honellm.training.config import TrainingConfig
@@ -386,6 +387,7 @@ def finish_artifact(*, task, method: str, kind: str, config: AlignConfig, progra
                                metrics=metrics, cost=cost, run_dir=str(run.path))
     if accelerator.is_main_process:
         save(artifact, run.path / "artifact")
+        note_paths(final, run)  # which paths the model took, and the kernels' status at the end (honellm.core.support)
         run.log_metrics(event="done", **metrics, **summary)
         run.close()
     accelerator.wait_for_everyone()

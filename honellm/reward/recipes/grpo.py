@@ -40,6 +40,7 @@ import torch
 from pydantic import Field
 
 from honellm.artifact import Artifact
+from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
@@ -296,6 +297,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                         trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, proxy_reward=proxy.names,
                         gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total)
+        note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
     train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
                            max_grad_norm=config.max_grad_norm)
     pad_id = generator.pad_id

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from honellm.artifact import Artifact
+from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram
 from honellm.reward.recipes import AlignMethod, register_align_method
@@ -124,6 +125,7 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
                         trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, proxy_reward=proxy.names,
                         estimated_peak_memory_bytes=memory.total)
+        note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
     step, generation_seconds, generated_tokens, kept_total = 0, 0.0, 0, 0
     history = []
 
