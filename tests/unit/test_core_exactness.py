@@ -50,12 +50,16 @@ def arch_dirs(tmp_path_factory):
     return get
 
 
-def load_fp32(path, attention: str | None = "eager"):
+def load_fp32(path, attention: str | None = "eager", *, dropout: bool = True):
     """The model in fp32 with `attention` (None: transformers' default, as `hone eval` loads it: sdpa where the
-    architecture has it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    architecture has it); `dropout=False` sets every dropout probability of the config to 0 (GPT-2's and OPT's
+    are 0.1: two computations in training mode would draw different masks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {} if attention is None else {"attn_implementation": attention}
+    if not dropout:
+        kwargs.update({key: 0.0 for key, value in AutoConfig.from_pretrained(path).to_dict().items()
+                       if isinstance(value, float) and ("dropout" in key or "pdrop" in key)})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
@@ -150,10 +154,10 @@ def generation_difference(model, tokenizer, steps: int = 6) -> float:
 
 def lora_model(path):
     """The tuning recipe's setting in fp32: LoRA on every linear layer (B non-zero, so the adapter does something),
-    eager attention (what SFT picks on a CPU), the fused LoRA layers installed."""
+    eager attention (what SFT picks on a CPU), the fused LoRA layers installed, dropout off."""
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = load_fp32(path)
+    model, tokenizer = load_fp32(path, dropout=False)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     for name, p in model.named_parameters():
