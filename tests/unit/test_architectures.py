@@ -51,6 +51,10 @@ ARCHS = list(ARCHITECTURES)
 CPU_METHODS = [name for name, m in all_methods().items() if not m.needs_gpu]
 FP32 = Precision.resolve("fp32", "cpu")
 TEMPLATES = {"chatml": "chatml", "no-system": "no-system", "none": None}
+SOFT_PROMPTS = {name for name, m in all_methods().items() if not m.merges and not m.trains_base}
+# Architectures whose every layer of the tiny model attends within a window of 8 tokens (gemma2 alternates with
+# global layers): a soft prompt or prefix before a longer input is outside every window and gets no gradient.
+ALL_WINDOWED = {"mistral", "gemma3"}
 
 # Where PEFT cannot apply a method to an architecture, Hone refuses with a HoneError (the test then skips with the
 # reason). Everything else in the method x architecture matrix must train, save and reload.
@@ -75,15 +79,17 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """models(arch, template="chatml") -> the folder of a tiny random model, built once per module."""
-    built: dict[tuple[str, str], object] = {}
+    """models(arch, template="chatml", wide=False) -> the folder of a tiny random model, built once per module
+    (`wide`: a sliding window of 64 tokens instead of 8)."""
+    built: dict[tuple[str, str, bool], object] = {}
     root = tmp_path_factory.mktemp("arch-models")
 
-    def get(arch: str, template: str = "chatml"):
-        if (arch, template) not in built:
-            built[arch, template] = make_tiny_arch_model(root / f"{arch}-{template}", arch,
-                                                         chat_template=TEMPLATES[template])
-        return built[arch, template]
+    def get(arch: str, template: str = "chatml", wide: bool = False):
+        if (arch, template, wide) not in built:
+            built[arch, template, wide] = make_tiny_arch_model(
+                root / f"{arch}-{template}{'-wide' if wide else ''}", arch, chat_template=TEMPLATES[template],
+                overrides={"sliding_window": 64} if wide else None)
+        return built[arch, template, wide]
 
     return get
 
@@ -184,8 +190,11 @@ def _batches(tokenizer, n_batches: int = 2):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tuning_method(models, arch, method, tmp_path):
     """A few steps change the method's trainable parameters and nothing else; the saved adapter (or model), reloaded
-    on the original base, gives the same logits; where the method merges, so does the merged model."""
-    model_dir = models(arch)
+    on the original base, gives the same logits; where the method merges, so does the merged model.
+
+    Soft prompts and prefixes train on a wider sliding window where every layer is windowed: see
+    test_a_soft_prompt_outside_every_window_gets_no_gradient."""
+    model_dir = models(arch, wide=method in SOFT_PROMPTS and arch in ALL_WINDOWED)
     spec = get_method(method)
     config = spec.config(precision="fp32")
     seed_everything(0)
@@ -218,6 +227,7 @@ def test_tuning_method(models, arch, method, tmp_path):
     expected = _logits(model, probe)
     if spec.trains_base:
         model.save_pretrained(tmp_path / "saved")
+        tokenizer.save_pretrained(tmp_path / "saved")
         reloaded, _ = load(tmp_path / "saved", dtype="fp32", device="cpu")
     else:
         from peft import PeftModel
@@ -228,6 +238,21 @@ def test_tuning_method(models, arch, method, tmp_path):
     torch.testing.assert_close(_logits(reloaded, probe), expected, atol=1e-4, rtol=1e-4)
     if spec.merges:
         torch.testing.assert_close(_logits(reloaded.merge_and_unload(), probe), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_soft_prompt_outside_every_window_gets_no_gradient(models):
+    """Why the windowed models train soft prompts on a wider window above: with a window of 8 tokens on every
+    layer, an answer 20+ tokens after the soft prompt cannot attend to it (transformers' own attention), so the
+    prompt's gradient is exactly zero. Real windows (4,096 tokens for Mistral 7B v0.1) are far longer."""
+    spec = get_method("prompt_tuning")
+    model, tokenizer = load(models("mistral"), dtype="fp32", device="cpu")
+    model = FP32.cast_model(spec.apply(model, spec.config(precision="fp32"), str(models("mistral"))))
+    model.train()
+    loss = sft_loss(model, _batches(tokenizer, 1)[0]).total
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
 
 
 @pytest.mark.parametrize("method", ["dora", "pissa", "olora"])
