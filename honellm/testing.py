@@ -221,7 +221,7 @@ NO_SYSTEM_TEMPLATE = (
 )
 
 
-def _arch_config(arch: str, tok, hidden: int, layers: int):
+def _arch_config(arch: str, tok, hidden: int, layers: int, overrides: dict | None = None):
     import transformers
 
     class_name, extra = ARCHITECTURES[arch]
@@ -240,17 +240,19 @@ def _arch_config(arch: str, tok, hidden: int, layers: int):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=arch not in ("phi3", "olmo2"), **ids)
     kwargs.update(extra)
+    kwargs.update(overrides or {})
     if kwargs.get("pad_token_id", 0) is None:
         kwargs["pad_token_id"] = tok.pad_token_id
     return config_class(**kwargs)
 
 
 def make_tiny_arch_model(path: str | Path, arch: str, *, seed: int = 0, layers: int = 2, hidden: int = 64,
-                         chat_template: str | None = "chatml") -> Path:
+                         chat_template: str | None = "chatml", overrides: dict | None = None) -> Path:
     """Write a tiny random model of architecture `arch` (a key of ARCHITECTURES) to `path`; return the path.
 
     `chat_template`: "chatml" (SmolLM2's), "no-system" (a template that raises on a system turn) or None (a base
-    model without a chat template: Hone must fall back to a plain layout).
+    model without a chat template: Hone must fall back to a plain layout). `overrides`: config fields that differ
+    from the table's (e.g. a wider `sliding_window`), for the Llama-shaped architectures.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -260,7 +262,7 @@ def make_tiny_arch_model(path: str | Path, arch: str, *, seed: int = 0, layers: 
     path = Path(path)
     tok = make_tiny_tokenizer()
     tok.chat_template = {"chatml": CHATML_TEMPLATE, "no-system": NO_SYSTEM_TEMPLATE, None: None}[chat_template]
-    config = _arch_config(arch, tok, hidden, layers)
+    config = _arch_config(arch, tok, hidden, layers, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(

@@ -6,6 +6,9 @@ prompt + answer is exactly what the template renders for the whole conversation.
 `render_answer`'s tokens teaches the model to end its turn.
 
 Base models without a chat template get a plain layout: the system text, then `User:`/`Assistant:` turns.
+Chat templates that refuse a system turn (Mistral's and Gemma's older ones raise on it) get the system text folded
+into the first user turn, separated by a blank line, as those models' own documentation does; every rendering goes
+through `render_messages`, so prompts, answers and shared prefixes agree on the layout.
 """
 
 from __future__ import annotations
@@ -17,6 +20,53 @@ PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant:"
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def accepts_system(tokenizer) -> bool:
+    """Whether the chat template renders a system turn (tried once per template text, then remembered)."""
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _ACCEPTS_SYSTEM:
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            _ACCEPTS_SYSTEM[key] = True
+        except Exception:  # noqa: BLE001 - templates raise what they like (jinja's TemplateError, ValueError...)
+            _ACCEPTS_SYSTEM[key] = False
+    return _ACCEPTS_SYSTEM[key]
+
+
+_ACCEPTS_SYSTEM: dict[str, bool] = {}
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The leading system turn(s) folded into the first user turn ("system text\n\nuser text").
+
+    With no user turn to carry it (a system message alone), the system text becomes a user turn of its own.
+    """
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    if not system:
+        return messages
+    for i, message in enumerate(rest):
+        if message["role"] == "user":
+            folded = {**message, "content": "\n\n".join([*system, message["content"]])}
+            return [*rest[:i], folded, *rest[i + 1:]]
+    return [{"role": "user", "content": "\n\n".join(system)}, *rest]
+
+
+def render_messages(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    """The chat template's text for `messages` (the system turn folded where the template refuses one)."""
+    if not accepts_system(tokenizer):
+        messages = fold_system(messages)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # noqa: BLE001 - a template's own refusal (jinja TemplateError and friends)
+        roles = ", ".join(m["role"] for m in messages)
+        raise HoneError(f"the model's chat template refused the conversation ({roles}): {err}",
+                        where="the tokenizer's chat_template",
+                        fix="check the roles of the data's turns against what the model accepts, or set the "
+                            "tokenizer's chat_template") from None
 
 
 def build_messages(system: str | None, demonstrations: list[tuple[str, str]], turns: list[dict]) -> list[dict]:
@@ -40,7 +90,7 @@ def build_messages(system: str | None, demonstrations: list[tuple[str, str]], tu
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The text of `messages` followed by the generation prompt (where the assistant's answer begins)."""
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_messages(tokenizer, messages, add_generation_prompt=True)
     return _plain(messages, tokenizer) + PLAIN_ASSISTANT
 
 
@@ -49,7 +99,7 @@ def render_answer(tokenizer, messages: list[dict], answer: str) -> str:
     if not has_chat_template(tokenizer):
         return f" {answer}{tokenizer.eos_token or ''}"
     prompt = render_prompt(tokenizer, messages)
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    full = render_messages(tokenizer, [*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
     if not full.startswith(prompt):
         raise HoneError(
             "the model's chat template renders a conversation differently from its prefix (it edits earlier turns)",

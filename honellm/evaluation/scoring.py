@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from honellm.data.chat import PLAIN_ASSISTANT, has_chat_template, render_answer, render_prompt
+from honellm.data.chat import (
+    PLAIN_ASSISTANT,
+    has_chat_template,
+    render_answer,
+    render_messages,
+    render_prompt,
+)
 from honellm.errors import HoneError
 from honellm.evaluation.metrics import Metric
 
@@ -117,7 +123,7 @@ def shared_prefix_text(tokenizer, program, prompts: list[str]) -> str | None:
     if not messages or len(prompts) < 2:
         return None
     if has_chat_template(tokenizer):
-        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        prefix = render_messages(tokenizer, messages, add_generation_prompt=False)
     else:
         prefix = render_prompt(tokenizer, messages)[: -len(PLAIN_ASSISTANT)]
     if not prefix or not all(p.startswith(prefix) for p in prompts):

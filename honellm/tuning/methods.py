@@ -32,7 +32,7 @@ from pydantic import Field
 from honellm.errors import HoneError, MissingDependency
 from honellm.tuning.config import SFTConfig
 from honellm.tuning.registry import TuningMethod, register_method
-from honellm.tuning.targets import resolve_targets
+from honellm.tuning.targets import ia3_targets, is_moe, resolve_targets
 
 TargetSpec = str | list[str]
 TARGETS_HELP = "modules to adapt: all-linear, attention, mlp, or a list of module names"
@@ -40,6 +40,17 @@ TARGETS_HELP = "modules to adapt: all-linear, attention, mlp, or a list of modul
 
 def _model_type(model) -> str:
     return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+
+def _refuse_conv1d(model, method: str) -> None:
+    """GPT-2-style models store their projections as transformers' Conv1D (a transposed linear layer); PEFT's
+    LoHa and LoKr have no Conv1D layer and OLoRA's QR initialisation gets the transposed shape wrong."""
+    from transformers.pytorch_utils import Conv1D
+
+    if any(isinstance(module, Conv1D) for module in model.modules()):
+        raise HoneError(f"{method} cannot adapt {_model_type(model)}'s Conv1D projection layers (PEFT does not "
+                        "support them for this method)", where=f"--method {method}",
+                        fix="use --method lora, rslora, dora or pissa, which adapt Conv1D layers")
 
 
 def _peft(model, peft_config):
@@ -63,6 +74,11 @@ def _lora(model, config: LoraConfig, **variant):
     from peft import LoraConfig as PeftLoraConfig
 
     targets = resolve_targets(_model_type(model), config.target_modules)
+    if targets == "all-linear" and is_moe(_model_type(model)) and (variant.get("use_dora") or "init_lora_weights" in variant):
+        name = "dora" if variant.get("use_dora") else str(variant["init_lora_weights"]).split("_")[0]
+        raise HoneError(f"{name} cannot adapt {_model_type(model)}'s experts: they are fused parameters, and PEFT "
+                        f"supports only plain LoRA on parameters", where="target_modules",
+                        fix=f"use {name} with target_modules=attention, or --method lora to adapt the experts too")
     return _peft(model, PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                        target_modules=targets, task_type="CAUSAL_LM", **variant))
 
@@ -142,6 +158,7 @@ class OloraConfig(LoraConfig):
 
 
 def apply_olora(model, config: OloraConfig, base_path: str):
+    _refuse_conv1d(model, "olora")
     return _lora(model, config, init_lora_weights="olora")
 
 
@@ -201,9 +218,12 @@ class IA3Config(SFTConfig):
 def apply_ia3(model, config: IA3Config, base_path: str):
     from peft import IA3Config as PeftIA3Config
 
+    targets, feedforward = config.target_modules, config.feedforward_modules
+    if targets is None:  # PEFT's choice where it has one, else Hone's table (keys, values, MLP output)
+        targets, known_feedforward = ia3_targets(_model_type(model))
+        feedforward = feedforward if feedforward is not None else known_feedforward
     try:
-        peft_config = PeftIA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
-                                    task_type="CAUSAL_LM")
+        peft_config = PeftIA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
         return _peft(model, peft_config)
     except ValueError as err:
         raise HoneError(f"IA3 cannot find its modules in this model: {err}", where="target_modules",
@@ -293,6 +313,7 @@ class LoHaConfig(SFTConfig):
 def apply_loha(model, config: LoHaConfig, base_path: str):
     from peft import LoHaConfig as PeftLoHaConfig
 
+    _refuse_conv1d(model, "loha")
     targets = resolve_targets(_model_type(model), config.target_modules)
     return _peft(model, PeftLoHaConfig(r=config.r, alpha=config.alpha, module_dropout=config.module_dropout,
                                        target_modules=targets, task_type="CAUSAL_LM"))
@@ -313,6 +334,7 @@ class LoKrConfig(SFTConfig):
 def apply_lokr(model, config: LoKrConfig, base_path: str):
     from peft import LoKrConfig as PeftLoKrConfig
 
+    _refuse_conv1d(model, "lokr")
     targets = resolve_targets(_model_type(model), config.target_modules)
     return _peft(model, PeftLoKrConfig(r=config.r, alpha=config.alpha, decompose_both=config.decompose_both,
                                        target_modules=targets, task_type="CAUSAL_LM"))

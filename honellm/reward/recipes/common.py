@@ -70,6 +70,7 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
     # Full fine-tuning keeps fp32 master weights: load them in fp32 rather than round-trip through bf16.
     model, tokenizer = load(task.config.model, dtype="fp32" if full else precision.name, device=str(device))
     model.config.use_cache = False
+    _disable_model_dropout(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The LoRA-family `apply` functions read r, alpha, dropout and target_modules, which AlignConfig has too.
@@ -79,6 +80,21 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
         keep_adapter_inputs_in_compute_dtype(model)
     fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
     return model, tokenizer
+
+
+def _disable_model_dropout(model) -> None:
+    """The base model's own dropout off (before the adapter is applied: the adapter's dropout stays configurable).
+
+    The reference and the sampler score without dropout; a policy trained with it (GPT-2 and OPT ship dropout of
+    0.1) would start with log-ratios away from zero. TRL's `disable_dropout` does the same for nn.Dropout modules;
+    OPT and others also apply dropout functionally from a float attribute, zeroed here too.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def keep_adapter_inputs_in_compute_dtype(model) -> None:
