@@ -92,8 +92,13 @@ def export_gguf(artifact: str | Path | Artifact, out: str | Path, *, quants: lis
     out = Path(out)
     if out.exists() and not force:
         raise HoneError("the export folder already exists", where=str(out), fix="choose another folder, or pass --force")
-    supported_architecture(_source_config(art), where=str(art.path))
+    config = _source_config(art)
+    supported_architecture(config, where=str(art.path))
     notes: list[str] = []
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < config.get("max_position_embeddings", 0):
+        notes.append(f"the model attends over a sliding window of {window} tokens; llama.cpp attends over the whole "
+                     f"context (as its converter does for this architecture): outputs differ past {window} tokens")
     files: dict[str, dict] = {}
     stem = _file_stem(art.name)
     with atomic_dir(out, overwrite=True) as tmp:
