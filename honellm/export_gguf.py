@@ -192,7 +192,7 @@ def write_gguf(folder: str | Path, path: str | Path, quant: str, *, name: str | 
     tied = config.get("tie_word_embeddings", False)
     for weights in sorted(folder.glob("*.safetensors")):
         with safe_open(weights, framework="np") as f:
-            for hf_name in f.keys():
+            for hf_name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
                 if tied and hf_name == "lm_head.weight":
                     continue
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
