@@ -6,7 +6,10 @@
 - `adapter`: the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) with the base model named
   by its hub id where Hone knows it, which `PeftModel.from_pretrained` and vLLM's `--enable-lora` load.
 
-Both write `hone-export.json` (where the export came from) and a README with the prompt the model was tuned with:
+- `gguf`: one GGUF file per quantisation for llama.cpp, Ollama and LM Studio, plus an Ollama `Modelfile` with the
+  artifact's system prompt, demonstrations and sampling parameters (see `honellm.export_gguf`).
+
+All write `hone-export.json` (where the export came from) and a README with the prompt the model was tuned with:
 a tuned model expects the artifact's system message and template, which a plain model folder cannot carry.
 """
 
@@ -21,21 +24,26 @@ from honellm.artifact import Artifact
 from honellm.atomic import atomic_dir
 from honellm.errors import HoneError
 
-FORMATS = ("merged", "adapter")
+FORMATS = ("merged", "adapter", "gguf")
 VLLM_LORA_TYPES = ("LORA",)
 
 
-def export_artifact(artifact: str | Path | Artifact, out: str | Path, *, format: Literal["merged", "adapter"] = "merged",
-                    force: bool = False, dtype: str = "auto") -> Path:
-    """Write `artifact` to `out` as a merged model folder or a standalone adapter; return `out`.
+def export_artifact(artifact: str | Path | Artifact, out: str | Path, *,
+                    format: Literal["merged", "adapter", "gguf"] = "merged", force: bool = False, dtype: str = "auto",
+                    quants: list[str] | tuple[str, ...] = ("q8_0",)) -> Path:
+    """Write `artifact` to `out` as a merged model folder, a standalone adapter or GGUF files; return `out`.
 
     `dtype` of the merged weights: "auto" keeps the base checkpoint's dtype; "bf16"/"fp32" convert. The merge itself
-    is done in fp32.
+    is done in fp32. `quants`: the GGUF quantisations (format "gguf" only; see `honellm.export_gguf.QUANTS`).
     """
     art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     out = Path(out)
     if format not in FORMATS:
         raise HoneError(f"unknown export format {format!r}", where="--format", fix=f"use one of: {', '.join(FORMATS)}")
+    if format == "gguf":
+        from honellm.export_gguf import export_gguf
+
+        return export_gguf(art, out, quants=quants, force=force)
     if out.exists() and not force:
         raise HoneError("the export folder already exists", where=str(out), fix="choose another folder, or pass --force")
     writer = _write_adapter if format == "adapter" else _write_merged
@@ -126,11 +134,14 @@ def _stored_dtype(art: Artifact):
     return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
 
 
+_FORMAT_NAMES = {"merged": "a merged model", "adapter": "a PEFT adapter", "gguf": "GGUF (merged, then quantised)"}
+
+
 def _readme(art: Artifact, format: str, notes: list[str]) -> str:
     program = art.program
     lines = [f"# {art.name}", "",
              f"Exported by Hone from artifact `{art.path}` ({art.manifest.method}, base "
-             f"`{art.manifest.base_model.id}`), as {'a merged model' if format == 'merged' else 'a PEFT adapter'}.",
+             f"`{art.manifest.base_model.id}`), as {_FORMAT_NAMES[format]}.",
              "", "## The prompt it was tuned with", "",
              "Send requests the way the model was trained: through the tokenizer's chat template, with"]
     lines.append(f"- system message: {program.system!r}" if program.system else "- no system message (the template's default)")

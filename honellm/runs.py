@@ -33,6 +33,7 @@ class RunDir:
         self.path = Path(path)
         self._metrics = None
         self._handler: logging.Handler | None = None
+        self.tracking = None  # honellm.tracking.Tracking when the run's config has report_to
 
     @classmethod
     def create(cls, task_name: str, method: str, *, out: str | Path | None = None, force: bool = False,
@@ -70,6 +71,8 @@ class RunDir:
         record.update(values)
         self._metrics.write(json.dumps(record, default=_plain) + "\n")
         self._metrics.flush()
+        if self.tracking is not None:
+            self.tracking.log(record)
 
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.path / "metrics.jsonl")
@@ -83,6 +86,9 @@ class RunDir:
         self._handler = handler
 
     def close(self) -> None:
+        if self.tracking is not None:
+            self.tracking.finish()
+            self.tracking = None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None

@@ -1,4 +1,5 @@
-"""`hone export`: export an artifact as a merged model or a standalone adapter for transformers and vLLM."""
+"""`hone export`: export an artifact as a merged model, a standalone adapter (transformers, vLLM) or GGUF (llama.cpp,
+Ollama, LM Studio)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,42 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
         artifact: str = typer.Argument(..., help="an artifact folder (e.g. runs/sst2/lora-*/artifact)"),
+        out_arg: str = typer.Argument(None, metavar="[OUT]", help="the folder to write (or --out)"),
         merged: str = typer.Option(None, "--merged", help="write a merged standalone model to this folder "
                                                           "(the same as --format merged --out FOLDER)"),
         out: str = typer.Option(None, "--out", "-o", help="the folder to write"),
         format: str = typer.Option("merged", "--format", help="merged: a standalone transformers model folder; "
-                                                               "adapter: a PEFT adapter folder (vLLM --enable-lora)"),
+                                                               "adapter: a PEFT adapter folder (vLLM --enable-lora); "
+                                                               "gguf: GGUF files + an Ollama Modelfile"),
+        quant: list[str] = typer.Option(None, "--quant", help="GGUF quantisation, repeatable: f16, q8_0 (default), "
+                                                              "bf16, f32, q5_1, q5_0, q4_1, q4_0"),
         dtype: str = typer.Option("auto", "--dtype", help="merged weights' dtype: auto (the base's), bf16 or fp32"),
         force: bool = typer.Option(False, "--force", help="replace an existing folder"),
     ):
-        """Export an artifact for use without Hone: a merged model folder, or its adapter."""
+        """Export an artifact for use without Hone: a merged model folder, its adapter, or GGUF for llama.cpp/Ollama."""
         from honellm.errors import HoneError
         from honellm.export import export_artifact
 
-        if merged and out:
-            raise HoneError("give the folder once: --merged FOLDER or --out FOLDER", fix="drop one of them")
+        given = [x for x in (merged, out, out_arg) if x]
+        if len(given) > 1:
+            raise HoneError("give the folder once: --merged FOLDER, --out FOLDER or OUT", fix="drop all but one")
         if merged and format != "merged":
             raise HoneError("--merged writes the merged format", fix="drop --format, or use --out with --format adapter")
-        target = merged or out
-        if not target:
-            raise HoneError("no output folder", fix="pass --merged FOLDER, or --format adapter --out FOLDER")
-        path = export_artifact(artifact, target, format="merged" if merged else format, force=force, dtype=dtype)
+        if quant and format != "gguf":
+            raise HoneError("--quant is for --format gguf", fix="add --format gguf, or drop --quant")
+        if not given:
+            raise HoneError("no output folder", fix="pass --merged FOLDER, or --format adapter|gguf --out FOLDER")
+        if format == "gguf":
+            from honellm.export_gguf import check_quants
+
+            check_quants(quant or [])  # before the merge, so a wrong name fails at once
+        path = export_artifact(artifact, given[0], format="merged" if merged else format, force=force, dtype=dtype,
+                               quants=quant or ["q8_0"])
         import json
 
-        notes = json.loads((path / "hone-export.json").read_text()).get("notes", [])
+        info = json.loads((path / "hone-export.json").read_text())
         echo(f"exported {format if not merged else 'merged'} model to {path}")
-        for note in notes:
+        for q, file in info.get("files", {}).items():
+            echo(f"  {file['file']}: {file['bytes'] / 2**20:.1f} MiB ({q})")
+        for note in info.get("notes", []):
             echo(f"note: {note}")

@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace an existing artifact folder"),
         seed: int = typer.Option(0, "--seed", help="seed of selection, search order and proposals"),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
+        report_to: str = typer.Option(None, "--report-to", help="experiment trackers beside metrics.jsonl: "
+                                                                 "tensorboard, mlflow, wandb, trackio (comma-separated)"),
     ):
         """Build a prompt program (zero/few-shot, example selection, calibration, search) -> Artifact.
 
@@ -49,7 +51,7 @@ def register(app: typer.Typer) -> None:
         made = make_prompt_artifact(task, overrides or [], search=search, shots=shots, selector=selector,
                                     per_query=per_query, calibration=calibration if calibrate else None, model_name=model, out=out, force=force,
                                     max_examples=max_examples, max_seconds=max_minutes * 60, propose=propose,
-                                    seed=seed, batch_size=batch_size)
+                                    seed=seed, batch_size=batch_size, report_to=report_to)
         if made.search is not None:
             print_candidates(made.search)
             echo(f"candidates: {made.run_dir / 'candidates.csv'}  ({len(made.search.candidates)} rows, "

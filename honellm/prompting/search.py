@@ -39,6 +39,7 @@ from pydantic import Field
 from honellm.config import Config
 from honellm.errors import HoneError
 from honellm.prompting.program import PromptProgram, SelectorSpec
+from honellm.tracking import ReportTo, Tracking, parse_report_to, report_to_field
 
 
 class PromptSearchConfig(Config):
@@ -62,6 +63,7 @@ class PromptSearchConfig(Config):
     pool_size: int = Field(1000, ge=1, description="training records in the demonstration pool (seeded sample)")
     seed: int = Field(0, description="seed of the candidate order, random selection and proposals")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    report_to: ReportTo = report_to_field()
 
 
 @dataclass
@@ -326,7 +328,7 @@ def make_prompt_artifact(task_text, overrides: list[str] | None = None, *, searc
                          force: bool = False, max_examples: int = 100, max_seconds: float = 1800.0,
                          propose: int | None = None, seed: int = 0, batch_size: int = 16,
                          search_config: PromptSearchConfig | None = None, run_dir: str | Path | None = None,
-                         progress: bool = True) -> PromptRun:
+                         progress: bool = True, report_to: list[str] | None = None) -> PromptRun:
     """What `hone prompt` does: build one program (or search for the best), score it on validation, save the
     Artifact (with pool.jsonl when it selects per query) and the run folder (config, metrics.jsonl,
     candidates.csv). `search_config` sets every knob of the search (`search` and the caps then only fill in
@@ -365,6 +367,8 @@ def make_prompt_artifact(task_text, overrides: list[str] | None = None, *, searc
                 "max_examples": max_examples, "max_seconds": max_seconds, "propose": propose, "seed": seed,
                 "batch_size": batch_size}
     run.write_config(settings)
+    report_to = parse_report_to(report_to) if report_to is not None else (search_config.report_to if search_config else [])
+    run.tracking = Tracking.start(report_to, project=task.name, run_dir=run.path, config=settings)
     try:
         model, tokenizer = load(model_name)
         found = None

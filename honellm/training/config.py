@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from honellm.config import Config
+from honellm.tracking import ReportTo, report_to_field
 
 
 class TrainingConfig(Config):
@@ -54,6 +55,7 @@ class TrainingConfig(Config):
     save_every: int | None = Field(None, ge=0, description="steps between checkpoints (None: at every evaluation; 0: never)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (oldest removed first)")
     log_every: int = Field(1, ge=1, description="steps between lines of metrics.jsonl")
+    report_to: ReportTo = report_to_field()
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -13,6 +13,7 @@ import yaml
 
 from honellm.errors import HoneError
 from honellm.runs import RunDir, _safe, runs_root
+from honellm.tracking import Tracking
 
 
 def open_run(task, method: str, config, *, out, resume: bool, force: bool, accelerator) -> RunDir:
@@ -32,12 +33,18 @@ def open_run(task, method: str, config, *, out, resume: bool, force: bool, accel
             check_same_config(Path(out) / "config.yaml", record)
         run = RunDir.create(task.name, method, out=out, force=force, resume=resume)
         run.write_config({**record, "processes": accelerator.num_processes})
+        run.tracking = Tracking.start(getattr(config, "report_to", []), project=task.name, run_dir=run.path,
+                                      config=record)
         path = [str(run.path)]
     if accelerator.num_processes > 1:
         broadcast_object_list(path)
     if not accelerator.is_main_process:
         run = RunDir(Path(path[0]))
     return run
+
+
+# Settings a resumed run may change: they do not touch the weights.
+RESUMABLE_CHANGES = ("report_to",)
 
 
 def latest_run(task_name: str, method: str) -> Path:
@@ -57,7 +64,8 @@ def check_same_config(path: Path, record: dict) -> None:
         raise HoneError(f"this run was started with method {saved.get('method')!r}, not {record['method']!r}",
                         where=str(path), fix="resume with the same --method, or start a new run with --force")
     old, new = saved.get("config", {}), record["config"]
-    changed = sorted(k for k in set(old) | set(new) if _plain(old.get(k)) != _plain(new.get(k)))
+    changed = sorted(k for k in set(old) | set(new) if _plain(old.get(k)) != _plain(new.get(k))
+                     and k not in RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise HoneError(f"the settings differ from the run being resumed ({diffs})", where=str(path),

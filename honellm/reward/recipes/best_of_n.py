@@ -37,6 +37,7 @@ from honellm.config import Config
 from honellm.errors import HoneError
 from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import RewardSource, load_reward_model_artifact
+from honellm.tracking import ReportTo, report_to_field
 
 
 class BestOfNConfig(Config):
@@ -53,6 +54,7 @@ class BestOfNConfig(Config):
     eval_split: str = Field("validation", description="split the new artifact is evaluated on (its metrics)")
     eval_limit: int | None = Field(32, ge=0, description="records evaluated (0: skip the evaluation; None: all)")
     seed: int = Field(0, description="seed of the evaluation's sampling")
+    report_to: ReportTo = report_to_field()
 
 
 INFERENCE_KEYS = ("n", "temperature", "top_p", "task_rewards", "reward_model", "reward_model_weight")
