@@ -32,7 +32,8 @@ class Grammar:
     def json_schema(cls, schema: dict | bool) -> Grammar:
         import json
 
-        return cls("json_schema", json.dumps(schema, sort_keys=True, ensure_ascii=False))
+        # Key order is kept: a schema's property order is the order the answer writes them in.
+        return cls("json_schema", json.dumps(schema, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
