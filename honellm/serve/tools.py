@@ -3,9 +3,9 @@
 Rendering. A chat template that knows tools (Qwen, Llama 3.1+, Mistral, Hermes, SmolLM3, ...: its source refers
 to `tools`) gets them as Hugging Face defines: `apply_chat_template(messages, tools=...)`, assistant turns with
 `tool_calls` (arguments as objects) and `tool` turns with their `tool_call_id`. A template without tool support
-gets what vLLM and Ollama fall back to: the tools described as JSON in the system prompt, with the Hermes
-convention for calls (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`); earlier calls are written back
-in that form and tool results become user turns in `<tool_response>` tags.
+gets a fallback: the tools described as JSON in the system prompt, with the Hermes convention for calls, the
+format many open models are tuned on (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`); earlier calls
+are written back in that form and tool results become user turns in `<tool_response>` tags.
 
 Parsing. The generated text is read as tool calls in the formats models are trained on: Hermes/Qwen
 `<tool_call>{json}</tool_call>` blocks (text around them is the message content), or the whole answer being a JSON
