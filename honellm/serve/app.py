@@ -243,8 +243,6 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         functions = check_tools(req.tools) if req.tools is not None else []
         mode, forced = check_tool_choice(req.tool_choice, functions)
         n, stream = _choices(req, state), bool(req.stream)
-        if stream and req.logprobs:
-            raise unsupported("logprobs", "logprobs with stream")
         grammar = _grammar(req.response_format, functions, mode, forced)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = state.sampling(req, req.max_completion_tokens or req.max_tokens, param, logprobs=bool(req.logprobs),
@@ -413,7 +411,9 @@ async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_toke
     """Stream a queued job's pieces as server-sent events. The response begins once the worker has taken the
     job, so a timeout while queued is still a proper 504 rather than an error inside a 200 stream.
 
-    With n > 1 the choices' pieces interleave, each chunk carrying its choice's index. When the answer may be a
+    With n > 1 the choices' pieces interleave, each chunk carrying its choice's index. A chat stream's
+    log-probabilities (`logprobs: true`) come whole in each choice's last chunk, where clients that join
+    `logprobs.content` across chunks find them. When the answer may be a
     tool call (`tools`: the functions offered), each choice's text is held back and sent whole at its end, as
     `tool_calls` deltas when it holds calls (a call cannot be recognised from its first tokens)."""
     events, deadline, n = job.events, job.deadline, len(job.prompts)
@@ -433,9 +433,9 @@ async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_toke
     head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": served.name, "system_fingerprint": FINGERPRINT}
 
-    def chunk(delta: dict | str | None, finish: str | None = None, index: int = 0) -> bytes:
+    def chunk(delta: dict | str | None, finish: str | None = None, index: int = 0, logprobs=None) -> bytes:
         if chat:
-            choice = {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
         data = {**head, "choices": [choice]}
@@ -475,7 +475,10 @@ async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_toke
                         message, finish = _assistant_message(text, finish, tools)
                         for delta in _held_back_deltas(message):
                             yield chunk(delta, index=i)
-                    yield chunk(None, finish, index=i)
+                    logprobs = None
+                    if chat and req.logprobs and final is not None:
+                        logprobs = {"content": await _chat_logprobs(served, final)}
+                    yield chunk(None, finish, index=i, logprobs=logprobs)
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": usage(prompt_tokens, total)})
                 break

@@ -307,7 +307,6 @@ BAD_FIELDS = [
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
     ({"logprobs": 1}, "logprobs"),
-    ({"logprobs": True, "stream": True}, "logprobs"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ]
 

@@ -112,6 +112,16 @@ def test_completion_logprobs_k_equal_a_transformers_forward(client, tiny_model):
     assert logprobs["text_offset"][0] == 0 and len(logprobs["text_offset"]) == len(logprobs["tokens"])
 
 
+def test_streamed_logprobs_arrive_in_the_last_chunk(client):
+    whole = chat(client, max_tokens=6, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]["content"]
+    response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 6,
+                                                         "temperature": 0, "stream": True, "logprobs": True,
+                                                         "top_logprobs": 2})
+    chunks = [json.loads(e[6:]) for e in response.text.split("\n\n") if e and e != "data: [DONE]"]
+    streamed = [t for c in chunks for t in ((c["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == whole and chunks[-1]["choices"][0]["logprobs"]["content"] == whole
+
+
 def test_sampled_logprobs_are_the_raw_models_not_the_tempered(client, models, tiny_model):
     """With a temperature, the reported distribution is still the model's own (temperature 1), as vLLM does."""
     body = chat(client, max_tokens=1, logprobs=True, top_logprobs=3, temperature=1.9, seed=1)
