@@ -3,7 +3,9 @@
 A call tokenizes its prompts, sorts them by length (less padding per batch), computes a shared prefix's keys
 and values once, then runs each batch: one prefill of the right-aligned suffixes after the prefix, then a lean
 decode loop (one forward per step, no logits-processor stack, no cache concatenation, finished rows dropped from
-the batch once half of it is done). Outputs come back in input order.
+the batch once half of it is done). A grammar (`SamplingParams.grammar`) gives each row its own token mask before
+every choice (`constrained`); logprobs and top_logprobs are always the raw model's. Outputs come back in input
+order.
 """
 
 from __future__ import annotations

@@ -298,3 +298,21 @@ def test_n_choices_stream_with_their_indexes(client):
     indexes = {json.loads(e[6:])["choices"][0]["index"] for e in response.text.split("\n\n")
                if e and e != "data: [DONE]"}
     assert indexes == {0, 1}
+
+
+def test_scripted_stream_of_n_choices_recounts_usage(tiny_model_dir):
+    """An engine that returns no Completions from its stream still gets each choice's finish and usage."""
+    generator = ScriptedGenerator(pieces=("o", "k"))
+    engine = Engine("scripted", None, load_tokenizer(tiny_model_dir), generator, generator.max_length)
+    served = ServedModel("scripted", "scripted", Artifact.zero_shot(str(tiny_model_dir)), engine)
+    with TestClient(create_app([served], ServeConfig())) as c:
+        response = c.post("/v1/chat/completions", json={"messages": HELLO, "n": 2, "stream": True,
+                                                        "stream_options": {"include_usage": True}})
+        chunks = [json.loads(e[6:]) for e in response.text.split("\n\n") if e and e != "data: [DONE]"]
+        texts = {0: "", 1: ""}
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                texts[choice["index"]] += choice["delta"].get("content") or ""
+        assert texts == {0: "ok", 1: "ok"} and generator.calls[-1] == [generator.calls[-1][0]] * 2
+        assert sum(1 for ch in chunks for choice in ch["choices"] if choice["finish_reason"] == "stop") == 2
+        assert chunks[-1]["usage"]["completion_tokens"] > 0
