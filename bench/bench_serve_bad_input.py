@@ -77,7 +77,23 @@ def cases(long_text: str) -> list[tuple[str, str, str, dict | None, bytes | dict
         ("top_p 0", "POST", "/v1/chat/completions", None, chat(top_p=0), 400),
         ("stream 'yes'", "POST", "/v1/chat/completions", None, chat(stream="yes"), 400),
         ("n 10**6", "POST", "/v1/chat/completions", None, chat(n=10**6), 400),
-        ("n 2 with stream", "POST", "/v1/chat/completions", None, chat(n=2, stream=True), 400),
+        ("n 2 with stream", "POST", "/v1/chat/completions", None, chat(n=2, stream=True), 200),
+        ("n 17 with stream", "POST", "/v1/chat/completions", None, chat(n=17, stream=True), 400),
+        ("top_logprobs 3", "POST", "/v1/chat/completions", None, chat(logprobs=True, top_logprobs=3), 200),
+        ("top_logprobs without logprobs", "POST", "/v1/chat/completions", None, chat(top_logprobs=3), 400),
+        ("top_logprobs 50", "POST", "/v1/chat/completions", None, chat(logprobs=True, top_logprobs=50), 400),
+        ("json_schema", "POST", "/v1/chat/completions", None, chat(response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["a", "b"]}}}), 200),
+        ("response_format yaml", "POST", "/v1/chat/completions", None, chat(response_format={"type": "yaml"}), 400),
+        ("json_schema invalid", "POST", "/v1/chat/completions", None, chat(response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}), 400),
+        ("tool_choice required", "POST", "/v1/chat/completions", None, chat(
+            max_tokens=32, tool_choice="required",
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"enum": [{}]}}}]), 200),
+        ("tool_choice, no tools", "POST", "/v1/chat/completions", None, chat(tool_choice="required"), 400),
+        ("tool_choice unknown", "POST", "/v1/chat/completions", None, chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}}), 400),
         ("five stop strings", "POST", "/v1/chat/completions", None, chat(stop=list("abcde")), 400),
         ("tools", "POST", "/v1/chat/completions", None, chat(tools=[{"type": "function"}]), 400),
         ("logit_bias", "POST", "/v1/chat/completions", None, chat(logit_bias={"1": 100}), 400),
@@ -124,7 +140,7 @@ def main() -> int:
         with open(log_path, "w") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "honellm", "serve", f"base={base}", str(lora), "--port", str(port),
-                 "--api-key", KEY, "--max-tokens-limit", "256", "--max-prompt-tokens", "256", "--threads", "1",
+                 "--api-key", KEY, "--max-tokens-limit", "256", "--max-prompt-tokens", "448", "--threads", "1",
                  "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:

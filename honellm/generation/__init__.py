@@ -7,8 +7,9 @@
     for piece in gen.stream(prompt, SamplingParams()): ...
 
 Files: `params` (what you ask and get), `engine` (the Generator: batching, prefix reuse, the decode loop),
-`runners` (one forward over a batch with a KV cache), `sampling` (choosing tokens), `text` (stop strings and
-streaming text), `vllm_backend` (the optional GPU backend).
+`runners` (one forward over a batch with a KV cache), `sampling` (choosing tokens), `constrained` (grammar
+masks: JSON schemas, Lark, regex, through llguidance), `text` (stop strings and streaming text), `vllm_backend`
+(the optional GPU backend).
 """
 
 from honellm.generation.engine import Generator, context_length, eos_token_ids
@@ -17,6 +18,7 @@ from honellm.generation.params import (
     FINISH_STOP,
     Completion,
     ContinuationScore,
+    Grammar,
     SamplingParams,
 )
 
@@ -26,6 +28,7 @@ __all__ = [
     "Completion",
     "ContinuationScore",
     "Generator",
+    "Grammar",
     "SamplingParams",
     "context_length",
     "eos_token_ids",

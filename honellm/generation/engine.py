@@ -3,7 +3,9 @@
 A call tokenizes its prompts, sorts them by length (less padding per batch), computes a shared prefix's keys
 and values once, then runs each batch: one prefill of the right-aligned suffixes after the prefix, then a lean
 decode loop (one forward per step, no logits-processor stack, no cache concatenation, finished rows dropped from
-the batch once half of it is done). Outputs come back in input order.
+the batch once half of it is done). A grammar (`SamplingParams.grammar`) gives each row its own token mask before
+every choice (`constrained`); logprobs and top_logprobs are always the raw model's. Outputs come back in input
+order.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from honellm.generation.params import (
     ContinuationScore,
     SamplingParams,
 )
-from honellm.generation.sampling import choose_tokens, make_generator
+from honellm.generation.sampling import choose_tokens_with_alternatives, make_generator
 from honellm.generation.text import CompletionText
 
 BACKENDS = ("auto", "torch", "vllm")
@@ -45,8 +47,10 @@ class _Row:
     text: CompletionText
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     ended_by_eos: bool = False
+    grammar: object | None = None  # a constrained.RowGrammar when the completion follows a grammar
 
     @property
     def done(self) -> bool:
@@ -55,14 +59,15 @@ class _Row:
     def content_ids(self) -> list[int]:
         return self.token_ids[:-1] if self.ended_by_eos else self.token_ids
 
-    def completion(self, with_logprobs: bool) -> Completion:
+    def completion(self, params: SamplingParams) -> Completion:
         return Completion(
             text=self.text.final(self.content_ids()),
             token_ids=list(self.token_ids),
             finish_reason=self.finish_reason or FINISH_LENGTH,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.token_ids),
-            logprobs=list(self.logprobs) if with_logprobs else None,
+            logprobs=list(self.logprobs) if params.logprobs else None,
+            top_logprobs=list(self.top_logprobs) if params.top_logprobs else None,
         )
 
 
@@ -138,9 +143,10 @@ class Generator:
             return []
         encoded = self._encode_all(prompts)
         if self._vllm is not None:
+            self._vllm_can_run(params)
             return self._vllm.generate(encoded, params, progress=progress)
         shared = self._shared_length(prompts, encoded, shared_prefix, cap=min(map(len, encoded)) - 1)
-        rows = [self._new_row(i, ids, params) for i, ids in enumerate(encoded)]
+        rows = self._new_rows(encoded, params)
         order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
         generator = make_generator(params.seed, self.device)
         with self._evaluating():  # once for the call, not per step (see `_evaluating`)
@@ -154,7 +160,7 @@ class Generator:
                     pass
                 bar.update(len(batch))
             bar.close()
-        return [row.completion(params.logprobs) for row in rows]
+        return [row.completion(params) for row in rows]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None
                ) -> collections.abc.Generator[str, None, Completion]:
@@ -164,25 +170,61 @@ class Generator:
         concatenation equals `generate([prompt], params)[0].text` for the same seed. The generator's return value
         (`StopIteration.value`) is the whole `Completion`, for token counts and the finish reason.
         """
+        pieces = self.stream_batch([prompt], params)
+        try:
+            while True:
+                yield next(pieces)[1]
+        except StopIteration as stop:
+            return stop.value[0]
+
+    def stream_batch(self, prompts: Sequence[Prompt], params: SamplingParams | None = None
+                     ) -> collections.abc.Generator[tuple[int, str], None, list[Completion]]:
+        """`stream` for several prompts decoded together in one batch (OpenAI's `n` with `stream`): yields
+        `(index of the prompt, text delta)`; returns the Completions in input order. The prompts run as one batch
+        (at most `batch_size` of them), so a row's text equals what `generate` gives it in the same batch."""
         params = params or SamplingParams()
-        encoded = self._encode_all([prompt])
-        if self._vllm is not None:  # vLLM's offline engine has no streaming: hand out the whole text at once
-            completion = self._vllm.generate(encoded, params)[0]
-            if completion.text:
-                yield completion.text
-            return completion
-        row = self._new_row(0, encoded[0], params)
+        encoded = self._encode_all(prompts)
+        if len(encoded) > self.batch_size:
+            raise HoneError(f"stream_batch takes at most batch_size={self.batch_size} prompts (got {len(encoded)})",
+                            where="Generator.stream_batch", fix="stream fewer prompts at once")
+        if self._vllm is not None:  # vLLM's offline engine has no streaming: hand out the whole texts at once
+            self._vllm_can_run(params)
+            completions = self._vllm.generate(encoded, params)
+            for i, completion in enumerate(completions):
+                if completion.text:
+                    yield i, completion.text
+            return completions
+        rows = self._new_rows(encoded, params)
         generator = make_generator(params.seed, self.device)
         with self._inference():
             self._runner.prepare()
-        for _ in self._decode([row], 0, None, params, generator):
-            piece = row.text.delta(row.content_ids(), finished=row.done)
+        for _ in self._decode(rows, 0, None, params, generator):
+            for row in rows:
+                piece = row.text.delta(row.content_ids(), finished=row.done)
+                if piece:
+                    yield row.index, piece
+        for row in rows:
+            piece = row.text.delta(row.content_ids(), finished=True)
             if piece:
-                yield piece
-        piece = row.text.delta(row.content_ids(), finished=True)
-        if piece:
-            yield piece
-        return row.completion(params.logprobs)
+                yield row.index, piece
+        return [row.completion(params) for row in rows]
+
+    def _vllm_can_run(self, params: SamplingParams) -> None:
+        if params.grammar is not None or params.top_logprobs:
+            raise HoneError("the vLLM backend here does not take grammars or top_logprobs",
+                            where="Generator(backend='vllm')", fix="use backend='torch' for constrained decoding")
+
+    def _new_rows(self, encoded: list[list[int]], params: SamplingParams) -> list[_Row]:
+        rows = [self._new_row(i, ids, params) for i, ids in enumerate(encoded)]
+        if params.grammar is not None:
+            from honellm.generation import constrained
+
+            compiled = constrained.compile_grammar(params.grammar)
+            vocab = self.model.config.get_text_config().vocab_size
+            tokenizer = constrained.llg_tokenizer(self.tokenizer, vocab, self.eos_ids)
+            for row in rows:
+                row.grammar = constrained.RowGrammar(compiled, tokenizer)
+        return rows
 
     def _new_row(self, index: int, ids: list[int], params: SamplingParams) -> _Row:
         room = self.max_length - len(ids)
@@ -199,7 +241,7 @@ class Generator:
         """Complete one batch; yields after every step (for streaming). Rows are updated in place.
 
         Nothing is held across a yield (no inference mode, no eval mode), so a suspended stream leaves the
-        caller's torch state alone.
+        caller's torch state alone. Rows with a grammar have their forbidden tokens masked before each choice.
         """
         runner, device = self._runner, self.device
         suffixes = [row.prompt_ids[shared:] for row in rows]
@@ -213,16 +255,26 @@ class Generator:
             logits = self._prefill(state, ids, positions, valid, keep=1)[:, -1]
         next_positions = torch.tensor([shared + len(s) for s in suffixes], device=device)
         active = list(range(len(rows)))  # which row each batch row of the state belongs to
+        constrained = any(row.grammar is not None for row in rows)
         for _ in range(steps):
+            allowed = None
+            if constrained:
+                from honellm.generation.constrained import allowed_tokens
+
+                grammars = [None if rows[r].done else rows[r].grammar for r in active]
+                allowed = allowed_tokens(grammars, logits.shape[-1], device)
             with self._inference():
-                tokens, logprobs = choose_tokens(logits, params, generator)
+                tokens, logprobs, top = choose_tokens_with_alternatives(logits, params, generator, allowed)
             chosen = tokens.tolist()
             chosen_logprobs = logprobs.tolist() if logprobs is not None else None
+            top_ids, top_values = (top[0].tolist(), top[1].tolist()) if top is not None else (None, None)
             keep = []
             for j, r in enumerate(active):
                 row = rows[r]
                 if row.done:
                     continue
+                if top_ids is not None:
+                    row.top_logprobs.append(list(zip(top_ids[j], top_values[j], strict=True)))
                 self._append(row, chosen[j], chosen_logprobs[j] if chosen_logprobs else None)
                 if not row.done:
                     keep.append(j)
@@ -245,6 +297,8 @@ class Generator:
             row.logprobs.append(logprob)
         if token in self.eos_ids:
             row.finish_reason, row.ended_by_eos = FINISH_STOP, True
+        elif row.grammar is not None and row.grammar.advance(token):
+            row.finish_reason = FINISH_STOP  # the grammar is complete and takes no more text
         elif row.text.stop and row.text.hits_stop(row.token_ids):
             row.finish_reason = FINISH_STOP
         elif len(row.token_ids) >= row.limit:

@@ -8,6 +8,32 @@ from honellm.errors import HoneError
 
 FINISH_STOP = "stop"  # the model ended its turn (an EOS id) or produced one of the stop strings
 FINISH_LENGTH = "length"  # max_new_tokens, or the model's context length, was reached
+MAX_TOP_LOGPROBS = 20  # alternatives per token, OpenAI's limit
+GRAMMAR_KINDS = ("json_schema", "lark", "regex")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the text a completion may have, enforced token by token (see `generation.constrained`).
+
+    `kind` is "json_schema" (`source` is the schema as JSON text; `{"type": "object"}` is any JSON object),
+    "lark" (a Lark grammar, llguidance's dialect) or "regex". Hashable, so requests with the same grammar batch.
+    """
+
+    kind: str
+    source: str
+
+    def __post_init__(self):
+        if self.kind not in GRAMMAR_KINDS:
+            raise HoneError(f"unknown grammar kind {self.kind!r}", where="Grammar(kind=...)",
+                            fix=f"use one of: {', '.join(GRAMMAR_KINDS)}")
+
+    @classmethod
+    def json_schema(cls, schema: dict | bool) -> Grammar:
+        import json
+
+        # Key order is kept: a schema's property order is the order the answer writes them in.
+        return cls("json_schema", json.dumps(schema, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -18,7 +44,11 @@ class SamplingParams:
     `temperature=0` is greedy decoding (top-k and top-p are then ignored). `seed` makes sampling reproducible
     for the same prompts and settings. `stop` strings end a completion at the text level (the string is trimmed
     from the text). `logprobs=True` returns, per generated token, its log-probability under the model's own
-    distribution (before temperature, top-k and top-p), which is what policy-gradient methods compare against.
+    distribution (before temperature, top-k, top-p and any grammar), which is what policy-gradient methods compare
+    against, and what vLLM and OpenAI report; `top_logprobs=k` also returns the k most likely tokens of that
+    distribution at every step (it implies `logprobs`). `grammar` constrains every completion to a JSON schema,
+    a Lark grammar or a regex: tokens the grammar forbids are masked out before sampling, and a completion ends
+    when its grammar is complete.
     """
 
     max_new_tokens: int = 64
@@ -28,8 +58,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: Grammar | None = None
 
     def __post_init__(self):
+        if self.top_logprobs and not self.logprobs:
+            object.__setattr__(self, "logprobs", True)
         if isinstance(self.stop, str):  # a single string is a common slip; accept it as one stop string
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -43,6 +77,8 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0 (got {self.top_k}); 0 disables it")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            problems.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs})")
         if any(not s for s in self.stop):
             problems.append("stop strings must be non-empty")
         if problems:
@@ -60,7 +96,8 @@ class Completion:
 
     `token_ids` are the generated tokens, including the EOS token when the model ended its turn, and the token
     that completed a stop string (as vLLM does); `text` excludes both (a stop string is trimmed with whatever
-    followed it). `logprobs[i]` belongs to `token_ids[i]` when requested.
+    followed it). `logprobs[i]` belongs to `token_ids[i]` when requested; `top_logprobs[i]` then lists the
+    `(token id, log-probability)` pairs of the most likely tokens at that step, most likely first.
     """
 
     text: str
@@ -69,6 +106,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,40 @@ MULTINOMIAL_MAX = 1024
 
 
 def choose_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row of `logits` ([batch, vocab], any float dtype).
 
+    `allowed` ([batch, vocab] bool, from a grammar) removes the tokens a row may not take before the choice.
     Returns `(tokens [batch] int64, logprobs [batch] float32 or None)`; the log-probabilities are of the chosen
-    tokens under the raw model distribution (temperature 1, no truncation), as `SamplingParams.logprobs` promises.
+    tokens under the raw model distribution (temperature 1, no truncation, no grammar mask), as
+    `SamplingParams.logprobs` promises.
     """
+    tokens, logprobs, _ = choose_tokens_with_alternatives(logits, params, generator, allowed)
+    return tokens, logprobs
+
+
+def choose_tokens_with_alternatives(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`choose_tokens`, plus `(ids [batch, k], logprobs [batch, k])` of the k = `params.top_logprobs` most likely
+    tokens of the same raw distribution (None when k is 0)."""
+    picked_from = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
-        tokens = logits.argmax(-1)  # no softmax: the argmax of logits is the argmax of probabilities
+        tokens = picked_from.argmax(-1)  # no softmax: the argmax of logits is the argmax of probabilities
     else:
-        tokens = _sample(logits, params, generator)
-    logprobs = None
+        tokens = _sample(picked_from, params, generator)
+    logprobs = top = None
     if params.logprobs:
         full = logits.float()
-        logprobs = full.gather(-1, tokens[:, None])[:, 0] - full.logsumexp(-1)
-    return tokens, logprobs
+        norm = full.logsumexp(-1)
+        logprobs = full.gather(-1, tokens[:, None])[:, 0] - norm
+        if params.top_logprobs:
+            values, ids = full.topk(min(params.top_logprobs, full.shape[-1]), dim=-1)
+            top = (ids, values - norm[:, None])
+    return tokens, logprobs, top
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -8,6 +8,8 @@ tokenizers (GPT-2, Llama 3, Qwen, SmolLM) give the same text either way.
 
 from __future__ import annotations
 
+import re
+
 REPLACEMENT = "\ufffd"  # what decode() gives for an incomplete UTF-8 byte sequence
 CONTEXT_TOKENS = 4
 
@@ -88,3 +90,42 @@ class CompletionText:
                     best = k
                     break
         return best
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-to-character map, inverted: byte-level BPE vocabularies spell every byte as one character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_LEVEL = _byte_level_table()
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
+    """The exact bytes of each token: byte-level BPE pieces (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece
+    byte-fallback pieces (`<0xE2>`) hold parts of UTF-8 characters, which their decoded text cannot show.
+    Special tokens, and pieces of other vocabularies, give their decoded text's UTF-8."""
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    byte_level = type(decoder).__name__ == "ByteLevel"
+    out = []
+    for token_id, piece in zip(ids, pieces, strict=True):
+        if piece is None or token_id in special:
+            out.append(tokenizer.decode([token_id], skip_special_tokens=False).encode())
+        elif byte_level and all(ch in _BYTE_LEVEL for ch in piece):
+            out.append(bytes(_BYTE_LEVEL[ch] for ch in piece))
+        elif _BYTE_FALLBACK.match(piece):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif not byte_level and piece.startswith("▁"):
+            out.append((" " + piece[1:]).replace("▁", " ").encode())
+        else:
+            out.append(tokenizer.decode([token_id], skip_special_tokens=False).encode())
+    return out

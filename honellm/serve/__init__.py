@@ -2,7 +2,8 @@
 
 - `registry`: names the models, loads weights once per base model, attaches adapters for per-request switching;
 - `scheduler`: one worker thread per loaded model, batching concurrent requests into one generate call;
-- `protocol`: the OpenAI wire format (strict request validation, response and chunk objects);
+- `protocol`: the OpenAI wire format (strict request validation, response_format, response and chunk objects);
+- `tools`: tool calling (checking tools and tool_choice, rendering them into the prompt, parsing calls back);
 - `app`: the FastAPI routes, auth, limits and errors; `server`: `serve()` under uvicorn.
 """
 

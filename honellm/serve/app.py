@@ -44,6 +44,7 @@ from honellm.serve.protocol import (
     now,
     parse_json,
     refuse_unsupported,
+    response_format_schema,
     sse,
     stop_strings,
     usage,
@@ -51,6 +52,7 @@ from honellm.serve.protocol import (
 )
 from honellm.serve.registry import ServedModel
 from honellm.serve.scheduler import Job, Scheduler
+from honellm.serve.tools import call_schema, check_tool_choice, check_tools, parse_tool_calls
 
 log = logging.getLogger("honellm.serve")
 FINGERPRINT = f"hone-{__version__}"
@@ -122,7 +124,8 @@ class ServerState:
         self.in_flight -= 1
         self.served_requests += 1
 
-    def sampling(self, request, max_tokens: int | None, param: str, *, logprobs: bool = False):
+    def sampling(self, request, max_tokens: int | None, param: str, *, logprobs: bool = False, top_logprobs: int = 0,
+                 grammar=None):
         from honellm.generation.params import SamplingParams
 
         limit = self.config.max_tokens_limit
@@ -139,7 +142,7 @@ class ServerState:
                 max_new_tokens=max_tokens, temperature=temperature,
                 top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
                 seed=None if request.seed is None else request.seed % 2**63, stop=stop_strings(request.stop),
-                logprobs=logprobs)
+                logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar)
         except HoneError as err:
             raise bad_request(err.what) from None
 
@@ -237,17 +240,21 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         if not req.messages:
             raise bad_request("messages: at least one message is needed", param="messages")
         messages = [message_text(m, i) for i, m in enumerate(req.messages)]
-        n, stream = _choices(req), bool(req.stream)
-        if stream and req.logprobs:
-            raise unsupported("logprobs", "logprobs with stream")
+        functions = check_tools(req.tools) if req.tools is not None else []
+        mode, forced = check_tool_choice(req.tool_choice, functions)
+        n, stream = _choices(req, state), bool(req.stream)
+        grammar = _grammar(req.response_format, functions, mode, forced)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        params = state.sampling(req, req.max_completion_tokens or req.max_tokens, param, logprobs=bool(req.logprobs))
+        params = state.sampling(req, req.max_completion_tokens or req.max_tokens, param, logprobs=bool(req.logprobs),
+                                top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0, grammar=grammar)
+        calls_from = {f["name"] for f in functions} if mode != "none" else set()  # tool calls are read from these
         state.admit()
         handed_over = False
         try:
             with state.scheduler(served).preparing():
                 try:
-                    prompt = await run_in_threadpool(lambda: served.engine.render(served.chat_messages(messages)))
+                    prompt = await run_in_threadpool(
+                        lambda: served.engine.render(served.chat_messages(messages), functions or None))
                 except HoneError as err:
                     raise bad_request(f"messages: {err.what}", param="messages") from None
                 except Exception as err:  # noqa: BLE001 - a chat template may raise anything on odd conversations
@@ -256,20 +263,20 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
                 prompt_tokens = await state.prompt_tokens(served, prompt)
                 if stream:
                     handed_over = True  # _stream releases the admission from here on
-                    job = _submit_stream(state, served, prompt, params)
+                    job = _submit_stream(state, served, [prompt] * n, params)
                 else:
                     job = _submit(state, served, [prompt] * n, params)
             if stream:
-                return await _stream(state, served, job, prompt_tokens, params, req, chat=True)
+                return await _stream(state, served, job, prompt_tokens, params, req, chat=True, tools=calls_from)
             completions = await _wait(state, job)
         finally:
             if not handed_over:
                 state.release()
         choices = []
         for i, c in enumerate(completions):
+            message, finish = _assistant_message(c.text, c.finish_reason, calls_from)
             logprobs = {"content": await _chat_logprobs(served, c)} if req.logprobs else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason})
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": served.name,
                 "system_fingerprint": FINGERPRINT, "choices": choices,
                 "usage": usage(prompt_tokens, sum(c.completion_tokens for c in completions))}
@@ -281,10 +288,11 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         served = state.model(req.model)
         refuse_unsupported(req)
         prompts = completion_prompts(req.prompt)
-        n, stream = _choices(req, len(prompts)), bool(req.stream)
+        n, stream = _choices(req, state, len(prompts)), bool(req.stream)
         if stream and (len(prompts) > 1 or req.logprobs is not None or req.echo):
             raise unsupported("stream", "stream with several prompts, logprobs or echo")
-        params = state.sampling(req, req.max_tokens, "max_tokens", logprobs=req.logprobs is not None)
+        params = state.sampling(req, req.max_tokens, "max_tokens", logprobs=req.logprobs is not None,
+                                top_logprobs=req.logprobs or 0)
         state.admit()
         handed_over = False
         try:
@@ -292,7 +300,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
                 counts = [await state.prompt_tokens(served, p) for p in prompts]
                 if stream:
                     handed_over = True  # _stream releases the admission from here on
-                    job = _submit_stream(state, served, prompts[0], params)
+                    job = _submit_stream(state, served, [prompts[0]] * n, params)
                 else:
                     job = _submit(state, served, [p for p in prompts for _ in range(n)], params)
             if stream:
@@ -314,13 +322,51 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
     return app
 
 
-def _choices(request, prompts: int = 1) -> int:
+def _choices(request, state: ServerState, prompts: int = 1) -> int:
     n = request.n or 1
-    if request.stream and n > 1:
-        raise unsupported("n", "n > 1 with stream")
     if n * prompts > MAX_CHOICES:
         raise bad_request(f"n: at most {MAX_CHOICES} choices per request (n times the number of prompts)", param="n")
+    if request.stream and n > state.config.max_batch_size:
+        raise bad_request(f"n: a stream decodes its choices in one batch, at most --max-batch-size "
+                          f"({state.config.max_batch_size})", param="n")
     return n
+
+
+def _grammar(response_format: dict | None, functions: list[dict], mode: str, forced: str | None):
+    """The grammar a chat request's answers must follow: its response_format's schema, or a tool call when
+    tool_choice is "required" or names a function. Checked here, so a bad schema is a 400 before any queueing."""
+    from honellm.errors import MissingDependency
+    from honellm.generation.constrained import compile_grammar
+    from honellm.generation.params import Grammar
+
+    schema = response_format_schema(response_format)
+    param = "response_format.json_schema.schema" if (response_format or {}).get("type") == "json_schema" \
+        else "response_format"
+    if mode in ("required", "named"):
+        if schema is not None:
+            raise bad_request("response_format: cannot be combined with tool_choice 'required' or a named function "
+                              "(the answer is then a tool call)", param="response_format")
+        schema, param = call_schema(functions, forced), "tools"
+    if schema is None:
+        return None
+    grammar = Grammar.json_schema(schema)
+    try:
+        compile_grammar(grammar)
+    except MissingDependency as err:
+        raise bad_request(f"{param}: constrained decoding is not installed on this server ({err.what})", param=param,
+                          code="unsupported_parameter") from None
+    except HoneError as err:
+        raise bad_request(f"{param}: {err.what}", param=param) from None
+    return grammar
+
+
+def _assistant_message(text: str, finish: str, calls_from: set[str]) -> tuple[dict, str]:
+    """The choice's message and finish reason: tool calls when the text holds calls to offered functions."""
+    if calls_from:
+        content, calls = parse_tool_calls(text, calls_from)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, finish
 
 
 def _submit(state: ServerState, served: ServedModel, prompts: list[str], params) -> Job:
@@ -342,13 +388,13 @@ async def _wait(state: ServerState, job: Job) -> list:
             job.cancel()  # timed out, or the client went away: drop it if it is still queued
 
 
-def _submit_stream(state: ServerState, served: ServedModel, prompt: str, params) -> Job:
-    """Queue a streamed completion. From here on the job holds the request's admission: it is released when the
-    worker is done with the job (finished, stopped, or dropped from the queue), even if the client vanishes
-    before the response body ever starts."""
+def _submit_stream(state: ServerState, served: ServedModel, prompts: list[str], params) -> Job:
+    """Queue a streamed completion (n copies of one prompt). From here on the job holds the request's admission:
+    it is released when the worker is done with the job (finished, stopped, or dropped from the queue), even if
+    the client vanishes before the response body ever starts."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job = Job(served, [prompt], params, deadline=time.monotonic() + state.config.timeout,
+    job = Job(served, prompts, params, deadline=time.monotonic() + state.config.timeout,
               sink=lambda item: _call_soon(loop, events.put_nowait, item))
     job.events = events
     try:
@@ -361,10 +407,16 @@ def _submit_stream(state: ServerState, served: ServedModel, prompt: str, params)
 
 
 async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_tokens: int, params, req, *,
-                  chat: bool) -> StreamingResponse:
+                  chat: bool, tools: set[str] | None = None) -> StreamingResponse:
     """Stream a queued job's pieces as server-sent events. The response begins once the worker has taken the
-    job, so a timeout while queued is still a proper 504 rather than an error inside a 200 stream."""
-    events, deadline = job.events, job.deadline
+    job, so a timeout while queued is still a proper 504 rather than an error inside a 200 stream.
+
+    With n > 1 the choices' pieces interleave, each chunk carrying its choice's index. A chat stream's
+    log-probabilities (`logprobs: true`) come whole in each choice's last chunk, where clients that join
+    `logprobs.content` across chunks find them. When the answer may be a
+    tool call (`tools`: the functions offered), each choice's text is held back and sent whole at its end, as
+    `tool_calls` deltas when it holds calls (a call cannot be recognised from its first tokens)."""
+    events, deadline, n = job.events, job.deadline, len(job.prompts)
     try:
         kind, value = await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0.001))
     except asyncio.TimeoutError:
@@ -381,22 +433,22 @@ async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_toke
     head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": served.name, "system_fingerprint": FINGERPRINT}
 
-    def chunk(delta: str | None, finish: str | None = None, *, role: bool = False) -> bytes:
+    def chunk(delta: dict | str | None, finish: str | None = None, index: int = 0, logprobs=None) -> bytes:
         if chat:
-            body = {} if delta is None else ({"role": "assistant", "content": delta} if role else {"content": delta})
-            choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
         data = {**head, "choices": [choice]}
         if include_usage:
             data["usage"] = None
         return sse(data)
 
     async def body():
-        text, finished = [], False
+        texts, finished = [[] for _ in range(n)], False
         try:
             if chat:
-                yield chunk("", role=True)
+                for i in range(n):
+                    yield chunk({"role": "assistant", "content": ""}, index=i)
             while True:
                 left = deadline - time.monotonic()
                 try:
@@ -405,16 +457,30 @@ async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_toke
                     kind, value = "error", APIError(504, "the request timed out while streaming", type=SERVER,
                                                     code="timeout")
                 if kind == "delta":
-                    text.append(value)
-                    yield chunk(value)
+                    i, piece = value
+                    texts[i].append(piece)
+                    if not tools:
+                        yield chunk({"content": piece} if chat else piece, index=i)
                     continue
                 if kind == "error":
                     yield sse(value.body())
                     break
-                finish, completion_tokens = await _stream_end(served, value, "".join(text), prompt_tokens, params)
-                yield chunk(None, finish) if chat else chunk("", finish)
+                total = 0
+                for i in range(n):
+                    text = "".join(texts[i])
+                    final = value[i] if value is not None else None
+                    finish, completion_tokens = await _stream_end(served, final, text, prompt_tokens, params)
+                    total += completion_tokens
+                    if tools:
+                        message, finish = _assistant_message(text, finish, tools)
+                        for delta in _held_back_deltas(message):
+                            yield chunk(delta, index=i)
+                    logprobs = None
+                    if chat and req.logprobs and final is not None:
+                        logprobs = {"content": await _chat_logprobs(served, final)}
+                    yield chunk(None, finish, index=i, logprobs=logprobs)
                 if include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                    yield sse({**head, "choices": [], "usage": usage(prompt_tokens, total)})
                 break
             finished = True
             yield DONE
@@ -424,6 +490,14 @@ async def _stream(state: ServerState, served: ServedModel, job: Job, prompt_toke
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _held_back_deltas(message: dict) -> list[dict]:
+    """The deltas of a choice whose text was held back: its content, then one delta per tool call."""
+    deltas = [{"content": message["content"]}] if message.get("content") else []
+    for k, call in enumerate(message.get("tool_calls") or []):
+        deltas.append({"tool_calls": [{"index": k, **call}]})
+    return deltas
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
@@ -445,29 +519,44 @@ async def _stream_end(served: ServedModel, final, text: str, prompt_tokens: int,
 
 
 async def _chat_logprobs(served: ServedModel, completion) -> list[dict]:
-    ids, values = _content_logprobs(served, completion)
-    pieces = await run_in_threadpool(_token_texts, served, ids)
-    return [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []} for t, v in zip(pieces, values, strict=True)]
+    """OpenAI's `logprobs.content`: each token with its log-probability, bytes and (top_logprobs) alternatives."""
+    ids, values, tops = _content_logprobs(served, completion)
+    texts, raw = await _describe_tokens(served, ids, tops)
+    out = []
+    for i, (token_id, value) in enumerate(zip(ids, values, strict=True)):
+        alternatives = [{"token": texts[t], "logprob": v, "bytes": list(raw[t])} for t, v in tops[i]] if tops else []
+        out.append({"token": texts[token_id], "logprob": value, "bytes": list(raw[token_id]),
+                    "top_logprobs": alternatives})
+    return out
 
 
 async def _completion_logprobs(served: ServedModel, completion, start: int) -> dict:
-    ids, values = _content_logprobs(served, completion)
-    pieces = await run_in_threadpool(_token_texts, served, ids)
+    """The legacy completions' `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob} per position,
+    `logprobs` of them; None for logprobs=0) and text_offset."""
+    ids, values, tops = _content_logprobs(served, completion)
+    texts, _ = await _describe_tokens(served, ids, tops)
+    pieces = [texts[i] for i in ids]
     offsets, at = [], start
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
-    return {"tokens": pieces, "token_logprobs": values, "top_logprobs": None, "text_offset": offsets}
+    top = [{texts[t]: v for t, v in step} for step in tops] if tops else None
+    return {"tokens": pieces, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
 
 
-def _content_logprobs(served: ServedModel, completion) -> tuple[list[int], list[float]]:
-    """The generated tokens and their log-probabilities, without a final end-of-turn token."""
+def _content_logprobs(served: ServedModel, completion) -> tuple[list[int], list[float], list | None]:
+    """The generated tokens, their log-probabilities and alternatives, without a final end-of-turn token."""
     ids, values = list(completion.token_ids), list(completion.logprobs or [])
+    tops = getattr(completion, "top_logprobs", None)
     eos = getattr(served.engine.generator, "eos_ids", set())
     if ids and ids[-1] in eos:
-        ids, values = ids[:-1], values[:-1]
-    return ids, values[: len(ids)]
+        ids = ids[:-1]
+    return ids, values[: len(ids)], (list(tops[: len(ids)]) if tops else None)
 
 
-def _token_texts(served: ServedModel, ids: list[int]) -> list[str]:
-    return served.engine.token_texts(ids)
+async def _describe_tokens(served: ServedModel, ids: list[int], tops) -> tuple[dict[int, str], dict[int, bytes]]:
+    """Text and bytes of every token that appears in an answer or among its alternatives."""
+    every = sorted({*ids, *(t for step in tops or [] for t, _ in step)})
+    texts = await run_in_threadpool(served.engine.token_texts, every)
+    raw = await run_in_threadpool(served.engine.token_bytes, every)
+    return dict(zip(every, texts, strict=True)), dict(zip(every, raw, strict=True))

@@ -1,8 +1,8 @@
 """The OpenAI wire format: request validation and the response and chunk objects.
 
 Requests are validated strictly (a string where a number belongs is a 400, not a silent coercion), NaN and
-infinities are refused, and every parameter OpenAI defines but this server cannot honour (tools, penalties,
-logit bias, top-k alternatives, ...) is a clear 400 when set to anything but its neutral value. Fields OpenAI
+infinities are refused, and every parameter OpenAI defines but this server cannot honour (penalties, logit bias,
+the deprecated `functions`, ...) is a clear 400 when set to anything but its neutral value. Fields OpenAI
 adds later are accepted and ignored, so newer clients keep working.
 """
 
@@ -23,6 +23,8 @@ TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_CHOICES = 16  # n (times the number of prompts) per request; each choice is one row of a batch
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit for chat; vLLM's for both endpoints)
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 class _Strict(BaseModel):
@@ -57,13 +59,15 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[Any] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
@@ -73,7 +77,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[Any]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -153,21 +157,15 @@ def refuse_unsupported(request: _Sampling) -> None:
     if request.logit_bias:
         raise unsupported("logit_bias", "logit_bias")
     if isinstance(request, ChatRequest):
-        for field in ("tools", "functions"):
-            if getattr(request, field):
-                raise unsupported(field, "tool and function calling")
-        for field in ("tool_choice", "function_call"):
-            if getattr(request, field) not in (None, "none", "auto"):
-                raise unsupported(field, "tool and function calling")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise unsupported("response_format", f"response_format {request.response_format.get('type')!r}")
-        if request.top_logprobs:
-            raise unsupported("top_logprobs", "top_logprobs (alternatives per token)")
+        if request.functions:
+            raise unsupported("functions", "the deprecated functions parameter (send tools instead)")
+        if request.function_call not in (None, "none", "auto"):
+            raise unsupported("function_call", "the deprecated function_call parameter (send tool_choice instead)")
+        if request.top_logprobs and not request.logprobs:
+            raise bad_request("top_logprobs: needs logprobs set to true", param="top_logprobs")
     else:
         if request.suffix:
             raise unsupported("suffix", "suffix (insertion)")
-        if request.logprobs:
-            raise unsupported("logprobs", "logprobs > 0 (alternatives per token); logprobs=0 gives each token's")
         if request.best_of is not None and request.best_of != (request.n or 1):
             raise unsupported("best_of", "best_of other than n")
 
@@ -188,11 +186,17 @@ def message_text(message: ChatMessage, index: int) -> dict:
     role = message.role
     if role == "developer":  # OpenAI's newer name for the system role
         role = "system"
-    if role not in ("system", "user", "assistant"):
-        if role in ("tool", "function"):
-            raise unsupported(f"messages.{index}.role", f"role {role!r} (tool results)")
-        raise bad_request(f"messages.{index}.role: must be one of system, developer, user, assistant (got {role!r})",
-                          param=f"messages.{index}.role")
+    if role not in ("system", "user", "assistant", "tool"):
+        if role == "function":
+            raise unsupported(f"messages.{index}.role", "role 'function' (deprecated: send role 'tool')")
+        raise bad_request(f"messages.{index}.role: must be one of system, developer, user, assistant, tool "
+                          f"(got {role!r})", param=f"messages.{index}.role")
+    if role == "tool" and not message.tool_call_id:
+        raise bad_request(f"messages.{index}.tool_call_id: a tool message needs the id of the call it answers",
+                          param=f"messages.{index}.tool_call_id")
+    if message.tool_calls is not None and role != "assistant":
+        raise bad_request(f"messages.{index}.tool_calls: only assistant messages carry tool calls",
+                          param=f"messages.{index}.tool_calls")
     content = message.content
     if content is None:
         if role != "assistant":
@@ -211,7 +215,41 @@ def message_text(message: ChatMessage, index: int) -> dict:
                 raise bad_request(f"{where}.text: must be a string", param=f"{where}.text")
             texts.append(part["text"])
         content = "".join(texts)
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if message.tool_calls:
+        from honellm.serve.tools import check_tool_calls
+
+        out["tool_calls"] = check_tool_calls(message.tool_calls, index)
+    if role == "tool":
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def response_format_schema(response_format: dict | None) -> dict | None:
+    """The JSON Schema `response_format` asks for (`{"type": "object"}` for JSON mode); None for plain text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad_request(f"response_format.type: must be one of {', '.join(RESPONSE_FORMATS)} (got {kind!r})",
+                          param="response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request("response_format.json_schema: required with type json_schema: "
+                          "{\"name\": ..., \"schema\": {...}}", param="response_format.json_schema")
+    name = spec.get("name")
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)):
+        raise bad_request("response_format.json_schema.name: must be 1-64 letters, digits, '_' or '-'",
+                          param="response_format.json_schema.name")
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict | bool):
+        raise bad_request("response_format.json_schema.schema: must be a JSON Schema object",
+                          param="response_format.json_schema.schema")
+    return schema
 
 
 def completion_prompts(prompt: str | list[Any]) -> list[str]:

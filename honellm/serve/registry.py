@@ -77,16 +77,29 @@ class Engine:
         self.model.set_adapter(adapter, inference_mode=True)
         yield
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt of a conversation; `tools` (checked function specs) are offered through the chat template,
+        or described in the system prompt when the template has no tool support (see `serve.tools`)."""
         from honellm.data.chat import render_prompt
+        from honellm.serve.tools import render_with_tools, uses_tools
 
         with self._lock:
+            if uses_tools(messages, tools):
+                return render_with_tools(self._counter, messages, tools)
             return render_prompt(self._counter, messages)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs)."""
         with self._lock:
             return [self._counter.decode([i], skip_special_tokens=False) for i in ids]
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes: a byte-level BPE token may hold part of a UTF-8 character, which its text
+        shows as U+FFFD; its bytes are exact (OpenAI's `bytes` field), else its text encoded."""
+        from honellm.generation.text import token_bytes
+
+        with self._lock:
+            return token_bytes(self._counter, ids)
 
     def count(self, text: str) -> int:
         """Tokens of `text` as the generator will encode it (no special tokens added: prompts are formatted)."""

@@ -11,7 +11,7 @@ call (same served model, i.e. same adapter and prompt program, and equal samplin
 batch, so a request that has only just arrived waits for companions: always `MIN_WAIT`, and up to `batch_wait`
 while other admitted requests for this engine are still being prepared (chat template, token count), since those
 are about to join the queue. Under load the queue fills while a batch runs and nobody waits. Seeded sampling runs
-alone, so its result depends only on the request. Streams run alone (the engine streams one prompt at a time).
+alone, so its result depends only on the request. Streams run alone (their n choices are one batch).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class Job:
     """One request's work: its prompts (n choices, or several completion prompts) under one set of parameters.
 
     A non-streaming job's result is `future` (a list of Completions). A streaming job calls `sink` from the worker
-    thread with ("start", None), then ("delta", text) per piece, then ("end", Completion or None) or
-    ("error", APIError); its `future` only tells that the worker is done with it.
+    thread with ("start", None), then ("delta", (prompt index, text)) per piece, then ("end", list of Completions
+    or None) or ("error", APIError); its `future` only tells that the worker is done with it. A stream of several
+    prompts (OpenAI's `n`) decodes them together in one batch.
     """
 
     served: Any  # ServedModel
@@ -198,7 +199,10 @@ class Scheduler:
         final = None
         try:
             with self.engine.use(job.served.adapter):
-                pieces = self.engine.generator.stream(job.prompts[0], job.params)
+                if len(job.prompts) == 1:
+                    pieces = _indexed(self.engine.generator.stream(job.prompts[0], job.params))
+                else:  # n choices of one prompt, decoded together
+                    pieces = self.engine.generator.stream_batch(job.prompts, job.params)
                 sink(("start", None))
                 try:
                     while True:
@@ -209,18 +213,31 @@ class Scheduler:
                         try:
                             piece = next(pieces)
                         except StopIteration as stop:
-                            final = stop.value  # a Completion when the engine returns one
+                            final = stop.value  # the Completions, when the engine returns them
                             break
                         sink(("delta", piece))
                 finally:
                     pieces.close()
             self.batches += 1
-            self.sequences += 1
+            self.sequences += len(job.prompts)
             sink(("end", final))
         except Exception as err:  # noqa: BLE001
             sink(("error", _as_api_error(err)))
         finally:
             job.future.set_result(None)
+
+
+def _indexed(pieces):
+    """A one-prompt stream as `(0, delta)` pairs, returning `[Completion]` (None when the engine returns none)."""
+    try:
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as stop:
+                return None if stop.value is None else [stop.value]
+            yield 0, piece
+    finally:
+        pieces.close()
 
 
 def _claim(job: Job) -> bool:

@@ -72,3 +72,11 @@ class ScriptedGenerator:
         self.calls.append([prompt])
         self._wait()
         yield from self.pieces
+
+    def stream_batch(self, prompts, params):
+        """Each prompt's pieces in turn, as `(index, piece)`; returns None like `stream` (usage is recounted)."""
+        self.calls.append(list(prompts))
+        self._wait()
+        for i in range(len(prompts)):
+            for piece in self.pieces:
+                yield i, piece

@@ -3,6 +3,7 @@ the base, driven with the official `openai` client."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -134,6 +135,81 @@ def test_errors_reach_the_client_as_openai_exceptions(server, client):
 def test_text_completions(client):
     response = client.completions.create(model="base", prompt="Review:", max_tokens=5, temperature=0)
     assert response.object == "text_completion" and response.usage.completion_tokens > 0
+
+
+REVIEW_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["label", "stars"],
+                 "properties": {"label": {"enum": ["positive", "negative"]},
+                                "stars": {"type": "integer", "minimum": 1, "maximum": 5}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}}}}}
+
+
+def test_logprobs_and_top_logprobs(client):
+    response = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=5, temperature=0,
+                                              logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert 0 < len(content) <= 5
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        assert token.logprob == token.top_logprobs[0].logprob  # greedy: the chosen token is the most likely
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+    completion = client.completions.create(model="base", prompt="Review:", max_tokens=3, temperature=0, logprobs=2)
+    assert len(completion.choices[0].logprobs.top_logprobs[0]) <= 2
+
+
+def test_json_schema_answer_validates(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    response = client.chat.completions.create(
+        model="tiny-a", messages=MESSAGES, max_tokens=48, temperature=0.8, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW_SCHEMA,
+                                                                 "strict": True}})
+    answer = json.loads(response.choices[0].message.content)
+    jsonschema.validate(answer, REVIEW_SCHEMA)
+
+
+def test_parse_with_a_pydantic_model(client):
+    """The client's structured-output helper (strict schema from a pydantic model) gets a parsed object."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Review(BaseModel):
+        label: Literal["positive", "negative"]
+        stars: Literal[1, 2, 3, 4, 5]
+
+    response = client.chat.completions.parse(model="base", messages=MESSAGES, max_tokens=48, temperature=0,
+                                             response_format=Review)
+    assert isinstance(response.choices[0].message.parsed, Review)
+
+
+def test_tool_call(client):
+    response = client.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Weather?"}],
+                                              max_tokens=64, temperature=0, tools=[WEATHER], tool_choice="required")
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome",
+                                                                                                   "Oslo")
+    # The call and its result go back in the history, and the conversation goes on.
+    follow = client.chat.completions.create(
+        model="tiny-b", max_tokens=4, temperature=0, tools=[WEATHER],
+        messages=[{"role": "user", "content": "Weather?"}, choice.message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": "18 C, clear"}])
+    assert follow.choices[0].message.role == "assistant"
+
+
+def test_n_choices_streamed(client):
+    stream = client.chat.completions.create(model="tiny-a", messages=MESSAGES, max_tokens=6, temperature=1.0,
+                                            seed=3, n=3, stream=True)
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(texts) == [0, 1, 2]
+    plain = client.chat.completions.create(model="tiny-a", messages=MESSAGES, max_tokens=6, n=2, temperature=0)
+    assert [c.index for c in plain.choices] == [0, 1]
 
 
 def test_bad_artifact_is_a_clear_cli_error(tmp_path):

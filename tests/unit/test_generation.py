@@ -326,6 +326,51 @@ def test_logprobs_match_a_forward_pass(lively):
             assert out.logprobs == pytest.approx(expected, abs=1e-4)
 
 
+def test_top_logprobs_match_a_forward_pass(lively):
+    """Every step's top-k alternatives are the k largest entries of transformers' log-softmax at that position,
+    in order; with a temperature they are still the raw model's (temperature 1), as vLLM and OpenAI report."""
+    model, tok = lively
+    prompts = chat(tok)[:3]
+    gen = Generator(model, tok, batch_size=3)
+    for params in (SamplingParams(max_new_tokens=8, top_logprobs=5),
+                   SamplingParams(max_new_tokens=8, temperature=0.7, seed=4, top_logprobs=3)):
+        assert params.logprobs  # top_logprobs implies the chosen tokens' logprobs
+        for prompt, out in zip(prompts, gen.generate(prompts, params), strict=True):
+            ids = tok(prompt, add_special_tokens=False).input_ids
+            table = full_logprobs(model, ids + out.token_ids)
+            assert len(out.top_logprobs) == len(out.token_ids)
+            for i, alternatives in enumerate(out.top_logprobs):
+                values, top_ids = table[len(ids) - 1 + i].topk(params.top_logprobs)
+                assert [a[0] for a in alternatives] == top_ids.tolist()
+                assert [a[1] for a in alternatives] == pytest.approx(values.tolist(), abs=1e-4)
+                assert out.logprobs[i] == pytest.approx(table[len(ids) - 1 + i, out.token_ids[i]].item(), abs=1e-4)
+
+
+def test_top_logprobs_bounds_are_checked():
+    with pytest.raises(HoneError, match="top_logprobs"):
+        SamplingParams(top_logprobs=21)
+    assert SamplingParams(top_logprobs=0).logprobs is False
+
+
+def test_stream_batch_matches_generate_row_by_row(lively):
+    model, tok = lively
+    prompts = chat(tok)[:3]
+    gen = Generator(model, tok, batch_size=4)
+    params = SamplingParams(max_new_tokens=12, stop=("e",))
+    texts = ["", "", ""]
+    pieces = gen.stream_batch(prompts, params)
+    while True:
+        try:
+            index, piece = next(pieces)
+        except StopIteration as stop:
+            finals = stop.value
+            break
+        texts[index] += piece
+    expected = gen.generate(prompts, params)
+    assert texts == [c.text for c in expected] == [c.text for c in finals]
+    assert [c.finish_reason for c in finals] == [c.finish_reason for c in expected]
+
+
 def test_logprobs_are_none_unless_asked(lively):
     model, tok = lively
     assert Generator(model, tok).generate(["hi"], SamplingParams(max_new_tokens=3))[0].logprobs is None
@@ -808,3 +853,72 @@ def test_unknown_backend_is_a_user_error(lively):
     model, tok = lively
     with pytest.raises(HoneError, match="unknown generation backend"):
         Generator(model, tok, backend="tensorrt")
+
+
+# ---------------------------------------------------------------------------------------- constrained decoding
+
+
+ANSWER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["label", "score", "tags"],
+                 "properties": {"label": {"enum": ["positive", "negative"]},
+                                "score": {"type": "integer", "minimum": 0, "maximum": 9},
+                                "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 4}}}}
+
+
+def validate_schema(value, schema) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(value, schema)
+
+
+def test_json_schema_grammar_gives_valid_json_from_random_weights(lively):
+    """With random weights only the grammar can make the answer valid: every row parses and validates, and each
+    row's mask is its own (a batch gives each prompt what it gives alone, greedy)."""
+    pytest.importorskip("llguidance")
+    import json
+
+    from honellm.generation.params import Grammar
+
+    model, tok = lively
+    gen = Generator(model, tok, batch_size=4)
+    prompts = chat(tok)[:4]
+    for params in (SamplingParams(max_new_tokens=64, grammar=Grammar.json_schema(ANSWER_SCHEMA)),
+                   SamplingParams(max_new_tokens=64, temperature=1.0, seed=5, grammar=Grammar.json_schema(ANSWER_SCHEMA))):
+        outs = gen.generate(prompts, params)
+        for out in outs:
+            assert out.finish_reason == FINISH_STOP, out
+            validate_schema(json.loads(out.text), ANSWER_SCHEMA)
+            assert out.token_ids[-1] not in gen.eos_ids  # the grammar ended the row, not an end-of-turn token
+        if params.greedy:
+            alone = [gen.generate([p], params)[0].text for p in prompts]
+            assert alone == [o.text for o in outs]
+    unconstrained = gen.generate(prompts[:1], SamplingParams(max_new_tokens=16))[0].text
+    assert not unconstrained.startswith("{")  # the model does not write JSON by itself
+
+
+def test_grammar_logprobs_are_the_raw_models(lively):
+    """The mask changes which token is chosen, not the reported distribution (vLLM's default)."""
+    pytest.importorskip("llguidance")
+    from honellm.generation.params import Grammar
+
+    model, tok = lively
+    prompt = chat(tok)[1]
+    out = Generator(model, tok).generate([prompt], SamplingParams(max_new_tokens=20, top_logprobs=2,
+                                                                  grammar=Grammar("regex", "[0-9]{3}")))[0]
+    assert out.text.isdigit() and len(out.text) == 3
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    table = full_logprobs(model, ids + out.token_ids)
+    expected = [table[len(ids) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_invalid_grammars_are_clear_errors(lively):
+    pytest.importorskip("llguidance")
+    from honellm.generation.constrained import check_json_schema
+    from honellm.generation.params import Grammar
+
+    with pytest.raises(HoneError, match="JSON schema"):
+        check_json_schema({"type": "wat"})
+    model, tok = lively
+    with pytest.raises(HoneError, match="Lark grammar"):
+        Generator(model, tok).generate(["hi"], SamplingParams(grammar=Grammar("lark", "start: nope")))
+    with pytest.raises(HoneError, match="grammar kind"):
+        Grammar("yaml", "x")

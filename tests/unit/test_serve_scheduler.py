@@ -251,11 +251,12 @@ def test_stream_runs_under_its_adapter(lora_models):
             scheduler.submit(streamed)
             streamed.future.result(30)
             assert events[0] == ("start", None) and events[-1][0] == "end"
-            text = "".join(v for k, v in events if k == "delta")
+            text = "".join(v[1] for k, v in events if k == "delta")  # (prompt index, piece)
+            assert {v[0] for k, v in events if k == "delta"} == {0}
             with engine.use(served.adapter):
                 whole = engine.generator.generate([prompt], params)[0]
             assert text == whole.text
-            final = events[-1][1]  # the engine's Completion: exact usage and finish reason for the stream
+            (final,) = events[-1][1]  # the engine's Completions: exact usage and finish reason for the stream
             assert (final.completion_tokens, final.finish_reason) == (whole.completion_tokens, whole.finish_reason)
     finally:
         scheduler.close()
