@@ -184,7 +184,7 @@ def create_app(config: UIConfig | None = None, *, cwd: Path | None = None, chat:
         for row in rows:
             job = state.jobs.job_for_run(state.root / row["id"])
             row["job"] = state.jobs.info(job) if job else None
-        return {"runs": rows, "jobs": [state.jobs.info(j) for j in state.jobs.jobs.values()]}
+        return {"root": str(state.root), "runs": rows, "jobs": [state.jobs.info(j) for j in state.jobs.jobs.values()]}
 
     @app.get("/api/runs/{run:path}/report", response_class=HTMLResponse)
     async def run_report(run: str, request: Request):
