@@ -306,8 +306,8 @@ def task_report(root: Path, task: str) -> str:
         if art["task"] != task or art["score"] is None or art["kind"] == "reward_model":
             continue
         cost = art["cost"]
-        # the run folder below the task's folder: lora-20261205-1200, or compare-20261205-1200/lora
-        label = art["run"].split("/", 1)[-1] if art["run"] else art["name"]
+        # the artifact's folder below the task's folder: lora-20261205-1200, or compare-20261205-1200/lora
+        label = art["id"].removesuffix("/artifact").split("/", 1)[-1]
         family = "prompting" if art["kind"] == "prompt" else ("reward" if art["method"] in _reward_methods()
                                                                else "tuning")
         metric = metric or art["metric"]
