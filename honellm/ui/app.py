@@ -126,7 +126,8 @@ def create_app(config: UIConfig | None = None, *, cwd: Path | None = None, chat:
 
     @app.exception_handler(HoneError)
     async def _hone_error(_request: Request, err: HoneError):
-        api = APIError(404 if "no such" in err.what or err.what.startswith("no job") else 400, err.render(),
+        api = APIError(404 if isinstance(err, catalog.NotFound) else 400, err.render(),
+                       type=NOT_FOUND if isinstance(err, catalog.NotFound) else "invalid_request_error",
                        code="hone_error")
         return JSONResponse(api.body(), status_code=api.status)
 
@@ -184,7 +185,7 @@ def create_app(config: UIConfig | None = None, *, cwd: Path | None = None, chat:
         for row in rows:
             job = state.jobs.job_for_run(state.root / row["id"])
             row["job"] = state.jobs.info(job) if job else None
-        return {"root": str(state.root), "runs": rows, "jobs": [state.jobs.info(j) for j in state.jobs.jobs.values()]}
+        return {"root": str(state.root), "runs": rows, "jobs": [state.jobs.info(j) for j in state.jobs.all()]}
 
     @app.get("/api/runs/{run:path}/report", response_class=HTMLResponse)
     async def run_report(run: str, request: Request):
@@ -226,7 +227,7 @@ def create_app(config: UIConfig | None = None, *, cwd: Path | None = None, chat:
     @app.get("/api/jobs")
     async def jobs(request: Request):
         state.authorize(request)
-        return {"jobs": [state.jobs.info(j) for j in state.jobs.jobs.values()]}
+        return {"jobs": [state.jobs.info(j) for j in state.jobs.all()]}
 
     @app.get("/api/jobs/{job_id}")
     async def job(job_id: str, request: Request, since: int = 0):

@@ -21,6 +21,10 @@ MAX_DEPTH = 4  # runs/<task>/compare-<time>/<method>/artifact: deep enough for e
 LOG_TAIL_BYTES = 16_000
 
 
+class NotFound(HoneError):
+    """A run, artifact or job that is not there (the API answers 404)."""
+
+
 # ----------------------------------------------------------------------------------------------------- paths
 
 
@@ -235,7 +239,7 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
 def run_detail(root: Path, path: Path, *, since: int = 0) -> dict:
     """Everything the run page shows: the summary, config, new metrics rows, log tail, artifact, leaderboard."""
     if not path.is_dir() or not is_run(path):
-        raise HoneError("no such run folder", where=str(path), fix="pick a run from the run list")
+        raise NotFound("no such run folder", where=str(path), fix="pick a run from the run list")
     detail = summarize_run(root, path)
     detail["config"] = (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").exists() else ""
     detail["metrics"], detail["metrics_next"] = metrics_since(path, since)
@@ -265,7 +269,7 @@ def leaderboard(path: Path) -> dict:
 def describe_artifact(root: Path, path: Path) -> dict:
     manifest = _json(path / "hone.json")
     if not manifest:
-        raise HoneError("not a Hone artifact (no readable hone.json)", where=str(path),
+        raise NotFound("not a Hone artifact (no readable hone.json)", where=str(path),
                         fix="pick an artifact from the artifact list")
     metric, score = artifact_score(manifest)
     program = _json(path / "prompt.json")

@@ -30,6 +30,7 @@ from pydantic import Field
 from honellm.config import Config
 from honellm.errors import HoneError
 from honellm.runs import _safe
+from honellm.ui.catalog import NotFound
 
 VERBS = ("compare", "tune", "align", "prompt")
 TERMINATE_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when cancelling
@@ -150,15 +151,19 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise HoneError(f"no job {job_id!r}", where="hone ui", fix="pick a job from the run list")
+            raise NotFound(f"no job {job_id!r}", where="hone ui", fix="pick a job from the run list")
         return job
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self.jobs.values())
 
     def find_run_dir(self, job: Job) -> Path | None:
         """The job's run folder: named by --out, or (hone prompt) the new folder of its task since it started."""
         if job.run_dir is not None or job.kind != "run" or not job.task:
             return job.run_dir
         folder = self.runs_root / _safe(job.task)
-        claimed = {j.run_dir for j in self.jobs.values() if j.run_dir is not None}
+        claimed = {j.run_dir for j in self.all() if j.run_dir is not None}
         fresh = [p for p in folder.glob("prompt*-*")
                  if p.is_dir() and p not in claimed and p.stat().st_mtime >= job.started - 1]
         if fresh:
@@ -168,7 +173,7 @@ class JobManager:
     def job_for_run(self, run_dir: Path) -> Job | None:
         """The latest job writing `run_dir` (None when the run was not started from this UI)."""
         run_dir = run_dir.resolve()
-        found = [j for j in self.jobs.values() if j.kind == "run" and self.find_run_dir(j)
+        found = [j for j in self.all() if j.kind == "run" and self.find_run_dir(j)
                  and j.run_dir.resolve() == run_dir]
         return max(found, key=lambda j: j.started, default=None)
 
@@ -196,7 +201,7 @@ class JobManager:
 
     def close(self) -> None:
         """Stop every process this UI started (called when the UI shuts down)."""
-        running = [j for j in self.jobs.values() if j.state == "running"]
+        running = [j for j in self.all() if j.state == "running"]
         for job in running:
             job.cancelled = True
             _signal_group(job.process, signal.SIGTERM)

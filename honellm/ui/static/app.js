@@ -365,8 +365,13 @@ function chart(title, bySeries, marks = []) {
 }
 
 function trialsHtml(rows) {
-  const trials = rows.filter(r => r.instruction_id !== undefined);
-  if (!trials.length) return "";
+  const generic = rows.filter(r => r.trial !== undefined);  // a hyperparameter search: {trial, params, value}
+  const genericTable = generic.length ? `<h2>Search trials <span class="meta">${generic.length} trials</span></h2>
+    <table id="trials"><tr><th class="num">trial</th><th>settings</th><th class="num">value</th><th>state</th></tr>
+    ${generic.map(t => `<tr><td class="num">${esc(t.trial)}</td><td><code>${esc(JSON.stringify(t.params || {}))}</code></td>
+    <td class="num">${fmt(t.value ?? t.score)}</td><td>${esc(t.state || "")}</td></tr>`).join("")}</table>` : "";
+  const trials = rows.filter(r => r.instruction_id !== undefined);  // hone prompt --search: one row per candidate
+  if (!trials.length) return genericTable;
   const best = Math.max(...trials.map(t => (typeof t.score === "number" ? t.score : -Infinity)));
   return `<h2>Search trials <span class="meta">${trials.length} candidates</span></h2><table id="trials"><tr><th class="num">#</th>
     <th>instruction</th><th class="num">shots</th><th>selector</th><th>calibration</th><th class="num">score</th><th class="num">95% CI</th></tr>
