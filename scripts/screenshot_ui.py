@@ -158,7 +158,7 @@ def shoot(sync_playwright, chromium: str, base: str, jobs: dict, out: Path, widt
         if train:
             snap("report-task", f"/report/task/{train['task']}", "#report")
         snap("tasks", "/tasks", "#tasks")
-        snap("artifacts", "/artifacts", "#artifacts, .card")
+        snap("artifacts", "/artifacts", "#artifacts")
         artifacts = call(f"{base}/api/artifacts")["artifacts"]
         if artifacts:
             a = artifacts[0]["id"]
