@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def summarize_run(root: Path, path: Path) -> dict:
     start = next((m for m in metrics if m.get("event") in ("start", "resume")), {})
     last_step = max((m["step"] for m in metrics if isinstance(m.get("step"), int)), default=0)
     finished = any(m.get("event") == "done" for m in metrics)
-    method = config.get("method") or path.name.rsplit("-", 2)[0]
+    method = config.get("method") or re.sub(r"-\d{8}-\d{6}(-\d+)?$", "", path.name)
     if "search" in config or "shots" in config:  # a `hone prompt` run records its settings flat
         method = "prompt-search" if config.get("search") else "prompt"
     artifact_path = path / "artifact"
@@ -246,7 +247,8 @@ def run_detail(root: Path, path: Path, *, since: int = 0) -> dict:
     detail["log"] = log_tail(path / "log.txt")
     if detail["kind"] == "compare":
         detail["leaderboard"] = leaderboard(path)
-        detail["children"] = [summarize_run(root, p) for p in sorted(path.iterdir()) if p.is_dir() and is_run(p)]
+        detail["children"] = [summarize_run(root, p) for p in sorted(path.iterdir())
+                              if p.is_dir() and (is_run(p) or (p / "artifact" / "hone.json").exists())]
         detail["report"] = (path / "report.html").exists()
     if detail.get("artifact"):
         detail["artifact_info"] = describe_artifact(root, inside(root, detail["artifact"]))

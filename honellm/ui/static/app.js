@@ -15,7 +15,9 @@ function fmt(x, digits = 3) {
   if (x === null || x === undefined || x === "") return "-";
   if (typeof x !== "number") return esc(x);
   if (Number.isInteger(x)) return x.toLocaleString("en");
-  return Math.abs(x) >= 1000 ? x.toFixed(0) : x.toPrecision(digits + 1).replace(/\.?0+$/, "");
+  if (Math.abs(x) >= 1000) return x.toFixed(0);
+  const text = x.toPrecision(digits);
+  return text.includes("e") || !text.includes(".") ? text : text.replace(/\.?0+$/, "");
 }
 function when(seconds) {
   if (!seconds) return "-";
@@ -403,7 +405,13 @@ async function pageReport(token, params, what, name) {
   const frame = document.createElement("iframe");
   frame.className = "report";
   frame.id = "report";
-  frame.setAttribute("sandbox", "");  // the report is static HTML: no scripts, no navigation
+  // The report is static HTML: no scripts may run in it and it cannot navigate; same-origin only so that the
+  // frame can be sized to the report (the whole page scrolls, not a box inside it).
+  frame.setAttribute("sandbox", "allow-same-origin");
+  frame.addEventListener("load", () => {
+    const doc = frame.contentDocument;
+    if (doc) frame.style.height = (doc.documentElement.scrollHeight + 24) + "px";
+  });
   frame.srcdoc = html;
   main().appendChild(frame);
 }
