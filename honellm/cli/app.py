@@ -23,6 +23,7 @@ from honellm.cli import (
     serve_cmd,
     show_cmd,
     tune_cmd,
+    ui_cmd,
 )
 from honellm.cli.common import err_console, fail
 from honellm.errors import HoneError
@@ -38,7 +39,7 @@ app = typer.Typer(
 
 # The order here is the order of `hone --help`: the flow from data to serving.
 for module in (data_cmd, models_cmd, prompt_cmd, tune_cmd, align_cmd, eval_cmd, compare_cmd, advise_cmd, report_cmd,
-               show_cmd, serve_cmd, export_cmd, demo_cmd):
+               show_cmd, serve_cmd, ui_cmd, export_cmd, demo_cmd):
     module.register(app)
 
 
