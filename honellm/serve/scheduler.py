@@ -186,7 +186,7 @@ class Scheduler:
         # "auto" reuses the keys and values of whatever all prompts share (the system prompt and demonstrations).
         shared = "auto" if len(prompts) > 1 else None
         with self.engine.use(job.served.adapter):
-            results = self.engine.generator.generate(prompts, job.params, shared_prefix=shared)
+            results = (job.served.generator or self.engine.generator).generate(prompts, job.params, shared_prefix=shared)
         self.batches += 1
         self.sequences += len(prompts)
         return results
@@ -198,7 +198,7 @@ class Scheduler:
         final = None
         try:
             with self.engine.use(job.served.adapter):
-                pieces = self.engine.generator.stream(job.prompts[0], job.params)
+                pieces = (job.served.generator or self.engine.generator).stream(job.prompts[0], job.params)
                 sink(("start", None))
                 try:
                     while True:

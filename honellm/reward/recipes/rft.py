@@ -26,7 +26,7 @@ from pydantic import Field
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     PolicyConfig,
