@@ -40,7 +40,7 @@ MARK = "BENCH "
 def prepare_data(args, folder: Path) -> Path:
     """Write the benchmark's pairs (conversational prompt/chosen/rejected) to `folder/pairs.jsonl`."""
     from honellm.models import load_tokenizer
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
     from honellm.reward.recipes.common import encode_pairs
     from honellm.task import Task
 

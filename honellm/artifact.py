@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from honellm.atomic import atomic_dir, atomic_write_json
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram
+from honellm.program import InferenceSettings, PromptProgram
 
 FORMAT_VERSION = 1
 KINDS = ("prompt", "adapter", "full", "reward_model")
@@ -56,6 +56,7 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
     run_dir: str | None = None
+    inference: InferenceSettings | None = None  # how it answers at inference (honellm.runtime applies it)
 
 
 def library_versions() -> dict[str, str]:

@@ -37,19 +37,9 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
 
 
 def print_leaderboard(run) -> None:
-    from honellm.compare.results import leaderboard_text
+    from honellm.compare.results import summary_text
 
-    task = run.task
-    held = task.get("held_out")
-    echo(f"task {task['name']} · split {run.split} ({'held out from ' + held['from'] + ', ' if held else ''}"
-         f"{next((r.n for r in run.results.values() if r.done), 0)} examples) · model {task['model']}"
-         + (f" · budget {run.budget_seconds:.0f} s per method" if run.budget_seconds else ""))
-    echo(leaderboard_text(run))
-    rec = run.recommendation
-    if rec:
-        echo(f"recommended: {rec['method']} ({rec['family']})")
-        for reason in rec["reasons"]:
-            echo(f"  - {reason}")
+    echo(summary_text(run))
 
 
 def register(app: typer.Typer) -> None:

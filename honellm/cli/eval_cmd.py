@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         Tasks with label choices are scored by log-likelihood over the choices; text metrics by generating;
         preference tasks by comparing chosen and rejected answers. Writes eval.json with every example.
         """
-        from honellm.evaluation import evaluate_to_folder
+        from honellm.evaluation.evaluate import evaluate_to_folder
 
         result, path = evaluate_to_folder(artifact, task, overrides or [], split=split, limit=limit, out=out,
                                           force=force, batch_size=batch_size, seed=seed)

@@ -256,7 +256,7 @@ def _parameter_count(path) -> int:
 def _probe(task: Task, limit: int = 50) -> dict:
     """A quick zero-shot score on part of the validation split (or train when there is none)."""
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
+    from honellm.evaluation.evaluate import evaluate
 
     split = "validation" if task.has_split("validation") else "train"
     start = time.perf_counter()

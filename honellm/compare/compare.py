@@ -21,6 +21,7 @@ from pathlib import Path
 from honellm.compare.recommend import recommend
 from honellm.compare.results import CompareRun, MethodResult
 from honellm.errors import HoneError
+from honellm.runtime.tasks import load_task
 from honellm.task import Task
 
 log = logging.getLogger("honellm.compare")
@@ -148,7 +149,7 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             out: str | Path | None = None, resume: bool = False, force: bool = False,
             method_overrides: dict[str, list[str]] | None = None, progress: bool = True) -> CompareRun:
     """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun."""
-    task = Task.load(task_path, overrides or [])
+    task = load_task(task_path, overrides or [])
     available = compare_methods()
     names = list(methods or DEFAULT_METHODS)
     unknown = [m for m in names if m not in available]
@@ -205,8 +206,8 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
     import torch
 
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
     from honellm.evaluation.cost import PeakMemory
+    from honellm.evaluation.evaluate import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
     result = MethodResult(spec.name, spec.family, "failed", run_dir=str(out))
@@ -256,7 +257,7 @@ def measure_latency(artifact, task, model, tokenizer, requests: int = LATENCY_RE
         return None
     spec = artifact.program.selector
     if spec is not None and spec.per_query:
-        from honellm.prompting.selectors import select_demonstrations
+        from honellm.runtime.selectors import select_demonstrations
 
         demos = select_demonstrations(spec, task, artifact.program, records, artifact.pool(), model=model,
                                       tokenizer=tokenizer)

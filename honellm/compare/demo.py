@@ -47,9 +47,9 @@ def run_demo(out: str | Path | None = None, *, tasks: list[str] | None = None, l
              force: bool = False, progress: bool = True, echo=print) -> tuple[Path, list, Path]:
     """Run the demo; returns (demo folder, the compare runs, the report path)."""
 
-    from honellm.cli.compare_cmd import print_leaderboard
     from honellm.compare.compare import compare
     from honellm.compare.report import write_combined_report
+    from honellm.compare.results import summary_text
     from honellm.runs import runs_root
 
     plan = [d for d in DEMO_TASKS if d.task in (tasks or DEFAULT_TASKS)]
@@ -67,7 +67,7 @@ def run_demo(out: str | Path | None = None, *, tasks: list[str] | None = None, l
         echo(f"\n== {demo.task}: {', '.join(demo.methods)}")
         run = compare(demo.task, list(demo.methods), out=root / demo.task, force=True,
                       limit=limit if limit is not None else demo.limit, method_overrides=demo.sets, progress=progress)
-        print_leaderboard(run)
+        echo(summary_text(run))
         runs.append(run)
     minutes = (time.perf_counter() - started) / 60
     report = write_combined_report([r.path for r in runs], root / "report.html", title="Hone demo",

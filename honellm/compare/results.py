@@ -131,6 +131,21 @@ def leaderboard_text(run: CompareRun) -> str:
     return "\n".join(lines)
 
 
+def summary_text(run: CompareRun) -> str:
+    """What `hone compare` and `hone demo` print: the task line, the leaderboard and the recommendation."""
+    task = run.task
+    held = task.get("held_out")
+    lines = [f"task {task['name']} · split {run.split} ({'held out from ' + held['from'] + ', ' if held else ''}"
+             f"{next((r.n for r in run.results.values() if r.done), 0)} examples) · model {task['model']}"
+             + (f" · budget {run.budget_seconds:.0f} s per method" if run.budget_seconds else ""),
+             leaderboard_text(run)]
+    rec = run.recommendation
+    if rec:
+        lines.append(f"recommended: {rec['method']} ({rec['family']})")
+        lines += [f"  - {reason}" for reason in rec["reasons"]]
+    return "\n".join(lines)
+
+
 def _seconds(value: float) -> str:
     if not value:
         return "-"

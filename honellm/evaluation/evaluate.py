@@ -1,8 +1,9 @@
 """evaluate(): one artifact (or model) on one task split -> the metric with its 95% interval, and the cost.
 
-Read top to bottom: resolve the task and artifact, load the model unless one is passed in, pick the
-records, select demonstrations per query when the program asks for it, score the records in the mode the
-metric needs (see scoring.py), then attach the bootstrap interval and the cost.
+Read top to bottom: resolve the task and artifact, apply the artifact's runtime to the model (loading it unless
+one is passed in: the prompt program, per-query demonstrations, the inference settings such as best-of-n; see
+honellm/runtime, the same code `hone serve` runs), pick the records, score them in the mode the metric needs
+(see scoring.py), then attach the bootstrap interval and the cost.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import math
 import time
 from pathlib import Path
 
+from honellm.artifact import Artifact
 from honellm.core.support import fast_path_support
 from honellm.errors import HoneError
 from honellm.evaluation.bootstrap import bootstrap_ci
 from honellm.evaluation.cost import PeakMemory
 from honellm.evaluation.metrics import METRICS
+from honellm.evaluation.preference import score_preferences  # noqa: F401 - registers the "preference" mode
 from honellm.evaluation.result import EvalCost, EvalResult, ExampleResult
 from honellm.evaluation.scoring import SCORING_MODES, EvalContext, count_tokens, scoring_mode
+from honellm.progress import progress as progress_bar
+from honellm.runs import RunDir
+from honellm.runtime.apply import ArtifactRuntime
+from honellm.runtime.tasks import load_task
 
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -34,10 +41,7 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     `TextEncoder` to reuse (the prompt search embeds the pool once for all its candidates). `seed` seeds
     sampling, random demonstration selection and the bootstrap.
     """
-    from honellm.artifact import Artifact
-    from honellm.task import Task
-
-    task = task if isinstance(task, Task) else Task.load(task)
+    task = load_task(task)
     artifact = artifact_or_model if isinstance(artifact_or_model, Artifact) else Artifact.resolve(artifact_or_model, task)
     metric = METRICS[task.metric]
     mode = scoring_mode(task, metric)
@@ -47,29 +51,20 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     if not records:
         raise HoneError(f"the {split} split of task {task.name!r} has no records to evaluate", where=task.source,
                         fix="check the data file, or choose another --split")
-    if model is None:
-        model, tokenizer = artifact.load_model()
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer together with the model")
-
-    from honellm.generation import Generator
-    from honellm.progress import progress as progress_bar
-
-    generator = Generator(model, tokenizer, batch_size=batch_size)
-    paths = f"{generator.runner_name} runner; {fast_path_support(model).summary()}"  # honellm.core.support
-    if (artifact.manifest.model_extra or {}).get("inference"):  # sampling at inference, e.g. best-of-n
-        from honellm.reward.recipes.best_of_n import inference_generator
-
-        generator = inference_generator(artifact, generator, task=task)
+    runtime = ArtifactRuntime.load(artifact, task, model=model, tokenizer=tokenizer, batch_size=batch_size)
+    model, tokenizer = runtime.model, runtime.tokenizer
+    runner = getattr(runtime.generator, "runner_name", None) or getattr(
+        getattr(runtime.generator, "generator", None), "runner_name", None)  # through a best-of-n wrapper
+    paths = f"{runner} runner; {fast_path_support(model).summary()}"  # honellm.core.support
     was_training = getattr(model, "training", False)
     model.eval()
     bar = progress_bar(total=len(records), desc=f"eval {task.name}/{split}", unit="ex", disable=None if progress else True)
     started = time.perf_counter()
     try:
         with PeakMemory(_device_of(model)) as memory:
-            demonstrations = _select_demonstrations(artifact, task, records, model, tokenizer, seed, pool, encoder)
+            demonstrations = runtime.demonstrations(records, seed=seed, pool=pool, encoder=encoder)
             ctx = EvalContext(task=task, program=artifact.program, artifact=artifact, model=model, tokenizer=tokenizer,
-                              generator=generator, records=records, demonstrations=demonstrations,
+                              generator=runtime.generator, records=records, demonstrations=demonstrations,
                               batch_size=batch_size, seed=seed, bar=bar)
             scored = SCORING_MODES[mode](ctx, metric)
     finally:
@@ -92,12 +87,10 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
         peak_memory_mb=round(memory.mb, 1) if memory.mb is not None else None,
         memory_kind=memory.kind,
     )
-    from honellm.prompting.selectors import query_text
-
     examples = [
         ExampleResult(index=i, prompt=scored.prompts[i], prediction=scored.predictions[i],
                       reference=scored.references[i], score=scores[i],
-                      query=query_text(task, artifact.program, records[i]),
+                      query=runtime.query(records[i]),
                       details=(scored.details[i] if scored.details else {}) | {"where": getattr(records[i], "where", None)})
         for i in range(len(records))
     ]
@@ -110,22 +103,6 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
                 "task_source": task.source, "model_paths": paths},
         records=examples, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-
-
-def _select_demonstrations(artifact, task, records, model, tokenizer, seed: int, pool: list[dict] | None, encoder):
-    """Per-query demonstrations from the artifact's pool, when its program has a per-query selector."""
-    spec = artifact.program.selector
-    if spec is None or not spec.per_query:
-        return None
-    pool = pool if pool is not None else artifact.pool()
-    if not pool:
-        raise HoneError(f"the prompt program selects demonstrations per query ({spec.name}), but the artifact has "
-                        "no demonstration pool", where=str(artifact.path) if artifact.path else artifact.name,
-                        fix="re-create the artifact with `hone prompt` (it saves pool.jsonl beside the program)")
-    from honellm.prompting.selectors import select_demonstrations
-
-    return select_demonstrations(spec, task, artifact.program, records, pool, model=model, tokenizer=tokenizer,
-                                 seed=seed, encoder=encoder)
 
 
 def _device_of(model):
@@ -144,7 +121,6 @@ def evaluate_to_folder(artifact_text: str, task_text: str | None = None, overrid
     eval.json goes to `out`, else into the artifact's folder, else into a new run folder
     `runs/<task>/eval-<timestamp>/`; an existing eval.json is kept unless `force` (checked before any work).
     """
-    from honellm.artifact import Artifact
     from honellm.evaluation.result import EVAL_FILE
 
     artifact_path = Path(artifact_text)
@@ -164,8 +140,6 @@ def evaluate_to_folder(artifact_text: str, task_text: str | None = None, overrid
                         fix="pass --force to replace it, or --out DIR to write elsewhere")
     result = evaluate(artifact, task, split, limit, batch_size=batch_size, progress=progress, seed=seed)
     if folder is None:
-        from honellm.runs import RunDir
-
         with RunDir.create(task.name, "eval") as run:
             run.write_config({"artifact": artifact_text, "task": task.source, "overrides": overrides or [],
                               "split": split, "limit": limit, "batch_size": batch_size, "seed": seed})
@@ -189,13 +163,12 @@ def record_in_manifest(artifact, result: EvalResult) -> None:
 
 def _resolve_task(task_text: str | None, overrides: list[str], artifact):
     """The task named on the command line, else the one the artifact was made for."""
-    from honellm.task import Task
 
     if task_text:
-        return Task.load(task_text, overrides)
+        return load_task(task_text, overrides)
     reference = (artifact.manifest.task or {}) if artifact is not None else {}
     source = reference.get("source")
     if source and Path(source).exists():
-        return Task.load(source, overrides)
+        return load_task(source, overrides)
     raise HoneError("no task given" + (" and the artifact records none that can be found" if artifact else ""),
                     fix="pass --task TASK (a task YAML or a built-in task name)")

@@ -334,24 +334,6 @@ def score_rewards(ctx: EvalContext, metric: Metric) -> Scored:
                   completion_tokens=[c.completion_tokens for c in completions], shared_prefix=prefix)
 
 
-@register_scoring_mode("preference")
-def score_preferences(ctx: EvalContext, metric: Metric) -> Scored:
-    """Pairwise: does the artifact score the chosen answer above the rejected one? (see preference.py)"""
-    from honellm.evaluation.preference import PreferenceBatch, preference_scorer_for
-
-    pairs = [ctx.task.pair(r) for r in ctx.records]
-    messages = [ctx.program.chat_messages(p.prompt, ctx.demos(i)) for i, p in enumerate(pairs)]
-    batch = PreferenceBatch(messages, [p.chosen for p in pairs], [p.rejected for p in pairs])
-    scorer = preference_scorer_for(ctx.artifact)
-    margins = scorer(ctx, batch)
-    scores = metric.fn(margins=margins)
-    prompts = [render_prompt(ctx.tokenizer, m) for m in messages]
-    predictions = ["chosen" if m > 0 else "rejected" for m in margins]
-    extras = {"mean_margin": float(np.mean(margins)), "preference_scorer": scorer.__name__}
-    details = [{"margin": round(float(m), 4)} for m in margins]
-    return Scored(prompts, predictions, ["chosen"] * len(pairs), scores, details, extras)
-
-
 # ------------------------------------------------------------------------------------------------ rewards
 
 
@@ -367,7 +349,9 @@ def task_rewards(ctx: EvalContext, prompts: list[str], completions: list) -> tup
     columns = {k: [r.get(k) for r in ctx.records] for k in keys}
     columns["target"] = [ctx.task.target(r) for r in ctx.records]
     columns["completion_ids"] = [list(c.token_ids) for c in completions]
-    found = ctx.task.reward().score(prompts, texts, **columns)
+    from honellm.reward.functions import task_reward
+
+    found = task_reward(ctx.task).score(prompts, texts, **columns)
     return [float(v) for v in found.total], {k: [float(v) for v in vals] for k, vals in found.per_function.items()}
 
 

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from honellm.config import Config
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram, SelectorSpec
+from honellm.program import PromptProgram, SelectorSpec
 from honellm.tracking import ReportTo, Tracking, parse_report_to, report_to_field
 
 
@@ -112,9 +112,9 @@ def build_prompt(task, model, tokenizer, *, system: str | None = None, shots: in
                  seed: int = 0, batch_size: int = 16, encoder=None, selector_params: dict | None = None) -> PromptProgram:
     """One prompt program for `task` (see the module docstring). `per_query` defaults to True for the
     similarity selectors (bm25, embedding, mmr) and False for random and balanced. `calibration` names a
-    method of prompting/calibration.py (content_free, batch) or None."""
-    from honellm.prompting.calibration import calibrate
-    from honellm.prompting.selectors import get_selector, select_fixed_demonstrations
+    method of runtime/calibration.py (content_free, batch) or None."""
+    from honellm.runtime.calibration import calibrate
+    from honellm.runtime.selectors import get_selector, select_fixed_demonstrations
 
     base = PromptProgram.from_task(task)
     program = base.model_copy(update={"system": system if system is not None else base.system})
@@ -190,10 +190,11 @@ def search_prompt(task, model, tokenizer, config: PromptSearchConfig | None = No
                   progress: bool = True) -> SearchResult:
     """Try candidate programs on the validation split and return the best (see the module docstring)."""
     from honellm.artifact import Artifact
-    from honellm.evaluation import bootstrap_ci, evaluate
+    from honellm.evaluation.bootstrap import bootstrap_ci
+    from honellm.evaluation.evaluate import evaluate
     from honellm.progress import progress as progress_bar
-    from honellm.prompting.calibration import calibrate
-    from honellm.prompting.embeddings import TextEncoder
+    from honellm.runtime.calibration import calibrate
+    from honellm.runtime.embeddings import TextEncoder
 
     config = config or PromptSearchConfig()
     if not task.has_split("validation"):
@@ -335,13 +336,13 @@ def make_prompt_artifact(task_text, overrides: list[str] | None = None, *, searc
     what it leaves at defaults: it wins). `run_dir` names the run folder (default: a new one under the runs
     root); it is replaced when it exists."""
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
+    from honellm.evaluation.evaluate import evaluate
     from honellm.models import load
-    from honellm.prompting.selectors import get_selector
     from honellm.runs import RunDir
-    from honellm.task import Task
+    from honellm.runtime.selectors import get_selector
+    from honellm.runtime.tasks import load_task
 
-    task = task_text if isinstance(task_text, Task) else Task.load(task_text, overrides or [])
+    task = load_task(task_text, overrides or [])
     model_name = model_name or task.config.model
     if shots > 0 and not search:
         get_selector(selector)  # a misspelt name fails now, not after the model has loaded
@@ -349,7 +350,7 @@ def make_prompt_artifact(task_text, overrides: list[str] | None = None, *, searc
         raise HoneError(f"--calibrate needs label choices, and task {task.name!r} has none", where=task.source,
                         fix="add `choices: [...]` to the task, or drop --calibrate")
     if calibration and not search:
-        from honellm.prompting.calibration import CALIBRATIONS
+        from honellm.runtime.calibration import CALIBRATIONS
 
         if calibration not in CALIBRATIONS:
             raise HoneError(f"unknown calibration {calibration!r}", where="--calibration",

@@ -575,3 +575,30 @@ def _make_builtin(name: str, params: dict[str, Any], where: str) -> Reward:
         return factory(**params)
     except (TypeError, ValueError) as err:
         raise HoneError(f"reward {name!r}: {err}", where=where, fix=f"{name} takes: {signature}") from err
+
+
+def task_reward(task, *, gold: bool = False) -> CombinedReward:
+    """The task's combined reward (its weighted `rewards:`), or with `gold` the `gold_rewards:` the guard watches.
+
+    Built once per task and kept on it; user functions from Python files are imported here, on first use.
+    """
+    key = "gold_rewards" if gold else "rewards"
+    cache = task.__dict__.setdefault("_rewards", {})
+    if key not in cache:
+        specs = getattr(task.config, key)
+        if not specs:
+            raise HoneError(f"task {task.name!r} has no {key}", where=task.source,
+                            fix=f"add `{key}: [{{name: numeric_match}}]` (or another reward) to the task")
+        cache[key] = build_reward(specs, task.base_dir)
+    return cache[key]
+
+
+def check_task_rewards(task) -> None:
+    """The task's built-in reward specs are valid (names, parameters); user files are checked when first used."""
+    for key in ("rewards", "gold_rewards"):
+        builtin = [s for s in getattr(task.config, key) if "python" not in s]
+        if builtin:
+            try:
+                build_reward(builtin, task.base_dir)
+            except HoneError as err:
+                raise HoneError(err.what, where=f"{task.where(key)} ({key}: {err.where})", fix=err.fix) from None

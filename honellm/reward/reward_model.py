@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from honellm.errors import HoneError
-from honellm.evaluation.preference import register_preference_scorer
 from honellm.training.batching import TokenSequence, collate, encode_conversation
 from honellm.training.precision import Precision
 
@@ -56,7 +55,7 @@ class RewardModel(nn.Module):
     def __init__(self, model, tokenizer, head: nn.Linear | None = None, *, program=None, max_length: int = 1024,
                  precision: Precision | None = None, stats: dict | None = None):
         super().__init__()
-        from honellm.prompting.program import PromptProgram
+        from honellm.program import PromptProgram
 
         self.model = model
         self.head = head if head is not None else new_head(model.config.hidden_size)
@@ -195,18 +194,3 @@ def load_reward_model(artifact, *, device: str | None = None, dtype: str = "auto
     return RewardModel.from_artifact(artifact, device=device, dtype=dtype)
 
 
-@register_preference_scorer("reward_model")
-def reward_model_margins(ctx, batch) -> list[float]:
-    """`hone eval` of a reward model: score(chosen) - score(rejected) under the reward head."""
-    rm = RewardModel.from_artifact(ctx.artifact, ctx.model, ctx.tokenizer)
-    margins = []
-    step = max(1, ctx.batch_size // 2)
-    for start in range(0, len(batch.messages), step):
-        end = min(len(batch.messages), start + step)
-        messages = batch.messages[start:end]
-        scores = rm.score(messages + messages, batch.chosen[start:end] + batch.rejected[start:end],
-                          batch_size=ctx.batch_size, apply_program=False)
-        n = end - start
-        margins += [c - r for c, r in zip(scores[:n], scores[n:], strict=True)]
-        ctx.advance(n)
-    return margins

@@ -26,14 +26,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from honellm.errors import HoneError
+from honellm.reward.functions import task_reward
 from honellm.reward.guard import Alarm, GuardConfig, RewardHackingGuard, distinct_n
+from honellm.runtime.rewards import RewardScores, RewardSource, load_reward_model_artifact  # noqa: F401 - re-exported
 from honellm.training.batching import IGNORE, Batch
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
@@ -245,84 +247,11 @@ def generate_rollouts(generator, prompts: PromptSet, params, group_size: int, *,
 # Rewards
 
 
-@dataclass
-class RewardScores:
-    """Per-source scores (NaN where a source could not score) and the weighted total per completion."""
-
-    per_function: dict[str, list[float]]
-    total: list[float]
-
-    def total_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.total, dtype=torch.float32)
-
-
-class RewardSource:
-    """A reward on completions: the task's reward functions (weighted), a reward model (weighted), or both.
-
-    Reward functions get the record's fields, `target` and `completion_ids` as columns (the convention of
-    `honellm.reward.functions`); the reward model gets the prompt messages and the completion text.
-    """
-
-    def __init__(self, functions=None, reward_model=None, reward_model_weight: float = 1.0,
-                 model_name: str = "reward_model"):
-        if functions is None and reward_model is None:
-            raise ValueError("a RewardSource needs reward functions or a reward model")
-        self.functions = functions
-        self.reward_model = reward_model
-        self.reward_model_weight = reward_model_weight
-        self.model_name = model_name
-
-    @property
-    def names(self) -> list[str]:
-        names = list(self.functions.names) if self.functions is not None else []
-        return names + ([self.model_name] if self.reward_model is not None else [])
-
-    def score(self, task, records: Sequence, messages: Sequence[list[dict]], prompt_texts: Sequence[str],
-              completions: Sequence[str], completion_ids: Sequence[list[int]] | None = None) -> RewardScores:
-        n = len(completions)
-        per_function: dict[str, list[float]] = {}
-        weighted: list[list[tuple[float, float]]] = [[] for _ in range(n)]
-        if self.functions is not None:
-            keys = sorted({k for r in records for k in r})
-            columns: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}
-            columns["target"] = [task.target(r) for r in records]
-            if completion_ids is not None:
-                columns["completion_ids"] = [list(ids) for ids in completion_ids]
-            found = self.functions.score(list(prompt_texts), list(completions), **columns)
-            per_function.update(found.per_function)
-            for name, weight in zip(self.functions.names, self.functions.weights, strict=True):
-                for i, value in enumerate(found.per_function[name]):
-                    if not math.isnan(value):
-                        weighted[i].append((weight, value))
-        if self.reward_model is not None:
-            values = [float(v) for v in self.reward_model.score([list(m) for m in messages], list(completions))]
-            per_function[self.model_name] = values
-            for i, value in enumerate(values):
-                weighted[i].append((self.reward_model_weight, value))
-        total = [sum(w * v for w, v in parts) if parts else math.nan for parts in weighted]
-        return RewardScores(per_function, total)
-
-    def score_rollouts(self, task, rollouts: Rollouts) -> RewardScores:
-        p = rollouts.prompts
-        return self.score(task, rollouts.per_completion(p.records), rollouts.per_completion(p.messages),
-                          rollouts.per_completion(p.texts), rollouts.texts, rollouts.content_ids())
-
-
-def load_reward_model_artifact(path: str, *, where: str):
-    """A reward model from an artifact folder (`honellm.reward.reward_model`)."""
-    try:
-        from honellm.reward.reward_model import load_reward_model
-    except ImportError as err:  # the reward-model module is part of the offline half of issue 6
-        raise HoneError("reward models are not available in this version of Hone", where=where,
-                        fix="use the task's reward functions (task_rewards=true, reward_model=null)") from err
-    return load_reward_model(path)
-
-
 def proxy_reward(task, config: PolicyConfig) -> RewardSource:
     """The reward the policy is trained on: the task's `rewards:` and/or `reward_model`; for a task with answers
     but neither, its metric on the generated text (accuracy, exact or numeric match against the reference):
     RL with a verifiable reward."""
-    functions = task.reward() if config.task_rewards and task.config.rewards else None
+    functions = task_reward(task) if config.task_rewards and task.config.rewards else None
     model = load_reward_model_artifact(config.reward_model, where="reward_model") if config.reward_model else None
     if functions is None and model is None and config.task_rewards:
         functions = metric_reward(task)
@@ -340,7 +269,7 @@ def gold_reward(task, reward_model: str | None = None) -> RewardSource | None:
         model = load_reward_model_artifact(reward_model, where="gold_reward_model")
         return RewardSource(None, model, 1.0, model_name="gold_reward_model")
     if task.config.gold_rewards:
-        return RewardSource(task.reward(gold=True))
+        return RewardSource(task_reward(task, gold=True))
     combined = metric_reward(task)
     return RewardSource(combined) if combined is not None else None
 

@@ -30,14 +30,12 @@ from typing import Any
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.prompting.program import Demonstration
+from honellm.runtime.apply import DemonstrationPicker, chat_messages, demonstration_picker
+from honellm.runtime.best_of_n import inference_generator
 
 # PEFT methods that add virtual tokens in PeftModel.forward; the generation engine runs the base model's own
 # modules, so it cannot apply them.
 PROMPT_LEARNING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "ADAPTION_PROMPT"}
-
-# (query text) -> the demonstrations to show for it; see `demonstration_picker`.
-DemonstrationPicker = Callable[[str], list[Demonstration]]
 
 
 @dataclass(eq=False)
@@ -118,16 +116,14 @@ class ServedModel:
     adapter: str | None = None  # the internal PEFT adapter name; None runs the base with adapters off
     picker: DemonstrationPicker | None = None
     created: int = 0
+    # the engine's generator with the artifact's inference settings applied (best-of-n): honellm.runtime
+    generator: Any = None
 
     def chat_messages(self, messages: list[dict]) -> list[dict]:
         """The artifact's prompt program applied to a chat request: its system prompt and demonstrations first.
 
         With a per-query selector, the demonstrations are chosen for the last user message."""
-        demonstrations = None
-        if self.picker is not None:
-            query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            demonstrations = self.picker(query)
-        return self.artifact.program.chat_messages(messages, demonstrations)
+        return chat_messages(self.artifact.program, self.picker, messages)
 
     def describe(self) -> dict:
         """The `/v1/models` entry: OpenAI's fields plus what Hone knows about the model."""
@@ -162,29 +158,6 @@ def default_name(source: str, artifact: Artifact) -> str:
     if path.exists():
         return path.resolve().stem if path.is_file() else path.resolve().name
     return source
-
-
-def demonstration_picker(artifact: Artifact, model=None, tokenizer=None) -> DemonstrationPicker | None:
-    """The hook for per-query demonstration selection: None when the program's demonstrations are fixed.
-
-    An artifact whose program selects demonstrations per query carries a selector spec, its pool (pool.jsonl)
-    and the task's config in its manifest; `honellm.prompting.selectors.build_selector` turns them into a
-    callable `(query: str) -> list[Demonstration]` (embedding selectors embed with `model` unless the spec
-    names an embedding model).
-    """
-    spec = artifact.program.selector
-    if spec is None or not spec.per_query:
-        return None
-    from honellm.prompting.selectors import build_selector
-    from honellm.task import Task
-
-    where = str(artifact.path) if artifact.path else artifact.name
-    pool = artifact.pool()
-    if not pool or not (artifact.manifest.task or {}).get("config"):
-        raise HoneError("this artifact picks demonstrations per query but has no demonstration pool or task config",
-                        where=where, fix="re-create it with `hone prompt` (it saves pool.jsonl and the task)")
-    task = Task.from_config(artifact.manifest.task["config"])
-    return build_selector(spec, pool, task=task, program=artifact.program, model=model, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------- loading
@@ -293,7 +266,8 @@ def load_models(specs: list[str], *, dtype: str = "auto", device: str | None = N
                               merge_adapters=len(group) == 1)
         for i, entry in enumerate(group):
             served.append(ServedModel(entry.name, entry.source, entry.artifact, engine, adapters.get(i),
-                                      demonstration_picker(entry.artifact, model, tokenizer), created))
+                                      demonstration_picker(entry.artifact, model, tokenizer), created,
+                                      inference_generator(entry.artifact, engine.generator)))
     order = {e.name: i for i, e in enumerate(entries)}
     return sorted(served, key=lambda s: order[s.name])
 

@@ -187,7 +187,7 @@ class Scheduler:
         # "auto" reuses the keys and values of whatever all prompts share (the system prompt and demonstrations).
         shared = "auto" if len(prompts) > 1 else None
         with self.engine.use(job.served.adapter):
-            results = self.engine.generator.generate(prompts, job.params, shared_prefix=shared)
+            results = (job.served.generator or self.engine.generator).generate(prompts, job.params, shared_prefix=shared)
         self.batches += 1
         self.sequences += len(prompts)
         return results
@@ -199,10 +199,11 @@ class Scheduler:
         final = None
         try:
             with self.engine.use(job.served.adapter):
+                generator = job.served.generator or self.engine.generator  # the artifact's inference settings
                 if len(job.prompts) == 1:
-                    pieces = _indexed(self.engine.generator.stream(job.prompts[0], job.params))
+                    pieces = _indexed(generator.stream(job.prompts[0], job.params))
                 else:  # n choices of one prompt, decoded together
-                    pieces = self.engine.generator.stream_batch(job.prompts, job.params)
+                    pieces = generator.stream_batch(job.prompts, job.params)
                 sink(("start", None))
                 try:
                     while True:

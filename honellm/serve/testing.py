@@ -18,7 +18,7 @@ def make_lora_artifact(base_model: str | Path, out: str | Path, *, seed: int, na
 
     from honellm.artifact import Artifact
     from honellm.models import load
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
 
     model, _ = load(base_model, dtype="fp32", device="cpu")
     torch.manual_seed(seed)

@@ -5,14 +5,12 @@ The CLI (`hone tune --method NAME`), YAML files and `hone tune --methods` find m
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from honellm.errors import HoneError
 from honellm.tuning.config import SFTConfig
 
 
@@ -54,38 +52,3 @@ def register_method(method: TuningMethod) -> TuningMethod:
         raise ValueError(f"tuning method {method.name!r} registered twice")
     METHODS[method.name] = method
     return method
-
-
-def get_method(name: str) -> TuningMethod:
-    import honellm.tuning.methods  # noqa: F401 - registers the built-in methods
-
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise HoneError(f"unknown tuning method {name!r}", where="--method",
-                        fix=f"{hint}methods: {', '.join(METHODS)} (hone tune --methods describes them)")
-    return METHODS[name]
-
-
-def all_methods() -> dict[str, TuningMethod]:
-    import honellm.tuning.methods  # noqa: F401
-
-    return dict(METHODS)
-
-
-def method_config(method: str | None, path: str | Path | None = None, overrides: list[str] | None = None):
-    """(method, its validated config) from an optional YAML file and `key=value` overrides.
-
-    The YAML may name the method (`method: lora`); `method` given here wins. Unknown keys are errors that name
-    the closest valid key of that method's config.
-    """
-    from honellm.config import LineMap, apply_overrides, load_yaml, validate
-
-    data, lines = load_yaml(path) if path else ({}, LineMap())
-    in_file = data.pop("method", None)
-    name = method or in_file
-    if name is None:
-        raise HoneError("no tuning method given", fix="pass --method NAME (hone tune --methods lists them)")
-    spec = get_method(name)
-    apply_overrides(data, overrides or [], spec.config)
-    return spec, validate(spec.config, data, source=path, lines=lines)

@@ -29,7 +29,7 @@ from honellm.artifact import Artifact
 from honellm.core import fused
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss
@@ -41,9 +41,10 @@ from honellm.training.run_folder import every, open_run
 from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
+from honellm.tuning.catalog import get_method
 from honellm.tuning.config import SFTConfig
 from honellm.tuning.methods import save_initial_adapter
-from honellm.tuning.registry import TuningMethod, get_method
+from honellm.tuning.registry import TuningMethod
 
 
 def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
@@ -354,7 +355,8 @@ def _evaluate(model, tokenizer, validation: ValidationSet, *, precision: Precisi
 
 def _task_score(model, tokenizer, validation: ValidationSet, *, precision: Precision, config: SFTConfig,
                 device) -> float | None:
-    from honellm.evaluation import METRICS, evaluate
+    from honellm.evaluation.evaluate import evaluate
+    from honellm.evaluation.metrics import METRICS
 
     peft_config = getattr(model, "active_peft_config", None)
     if not (peft_config is not None and peft_config.is_prompt_learning):

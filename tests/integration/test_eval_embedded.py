@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.task import Task
 
 N = 24

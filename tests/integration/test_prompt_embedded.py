@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.prompting.search import make_prompt_artifact
 from honellm.task import Task
 

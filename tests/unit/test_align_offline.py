@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from honellm.errors import HoneError
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.models import load
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
 from honellm.reward.recipes import align_task, all_align_methods, get_align_method
 from honellm.reward.recipes.common import (

@@ -64,7 +64,7 @@ def policy(task):
 
 @pytest.fixture(scope="module")
 def rollouts(task, policy):
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
 
     model, tokenizer = policy
     prompts = encode_prompts(task, PromptProgram.from_task(task), tokenizer, "train", limit=3)
@@ -103,7 +103,7 @@ def test_kl_to_the_reference_is_zero_at_step_zero(task, policy, rollouts):
     for b, p, r in zip(batches, mine, ref, strict=True):
         assert float((losses.kl_k3(p, r) * b.mask).sum()) == 0.0
     # ... and the held-out check reports it so
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
 
     held_out = encode_prompts(task, PromptProgram.from_task(task), tokenizer, "validation", limit=4)
     generator = Generator(model, tokenizer, backend="torch")
@@ -235,8 +235,8 @@ class _FakeGenerator:
 
 def test_best_of_n_keeps_the_highest_reward_and_counts_every_sample(task):
     from honellm.reward.functions import CombinedReward
-    from honellm.reward.recipes.best_of_n import BestOfNGenerator
-    from honellm.reward.rollout import RewardSource
+    from honellm.runtime.best_of_n import BestOfNGenerator
+    from honellm.runtime.rewards import RewardSource
 
     def digit(prompts, completions, **columns):  # the sample "answer 2" scores best, "answer 1" is unscorable
         return [None if c.endswith("1") else float(c[-1]) for c in completions]
@@ -251,12 +251,13 @@ def test_best_of_n_keeps_the_highest_reward_and_counts_every_sample(task):
 
 def test_inference_hook_leaves_ordinary_artifacts_alone(task):
     from honellm.artifact import Artifact
-    from honellm.reward.recipes.best_of_n import BestOfNGenerator, inference_generator
+    from honellm.program import BestOfNSettings, InferenceSettings
+    from honellm.runtime.best_of_n import BestOfNGenerator, inference_generator
 
     plain = Artifact.zero_shot(task.config.model, task)
     sentinel = object()
     assert inference_generator(plain, sentinel, task=task) is sentinel
-    plain.manifest.inference = {"best_of_n": {"n": 2, "temperature": 1.0, "task_rewards": True}}
+    plain.manifest.inference = InferenceSettings(best_of_n=BestOfNSettings(n=2, temperature=1.0, task_rewards=True))
     assert isinstance(inference_generator(plain, _FakeGenerator(), task=task), BestOfNGenerator)
 
 

@@ -26,7 +26,7 @@ from honellm.errors import HoneError
 from honellm.evaluation import evaluate
 from honellm.export import export_artifact
 from honellm.models import load
-from honellm.prompting.program import Demonstration, PromptProgram
+from honellm.program import Demonstration, PromptProgram
 from honellm.reward.recipes import align_task
 from honellm.reward.recipes.grpo import GRPOConfig, grpo
 from honellm.runs import read_metrics

@@ -4,7 +4,7 @@ import pytest
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.prompting.program import Demonstration, PromptProgram
+from honellm.program import Demonstration, PromptProgram
 
 
 def test_save_load_roundtrip_with_adapter(tiny_model_dir, tmp_path):

@@ -5,6 +5,8 @@ import pytest
 
 from honellm.config import apply_overrides, parse_override
 from honellm.errors import DataError, HoneError
+from honellm.reward.functions import task_reward
+from honellm.runtime.tasks import load_task
 from honellm.task import Task, TaskConfig
 
 
@@ -133,7 +135,7 @@ def test_config_rules():
 
 def test_unknown_metric_suggests(sentiment):
     with pytest.raises(HoneError) as err:
-        Task.load(sentiment, ["metric=acuracy"])
+        load_task(sentiment, ["metric=acuracy"])
     assert "did you mean 'accuracy'" in err.value.fix
 
 
@@ -186,12 +188,13 @@ def test_fields_data_without_template_is_a_clear_error(tmp_path):
 
 
 def test_task_rewards_are_checked_at_load_and_built_on_use():
-    task = Task.load("arithmetic_hackable")
-    reward = task.reward()
+    task = load_task("arithmetic_hackable")
+    reward = task_reward(task)
     assert reward(["q"], ["Let's see: 7"], target=["7"]) == [pytest.approx(1.2)]
-    assert task.reward(gold=True)(["q"], ["8"], target=["7"]) == [0.0]
+    assert task_reward(task, gold=True)(["q"], ["8"], target=["7"]) == [0.0]
+    assert task_reward(task) is reward  # built once per task
     with pytest.raises(HoneError) as err:
-        Task.load("arithmetic", ["rewards=[{name: numeric_mach}]"])
+        load_task("arithmetic", ["rewards=[{name: numeric_mach}]"])
     assert "did you mean 'numeric_match'" in err.value.fix
     with pytest.raises(HoneError, match="no gold_rewards"):
-        Task.load("arithmetic").reward(gold=True)
+        task_reward(load_task("arithmetic"), gold=True)

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from honellm.evaluation import EvalResult, bootstrap_ci, evaluate
+from honellm.evaluation import EvalResult, bootstrap_ci
+from honellm.evaluation.evaluate import evaluate
+from honellm.reward.functions import task_reward
 from honellm.task import Task
 
 
@@ -78,7 +80,7 @@ def test_choice_scores_are_the_answer_turns_loglikelihood(tiny_model, tiny_model
     import torch
 
     from honellm.data.chat import render_prompt
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
 
     model, tok = tiny_model
     result = evaluate(str(tiny_model_dir), intents, "validation", limit=1, model=model, tokenizer=tok, progress=False)
@@ -98,7 +100,7 @@ def test_both_ways_of_scoring_groups_agree(tiny_model, intents, monkeypatch):
     from honellm.data.chat import render_prompt
     from honellm.evaluation import scoring
     from honellm.generation import Generator
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
 
     model, tok = tiny_model
     program = PromptProgram.from_task(intents)
@@ -140,7 +142,7 @@ def test_reward_mode_scores_generated_text_with_the_tasks_rewards(tiny_model, ti
     assert result.mode == "reward" and result.n == 3
     assert {"reward_mean", "reward_pass_rate", "reward_unscored", "reward/numeric_match"} <= set(result.extras)
     # the rewards agree with the reward functions called directly on the same text
-    direct = task.reward()([r.prompt for r in result.records], [r.prediction for r in result.records],
+    direct = task_reward(task)([r.prompt for r in result.records], [r.prediction for r in result.records],
                            target=[r.reference for r in result.records])
     assert [r.score for r in result.records] == [0.0 if math.isnan(d) else d for d in direct]
 
@@ -247,7 +249,7 @@ def test_limit_takes_the_first_records(tiny_model, tiny_model_dir, intents):
 
 def test_saved_artifact_evaluates_to_the_same_score(tiny_model_dir, intents, tmp_path):
     from honellm.artifact import Artifact
-    from honellm.prompting.program import Demonstration, PromptProgram
+    from honellm.program import Demonstration, PromptProgram
 
     program = PromptProgram(system="Route the message.", template="Message: {text}",
                             demonstrations=[Demonstration(query="Message: my card was charged twice", answer="billing")],

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from honellm.errors import HoneError
-from honellm.prompting.calibration import calibration_offsets, content_free_messages, contextual_calibration
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.prompting.search import PromptSearchConfig, build_prompt, make_prompt_artifact, search_prompt
+from honellm.runtime.calibration import calibration_offsets, content_free_messages, contextual_calibration
 from honellm.task import Task
 
 
@@ -78,7 +78,7 @@ def test_build_prompt_fixed_and_per_query(tiny_model, intents):
 
 def test_per_query_program_without_a_pool_is_a_user_error(tiny_model, tiny_model_dir, intents):
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
+    from honellm.evaluation.evaluate import evaluate
 
     model, tok = tiny_model
     program = build_prompt(intents, model, tok, shots=2, selector="bm25")
@@ -134,7 +134,7 @@ def test_proposed_instructions_name_the_labels(tiny_model, intents):
 
 def test_saved_search_artifact_reproduces_its_validation_score(tiny_model_dir, tmp_path, monkeypatch):
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
+    from honellm.evaluation.evaluate import evaluate
 
     monkeypatch.setenv("HONE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("HONE_CPU_BF16", "0")  # fp32: bf16 buys nothing at the tiny model's sizes
@@ -172,7 +172,7 @@ def test_prompt_artifact_without_search(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_batch_calibration_uses_training_inputs_only(tiny_model, intents, monkeypatch):
-    from honellm.prompting.calibration import batch_calibration, calibrate
+    from honellm.runtime.calibration import batch_calibration, calibrate
 
     model, tok = tiny_model
     real = Task._load_split
@@ -191,9 +191,9 @@ def test_search_derives_calibrated_scores_exactly_as_the_evaluator(tiny_model, t
     """The search scores calibrated variants from one uncalibrated pass; evaluating the calibrated program itself
     must give the very same predictions (else `hone eval` would not reproduce the search's number)."""
     from honellm.artifact import Artifact
-    from honellm.evaluation import evaluate
-    from honellm.prompting.calibration import contextual_calibration
+    from honellm.evaluation.evaluate import evaluate
     from honellm.prompting.search import scores_with_offsets
+    from honellm.runtime.calibration import contextual_calibration
 
     model, tok = tiny_model
     program = PromptProgram.from_task(intents)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from honellm.artifact import Artifact
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.models import load
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.losses import bradley_terry_loss
 from honellm.reward.recipes import align_task
 from honellm.reward.recipes.common import AlignConfig, collate_pairs, encode_pairs

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from honellm.errors import HoneError
-from honellm.prompting.bm25 import BM25
-from honellm.prompting.program import SelectorSpec
-from honellm.prompting.selectors import SELECTORS, DemoPool, get_selector, register_selector, select_indices
+from honellm.program import SelectorSpec
+from honellm.runtime.bm25 import BM25
+from honellm.runtime.selectors import SELECTORS, DemoPool, get_selector, register_selector, select_indices
 
 TEXTS = [
     "my card was charged twice for the order",      # 0 billing
@@ -120,8 +120,8 @@ def test_fixed_set_for_all_queries(pool):
 
 
 def test_select_demonstrations_renders_the_template(tiny_model):
-    from honellm.prompting.program import PromptProgram
-    from honellm.prompting.selectors import select_demonstrations
+    from honellm.program import PromptProgram
+    from honellm.runtime.selectors import select_demonstrations
     from honellm.task import Task
 
     task = Task.load("intents")
@@ -134,7 +134,7 @@ def test_select_demonstrations_renders_the_template(tiny_model):
 
 
 def test_text_encoder_on_the_tiny_model(tiny_model):
-    from honellm.prompting.embeddings import TextEncoder
+    from honellm.runtime.embeddings import TextEncoder
 
     model, tok = tiny_model
     encoder = TextEncoder(model, tok)

@@ -9,7 +9,7 @@ import pytest
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.prompting.program import Demonstration, PromptProgram
+from honellm.program import Demonstration, PromptProgram
 from honellm.serve.registry import (
     load_models,
     parse_spec,
@@ -108,7 +108,7 @@ def test_program_system_and_demonstrations_go_first(tiny_model_dir, tmp_path):
 
 def test_per_query_selector_picks_the_demonstrations_the_evaluator_would(tiny_model_dir, tmp_path):
     from honellm.prompting.search import make_prompt_artifact
-    from honellm.prompting.selectors import select_demonstrations
+    from honellm.runtime.selectors import select_demonstrations
     from honellm.task import Task
     from honellm.testing import make_tiny_task
 
@@ -129,7 +129,7 @@ def test_per_query_selector_picks_the_demonstrations_the_evaluator_would(tiny_mo
 
 
 def test_a_per_query_artifact_without_its_pool_is_refused(tiny_model_dir, tmp_path):
-    from honellm.prompting.program import SelectorSpec
+    from honellm.program import SelectorSpec
     from honellm.serve.registry import demonstration_picker
 
     program = PromptProgram(system="S", selector=SelectorSpec(name="bm25", k=1))

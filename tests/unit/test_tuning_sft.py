@@ -122,9 +122,9 @@ def test_prompt_learning_fallback_scores_like_evaluate(task_yaml, tiny_model_dir
     model both can score, both give the same predictions."""
     import numpy as np
 
-    from honellm.evaluation import evaluate
+    from honellm.evaluation.evaluate import evaluate
     from honellm.models import load
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
     from honellm.task import Task
     from honellm.training.precision import Precision
     from honellm.training.validation import score_sequences

@@ -122,14 +122,15 @@ def align_task(task_path: str, method: str | None, overrides: list[str] | None =
     Overrides whose first key is a task field (`data.train=...`, `model=...`) change the task; all others
     configure the method (`beta=0.1 lr=5e-5 max_steps=100`).
     """
-    from honellm.task import Task, TaskConfig
+    from honellm.runtime.tasks import load_task
+    from honellm.task import TaskConfig
 
     task_overrides, method_overrides = [], []
     for text in overrides or []:
         key = text.split("=", 1)[0].strip().lstrip("-")
         (task_overrides if key.split(".")[0] in TaskConfig.model_fields else method_overrides).append(text)
     spec, config = align_config(method, config_file, method_overrides)
-    task = Task.load(task_path, task_overrides, skip_invalid=skip_invalid)
+    task = load_task(task_path, task_overrides, skip_invalid=skip_invalid)
     return align(task, spec.name, config, out=out, resume=resume, force=force)
 
 

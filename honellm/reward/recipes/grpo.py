@@ -42,7 +42,7 @@ from pydantic import Field
 from honellm.artifact import Artifact
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
 from honellm.reward.losses import grpo_advantages, kl_k1, policy_gradient_loss, rloo_advantages
 from honellm.reward.recipes import AlignMethod, register_align_method

@@ -37,7 +37,7 @@ from honellm.artifact import Artifact
 from honellm.core import fastpath
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
 from honellm.reward.losses import gae, kl_k1, kl_k3, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss
 from honellm.reward.recipes import AlignMethod, register_align_method

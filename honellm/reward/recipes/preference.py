@@ -49,8 +49,7 @@ import torch
 from pydantic import Field
 
 from honellm.errors import HoneError
-from honellm.evaluation.preference import dpo_implicit_margins, loglik_margin, register_preference_scorer
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
 from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.recipes.common import (
@@ -646,37 +645,3 @@ register_align_method(AlignMethod("kto", KTOConfig, train_kto,
                                   _PAPERS["kto"], data=("preference", "unpaired")))
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
-
-
-def _beta(ctx, default: float) -> float:
-    return float((ctx.artifact.manifest.config or {}).get("beta", default))
-
-
-@register_preference_scorer("dpo", "ipo", "cdpo", "kto")
-def implicit_reward_margins(ctx, batch) -> list[float]:
-    """`hone eval` of a reference-based artifact: beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)].
-
-    The reference is the artifact's model with its adapter disabled; a fully fine-tuned artifact's reference is the
-    base model, loaded beside it.
-    """
-    beta = _beta(ctx, 0.1)
-    if hasattr(ctx.model, "disable_adapter"):
-        return dpo_implicit_margins(ctx, batch, beta=beta)
-    from honellm.evaluation.preference import answer_logprobs
-    from honellm.generation import Generator
-    from honellm.models import load
-
-    policy_c, _, policy_r, _ = answer_logprobs(ctx, batch)
-    base, tokenizer = load(ctx.artifact.base_model, device=str(next(ctx.model.parameters()).device))
-    ref_ctx = dataclasses.replace(ctx, model=base, generator=Generator(base, tokenizer, batch_size=ctx.batch_size),
-                                  bar=None)
-    ref_c, _, ref_r, _ = answer_logprobs(ref_ctx, batch)
-    return [beta * ((pc - rc) - (pr - rr)) for pc, rc, pr, rr in zip(policy_c, ref_c, policy_r, ref_r, strict=True)]
-
-
-@register_preference_scorer("orpo", "simpo")
-def length_normalised_margins(ctx, batch) -> list[float]:
-    """`hone eval` of a reference-free artifact: beta * (mean log-prob of chosen - mean log-prob of rejected)."""
-    beta = _beta(ctx, 0.1)
-    return [beta * m for m in loglik_margin(ctx, batch)]

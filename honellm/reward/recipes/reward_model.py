@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.losses import bradley_terry_loss, preference_metrics
 from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.recipes.common import (

@@ -27,7 +27,7 @@ from pydantic import Field
 from honellm.artifact import Artifact
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
-from honellm.prompting.program import PromptProgram
+from honellm.program import PromptProgram
 from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     PolicyConfig,

@@ -1,8 +1,14 @@
-"""The prompt program: how a record becomes the messages a model sees.
+"""What an artifact carries besides weights: its prompt program and its inference settings (data, typed).
 
-system instruction + demonstrations (fixed, or selected per query from a pool) + the query rendered from the
-record. Every Artifact carries one, so prompting and tuning stack: an adapter trained with a prompt program is
-evaluated and served with the same program.
+The prompt program is how a record becomes the messages a model sees: system instruction + demonstrations (fixed,
+or selected per query from a pool) + the query rendered from the record. Every Artifact carries one, so prompting
+and tuning stack: an adapter trained with a prompt program is evaluated and served with the same program.
+
+The inference settings (`InferenceSettings`, the manifest's `inference` block) say how answers are produced at
+inference, e.g. best-of-n with the reward that picks the answer.
+
+These are plain pydantic models at the bottom of the layers (the artifact reads and writes them);
+`honellm.runtime` applies them, the same way for evaluate, serve, export and compare.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ class Demonstration(Config):
 
 
 class SelectorSpec(Config):
-    name: str = Field(description="example selector name (see honellm.prompting.selectors)")
+    name: str = Field(description="example selector name (see honellm.runtime.selectors)")
     k: int = Field(4, ge=0, description="demonstrations per query")
     per_query: bool = Field(True, description="select for each query (True) or once for all queries (False)")
     params: dict[str, Any] = Field(default_factory=dict, description="selector options")
@@ -34,7 +40,7 @@ class PromptProgram(Config):
     demonstrations: list[Demonstration] = Field(default_factory=list, description="fixed demonstrations, in order")
     selector: SelectorSpec | None = Field(None, description="per-query demonstration selection from the artifact's pool")
     calibration: dict[str, float] | None = Field(
-        None, description="per-choice log-probability offsets added before the argmax (see prompting/calibration.py)")
+        None, description="per-choice log-probability offsets added before the argmax (see runtime/calibration.py)")
     calibration_method: str | None = Field(None, description="how the offsets were estimated: content_free or batch")
 
     @classmethod
@@ -73,3 +79,23 @@ class PromptProgram(Config):
         if self.selector is not None and self.selector.per_query:
             return build_messages(self.system, [], [])
         return build_messages(self.system, [(d.query, d.answer) for d in self.demonstrations], [])
+
+
+class BestOfNSettings(Config):
+    """Best-of-n at inference: sample `n` answers and return the one the reward scores highest."""
+
+    n: int = Field(4, ge=1, description="answers sampled per request")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature of the n answers")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass of the n answers")
+    task_rewards: bool = Field(True, description="score the answers with the task's reward functions")
+    reward_model: str | None = Field(None, description="a reward-model artifact folder scoring the answers")
+    reward_model_weight: float = Field(1.0, description="weight of the reward model's score")
+
+
+class InferenceSettings(Config):
+    """The manifest's `inference` block: how the artifact answers at inference (evaluate and serve apply it)."""
+
+    best_of_n: BestOfNSettings | None = Field(None, description="best-of-n sampling; None: one answer per request")
+    uses_references: bool = Field(False, description="the reward reads the reference answer (then the score is "
+                                                     "pass@n, an upper bound a server cannot reach)")
+    policy: str | None = Field(None, description="name of the artifact the answers are sampled from")

@@ -50,8 +50,8 @@ def _demonstrations_for(task, program, queries: list[str], pool, model, tokenize
     """Per-query demonstrations for calibration inputs (None each when the program's are fixed)."""
     if program.selector is None or not program.selector.per_query:
         return [None] * len(queries)
-    from honellm.prompting.program import Demonstration
-    from honellm.prompting.selectors import DemoPool, select_indices
+    from honellm.program import Demonstration
+    from honellm.runtime.selectors import DemoPool, select_indices
 
     demo_pool = DemoPool.build(task, program, pool or [])
     chosen = select_indices(program.selector, queries, demo_pool, model=model, tokenizer=tokenizer, seed=seed,
@@ -97,7 +97,7 @@ def contextual_calibration(task, program, model, tokenizer, *, pool: list[dict] 
 def batch_calibration(task, program, model, tokenizer, *, pool: list[dict] | None = None, size: int = BATCH_SIZE,
                       seed: int = 0, batch_size: int = 16, encoder=None) -> dict[str, float]:
     """Offsets from a seeded sample of `size` training inputs, labels unused (Zhou et al. 2024)."""
-    from honellm.prompting.selectors import query_text
+    from honellm.runtime.selectors import query_text
 
     _need_choices(task)
     records = list(pool) if pool else list(task.split("train"))

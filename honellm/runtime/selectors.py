@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from honellm.errors import HoneError
-from honellm.prompting.bm25 import BM25
+from honellm.runtime.bm25 import BM25
 
 
 @dataclass
@@ -238,7 +238,7 @@ def select_indices(spec, queries: list[str | None], pool: DemoPool, *, model=Non
 
 def make_encoder(params: dict, model, tokenizer):
     """The encoder a selector spec asks for: `embedding_model: PATH`, else the base model (`layer` optional)."""
-    from honellm.prompting.embeddings import TextEncoder
+    from honellm.runtime.embeddings import TextEncoder
 
     if params.get("embedding_model"):
         return TextEncoder.from_path(params["embedding_model"])
@@ -250,7 +250,7 @@ def make_encoder(params: dict, model, tokenizer):
 def select_demonstrations(spec, task, program, records: list[dict], pool_records: list[dict], *, model=None,
                           tokenizer=None, seed: int = 0, encoder=None) -> list[list]:
     """The demonstrations for each record, selected per query from `pool_records` (the evaluator's hook)."""
-    from honellm.prompting.program import Demonstration
+    from honellm.program import Demonstration
 
     pool = DemoPool.build(task, program, pool_records)
     queries = [query_text(task, program, r) for r in records]
@@ -265,7 +265,7 @@ def build_selector(spec, pool_records: list[dict], *, task, program, model=None,
     The pool is rendered (and, for embedding selectors, embedded) once; each call selects for one query the way
     the evaluator does, so a served artifact shows the demonstrations `hone eval` scored it with.
     """
-    from honellm.prompting.program import Demonstration
+    from honellm.program import Demonstration
 
     task.format_for(pool_records)  # the pool's own records fix the format: the task's data files may be elsewhere
     pool = DemoPool.build(task, program, pool_records)
@@ -283,7 +283,7 @@ def build_selector(spec, pool_records: list[dict], *, task, program, model=None,
 def select_fixed_demonstrations(spec, task, program, pool_records: list[dict], *, model=None, tokenizer=None,
                                 seed: int = 0, encoder=None) -> list:
     """One set of demonstrations for every query (stored in the program, so its KV prefix is shared)."""
-    from honellm.prompting.program import Demonstration
+    from honellm.program import Demonstration
 
     pool = DemoPool.build(task, program, pool_records)
     idx = select_indices(spec, [None], pool, model=model, tokenizer=tokenizer, seed=seed, encoder=encoder)[0]
