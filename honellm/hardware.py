@@ -109,3 +109,10 @@ def release_freed_memory() -> bool:
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
+
+
+def fast_paths_enabled() -> bool:
+    """False under `HONE_FAST=0`: every fast path of `honellm.core` off (transformers' forward, torch's operations).
+
+    Here, below the model core, so that every part of the core reads the one switch without importing another."""
+    return os.environ.get("HONE_FAST", "1") != "0"

@@ -263,25 +263,6 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str = "auto", d
     return model, tok
 
 
-def check_paths(name_or_path: str | os.PathLike):
-    """Which of Hone's fast paths the model takes and why not (`honellm.core.support.Support`), without loading
-    its weights: the modules are built on the meta device from its config, so an 8B model checks in a second."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from honellm.core.support import fast_path_support
-
-    resolved = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as error:
-        raise HoneError(f"{resolved.name} is not a causal language model transformers can build ({error})",
-                        fix="pass a decoder-only model (`hone models` lists the ones here)") from error
-    return fast_path_support(model)
-
-
 def model_id_and_hash(name_or_path: str | os.PathLike) -> tuple[str, str]:
     resolved = resolve(name_or_path)
     target = resolved.path / resolved.gguf_file if resolved.gguf_file else resolved.path

@@ -18,8 +18,9 @@ def register(app: typer.Typer) -> None:
                                   help="say which paths MODEL takes (Hone's fast paths or transformers' forward) and why"),
     ):
         """List models usable offline: the embedded default, local paths, and the local Hugging Face cache."""
+        from honellm.core.support import check_paths
         from honellm.defaults import EMBEDDED_MODELS
-        from honellm.models import check_paths, convert_embedded, list_models
+        from honellm.models import convert_embedded, list_models
 
         if check:
             found = check_paths(check)

@@ -47,7 +47,6 @@ from pathlib import Path
 import torch
 
 from honellm import hardware
-from honellm.core import support
 
 CSRC = Path(__file__).with_name("csrc")  # the kernels' C sources, one library built from every .c file there
 # Warnings on (the tests build the same sources with -Werror); -march=native: the CPU this process runs on.
@@ -320,7 +319,7 @@ def _load() -> tuple[_Kernels | None, str]:
     fallback = "torch.mv and oneDNN"
     if os.environ.get("HONE_NATIVE", "1") == "0":
         return None, f"{fallback} (HONE_NATIVE=0)"
-    if not support.enabled():
+    if not hardware.fast_paths_enabled():
         return None, f"{fallback} (HONE_FAST=0)"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"{fallback} (the native kernels are for Linux on x86-64, not {sys.platform} {platform.machine()})"

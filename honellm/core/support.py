@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from honellm import hardware
+
 # The architectures the fast paths implement: pre-norm decoder layers with Llama's RMSNorm, rotary q/k, attention
 # scaled by 1/sqrt(head_dim), a gated MLP, and a plain (unscaled, uncapped) LM head.
 DECODING_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -82,7 +84,7 @@ class Support:
 
 def enabled() -> bool:
     """False under `HONE_FAST=0`: every fast path off, transformers' forward and torch's operations everywhere."""
-    return os.environ.get("HONE_FAST", "1") != "0"
+    return hardware.fast_paths_enabled()
 
 
 def fast_path_support(model_or_config, *, kernels: bool = True) -> Support:
@@ -224,3 +226,23 @@ def _unwrap(model):
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
+
+
+def check_paths(name_or_path):
+    """Which of Hone's fast paths the model takes and why not (`honellm.core.support.Support`), without loading
+    its weights: the modules are built on the meta device from its config, so an 8B model checks in a second."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from honellm.errors import HoneError
+    from honellm.models import resolve
+
+    resolved = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as error:
+        raise HoneError(f"{resolved.name} is not a causal language model transformers can build ({error})",
+                        fix="pass a decoder-only model (`hone models` lists the ones here)") from error
+    return fast_path_support(model)

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "honellm"
 # From the top down. An import may go to its own layer or to any layer below, never up.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("honellm.cli", "honellm.ui", "honellm.__main__", "honellm.testing")),
-    ("applications", ("honellm.compare", "honellm.serve", "honellm.export")),
+    ("applications", ("honellm.compare", "honellm.serve", "honellm.export", "honellm.export_gguf")),
     ("methods", ("honellm.methods", "honellm.prompting", "honellm.tuning", "honellm.reward")),
     ("evaluator", ("honellm.evaluation.evaluate",)),
     ("runtime", ("honellm.runtime",)),
