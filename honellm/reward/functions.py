@@ -360,6 +360,40 @@ def contains_keyword(
 register_reward("contains_keyword", contains_keyword)
 
 
+def judge(judge: dict[str, Any] | str, against: str | None = None, base_dir: str | Path = ".") -> Reward:
+    """A judge model's verdict as the reward (honellm.evaluation.judges): pointwise, its rating in [0, 1];
+    pairwise, P(the completion is better than the record's `against` field, default the task's target).
+
+    `judge` is a JudgeConfig block (`{model: ..., mode: ..., calibration: pairs.jsonl, ...}`). The model loads, and
+    the judge is calibrated on its `calibration` pairs and refused below its bars, on the first call, not when the
+    task loads.
+    """
+    from honellm.evaluation.judges import calibrated_judge, judge_config
+
+    config = judge_config(judge, where="rewards: judge")
+    if config.mode == "pairwise" and against is None:
+        against = "target"
+    loaded: dict[str, Any] = {}
+
+    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        if "judge" not in loaded:
+            loaded["judge"], loaded["calibration"] = calibrated_judge(config, base_dir=base_dir)
+            reward.calibration = loaded["calibration"]
+        found = loaded["judge"]
+        texts = [completion_text(c) for c in completions]
+        requests = [completion_text(p) for p in prompts]
+        if config.mode == "pointwise":
+            return [float(v) for v in found.score(requests, texts)]
+        references = _column(columns, against, len(texts), "judge")
+        return [float(v) for v in found.prefer(requests, texts, [str(r) for r in references])]
+
+    reward.calibration = None
+    return reward
+
+
+register_reward("judge", judge)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # User rewards from a Python file
 
@@ -537,7 +571,7 @@ def build_reward(specs: Sequence[dict[str, Any] | str], base_dir: str | Path = "
             label = reference.rpartition(":")[2]
         else:
             label = str(spec.pop("name"))
-            function = _make_builtin(label, spec, where)
+            function = _make_builtin(label, spec, where, base_dir)
         name, k = label, 2
         while name in names:
             name, k = f"{label}_{k}", k + 1
@@ -547,7 +581,7 @@ def build_reward(specs: Sequence[dict[str, Any] | str], base_dir: str | Path = "
     return CombinedReward(names, functions, weights)
 
 
-def _make_builtin(name: str, params: dict[str, Any], where: str) -> Reward:
+def _make_builtin(name: str, params: dict[str, Any], where: str, base_dir: str | Path = ".") -> Reward:
     if name not in REWARD_FUNCTIONS:
         close = difflib.get_close_matches(name, REWARD_FUNCTIONS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -558,6 +592,8 @@ def _make_builtin(name: str, params: dict[str, Any], where: str) -> Reward:
         )
     factory = REWARD_FUNCTIONS[name]
     signature = inspect.signature(factory)
+    if "base_dir" in signature.parameters:  # a factory that reads files named in the task (the judge's pairs)
+        params = {**params, "base_dir": base_dir}
     unknown = [key for key in params if key not in signature.parameters]
     if unknown:
         suggestions = [difflib.get_close_matches(key, signature.parameters, n=1) for key in unknown]
