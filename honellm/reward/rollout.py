@@ -398,18 +398,23 @@ class RolloutBatch:
 
 
 def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *, batch_size: int,
-                    pad_id: int, loss_mask: Sequence[bool] | None = None) -> list[RolloutBatch]:
+                    pad_id: int, loss_mask: Sequence[bool] | None = None, together: int = 1) -> list[RolloutBatch]:
     """Micro-batches of at most `batch_size` (prompt + completion) sequences, similar lengths together.
 
     `loss_mask[i]` False gives completion i no loss tokens (a truncated completion under `mask_truncated`); its
     tokens still count as forwarded. Each batch's `num_loss_units` defaults to its completion tokens.
+    `together` > 1 keeps each run of that many consecutive completions (a pair of online DPO) in one micro-batch,
+    consecutive and in order (the batch then holds a multiple of `together`, at least one run).
     """
     n = len(completion_ids)
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    order = sorted(range(n), key=lambda i: -lengths[i])
+    runs = [list(range(g, min(g + together, n))) for g in range(0, n, together)]
+    runs.sort(key=lambda run: -max(lengths[i] for i in run))
+    order = [i for run in runs for i in run]
+    step = max(together, batch_size - batch_size % together)
     out = []
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
+    for start in range(0, n, step):
+        rows = order[start:start + step]
         width = max(lengths[i] for i in rows)
         t_max = max(1, max(len(completion_ids[i]) for i in rows))
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

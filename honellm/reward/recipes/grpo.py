@@ -234,6 +234,9 @@ class PolicyGradientMethod:
     loss: Callable[..., LossOutput]
     kl_in_reward: bool  # the KL to the reference is a reward penalty (RLOO), not a loss term (GRPO)
     sequence_units: bool  # the loss averages over sequences (RLOO), not tokens
+    needs_reference: bool = False  # reference log-probs whatever kl_coef says (online DPO)
+    together: int = 1  # completions kept in one micro-batch, in order (online DPO's pairs)
+    drop_ties: bool = False  # always leave out groups whose rewards are all equal (online DPO: no preference)
 
 
 GRPO = PolicyGradientMethod("grpo", GRPOConfig, grpo_step_advantages, grpo_loss, False, False)
@@ -392,18 +395,21 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         keep = [not t for t in rollouts.truncated] if config.mask_truncated else None
         prompt_ids = rollouts.per_completion(prompts.ids)
         # DAPO's dynamic sampling: groups whose rewards are all equal have zero advantage; leave them out entirely
-        dropped = zero_variance_groups(rewards, config.group_size) if getattr(config, "dynamic_sampling", False) \
+        drop = method.drop_ties or getattr(config, "dynamic_sampling", False)
+        dropped = zero_variance_groups(rewards, config.group_size) if drop \
             else torch.zeros(len(rollouts), dtype=torch.bool)
         rows = [i for i in range(len(rollouts)) if not dropped[i]]
         batches = rollout_batches([prompt_ids[i] for i in rows], [rollouts.token_ids[i] for i in rows],
                                   batch_size=config.batch_size, pad_id=pad_id,
-                                  loss_mask=[keep[i] for i in rows] if keep is not None else None)
+                                  loss_mask=[keep[i] for i in rows] if keep is not None else None,
+                                  together=method.together)
         for b in batches:
             b.rows = [rows[r] for r in b.rows]  # back to indices of the whole rollout
-        need_ref = config.kl_coef > 0
+        kl_coef = getattr(config, "kl_coef", 0.0)
+        need_ref = method.needs_reference or kl_coef > 0
         ref = no_grad_logprobs(policy, batches, precision=precision, device=device, reference=True) if need_ref \
             else None
-        need_old = config.updates_per_step > 1 or (method.kl_in_reward and config.kl_coef > 0)
+        need_old = config.updates_per_step > 1 or (method.kl_in_reward and kl_coef > 0)
         old = no_grad_logprobs(policy, batches, precision=precision, device=device) if need_old else None
         seq_kl = None
         if ref is not None and old is not None:
@@ -417,8 +423,12 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                 b.data["ref_logps"] = ref[k]
             if old is not None and config.updates_per_step > 1:
                 b.data["old_logps"] = old[k]
-            b.num_loss_units = (loss_units(config, b, max_new_tokens) if isinstance(config, GRPOConfig)
-                                else int(b.mask.sum(-1).gt(0).sum()))
+            if isinstance(config, GRPOConfig):
+                b.num_loss_units = loss_units(config, b, max_new_tokens)
+            elif method.together > 1:  # online DPO: pairs
+                b.num_loss_units = len(b.rows) // method.together
+            else:
+                b.num_loss_units = int(b.mask.sum(-1).gt(0).sum())
         prepare_seconds = time.perf_counter() - started
 
         # 4. update: ppo_epochs passes, each split into mini_batches optimizer updates
