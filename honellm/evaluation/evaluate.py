@@ -59,6 +59,11 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
         from honellm.reward.recipes.best_of_n import inference_generator
 
         generator = inference_generator(artifact, generator, task=task)
+    if task.config.tools:  # tool episodes: the answer is each episode's final text
+        from honellm.generation.tools import ToolEnvironment, ToolGenerator, load_tools
+
+        tools = load_tools(task.config.tools, task.base_dir, where=f"{task.source} (tools)")
+        generator = ToolGenerator(generator, ToolEnvironment(tools, tokenizer, max_turns=task.config.tool_turns))
     was_training = getattr(model, "training", False)
     model.eval()
     bar = progress_bar(total=len(records), desc=f"eval {task.name}/{split}", unit="ex", disable=None if progress else True)

@@ -14,8 +14,6 @@ named in the task YAML, `{python: my_rewards.py:brevity, weight: 0.1}`, imported
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib.util
 import inspect
 import json
 import math
@@ -27,6 +25,7 @@ from typing import Any
 
 from honellm.errors import HoneError
 from honellm.evaluation.metrics import normalize_text  # one SQuAD normalisation for metrics and rewards
+from honellm.plugins import import_function
 
 Reward = Callable[..., list[float | None]]
 
@@ -398,55 +397,14 @@ register_reward("judge", judge)
 # User rewards from a Python file
 
 
-_USER_MODULES: dict[Path, Any] = {}
-
-
 def load_python_reward(reference: str, base_dir: str | Path = ".", where: str = "rewards") -> Reward:
     """Import `file.py:function` (the file relative to `base_dir`, the task YAML's folder) and check its signature.
 
-    The file is imported once per process, only when a spec names it. The function must take `(prompts,
-    completions, **kwargs)`.
+    The file is imported once per process, only when a spec names it (`honellm.plugins`). The function must take
+    `(prompts, completions, **kwargs)`.
     """
-    file_part, sep, function_name = reference.rpartition(":")
-    if not sep or not file_part or not function_name:
-        raise HoneError(
-            f"{reference!r} does not name a function",
-            where=where,
-            fix="write `python: my_rewards.py:function_name` (the file, a colon, then the function)",
-        )
-    path = (Path(base_dir) / file_part).resolve()
-    if not path.is_file():
-        raise HoneError(
-            f"reward file {file_part!r} not found (looked for {path})",
-            where=where,
-            fix="give the path relative to the task YAML's folder, or an absolute path",
-        )
-    module = _USER_MODULES.get(path)
-    if module is None:
-        name = f"hone_user_rewards_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:
-            raise HoneError(
-                f"importing {path.name} failed: {type(err).__name__}: {err}",
-                where=str(path),
-                fix="fix the error above; the file is imported as a plain module",
-            ) from err
-        _USER_MODULES[path] = module
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        available = [n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")]
-        close = difflib.get_close_matches(function_name, available, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise HoneError(
-            f"{path.name} has no function {function_name!r}",
-            where=where,
-            fix=f"{hint}functions in the file: {', '.join(available) or 'none'}",
-        )
-    _check_reward_signature(function, f"{path.name}:{function_name}", where)
+    function, label = import_function(reference, base_dir, where, kind="reward")
+    _check_reward_signature(function, label, where)
     return function
 
 

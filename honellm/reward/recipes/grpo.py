@@ -294,6 +294,14 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         config = config.resolved(max_new_tokens)  # the loss's defaults (dapo: clip-higher, dynamic sampling, ...)
     max_prompt = max(8, config.max_length - max_new_tokens)
     train = encode_prompts(task, program, tokenizer, "train", max_prompt_tokens=max_prompt)
+    tools = None
+    if task.config.tools:  # every completion is a tool episode of up to tool_turns turns; prompts show the tools
+        from honellm.generation.tools import ToolEnvironment, load_tools
+
+        tools = ToolEnvironment(load_tools(task.config.tools, task.base_dir, where=f"{task.source} (tools)"),
+                                tokenizer, max_turns=task.config.tool_turns)
+        train.texts = [tools.render(m) for m in train.messages]
+        train.ids = [tools.prompt_ids(m) for m in train.messages]
     check_every = config.check_every if task.has_split("validation") else 0
     held_out = (encode_prompts(task, program, tokenizer, "validation", limit=config.guard_prompts,
                                max_prompt_tokens=max_prompt) if check_every else None)
@@ -309,7 +317,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
 
     # --- attention kernel of the policy's training forward (as SFT picks it) and memory pre-flight: the longest
     # micro-batch of prompt + completion
-    longest = max(map(len, train.ids)) + max_new_tokens
+    longest = max(map(len, train.ids)) + max_new_tokens * (task.config.tool_turns * 2 if tools else 1)
     attention = pick_attention(model, config.attention, device=device, longest=longest)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
@@ -378,13 +386,14 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         indices = sampler.micro_batches(state.step, rank=rank, world_size=world)[0]
         prompts = train.subset(indices)
         params = sampling_params(config, task, seed=step_seed(config.seed, state.step, rank))
-        rollouts = generate_rollouts(generator, prompts, params, config.group_size, precision=precision)
+        rollouts = generate_rollouts(generator, prompts, params, config.group_size, precision=precision,
+                                     tools=tools)
 
         # 2. score
         started = time.perf_counter()
         scores = proxy.score_rollouts(task, rollouts)
         task_rewards = rewards = scores.total_tensor()
-        shaping = getattr(config, "overlong_buffer", 0)
+        shaping = getattr(config, "overlong_buffer", 0) if tools is None else 0  # episodes: turns have their limit
         if shaping:  # DAPO's soft overlong punishment, on top of the task's rewards
             rewards = rewards + overlong_penalty(torch.tensor(rollouts.lengths), max_new_tokens, shaping,
                                                  config.overlong_penalty)
@@ -402,7 +411,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         batches = rollout_batches([prompt_ids[i] for i in rows], [rollouts.token_ids[i] for i in rows],
                                   batch_size=config.batch_size, pad_id=pad_id,
                                   loss_mask=[keep[i] for i in rows] if keep is not None else None,
-                                  together=method.together)
+                                  together=method.together,
+                                  token_masks=[rollouts.token_masks[i] for i in rows] if tools else None)
         for b in batches:
             b.rows = [rows[r] for r in b.rows]  # back to indices of the whole rollout
         kl_coef = getattr(config, "kl_coef", 0.0)
@@ -473,6 +483,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
             "updates": len(results),
             "dropped_groups": float(dropped.float().mean()),
         }
+        if tools:
+            values["tool_calls"] = float(np.mean(rollouts.tool_calls))
         if shaping:
             values["rewards/overlong"] = nan_mean((rewards - task_rewards).tolist())
         if seq_kl is not None:
