@@ -105,6 +105,11 @@ class TaskConfig(Config):
     target: str | None = Field(None, description="record field holding the answer (default from the format)")
     choices: list[str] | None = Field(None, description="label set for classification tasks")
     metric: str = Field("auto", description="metric name from the registry (auto: accuracy with choices, else exact_match)")
+    tools: list[dict[str, Any] | str] = Field(default_factory=list, description="tools the model may call in "
+                                              "multi-turn episodes, e.g. [{name: calculator}, {python: tools.py:fn}]")
+    tool_turns: int = Field(4, ge=1, description="assistant turns per tool episode at most")
+    judge: dict[str, Any] | None = Field(None, description="the judge of `metric: judge_win_rate` (a model, artifact or "
+                                                          "endpoint; see honellm.evaluation.judges.JudgeConfig)")
     rewards: list[dict[str, Any]] = Field(default_factory=list, description="reward functions for online RL, e.g. [{name: numeric_match}]")
     gold_rewards: list[dict[str, Any]] = Field(default_factory=list,
                                                description="held-out reward functions the reward-hacking guard watches; never optimised")

@@ -4,6 +4,7 @@
 - `arithmetic`: short arithmetic word problems with a checkable numeric answer (reward functions, GRPO).
 - `support_prefs`: pairs of replies to customer messages, the helpful one preferred (reward models, DPO family).
 - `arithmetic_hackable`: `arithmetic` with a deliberately hackable proxy reward, to show the reward-hacking guard.
+- `arithmetic_tools`: `arithmetic` with a calculator tool the model may call in multi-turn episodes.
 
 Task YAMLs for them ship in this folder and are copied to examples/; data paths use `builtin:NAME/SPLIT`.
 """
@@ -17,7 +18,7 @@ from honellm.data.readers import Record
 from honellm.errors import HoneError
 
 HERE = Path(__file__).parent
-BUILTIN_TASKS = ("intents", "arithmetic", "support_prefs", "arithmetic_hackable")
+BUILTIN_TASKS = ("intents", "arithmetic", "support_prefs", "arithmetic_hackable", "arithmetic_tools")
 _CACHE: dict[str, list[dict]] = {}
 
 

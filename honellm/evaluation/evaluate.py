@@ -54,7 +54,7 @@ def evaluate(artifact_or_model, task, split: str = "test", limit: int | None = N
     runtime = ArtifactRuntime.load(artifact, task, model=model, tokenizer=tokenizer, batch_size=batch_size)
     model, tokenizer = runtime.model, runtime.tokenizer
     runner = getattr(runtime.generator, "runner_name", None) or getattr(
-        getattr(runtime.generator, "generator", None), "runner_name", None)  # through a best-of-n wrapper
+        getattr(runtime.generator, "generator", None), "runner_name", None)  # through a wrapper (best-of-n, tools)
     paths = f"{runner} runner; {fast_path_support(model).summary()}"  # honellm.core.support
     was_training = getattr(model, "training", False)
     model.eval()

@@ -14,8 +14,6 @@ named in the task YAML, `{python: my_rewards.py:brevity, weight: 0.1}`, imported
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib.util
 import inspect
 import json
 import math
@@ -27,6 +25,7 @@ from typing import Any
 
 from honellm.errors import HoneError
 from honellm.evaluation.metrics import normalize_text  # one SQuAD normalisation for metrics and rewards
+from honellm.plugins import import_function
 
 Reward = Callable[..., list[float | None]]
 
@@ -360,59 +359,52 @@ def contains_keyword(
 register_reward("contains_keyword", contains_keyword)
 
 
+def judge(judge: dict[str, Any] | str, against: str | None = None, base_dir: str | Path = ".") -> Reward:
+    """A judge model's verdict as the reward (honellm.evaluation.judges): pointwise, its rating in [0, 1];
+    pairwise, P(the completion is better than the record's `against` field, default the task's target).
+
+    `judge` is a JudgeConfig block (`{model: ..., mode: ..., calibration: pairs.jsonl, ...}`). The model loads, and
+    the judge is calibrated on its `calibration` pairs and refused below its bars, on the first call, not when the
+    task loads.
+    """
+    from honellm.evaluation.judges import calibrated_judge, judge_config
+
+    config = judge_config(judge, where="rewards: judge")
+    if config.mode == "pairwise" and against is None:
+        against = "target"
+    loaded: dict[str, Any] = {}
+
+    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        if "judge" not in loaded:
+            loaded["judge"], loaded["calibration"] = calibrated_judge(config, base_dir=base_dir)
+            reward.calibration = loaded["calibration"]
+        found = loaded["judge"]
+        texts = [completion_text(c) for c in completions]
+        requests = [completion_text(p) for p in prompts]
+        if config.mode == "pointwise":
+            return [float(v) for v in found.score(requests, texts)]
+        references = _column(columns, against, len(texts), "judge")
+        return [float(v) for v in found.prefer(requests, texts, [str(r) for r in references])]
+
+    reward.calibration = None
+    return reward
+
+
+register_reward("judge", judge)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # User rewards from a Python file
-
-
-_USER_MODULES: dict[Path, Any] = {}
 
 
 def load_python_reward(reference: str, base_dir: str | Path = ".", where: str = "rewards") -> Reward:
     """Import `file.py:function` (the file relative to `base_dir`, the task YAML's folder) and check its signature.
 
-    The file is imported once per process, only when a spec names it. The function must take `(prompts,
-    completions, **kwargs)`.
+    The file is imported once per process, only when a spec names it (`honellm.plugins`). The function must take
+    `(prompts, completions, **kwargs)`.
     """
-    file_part, sep, function_name = reference.rpartition(":")
-    if not sep or not file_part or not function_name:
-        raise HoneError(
-            f"{reference!r} does not name a function",
-            where=where,
-            fix="write `python: my_rewards.py:function_name` (the file, a colon, then the function)",
-        )
-    path = (Path(base_dir) / file_part).resolve()
-    if not path.is_file():
-        raise HoneError(
-            f"reward file {file_part!r} not found (looked for {path})",
-            where=where,
-            fix="give the path relative to the task YAML's folder, or an absolute path",
-        )
-    module = _USER_MODULES.get(path)
-    if module is None:
-        name = f"hone_user_rewards_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:
-            raise HoneError(
-                f"importing {path.name} failed: {type(err).__name__}: {err}",
-                where=str(path),
-                fix="fix the error above; the file is imported as a plain module",
-            ) from err
-        _USER_MODULES[path] = module
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        available = [n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")]
-        close = difflib.get_close_matches(function_name, available, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise HoneError(
-            f"{path.name} has no function {function_name!r}",
-            where=where,
-            fix=f"{hint}functions in the file: {', '.join(available) or 'none'}",
-        )
-    _check_reward_signature(function, f"{path.name}:{function_name}", where)
+    function, label = import_function(reference, base_dir, where, kind="reward")
+    _check_reward_signature(function, label, where)
     return function
 
 
@@ -537,7 +529,7 @@ def build_reward(specs: Sequence[dict[str, Any] | str], base_dir: str | Path = "
             label = reference.rpartition(":")[2]
         else:
             label = str(spec.pop("name"))
-            function = _make_builtin(label, spec, where)
+            function = _make_builtin(label, spec, where, base_dir)
         name, k = label, 2
         while name in names:
             name, k = f"{label}_{k}", k + 1
@@ -547,7 +539,7 @@ def build_reward(specs: Sequence[dict[str, Any] | str], base_dir: str | Path = "
     return CombinedReward(names, functions, weights)
 
 
-def _make_builtin(name: str, params: dict[str, Any], where: str) -> Reward:
+def _make_builtin(name: str, params: dict[str, Any], where: str, base_dir: str | Path = ".") -> Reward:
     if name not in REWARD_FUNCTIONS:
         close = difflib.get_close_matches(name, REWARD_FUNCTIONS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -558,6 +550,8 @@ def _make_builtin(name: str, params: dict[str, Any], where: str) -> Reward:
         )
     factory = REWARD_FUNCTIONS[name]
     signature = inspect.signature(factory)
+    if "base_dir" in signature.parameters:  # a factory that reads files named in the task (the judge's pairs)
+        params = {**params, "base_dir": base_dir}
     unknown = [key for key in params if key not in signature.parameters]
     if unknown:
         suggestions = [difflib.get_close_matches(key, signature.parameters, n=1) for key in unknown]

@@ -5,8 +5,9 @@ Three families, each checked against TRL 1.16 on the same inputs (tests/unit/tes
 - reward model: `bradley_terry_loss`;
 - offline preference (DPO family) on per-sequence log-probs: `dpo_loss`, `ipo_loss`, `cdpo_loss`, `kto_loss`,
   `orpo_loss`, `simpo_loss`, registered by name in `PREFERENCE_LOSSES`;
-- online RL: `grpo_advantages`, `rloo_advantages`, `kl_k1`, `kl_k3`, `policy_gradient_loss` (GRPO/DAPO),
-  and the PPO pieces `kl_penalised_rewards`, `gae`, `masked_whiten`, `ppo_policy_loss`, `ppo_value_loss`.
+- online RL: `grpo_advantages`, `rloo_advantages`, `kl_k1`, `kl_k3`, `policy_gradient_loss` (GRPO/DAPO), the GRPO
+  loss family behind one name (`policy_loss`: grpo, dr_grpo, dapo, bnpo, gspo, cispo, registered in `POLICY_LOSSES`),
+  DAPO's `zero_variance_groups` and `overlong_penalty`, and the PPO pieces `kl_penalised_rewards`, `gae`, `masked_whiten`, `ppo_policy_loss`, `ppo_value_loss`.
 
 Conventions. Shapes: `B` sequences, `T` completion positions. Log-probs of a sequence are *summed* over its
 completion tokens (never the prompt); `lengths` count those tokens. A `mask` is 1 on completion tokens and 0 on
@@ -474,6 +475,242 @@ def policy_gradient_loss(
         metrics["clip_ratio/high_mean"] = token_mean(high.float(), mask)
         metrics["clip_ratio/region_mean"] = token_mean((low | high).float(), mask)
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GRPO loss family: one setting (`loss=`) of the GRPO recipe, each member a small function of the same inputs.
+#
+# Every member takes per-token log-probs of the sampled completion tokens under the policy (`logps`, with grad), the
+# sampler's (`old_logps`), the advantages, the completion mask, and returns `(per_token, aggregate)`: the loss of each
+# token before aggregation (B, T) and the function that reduces it. `policy_loss` adds the KL term and the entropy
+# bonus the same way for all of them, so a member differs from another only where its paper does.
+
+
+@dataclass(frozen=True)
+class PolicyLossSettings:
+    """What the members read beyond the tensors (TRL `GRPOConfig` names in brackets).
+
+    `clip_eps` [epsilon], `clip_eps_high` [epsilon_high; None: the member's default], `max_length`
+    [max_completion_length] for Dr. GRPO's constant normaliser, `num_tokens` [num_items_in_batch], the completion
+    tokens of the whole accumulated update for the token-mean members (None: this batch's).
+    """
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    max_length: int | None = None
+    num_tokens: float | Tensor | None = None
+
+
+def token_log_weights(logps: Tensor, old_logps: Tensor, mask: Tensor) -> Tensor:
+    """Per-token log importance weights `log pi - log pi_old`, (B, T)."""
+    return logps - old_logps
+
+
+def sequence_log_weights(logps: Tensor, old_logps: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's sequence-level log weight: the length-normalised sum of token log-ratios, (B, 1) (broadcasts to tokens).
+
+    Zheng et al., https://arxiv.org/abs/2507.18071 (Eq. 7); TRL `importance_sampling_level="sequence"`.
+    """
+    return ((logps - old_logps) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def clipped_surrogate(log_weights: Tensor, advantages: Tensor, low: float, high: float) -> Tensor:
+    """PPO's pessimistic surrogate per token: `-min(w A, clip(w, 1 - low, 1 + high) A)`."""
+    weights = torch.exp(log_weights)
+    return -torch.min(weights * advantages, torch.clamp(weights, 1 - low, 1 + high) * advantages)
+
+
+def _clip_metrics(log_weights: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float) -> Metrics:
+    """Shares of clipped tokens (of clipped sequences, for sequence-level weights), as TRL reports them."""
+    with torch.no_grad():
+        weights = torch.exp(log_weights)
+        if weights.shape[-1] == 1:  # one weight per sequence: each sequence with a completion token counts once
+            mask = (mask.sum(-1, keepdim=True) > 0).to(mask.dtype)
+        below = (weights < 1 - low) & (advantages < 0)
+        above = (weights > 1 + high) & (advantages > 0)
+        return {"clip_ratio/low_mean": token_mean(below.float(), mask),
+                "clip_ratio/high_mean": token_mean(above.float(), mask),
+                "clip_ratio/region_mean": token_mean((below | above).float(), mask)}
+
+
+def constant_length_mean(per_token: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
+    """Dr. GRPO's normaliser: the sum over completion tokens divided by `B x max_length`, a constant, so neither a
+    long nor a short completion changes the weight of another's tokens (https://arxiv.org/abs/2503.20783, Sec. 3.1)."""
+    if not max_length:
+        raise ValueError("dr_grpo needs max_length (the longest completion the sampler may produce)")
+    return (per_token * mask).sum() / (per_token.size(0) * max_length)
+
+
+PolicyLossFn = Callable[[Tensor, Tensor, Tensor, Tensor, PolicyLossSettings], tuple[Tensor, Tensor, Metrics]]
+
+
+def grpo_policy_loss(logps, old_logps, advantages, mask, s: PolicyLossSettings):
+    """GRPO (https://arxiv.org/abs/2402.03300, Eq. 3): token-level clipped ratio, mean per sequence, then over
+    sequences. TRL `loss_type="grpo"`. Returns (per-token loss, reduced loss without KL/entropy, metrics)."""
+    high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high
+    w = token_log_weights(logps, old_logps, mask)
+    per_token = clipped_surrogate(w, advantages, s.clip_eps, high)
+    return per_token, lambda t: sequence_mean(t, mask), _clip_metrics(w, advantages, mask, s.clip_eps, high)
+
+
+def bnpo_policy_loss(logps, old_logps, advantages, mask, s: PolicyLossSettings):
+    """BNPO (https://arxiv.org/abs/2506.02864): the clipped ratio averaged over this batch's tokens (TRL
+    `loss_type="bnpo"`: the local micro-batch's token count, not the accumulated update's)."""
+    high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high
+    w = token_log_weights(logps, old_logps, mask)
+    per_token = clipped_surrogate(w, advantages, s.clip_eps, high)
+    return per_token, lambda t: token_mean(t, mask), _clip_metrics(w, advantages, mask, s.clip_eps, high)
+
+
+def dr_grpo_policy_loss(logps, old_logps, advantages, mask, s: PolicyLossSettings):
+    """Dr. GRPO (https://arxiv.org/abs/2503.20783): the clipped ratio summed and divided by a constant
+    (`B x max_length`); pair it with unscaled advantages (no std normalisation). TRL `loss_type="dr_grpo"`."""
+    high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high
+    w = token_log_weights(logps, old_logps, mask)
+    per_token = clipped_surrogate(w, advantages, s.clip_eps, high)
+    return (per_token, lambda t: constant_length_mean(t, mask, s.max_length),
+            _clip_metrics(w, advantages, mask, s.clip_eps, high))
+
+
+def dapo_policy_loss(logps, old_logps, advantages, mask, s: PolicyLossSettings):
+    """DAPO (https://arxiv.org/abs/2503.14476): clip-higher (`clip_eps_high` > `clip_eps`, 0.28 by default) and the
+    token-level mean over the whole update (`num_tokens`). TRL `loss_type="dapo"`. Its dynamic sampling and
+    overlong shaping act on rollouts and rewards, not on this function (see `zero_variance_groups`,
+    `overlong_penalty`)."""
+    high = 0.28 if s.clip_eps_high is None else s.clip_eps_high
+    w = token_log_weights(logps, old_logps, mask)
+    per_token = clipped_surrogate(w, advantages, s.clip_eps, high)
+    return (per_token, lambda t: token_mean(t, mask, s.num_tokens),
+            _clip_metrics(w, advantages, mask, s.clip_eps, high))
+
+
+def gspo_policy_loss(logps, old_logps, advantages, mask, s: PolicyLossSettings):
+    """GSPO (https://arxiv.org/abs/2507.18071): one importance ratio per sequence (the geometric mean of its token
+    ratios), clipped, then GRPO's per-sequence mean. TRL `loss_type="grpo", importance_sampling_level="sequence"`.
+    The paper clips at 3e-4 / 4e-4: sequence ratios are close to 1."""
+    high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high
+    w = sequence_log_weights(logps, old_logps, mask)
+    per_token = clipped_surrogate(w, advantages, s.clip_eps, high).expand_as(logps)
+    return per_token, lambda t: sequence_mean(t, mask), _clip_metrics(w, advantages, mask, s.clip_eps, high)
+
+
+def cispo_policy_loss(logps, old_logps, advantages, mask, s: PolicyLossSettings):
+    """CISPO (MiniMax-M1, https://arxiv.org/abs/2506.13585): REINFORCE on every token with its importance weight
+    clipped from above and detached, `-min(w, eps_high).sg * A * log pi`, so no token's gradient is dropped; token
+    mean over the update. TRL `loss_type="cispo"` (its `epsilon_high` is the cap; 5.0 by default here, as TRL's
+    documentation suggests)."""
+    high = 5.0 if s.clip_eps_high is None else s.clip_eps_high
+    w = token_log_weights(logps, old_logps, mask)
+    capped = torch.clamp(torch.exp(w), max=high).detach()
+    per_token = -capped * advantages * logps
+    with torch.no_grad():
+        metrics = {"clip_ratio/region_mean": token_mean(((torch.exp(w) > high) & (advantages > 0)).float(), mask)}
+    return per_token, lambda t: token_mean(t, mask, s.num_tokens), metrics
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A member of the GRPO family: its function, whether its advantages are divided by the group std by default
+    (Dr. GRPO: not), and the paper."""
+
+    name: str
+    fn: PolicyLossFn
+    scale_rewards: bool
+    paper: str
+    trl: str  # the TRL GRPOConfig settings that give the same value
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(loss: PolicyLoss) -> None:
+    """Add a member to `POLICY_LOSSES` (names are unique)."""
+    if loss.name in POLICY_LOSSES:
+        raise ValueError(f"policy loss {loss.name!r} is registered twice")
+    POLICY_LOSSES[loss.name] = loss
+
+
+for _loss in (
+    PolicyLoss("grpo", grpo_policy_loss, True, "https://arxiv.org/abs/2402.03300", 'loss_type="grpo"'),
+    PolicyLoss("dr_grpo", dr_grpo_policy_loss, False, "https://arxiv.org/abs/2503.20783", 'loss_type="dr_grpo"'),
+    PolicyLoss("dapo", dapo_policy_loss, True, "https://arxiv.org/abs/2503.14476", 'loss_type="dapo"'),
+    PolicyLoss("bnpo", bnpo_policy_loss, True, "https://arxiv.org/abs/2506.02864", 'loss_type="bnpo"'),
+    PolicyLoss("gspo", gspo_policy_loss, True, "https://arxiv.org/abs/2507.18071",
+               'loss_type="grpo", importance_sampling_level="sequence"'),
+    PolicyLoss("cispo", cispo_policy_loss, True, "https://arxiv.org/abs/2506.13585", 'loss_type="cispo"'),
+):
+    register_policy_loss(_loss)
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The registered member called `name`; a clear error with the closest names otherwise."""
+    if name not in POLICY_LOSSES:
+        close = difflib.get_close_matches(name, list(POLICY_LOSSES), n=2)
+        raise HoneError(f"unknown policy loss {name!r}", fix=f"use one of {', '.join(sorted(POLICY_LOSSES))}"
+                        + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return POLICY_LOSSES[name]
+
+
+def policy_loss(
+    name: str,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    settings: PolicyLossSettings = PolicyLossSettings(),  # noqa: B008 - frozen
+    *,
+    kl_coef: float = 0.0,
+    ref_logps: Tensor | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, Metrics]:
+    """The member `name`'s loss, plus `kl_coef` x the k3 KL to the reference per token (before aggregation, as
+    TRL), minus `entropy_coef` x the token-mean entropy (an exploration bonus; TRL's `entropy_coef`).
+
+    Shapes: `logps`, `old_logps`, `ref_logps`, `entropy`, `mask` (B, T); `advantages` (B,) or (B, T).
+    Metrics: clip_ratio/* (the member's), kl (k3 token mean, when `ref_logps` is given), entropy (token mean, when
+    `entropy` is given), policy_loss (the member's term alone).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    mask = mask.to(logps.dtype)
+    per_token, reduce, metrics = get_policy_loss(name).fn(logps, old_logps, advantages, mask, settings)
+    metrics = dict(metrics)
+    if ref_logps is not None:
+        per_token_kl = kl_k3(logps, ref_logps)
+        if kl_coef:
+            per_token = per_token + kl_coef * per_token_kl
+        metrics["kl"] = token_mean(per_token_kl.detach(), mask)
+    elif kl_coef:
+        raise ValueError("kl_coef > 0 needs ref_logps")
+    loss = reduce(per_token)
+    if entropy is not None:
+        mean_entropy = token_mean(entropy, mask)
+        metrics["entropy"] = mean_entropy.detach()
+        if entropy_coef:
+            loss = loss - entropy_coef * mean_entropy
+    elif entropy_coef:
+        raise ValueError("entropy_coef > 0 needs the per-token entropy")
+    return loss, metrics
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """DAPO's dynamic sampling, as a filter: True for each completion (N,) whose group's rewards are all equal (or
+    all NaN). Such groups have zero advantage everywhere and only dilute the update (DAPO Eq. 11 resamples until the
+    batch is full of informative groups; dropping them is the budget-neutral form)."""
+    grouped = _grouped(rewards, group_size)
+    finite = torch.nan_to_num(grouped, nan=float("inf"))
+    same = (finite == finite[:, :1]).all(dim=1) | torch.isnan(grouped).all(dim=1)
+    return same.repeat_interleave(group_size)
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (https://arxiv.org/abs/2503.14476, Eq. 13): 0 up to `max_length - buffer`
+    tokens, then falling linearly to `-penalty` at `max_length` (and below it beyond). Shapes: (N,) -> (N,)."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    start = max_length - buffer
+    return -penalty * ((lengths.float() - start).clamp(min=0.0) / buffer)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -194,6 +194,8 @@ class Rollouts:
     completions: list  # list[honellm.generation.Completion]
     eos_ids: set[int] = field(default_factory=set)
     seconds: float = 0.0
+    token_masks: list[list[int]] | None = None  # tool episodes: 1 on tokens the policy wrote, 0 on tool turns
+    tool_calls: list[int] | None = None  # tool episodes: calls made per completion
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -233,11 +235,23 @@ class Rollouts:
         return [values[self.prompt_of(i)] for i in range(len(self))]
 
 
-def generate_rollouts(generator, prompts: PromptSet, params, group_size: int, *, precision: Precision) -> Rollouts:
-    """Sample `group_size` completions per prompt in one batched call (the system prompt's KV computed once)."""
+def generate_rollouts(generator, prompts: PromptSet, params, group_size: int, *, precision: Precision,
+                      tools=None) -> Rollouts:
+    """Sample `group_size` completions per prompt in one batched call (the system prompt's KV computed once).
+
+    With `tools` (a `honellm.generation.tools.ToolEnvironment`) each completion is a whole tool episode: the
+    trajectory's tokens, a mask of the ones the policy wrote, and its final text for the rewards.
+    """
     repeated = [ids for ids in prompts.ids for _ in range(group_size)]
     started = time.perf_counter()
     generator.sync_weights()  # the policy changed since the last call (a no-op for the torch engine)
+    if tools is not None:
+        messages = [m for m in prompts.messages for _ in range(group_size)]
+        with precision.autocast():
+            episodes = tools.run(generator, messages, params, prompt_ids=repeated)
+        completions = [t.completion(len(p)) for t, p in zip(episodes, repeated, strict=True)]
+        return Rollouts(prompts, group_size, completions, set(generator.eos_ids), time.perf_counter() - started,
+                        token_masks=[t.mask for t in episodes], tool_calls=[t.tool_calls for t in episodes])
     with precision.autocast():
         completions = generator.generate(repeated, params, shared_prefix="auto")
     return Rollouts(prompts, group_size, completions, set(generator.eos_ids), time.perf_counter() - started)
@@ -327,18 +341,25 @@ class RolloutBatch:
 
 
 def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *, batch_size: int,
-                    pad_id: int, loss_mask: Sequence[bool] | None = None) -> list[RolloutBatch]:
+                    pad_id: int, loss_mask: Sequence[bool] | None = None, together: int = 1,
+                    token_masks: Sequence[Sequence[int]] | None = None) -> list[RolloutBatch]:
     """Micro-batches of at most `batch_size` (prompt + completion) sequences, similar lengths together.
 
     `loss_mask[i]` False gives completion i no loss tokens (a truncated completion under `mask_truncated`); its
     tokens still count as forwarded. Each batch's `num_loss_units` defaults to its completion tokens.
+    `together` > 1 keeps each run of that many consecutive completions (a pair of online DPO) in one micro-batch,
+    consecutive and in order (the batch then holds a multiple of `together`, at least one run).
+    `token_masks[i]` (tool episodes) takes the loss on completion i's tokens where it is 1 only.
     """
     n = len(completion_ids)
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    order = sorted(range(n), key=lambda i: -lengths[i])
+    runs = [list(range(g, min(g + together, n))) for g in range(0, n, together)]
+    runs.sort(key=lambda run: -max(lengths[i] for i in run))
+    order = [i for run in runs for i in run]
+    step = max(together, batch_size - batch_size % together)
     out = []
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
+    for start in range(0, n, step):
+        rows = order[start:start + step]
         width = max(lengths[i] for i in rows)
         t_max = max(1, max(len(completion_ids[i]) for i in rows))
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -350,8 +371,9 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
             ids[j, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
             attention[j, :len(p) + len(c)] = 1
             if c and (loss_mask is None or loss_mask[i]):
-                labels[j, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-                mask[j, :len(c)] = 1.0
+                taken = torch.ones(len(c)) if token_masks is None else torch.tensor(token_masks[i], dtype=torch.float32)
+                labels[j, len(p):len(p) + len(c)] = torch.where(taken > 0, torch.tensor(c, dtype=torch.long), IGNORE)
+                mask[j, :len(c)] = taken
         batch = Batch(ids, attention, labels, int(attention.sum()), int(mask.sum()))
         out.append(RolloutBatch(batch, mask, rows, {}, int(mask.sum())))
     return out

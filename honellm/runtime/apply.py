@@ -3,7 +3,8 @@
 `evaluate` (hone eval, compare, the recipes' validation), `hone serve` and `hone export` all go through here, so
 the same request gets the same answer wherever the artifact runs:
 
-- `generator`: the model's `Generator`, wrapped as the manifest's `inference` block asks (best-of-n);
+- `generator`: the model's `Generator`, wrapped as the manifest's `inference` block asks (best-of-n), and as tool
+  episodes where the task lists tools;
 - `demonstrations(records)`: per-query demonstrations for task records (the evaluator's path);
 - `picker()` / `chat_messages(messages)`: the same selection for a chat request (the server's path);
 - `query(record)`: the user turn a record becomes under the artifact's program (what selection keys on).
@@ -20,6 +21,7 @@ from typing import Any
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
 from honellm.generation import Generator
+from honellm.generation.tools import ToolEnvironment, ToolGenerator, load_tools
 from honellm.program import Demonstration
 from honellm.runtime.best_of_n import inference_generator
 from honellm.runtime.selectors import build_selector, query_text, select_demonstrations
@@ -52,7 +54,11 @@ class ArtifactRuntime:
             raise ValueError("pass the tokenizer together with the model")
         if generator is None:
             generator = Generator(model, tokenizer, batch_size=batch_size)
-        return cls(artifact, task, model, tokenizer, inference_generator(artifact, generator, task=task))
+        generator = inference_generator(artifact, generator, task=task)
+        if task is not None and task.config.tools:  # tool episodes: the answer is each episode's final text
+            tools = load_tools(task.config.tools, task.base_dir, where=f"{task.source} (tools)")
+            generator = ToolGenerator(generator, ToolEnvironment(tools, tokenizer, max_turns=task.config.tool_turns))
+        return cls(artifact, task, model, tokenizer, generator)
 
     # ------------------------------------------------------------------------------------ task records
 

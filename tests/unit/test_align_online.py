@@ -15,6 +15,7 @@ from honellm.reward.recipes.grpo import (
     RLOOConfig,
     grpo_loss,
     grpo_step_advantages,
+    loss_units,
     rloo_loss,
     rloo_step_advantages,
 )
@@ -116,49 +117,54 @@ def test_kl_to_the_reference_is_zero_at_step_zero(task, policy, rollouts):
     assert stats["gold"] is not None and stats["entropy"] > 0
 
 
-def test_grpo_advantages_and_loss_are_the_pure_functions(policy, rollouts):
-    """The recipe's advantages are `grpo_advantages`; its loss, summed over micro-batches and divided by the
-    step's tokens (what TrainStep does), is `policy_gradient_loss` on the whole batch at once."""
+@pytest.mark.parametrize("loss", sorted(losses.POLICY_LOSSES))
+def test_grpo_advantages_and_loss_are_the_pure_functions(policy, rollouts, loss):
+    """The recipe's advantages are `grpo_advantages` (unscaled for dr_grpo); its loss, summed over micro-batches
+    and divided by the step's loss units (what TrainStep does), is `policy_loss` on the whole batch at once, for
+    every member of the family, with the KL term and the entropy bonus."""
     model, tokenizer = policy
-    config = GRPOConfig(kl_coef=0.1, group_size=4)
+    max_new = 7
+    config = GRPOConfig(loss=loss, kl_coef=0.1, group_size=4, entropy_coef=0.01).resolved(max_new)
     rewards = torch.tensor([1.0, 0.0, 0.5, float("nan"), 0.2, 0.2, 0.2, 0.2, 1.0, 0.0, 0.0, 0.0])
     adv = grpo_step_advantages(rewards, config=config, seq_kl=None)
-    torch.testing.assert_close(adv.values, losses.grpo_advantages(rewards, 4))
+    torch.testing.assert_close(adv.values, losses.grpo_advantages(rewards, 4, scale=loss != "dr_grpo"))
     batches = _batches(rollouts, tokenizer.pad_token_id)
     torch.manual_seed(1)
     for b in batches:
         b.data["advantages"] = adv.values[b.rows]
         b.data["ref_logps"] = torch.randn(b.mask.shape) * 0.1 - 3.0
         b.data["old_logps"] = torch.randn(b.mask.shape) * 0.1 - 3.0
-        b.num_loss_units = b.num_completion_tokens
+        b.num_loss_units = loss_units(config, b, max_new)
     outs = [grpo_loss(model, b, config=config) for b in batches]
     recipe = sum(o.total for o in outs) / sum(o.count for o in outs)
 
     # the whole batch in one (N, T) tensor, rows in rollout order
     n, t = len(rollouts), max(b.mask.shape[1] for b in batches)
-    logps, old, ref, mask = (torch.zeros(n, t) for _ in range(4))
+    logps, old, ref, mask, entropy = (torch.zeros(n, t) for _ in range(5))
     for b in batches:
         width = b.mask.shape[1]
         with torch.no_grad():
-            logps[b.rows, :width] = completion_logprobs(model, b)
+            logps[b.rows, :width], entropy[b.rows, :width] = completion_logprobs(model, b, with_entropy=True)
         old[b.rows, :width], ref[b.rows, :width] = b.data["old_logps"], b.data["ref_logps"]
         mask[b.rows, :width] = b.mask
-    expected, metrics = losses.policy_gradient_loss(logps, old, adv.values, mask, kl_coef=0.1, ref_logps=ref)
+    settings = losses.PolicyLossSettings(clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
+                                         max_length=max_new)
+    policy_term, metrics = losses.policy_loss(loss, logps, old, adv.values, mask, settings, kl_coef=0.1,
+                                              ref_logps=ref)
+    if loss in ("dapo", "bnpo", "cispo"):  # token units: the bonus is the update's token mean
+        expected = policy_term - 0.01 * losses.token_mean(entropy, mask)
+    else:  # sequence (or rows x max_length) units: each micro-batch's token mean, weighted by its units
+        expected = policy_term - 0.01 * sum(
+            losses.token_mean(entropy[b.rows, :b.mask.shape[1]], b.mask) * b.num_loss_units for b in batches
+        ) / sum(b.num_loss_units for b in batches)
     torch.testing.assert_close(recipe.detach(), expected, atol=1e-5, rtol=1e-5)
-    recipe_clip = sum(o.metrics["clip_fraction"] for o in outs) / sum(o.count for o in outs)
-    assert recipe_clip == pytest.approx(float(metrics["clip_ratio/region_mean"]), abs=1e-6)
-    recipe_kl = sum(o.metrics["kl"] for o in outs) / sum(o.count for o in outs)
-    assert recipe_kl == pytest.approx(float(metrics["kl"]), rel=1e-5)
-
-    # sequence normalisation: the sum of per-sequence means over sequences, divided by sequences
-    config_seq = GRPOConfig(kl_coef=0.1, group_size=4, loss_normalisation="sequence")
-    for b in batches:
-        b.num_loss_units = int(b.mask.sum(-1).gt(0).sum())
-    outs = [grpo_loss(model, b, config=config_seq) for b in batches]
-    recipe = sum(o.total for o in outs) / sum(o.count for o in outs)
-    expected, _ = losses.policy_gradient_loss(logps, old, adv.values, mask, kl_coef=0.1, ref_logps=ref,
-                                              normalisation="sequence")
-    torch.testing.assert_close(recipe.detach(), expected, atol=1e-5, rtol=1e-5)
+    assert recipe.requires_grad
+    if loss in ("dapo", "bnpo", "cispo"):  # token-weighted means equal the whole batch's
+        recipe_clip = sum(o.metrics["clip_fraction"] for o in outs) / sum(o.count for o in outs)
+        assert recipe_clip == pytest.approx(float(metrics["clip_ratio/region_mean"]), abs=1e-6)
+        recipe_kl = sum(o.metrics["kl"] for o in outs) / sum(o.count for o in outs)
+        assert recipe_kl == pytest.approx(float(metrics["kl"]), rel=1e-5)
+    assert all("entropy" in o.metrics and o.metrics["entropy"] > 0 for o in outs)
 
 
 def test_rloo_advantages_and_loss_follow_trl(policy, rollouts):

@@ -4,11 +4,13 @@ stopping a hacked run and keeping the pre-hack weights, resume."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from honellm.reward import losses
 from honellm.reward.guard import GuardConfig
 from honellm.reward.recipes.grpo import GRPOConfig, grpo
 from honellm.runs import read_metrics
@@ -53,7 +55,7 @@ def _small(**kw):
 
 def test_grpo_logs_train_and_guard_lines_with_zero_kl_at_the_start(tiny_model_dir, tmp_path):
     task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
-    artifact = grpo(task, _small(kl_coef=0.1, eval_every=1, lr=1e-3), out=tmp_path / "run")
+    artifact = grpo(task, _small(kl_coef=0.1, eval_every=1, lr=1e-3, dynamic_sampling=False), out=tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"]
     guard = [r for r in rows if r.get("kind") == "guard"]
@@ -67,6 +69,39 @@ def test_grpo_logs_train_and_guard_lines_with_zero_kl_at_the_start(tiny_model_di
     assert [r for r in rows if r.get("kind") == "guard_summary"][0]["best_step"] is not None
     assert artifact.kind == "adapter" and (tmp_path / "run" / "artifact" / "adapter").is_dir()
     assert 0 < artifact.manifest.cost["generation_share"] < 1
+
+
+@pytest.mark.parametrize("loss", sorted(losses.POLICY_LOSSES))
+def test_every_policy_loss_trains_and_reports_entropy_clip_and_kl(tiny_model_dir, tmp_path, loss):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
+    config = _small(loss=loss, kl_coef=0.05, entropy_coef=0.01, dynamic_sampling=False, max_steps=1, eval_every=0,
+                    lr=1e-3)
+    grpo(task, config, out=tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    (train,) = [r for r in rows if r.get("kind") == "train"]
+    assert math.isfinite(train["loss"]) and train["updates"] == 1
+    assert train["entropy"] > 0 and 0 <= train["clip_fraction"] <= 1 and train["kl"] == pytest.approx(0, abs=1e-6)
+
+
+CONSTANT = "def constant(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n"
+
+
+def test_dynamic_sampling_leaves_out_groups_whose_rewards_are_all_equal(tiny_model_dir, tmp_path):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=CONSTANT,
+                                           rewards=[{"python": "rewards.py:constant"}]))
+    grpo(task, _small(loss="dapo", overlong_buffer=0, eval_every=0), out=tmp_path / "run")
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert [r["dropped_groups"] for r in train] == [1.0, 1.0] and [r["updates"] for r in train] == [0, 0]
+
+
+def test_overlong_shaping_costs_the_completions_that_reach_the_limit(tiny_model_dir, tmp_path):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=CONSTANT,
+                                           rewards=[{"python": "rewards.py:constant"}]))
+    grpo(task, _small(loss="dapo", overlong_buffer=4, max_steps=1, eval_every=0), out=tmp_path / "run")
+    (train,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert train["reward"] == 1.0  # the task's reward is logged as it is; the shaping separately
+    # a random policy mostly runs to max_new_tokens (6): those completions lose the whole penalty
+    assert -1.0 <= train["rewards/overlong"] < 0
 
 
 def test_the_guard_stops_a_hacked_run_and_keeps_the_pre_hack_weights(tiny_model_dir, tmp_path):

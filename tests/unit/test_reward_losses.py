@@ -667,3 +667,120 @@ def test_ppo_policy_loss_unclipped_by_hand():
     # token 1: ratio 1.1 inside the clip range -> -1.1; token 2: ratio 0.5 < 0.8, max(-0.5, -0.8) = -0.5
     assert loss.item() == pytest.approx((-1.1 - 0.5) / 2)
     assert metrics["clipfrac"].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GRPO loss family (`policy_loss`): each member against TRL's GRPOTrainer._compute_loss with the same settings.
+
+
+def trl_grpo_family(logps, old, ref, mask, advantages, entropies, *, loss_type, level, beta, eps_low, eps_high,
+                    max_length, entropy_coef):
+    """`trl_grpo_loss` with the importance-sampling level, max_completion_length, entropies and entropy bonus set."""
+    from trl import GRPOTrainer
+
+    t = trainer_namespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropies, None),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        max_completion_length=max_length,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=entropy_coef != 0.0,
+        entropy_coef=entropy_coef,
+        use_adaptive_entropy=False,
+    )
+    b, n = mask.shape
+    inputs = {
+        "prompt_ids": torch.ones(b, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(b, 2, dtype=torch.long),
+        "completion_ids": torch.ones(b, n, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
+    loss = GRPOTrainer._compute_loss(t, None, inputs)
+    return loss, {k: v[-1] for k, v in t._metrics["train"].items()}
+
+
+# (our name, TRL loss_type, TRL importance_sampling_level, clip_eps, clip_eps_high)
+FAMILY = [
+    ("grpo", "grpo", "token", 0.2, 0.2),
+    ("bnpo", "bnpo", "token", 0.2, 0.28),
+    ("dr_grpo", "dr_grpo", "token", 0.2, 0.2),
+    ("dapo", "dapo", "token", 0.2, 0.28),
+    ("gspo", "grpo", "sequence", 3e-2, 4e-2),  # wider than the paper's 3e-4 so that this batch clips sequences
+    ("cispo", "cispo", "token", 0.2, 1.2),
+]
+
+
+@pytest.mark.parametrize(("name", "loss_type", "level", "eps_low", "eps_high"), FAMILY)
+@pytest.mark.parametrize(("kl_coef", "entropy_coef"), [(0.0, 0.0), (0.04, 0.01)])
+def test_policy_loss_family_matches_trl(name, loss_type, level, eps_low, eps_high, kl_coef, entropy_coef):
+    logps, old, ref, mask, advantages = online_batch()
+    entropies = torch.rand(logps.shape, generator=torch.Generator().manual_seed(3)) * 2
+    max_length = mask.shape[1] + 2
+    expected, theirs = trl_grpo_family(logps, old, ref, mask, advantages, entropies, loss_type=loss_type,
+                                       level=level, beta=kl_coef, eps_low=eps_low, eps_high=eps_high,
+                                       max_length=max_length, entropy_coef=entropy_coef)
+    settings = L.PolicyLossSettings(clip_eps=eps_low, clip_eps_high=eps_high, max_length=max_length)
+    loss, metrics = L.policy_loss(name, logps, old, advantages, mask, settings, kl_coef=kl_coef, ref_logps=ref,
+                                  entropy=entropies, entropy_coef=entropy_coef)
+    assert loss.item() == pytest.approx(expected.item(), abs=ATOL)
+    (trl_grad,) = torch.autograd.grad(expected, logps)
+    (grad,) = torch.autograd.grad(loss, logps)
+    torch.testing.assert_close(grad, trl_grad)
+    assert grad.abs().sum() > 0
+    assert metrics["entropy"].item() == pytest.approx(theirs["entropy"], abs=ATOL)
+    if kl_coef:
+        assert metrics["kl"].item() == pytest.approx(theirs["kl"], abs=ATOL)
+    if name == "cispo":
+        assert metrics["clip_ratio/region_mean"].item() == pytest.approx(theirs["cispo_clip_ratio"], abs=ATOL)
+    else:
+        assert_metrics(metrics, theirs, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
+
+
+def test_policy_loss_members_differ_where_their_papers_do():
+    logps, old, ref, mask, advantages = online_batch()
+    settings = L.PolicyLossSettings(max_length=9)
+    values = {name: L.policy_loss(name, logps, old, advantages, mask, settings)[0].item() for name in L.POLICY_LOSSES}
+    assert len({round(v, 6) for v in values.values()}) == len(values)  # six different objectives
+    # on-policy (ratio 1) GSPO is GRPO: the sequence weight is exp(0) too
+    on = logps.detach()
+    assert L.policy_loss("gspo", on, on, advantages, mask)[0].item() == pytest.approx(
+        L.policy_loss("grpo", on, on, advantages, mask)[0].item())
+    # Dr. GRPO's normaliser is a constant: doubling every length (same per-token loss) doubles its loss
+    assert not L.POLICY_LOSSES["dr_grpo"].scale_rewards and L.POLICY_LOSSES["grpo"].scale_rewards
+
+
+def test_policy_loss_errors():
+    logps, old, ref, mask, advantages = online_batch()
+    with pytest.raises(HoneError, match="did you mean dapo"):
+        L.policy_loss("dappo", logps, old, advantages, mask)
+    with pytest.raises(ValueError, match="max_length"):
+        L.policy_loss("dr_grpo", logps, old, advantages, mask)
+    with pytest.raises(ValueError, match="ref_logps"):
+        L.policy_loss("grpo", logps, old, advantages, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="entropy"):
+        L.policy_loss("grpo", logps, old, advantages, mask, entropy_coef=0.1)
+    with pytest.raises(ValueError, match="twice"):
+        L.register_policy_loss(L.POLICY_LOSSES["grpo"])
+
+
+def test_zero_variance_groups_and_overlong_penalty():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5, float("nan"), float("nan"), 2.0, 2.0, 2.0, 2.0])
+    # groups of 4: [1,1,1,0] informative; [1,0.5,nan,nan] informative; [2,2,2,2] all equal
+    assert L.zero_variance_groups(rewards, 4).tolist() == [False] * 8 + [True] * 4
+    assert L.zero_variance_groups(torch.full((4,), float("nan")), 4).tolist() == [True] * 4
+    lengths = torch.tensor([10, 12, 14, 16, 20])
+    penalty = L.overlong_penalty(lengths, max_length=16, buffer=4)
+    torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, -0.5, -1.0, -2.0]))
+    assert L.overlong_penalty(lengths, 16, 0).abs().sum() == 0

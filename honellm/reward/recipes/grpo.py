@@ -17,8 +17,10 @@ reward-hacking guard, checkpoint; save the artifact.
 
 Where this departs from the papers and TRL:
 - The reference is the base model (the adapter disabled), never refreshed; the policy is a LoRA adapter.
-- `loss_normalisation="token"` (default) divides by the completion tokens of each update, as DAPO and TRL's
-  default `loss_type="dapo"`; `"sequence"` is the GRPO paper's per-sequence mean.
+- `loss` picks a member of the GRPO family (`honellm.reward.losses.POLICY_LOSSES`): `dapo` (default, TRL's default
+  `loss_type`) divides by the completion tokens of each update and brings DAPO's clip-higher, dynamic sampling
+  (uninformative groups left out, not resampled) and overlong shaping; `grpo` is the paper's per-sequence mean;
+  `dr_grpo`, `bnpo`, `gspo`, `cispo` as their papers.
 - With one update per step (`ppo_epochs=1, mini_batches=1`) the "old" log-probs are the current ones detached
   (ratio exactly 1, as TRL does), which saves a forward; with several updates they come from a no-grad forward
   before the first update, not from the sampler's own log-probs (bf16 generation kernels differ slightly).
@@ -44,7 +46,17 @@ from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
-from honellm.reward.losses import grpo_advantages, kl_k1, policy_gradient_loss, rloo_advantages
+from honellm.reward.losses import (
+    PolicyLossSettings,
+    get_policy_loss,
+    grpo_advantages,
+    kl_k1,
+    overlong_penalty,
+    policy_gradient_loss,
+    policy_loss,
+    rloo_advantages,
+    zero_variance_groups,
+)
 from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     OnlineRLConfig,
@@ -82,16 +94,42 @@ from honellm.training.step import NonFiniteLoss, StepResult, TrainStep
 
 
 class GRPOConfig(OnlineRLConfig):
-    """GRPO: group-normalised advantages, per-token clipped surrogate, k3 KL to the reference in the loss."""
+    """GRPO and its loss family: group-normalised advantages, a clipped surrogate, k3 KL to the reference."""
 
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo", "gspo", "cispo"] = Field(
+        "dapo", description="the policy loss (honellm.reward.losses.POLICY_LOSSES): grpo (per-sequence mean), "
+                            "dr_grpo (constant normaliser, unscaled advantages), dapo (clip-higher, token mean, "
+                            "dynamic sampling, overlong shaping; TRL's default), bnpo (token mean), gspo "
+                            "(sequence-level ratio), cispo (clipped, detached importance weights)")
     kl_coef: float = Field(0.04, ge=0, description="weight of the k3 KL to the reference in the loss (the paper's "
                                                    "beta; TRL's default is 0)")
-    scale_rewards: bool = Field(True, description="divide advantages by the group's reward std (False: Dr. GRPO)")
-    clip_eps_high: float | None = Field(None, gt=0, description="upper clip range (DAPO's clip-higher; None: "
+    scale_rewards: bool | None = Field(None, description="divide advantages by the group's reward std (None: the "
+                                                         "loss's default, False for dr_grpo)")
+    clip_eps_high: float | None = Field(None, gt=0, description="upper clip range (None: the loss's default: 0.28 "
+                                                                "for dapo, 5.0 (the weight cap) for cispo, else "
                                                                 "clip_eps)")
-    loss_normalisation: Literal["token", "sequence"] = Field(
-        "token", description="token: sum over all completion tokens / their number (DAPO, TRL's default); "
-                             "sequence: mean per completion, then over completions (the GRPO paper)")
+    entropy_coef: float = Field(0.0, ge=0, description="weight of the token-mean entropy bonus subtracted from the "
+                                                       "loss (exploration; TRL's entropy_coef)")
+    dynamic_sampling: bool | None = Field(None, description="leave out of the update the groups whose rewards are "
+                                                            "all equal (zero advantage; None: on for dapo)")
+    overlong_buffer: int | None = Field(None, ge=0, description="DAPO's soft overlong punishment: the last this "
+                                                                "many tokens before max_new_tokens cost up to "
+                                                                "overlong_penalty reward (None: a quarter of "
+                                                                "max_new_tokens for dapo, else 0)")
+    overlong_penalty: float = Field(1.0, ge=0, description="reward lost by a completion that reaches "
+                                                           "max_new_tokens under overlong_buffer")
+
+    def resolved(self, max_new_tokens: int) -> GRPOConfig:
+        """The settings with every None replaced by the loss's default."""
+        dapo = self.loss == "dapo"
+        return self.model_copy(update={
+            "max_new_tokens": max_new_tokens,
+            "scale_rewards": get_policy_loss(self.loss).scale_rewards if self.scale_rewards is None
+            else self.scale_rewards,
+            "dynamic_sampling": dapo if self.dynamic_sampling is None else self.dynamic_sampling,
+            "overlong_buffer": (max_new_tokens // 4 if dapo else 0) if self.overlong_buffer is None
+            else min(self.overlong_buffer, max_new_tokens),
+        })
 
 
 class RLOOConfig(OnlineRLConfig):
@@ -133,27 +171,38 @@ def rloo_step_advantages(rewards: torch.Tensor, *, config: RLOOConfig, seq_kl: t
 
 
 def grpo_loss(model, batch: RolloutBatch, *, config: GRPOConfig) -> LossOutput:
-    """GRPO's loss on one micro-batch, as a SUM over its loss units (tokens, or sequences under "sequence"
-    normalisation) for the shared `TrainStep`, which divides by the update's total units.
+    """The GRPO family's loss (`config.loss`) on one micro-batch, as a SUM over its loss units for the shared
+    `TrainStep`, which divides by the update's total units: tokens (dapo, bnpo, cispo), sequences (grpo, gspo) or
+    sequences x `max_new_tokens` (dr_grpo's constant). The entropy bonus is the token mean of each micro-batch,
+    weighted the same way. `config` is `GRPOConfig.resolved`.
 
     `batch.data`: `advantages` (B,), `ref_logps` (B, T) when `kl_coef > 0`, `old_logps` (B, T) when the step takes
     several updates (else the current log-probs, detached: ratio 1).
     """
-    logps = completion_logprobs(model, batch)
+    logps, entropy = completion_logprobs(model, batch, with_entropy=True)
     mask = batch.mask
     old = batch.data.get("old_logps", logps.detach())
     ref = batch.data.get("ref_logps")
-    token = config.loss_normalisation == "token"
-    loss, metrics = policy_gradient_loss(
-        logps, old, batch.data["advantages"], mask, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
-        kl_coef=config.kl_coef, ref_logps=ref, normalisation=config.loss_normalisation,
-        num_tokens=1.0 if token else None)
+    settings = PolicyLossSettings(clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
+                                  max_length=config.max_new_tokens)
+    loss, metrics = policy_loss(config.loss, logps, old, batch.data["advantages"], mask, settings,
+                                kl_coef=config.kl_coef, ref_logps=ref, entropy=entropy,
+                                entropy_coef=config.entropy_coef)
     units = batch.num_loss_units
-    total = loss if token else loss * units  # token: already the sum over tokens; sequence: mean x sequences
-    # Metrics are token means of this micro-batch; as sums they average correctly over the whole update.
-    tokens = float(mask.sum())
-    scale = tokens if token else float(units)
-    return LossOutput(total, units, {_METRIC_NAMES.get(k, k): float(v) * scale for k, v in metrics.items()})
+    # Metrics are means over this micro-batch; as sums weighted like the loss they average over the whole update.
+    return LossOutput(loss * units, units, {_METRIC_NAMES.get(k, k): float(v) * units for k, v in metrics.items()})
+
+
+def loss_units(config: GRPOConfig, batch: RolloutBatch, max_new_tokens: int) -> int:
+    """What `grpo_loss` averages over in this micro-batch (see there); rows whose completion takes no loss (masked
+    as truncated) still count as sequences, as in TRL's means. 0 when no token takes a loss."""
+    if batch.num_completion_tokens == 0:
+        return 0
+    if config.loss in ("grpo", "gspo"):
+        return batch.mask.shape[0]
+    if config.loss == "dr_grpo":
+        return batch.mask.shape[0] * max_new_tokens
+    return batch.num_completion_tokens
 
 
 def rloo_loss(model, batch: RolloutBatch, *, config: RLOOConfig) -> LossOutput:
@@ -186,6 +235,9 @@ class PolicyGradientMethod:
     loss: Callable[..., LossOutput]
     kl_in_reward: bool  # the KL to the reference is a reward penalty (RLOO), not a loss term (GRPO)
     sequence_units: bool  # the loss averages over sequences (RLOO), not tokens
+    needs_reference: bool = False  # reference log-probs whatever kl_coef says (online DPO)
+    together: int = 1  # completions kept in one micro-batch, in order (online DPO's pairs)
+    drop_ties: bool = False  # always leave out groups whose rewards are all equal (online DPO: no preference)
 
 
 GRPO = PolicyGradientMethod("grpo", GRPOConfig, grpo_step_advantages, grpo_loss, False, False)
@@ -239,8 +291,18 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     # --- prompts, rewards, held-out set
     program = PromptProgram.from_task(task)
     max_new_tokens = config.max_new_tokens or task.config.generation.max_new_tokens
+    if isinstance(config, GRPOConfig):
+        config = config.resolved(max_new_tokens)  # the loss's defaults (dapo: clip-higher, dynamic sampling, ...)
     max_prompt = max(8, config.max_length - max_new_tokens)
     train = encode_prompts(task, program, tokenizer, "train", max_prompt_tokens=max_prompt)
+    tools = None
+    if task.config.tools:  # every completion is a tool episode of up to tool_turns turns; prompts show the tools
+        from honellm.generation.tools import ToolEnvironment, load_tools
+
+        tools = ToolEnvironment(load_tools(task.config.tools, task.base_dir, where=f"{task.source} (tools)"),
+                                tokenizer, max_turns=task.config.tool_turns)
+        train.texts = [tools.render(m) for m in train.messages]
+        train.ids = [tools.prompt_ids(m) for m in train.messages]
     check_every = config.check_every if task.has_split("validation") else 0
     held_out = (encode_prompts(task, program, tokenizer, "validation", limit=config.guard_prompts,
                                max_prompt_tokens=max_prompt) if check_every else None)
@@ -256,7 +318,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
 
     # --- attention kernel of the policy's training forward (as SFT picks it) and memory pre-flight: the longest
     # micro-batch of prompt + completion
-    longest = max(map(len, train.ids)) + max_new_tokens
+    longest = max(map(len, train.ids)) + max_new_tokens * (task.config.tool_turns * 2 if tools else 1)
     attention = pick_attention(model, config.attention, device=device, longest=longest)
 
     def estimate_for(batch: int, length: int, checkpointing: bool):
@@ -326,24 +388,40 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         indices = sampler.micro_batches(state.step, rank=rank, world_size=world)[0]
         prompts = train.subset(indices)
         params = sampling_params(config, task, seed=step_seed(config.seed, state.step, rank))
-        rollouts = generate_rollouts(generator, prompts, params, config.group_size, precision=precision)
+        rollouts = generate_rollouts(generator, prompts, params, config.group_size, precision=precision,
+                                     tools=tools)
 
         # 2. score
         started = time.perf_counter()
         scores = proxy.score_rollouts(task, rollouts)
-        rewards = scores.total_tensor()
+        task_rewards = rewards = scores.total_tensor()
+        shaping = getattr(config, "overlong_buffer", 0) if tools is None else 0  # episodes: turns have their limit
+        if shaping:  # DAPO's soft overlong punishment, on top of the task's rewards
+            rewards = rewards + overlong_penalty(torch.tensor(rollouts.lengths), max_new_tokens, shaping,
+                                                 config.overlong_penalty)
         score_seconds = time.perf_counter() - started
 
         # 3. batches, reference and old log-probs, advantages
         started = time.perf_counter()
         keep = [not t for t in rollouts.truncated] if config.mask_truncated else None
         prompt_ids = rollouts.per_completion(prompts.ids)
-        batches = rollout_batches(prompt_ids, rollouts.token_ids, batch_size=config.batch_size, pad_id=pad_id,
-                                  loss_mask=keep)
-        need_ref = config.kl_coef > 0
+        # DAPO's dynamic sampling: groups whose rewards are all equal have zero advantage; leave them out entirely
+        drop = method.drop_ties or getattr(config, "dynamic_sampling", False)
+        dropped = zero_variance_groups(rewards, config.group_size) if drop \
+            else torch.zeros(len(rollouts), dtype=torch.bool)
+        rows = [i for i in range(len(rollouts)) if not dropped[i]]
+        batches = rollout_batches([prompt_ids[i] for i in rows], [rollouts.token_ids[i] for i in rows],
+                                  batch_size=config.batch_size, pad_id=pad_id,
+                                  loss_mask=[keep[i] for i in rows] if keep is not None else None,
+                                  together=method.together,
+                                  token_masks=[rollouts.token_masks[i] for i in rows] if tools else None)
+        for b in batches:
+            b.rows = [rows[r] for r in b.rows]  # back to indices of the whole rollout
+        kl_coef = getattr(config, "kl_coef", 0.0)
+        need_ref = method.needs_reference or kl_coef > 0
         ref = no_grad_logprobs(policy, batches, precision=precision, device=device, reference=True) if need_ref \
             else None
-        need_old = config.updates_per_step > 1 or (method.kl_in_reward and config.kl_coef > 0)
+        need_old = config.updates_per_step > 1 or (method.kl_in_reward and kl_coef > 0)
         old = no_grad_logprobs(policy, batches, precision=precision, device=device) if need_old else None
         seq_kl = None
         if ref is not None and old is not None:
@@ -357,8 +435,12 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                 b.data["ref_logps"] = ref[k]
             if old is not None and config.updates_per_step > 1:
                 b.data["old_logps"] = old[k]
-            per_sequence = method.sequence_units or getattr(config, "loss_normalisation", "token") == "sequence"
-            b.num_loss_units = int(b.mask.sum(-1).gt(0).sum()) if per_sequence else b.num_completion_tokens
+            if isinstance(config, GRPOConfig):
+                b.num_loss_units = loss_units(config, b, max_new_tokens)
+            elif method.together > 1:  # online DPO: pairs
+                b.num_loss_units = len(b.rows) // method.together
+            else:
+                b.num_loss_units = int(b.mask.sum(-1).gt(0).sum())
         prepare_seconds = time.perf_counter() - started
 
         # 4. update: ppo_epochs passes, each split into mini_batches optimizer updates
@@ -387,7 +469,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         state.score_seconds += score_seconds
         train_seconds = step_result.seconds
         step_seconds = rollouts.seconds + score_seconds + train_seconds
-        stats = group_stats(rewards, config.group_size)
+        stats = group_stats(task_rewards, config.group_size)
         values = {
             "kind": "train", **stats,
             **{f"rewards/{k}": nan_mean(v) for k, v in scores.per_function.items()},
@@ -401,7 +483,12 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
             "generation_tokens_per_second": round(rollouts.generated_tokens / max(rollouts.seconds, 1e-9), 1),
             "training_tokens_per_second": round(step_result.tokens / max(train_seconds, 1e-9), 1),
             "updates": len(results),
+            "dropped_groups": float(dropped.float().mean()),
         }
+        if tools:
+            values["tool_calls"] = float(np.mean(rollouts.tool_calls))
+        if shaping:
+            values["rewards/overlong"] = nan_mean((rewards - task_rewards).tolist())
         if seq_kl is not None:
             values["kl_sequence"] = float(seq_kl.mean())
         postfix = {"reward": f"{stats['reward']:.3f}"} | ({"alarm": alarm_note} if alarm_note else {})

@@ -1,0 +1,199 @@
+"""A GRPO step, rollouts and update, against TRL's `GRPOTrainer`: same model, prompts, group size and lengths.
+
+Both sides train a LoRA adapter (same rank, alpha, target modules, no dropout) of the same base model with the same
+bf16 policy (frozen weights bf16, adapter fp32, bf16 autocast) on the built-in `arithmetic` task's prompts and its
+reward functions (Hone's reward functions follow TRL's calling convention, so TRL receives the same callables). One
+step = `--prompts` prompts x `--group` completions of at most `--max-new-tokens` tokens sampled at `--temperature`,
+scored, and one optimizer update over them (TRL: `per_device_train_batch_size = group`, `gradient_accumulation_steps
+= steps_per_generation = prompts`, so one generation batch feeds one optimizer step, as Hone's default); the same
+loss (`dapo`), `beta` (KL to the adapter-disabled reference), clip range and learning rate.
+
+Each side runs in its own subprocess, trains `--warmup` + `--steps` steps and reports the median wall time of the
+timed steps (Hone: generation + scoring + reference + update, from its metrics.jsonl; TRL: the time between
+`on_step_end` callbacks, which covers its generation, scoring, reference and update), the completion tokens it
+generated, and its peak memory. It prints figures and the ratio; it asserts nothing. On a shared machine the
+figures move a lot: run it alone.
+
+    python bench/bench_grpo_trl.py [--model smollm2-135m-instruct] [--prompts 4] [--group 8] [--max-new-tokens 48]
+                                   [--steps 3] [--warmup 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MARK = "BENCH "
+
+
+def peak_memory(device: str) -> int:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_hone(args, out: Path) -> dict:
+    import torch
+
+    from honellm.reward.recipes import align
+    from honellm.reward.recipes.grpo import GRPOConfig
+    from honellm.runs import read_metrics
+    from honellm.task import Task
+
+    task = Task.load("arithmetic", [f"model={args.model}"])
+    config = GRPOConfig(max_steps=args.warmup + args.steps, prompts_per_step=args.prompts, group_size=args.group,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, r=args.r,
+                        alpha=2 * args.r, dropout=0.0, kl_coef=args.beta, loss="dapo", clip_eps_high=0.2,
+                        dynamic_sampling=False, overlong_buffer=0, eval_every=0, batch_size=args.group,
+                        schedule="constant", warmup_ratio=0.0, save_every=0)
+    started = time.perf_counter()
+    align(task, "grpo", config, out=out)
+    total = time.perf_counter() - started
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][args.warmup:]
+    seconds = [r["generation_seconds"] + r["scoring_seconds"] + r["training_seconds"] for r in train]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"side": "hone", "step_seconds": statistics.median(seconds),
+            "generation_seconds": statistics.median(r["generation_seconds"] for r in train),
+            "generated_tokens": statistics.mean(r["completion_length"] * args.prompts * args.group for r in train),
+            "peak_memory_bytes": peak_memory(device), "rewards": [round(r["reward"], 3) for r in train],
+            "total_seconds": round(total, 1), "device": device}
+
+
+def run_trl(args, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from honellm.hardware import pick_dtype
+    from honellm.models import resolve
+    from honellm.prompting.program import PromptProgram
+    from honellm.task import Task
+    from honellm.tuning.targets import resolve_targets
+
+    task = Task.load("arithmetic", [f"model={args.model}"])
+    program = PromptProgram.from_task(task)
+    records = task.split("train")
+    dataset = Dataset.from_list([{"prompt": program.messages(task, r), "target": task.target(r)} for r in records])
+    reward = task.reward()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve(args.model).path
+    dtype = pick_dtype("auto", device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                             target_modules=resolve_targets(model.config.model_type, "all-linear"))
+    config = GRPOConfig(output_dir=str(out), per_device_train_batch_size=args.group,
+                        gradient_accumulation_steps=args.prompts, steps_per_generation=args.prompts,
+                        num_generations=args.group, max_completion_length=args.max_new_tokens,
+                        temperature=args.temperature, top_p=1.0, beta=args.beta, loss_type="dapo", epsilon=0.2,
+                        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                        weight_decay=0.0, max_steps=args.warmup + args.steps, bf16=dtype == torch.bfloat16,
+                        use_cpu=device == "cpu", logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                        dataloader_num_workers=0, disable_tqdm=True, reward_weights=reward.weights)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.begin = None
+
+        def on_train_begin(self, *_, **__):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.ends.append(time.perf_counter())
+
+    functions = []
+    for name, function in zip(reward.names, reward.functions, strict=True):
+        def call(prompts, completions, _f=function, **columns):
+            return [float("nan") if v is None else v for v in _f(prompts=prompts, completions=completions, **columns)]
+
+        call.__name__ = name
+        functions.append(call)
+    timer = StepTimes()
+    trainer = GRPOTrainer(model=model, reward_funcs=functions, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+    started = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - started
+    ends = [timer.begin, *timer.ends]
+    seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)][args.warmup:]
+    logs = [h for h in trainer.state.log_history if "reward" in h][args.warmup:]
+    lengths = [h.get("completions/mean_length", 0.0) for h in logs]
+    return {"side": "trl", "step_seconds": statistics.median(seconds), "generation_seconds": None,
+            "generated_tokens": statistics.mean(lengths) * args.prompts * args.group if lengths else 0.0,
+            "peak_memory_bytes": peak_memory(device), "rewards": [round(h["reward"], 3) for h in logs],
+            "total_seconds": round(total, 1), "device": device}
+
+
+def subprocess_side(args, side: str) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--model", args.model, "--prompts", str(args.prompts),
+               "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--r", str(args.r), "--lr", str(args.lr), "--beta", str(args.beta),
+               "--temperature", str(args.temperature)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode != 0 or not found:
+        raise SystemExit(f"the {side} side failed:\n{done.stderr[-4000:]}")
+    return json.loads(found[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (TRL's beta, Hone's kl_coef)")
+    parser.add_argument("--side", choices=("hone", "trl"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        import contextlib
+        import io
+
+        noise = io.StringIO()
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(noise):
+            found = (run_hone if args.side == "hone" else run_trl)(args, Path(tmp) / "run")
+        print(MARK + json.dumps(found), flush=True)
+        return
+
+    results = [subprocess_side(args, side) for side in ("hone", "trl")]
+    print(f"GRPO step, {args.model}, LoRA r={args.r} all-linear, {args.prompts} prompts x {args.group} completions, "
+          f"max {args.max_new_tokens} new tokens, temperature {args.temperature}, beta {args.beta}, loss dapo, "
+          f"{results[0]['device']}; median of {args.steps} steps after {args.warmup}")
+    print(f"{'side':6s} {'s/step':>8s} {'gen s':>7s} {'gen tokens':>11s} {'gen tok/s':>10s} {'peak GiB':>9s}  rewards")
+    for r in results:
+        gen = f"{r['generation_seconds']:.1f}" if r["generation_seconds"] is not None else "-"
+        print(f"{r['side']:6s} {r['step_seconds']:8.2f} {gen:>7s} {r['generated_tokens']:11.0f} "
+              f"{r['generated_tokens'] / r['step_seconds']:10.1f} {r['peak_memory_bytes'] / 2**30:9.2f}  "
+              f"{r['rewards']}")
+    hone, trl = results
+    print(f"trl / hone: step time x{trl['step_seconds'] / hone['step_seconds']:.2f}, "
+          f"peak memory x{trl['peak_memory_bytes'] / hone['peak_memory_bytes']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
