@@ -81,7 +81,7 @@ def run_trl(args, out: Path) -> dict:
 
     from honellm.hardware import pick_dtype
     from honellm.models import resolve
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
     from honellm.task import Task
     from honellm.tuning.targets import resolve_targets
 

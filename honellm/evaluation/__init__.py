@@ -6,10 +6,9 @@ here, so this package does not import it (docs/architecture.md).
 """
 
 from honellm.evaluation.bootstrap import bootstrap_ci
-from honellm.evaluation.judges import Judge, JudgeConfig, calibrate  # registers judge_win_rate and its mode
 from honellm.evaluation.metrics import METRICS, register_metric
 from honellm.evaluation.preference import PREFERENCE_SCORERS, register_preference_scorer
 from honellm.evaluation.result import EvalCost, EvalResult, ExampleResult
 
-__all__ = ["METRICS", "PREFERENCE_SCORERS", "EvalCost", "EvalResult", "ExampleResult", "Judge", "JudgeConfig",
-           "bootstrap_ci", "calibrate", "register_metric", "register_preference_scorer"]
+__all__ = ["METRICS", "PREFERENCE_SCORERS", "EvalCost", "EvalResult", "ExampleResult", "bootstrap_ci",
+           "register_metric", "register_preference_scorer"]

@@ -21,9 +21,10 @@ i.e. the judge picked a position, not an answer) and the length bias (how much m
 answer than the labels do), with bootstrap intervals. `Calibration.check` refuses a judge below `min_agreement` or
 above `max_position_bias` unless `force`.
 
-`judge_win_rate` (a metric, `metric: judge_win_rate` with a `judge:` block in the task) generates the artifact's
-answers and reports the share the judge prefers to the task's reference answers (ties count half), so that
-`hone compare` can rank methods on open-ended tasks.
+`judge_win_rate` (a metric in honellm.evaluation.metrics, scored by the `judge` mode of honellm.evaluation.scoring:
+`metric: judge_win_rate` with a `judge:` block in the task) generates the artifact's answers and reports the share
+the judge prefers to the task's reference answers (ties count half), so that `hone compare` can rank methods on
+open-ended tasks.
 
 Why our own module rather than a library: the judge libraries of the field (TRL's experimental judges, OpenAI's
 evals) call hosted APIs and parse sampled text; Hone's judges must run offline on local models and artifacts, use
@@ -46,14 +47,6 @@ from pydantic import Field
 from honellm.config import Config, validate
 from honellm.errors import HoneError
 from honellm.evaluation.bootstrap import bootstrap_ci
-from honellm.evaluation.metrics import register_metric
-from honellm.evaluation.scoring import (
-    EvalContext,
-    Scored,
-    generate_answers,
-    register_scoring_mode,
-    shared_prefix_text,
-)
 
 DEFAULT_SYSTEM = "You are a careful, impartial judge of answers to user requests."
 
@@ -322,9 +315,9 @@ def calibrate(judge: Judge, pairs: Sequence[dict], *, seed: int = 0) -> Calibrat
     """Measure `judge` on `pairs` (dicts with prompt, chosen, rejected): both orders of every pair."""
     if not pairs:
         raise HoneError("no labelled pairs to calibrate the judge on", fix="give prompt/chosen/rejected records")
-    prompts = [_text(p["prompt"]) for p in pairs]
-    chosen = [_text(p["chosen"]) for p in pairs]
-    rejected = [_text(p["rejected"]) for p in pairs]
+    prompts = [text_of(p["prompt"]) for p in pairs]
+    chosen = [text_of(p["chosen"]) for p in pairs]
+    rejected = [text_of(p["rejected"]) for p in pairs]
     forward = judge.first_wins(prompts, chosen, rejected)  # P(chosen) with chosen first
     backward = judge.first_wins(prompts, rejected, chosen)  # P(rejected) with rejected first
     debiased = (forward + (1.0 - backward)) / 2.0
@@ -383,49 +376,12 @@ def calibrated_judge(config: JudgeConfig | dict | str, *, base_dir: str | Path =
     return judge, calibration
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
     """A prompt or answer as text: a string, or a chat list (its messages' contents, one per line)."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
         return str(value.get("content", ""))
     if isinstance(value, Sequence):
-        return "\n".join(_text(v) for v in value)
+        return "\n".join(text_of(v) for v in value)
     return str(value)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The metric: win rate against the reference answers
-
-
-@register_metric("judge_win_rate", needs="judge", describe="share of answers a judge prefers to the reference "
-                                                           "answer (ties count half)")
-def judge_win_rate(preferences: list[float], **_) -> list[float]:
-    """Per example: 1 where the judge prefers the answer, 0.5 on a tie, 0 where it prefers the reference."""
-    return [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in preferences]
-
-
-@register_scoring_mode("judge")
-def score_with_judge(ctx: EvalContext, metric) -> Scored:
-    """Generate the answers, then ask the task's judge to compare each with the record's reference answer."""
-    block = getattr(ctx.task.config, "judge", None)
-    if not block:
-        raise HoneError(f"metric {metric.name!r} needs a judge, and task {ctx.task.name!r} has none",
-                        where=ctx.task.source, fix="add a `judge:` block to the task, e.g. `judge: {model: "
-                                                    "smollm2-135m-instruct}`")
-    prompts = ctx.prompts()
-    prefix = shared_prefix_text(ctx.tokenizer, ctx.program, prompts)
-    completions = generate_answers(ctx, prompts, prefix)
-    predictions = [c.text for c in completions]
-    references = [ctx.task.target(r) for r in ctx.records]
-    if any(r is None for r in references):
-        raise HoneError("judge_win_rate compares with a reference answer, and some records have none",
-                        where=ctx.task.source, fix="give every record the task's target field")
-    judge = Judge.load(judge_config(block, where=str(ctx.task.source)))
-    requests = [_text(ctx.messages(i)[-1]) for i in range(len(prompts))]
-    preferences = judge.prefer(requests, predictions, [str(r) for r in references])
-    scores = metric.fn(preferences=preferences.tolist())
-    details = [{"judge_preference": round(float(p), 4), "finish_reason": c.finish_reason}
-               for p, c in zip(preferences, completions, strict=True)]
-    return Scored(prompts, predictions, references, scores, details, {"judge": judge.config.model},
-                  completion_tokens=[c.completion_tokens for c in completions], shared_prefix=prefix)

@@ -204,3 +204,11 @@ def perplexity(token_nlls: list[float], token_counts: list[int], **_) -> list[fl
     import math
 
     return [math.exp(nll / max(n, 1)) for nll, n in zip(token_nlls, token_counts, strict=True)]
+
+
+@register_metric("judge_win_rate", needs="judge", describe="share of answers a judge prefers to the reference "
+                                                           "answer (ties count half)")
+def judge_win_rate(preferences: list[float], **_) -> list[float]:
+    """Per example: 1 where the judge prefers the answer, 0.5 on a tie, 0 where it prefers the reference
+    (honellm.evaluation.judges; the task's `judge:` block names the judge)."""
+    return [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in preferences]

@@ -23,7 +23,7 @@ import torch
 from honellm.artifact import Artifact
 from honellm.data.chat import fold_system, render_answer, render_prompt
 from honellm.errors import HoneError
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.export import export_artifact
 from honellm.models import load
 from honellm.program import Demonstration, PromptProgram

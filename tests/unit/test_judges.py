@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from honellm.errors import HoneError
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.evaluation.judges import (
     EndpointBackend,
     Judge,

@@ -50,7 +50,7 @@ def pairs(tiny_model_dir, tmp_path_factory):
     task = Task.load(make_tiny_reward_task(tmp_path_factory.mktemp("odpo"), tiny_model_dir))
     torch.manual_seed(0)
     model, tokenizer = load_policy(task, OnlineDPOConfig(r=4, precision="fp32"), FP32, torch.device("cpu"))
-    from honellm.prompting.program import PromptProgram
+    from honellm.program import PromptProgram
 
     prompts = encode_prompts(task, PromptProgram.from_task(task), tokenizer, "train", limit=3)
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from honellm.errors import HoneError
-from honellm.evaluation import evaluate
+from honellm.evaluation.evaluate import evaluate
 from honellm.generation.params import FINISH_STOP, Completion
 from honellm.generation.tools import (
     ToolEnvironment,
