@@ -132,6 +132,14 @@ class BestOfNGenerator:
         if text:
             yield text
 
+    def stream_batch(self, prompts, params=None):
+        """Several prompts (a request's n choices): each best answer whole, as `(index, text)`; returns them."""
+        completions = self.generate(list(prompts), params)
+        for i, completion in enumerate(completions):
+            if completion.text:
+                yield i, completion.text
+        return completions
+
 
 def _finite(value: float) -> float:
     return value if not math.isnan(value) else -math.inf
