@@ -68,7 +68,7 @@ class Support:
         """One line for a path: "fast" or "transformers (why)"."""
         taken = getattr(self, name)
         if name == "kernels":
-            return "native" if taken else f"torch ({self.reasons.get(name, 'off')})"
+            return "native (in bf16)" if taken else f"torch ({self.reasons.get(name, 'off')})"
         if name == "training" and taken:  # the attention kernel is chosen per run (training.setup.pick_attention)
             return "fast (where a run trains with eager attention: on a CPU, sequences up to 256 tokens)"
         return "fast" if taken else f"transformers ({self.reasons.get(name, 'off')})"

