@@ -409,20 +409,19 @@ def test_serving_a_chat_completion(models, arch, tmp_path):
 # ------------------------------------------------------------------------------------------------ chat templates x verbs
 
 
-@pytest.mark.parametrize("template", ["no-system", "none"])
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_every_verb_without_system_turns_or_without_a_chat_template(models, arch, template, tmp_path):
-    """A model whose template refuses a system turn and a base model without a template: evaluation, tuning,
-    DPO, the reward model, GRPO, serving and export all run, and no prompt renders a system turn."""
-    model_dir = models(arch, template)
+def run_every_verb(model_dir, template: str, tmp_path) -> None:
+    """Evaluation, LoRA tuning, merged export, DPO, the reward model, GRPO and serving on `model_dir`, whose chat
+    template is `template`; the prompts use the layout that template calls for (shared with the e2e cross)."""
     task_yaml = make_tiny_task(tmp_path / "task", model_dir, n_train=8, n_validation=4)
     task = Task.load(task_yaml)
     zero = evaluate(str(model_dir), task, "validation", progress=False)
     if template == "no-system":
         assert all(r.prompt.startswith("<|im_start|>user\nClassify the review.\n\nReview: ") for r in zero.records)
-    else:
+    elif template == "none":
         assert all(r.prompt.startswith("Classify the review.\n\nUser: Review: ") and r.prompt.endswith("Assistant:")
                    for r in zero.records)
+    else:
+        assert all(r.prompt.startswith("<|im_start|>system\nClassify the review.<|im_end|>") for r in zero.records)
     art = tune_task(str(task_yaml), "lora", ["max_steps=2", "eval_every=2", "batch_size=4", "r=4"],
                     out=str(tmp_path / "tune"))
     assert 0 <= art.manifest.metrics["val_accuracy"] <= 1
@@ -438,3 +437,11 @@ def test_every_verb_without_system_turns_or_without_a_chat_template(models, arch
                              max_new_tokens=4, precision="fp32"), out=tmp_path / "grpo")
     answer = _serve_and_chat([str(art.path)], HELLO)[0]
     assert answer["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("template", ["no-system", "none"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_every_verb_without_system_turns_or_without_a_chat_template(models, arch, template, tmp_path):
+    """A model whose template refuses a system turn and a base model without a template: evaluation, tuning,
+    DPO, the reward model, GRPO, serving and export all run, and no prompt renders a system turn."""
+    run_every_verb(models(arch, template), template, tmp_path)
