@@ -348,3 +348,15 @@ def test_cli_registers_hone_ui():
     for option in ("--host", "--port", "--runs", "--api-key"):
         assert option in result.output
 
+
+
+def test_a_taken_port_is_a_clear_error():
+    import socket
+
+    from honellm.ui import _check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(HoneError, match="cannot listen on 127.0.0.1"):
+            _check_port("127.0.0.1", taken.getsockname()[1])
