@@ -30,6 +30,7 @@ def ui(config: UIConfig) -> None:
                                 fix="pip install 'honellm[serve]'") from None
     from honellm.serve.server import _loopback
 
+    _check_port(config.host, config.port)
     app = create_app(config)
     shown = f"[{config.host}]" if ":" in config.host else config.host
     lines = [f"hone ui: http://{shown}:{config.port}/   (runs: {app.state.hone.root})",
@@ -41,3 +42,19 @@ def ui(config: UIConfig) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
                 access_log=config.log_level in ("info", "debug"), timeout_graceful_shutdown=5)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken now, with a fix, rather than after the app is built (uvicorn's own message)."""
+    import socket
+
+    from honellm.errors import HoneError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise HoneError(f"cannot listen on {host}:{port} ({err.strerror})", where="hone ui",
+                            fix="choose another --port, or stop what is using it") from None

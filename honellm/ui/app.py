@@ -203,6 +203,8 @@ def create_app(config: UIConfig | None = None, *, cwd: Path | None = None, chat:
         detail = await run_in_threadpool(catalog.run_detail, state.root, path, since=max(since, 0))
         job = state.jobs.job_for_run(path)
         detail["job"] = state.jobs.info(job) if job else None
+        if job is not None:
+            detail["output"] = catalog.log_tail(job.log)  # the process's own output says more than log.txt
         return detail
 
     @app.get("/api/tasks/{task}/report", response_class=HTMLResponse)

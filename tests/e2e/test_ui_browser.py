@@ -50,12 +50,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def write_guarded_run(folder):
+    """An online-RL run folder as GRPO writes it: training rows, the guard's held-out checks and one alarm."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("method: grpo\ntask: arithmetic\ntask_source: arithmetic\nconfig: {}\n")
+    rows = [{"step": 0, "event": "start", "total_steps": 6}]
+    for step in range(1, 7):
+        rows.append({"step": step, "loss": 1.0 / step, "reward": 0.1 * step, "kl": 0.01 * step})
+        if step % 2 == 0:
+            rows.append({"step": step, "kind": "guard", "proxy": 0.2 * step, "gold": 0.5 - 0.05 * step,
+                         "kl": 0.02 * step})
+    rows.append({"step": 6, "kind": "alarm", "alarm": "proxy_gold_divergence",
+                 "message": "proxy reward rose while the gold signal fell"})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 @pytest.fixture
 def ui_server(tmp_path, tiny_model_dir):
     """`hone ui` from a folder with examples/task.yaml (the tiny sentiment task); yields its URL."""
     from honellm.testing import make_tiny_task
 
     make_tiny_task(tmp_path / "examples", tiny_model_dir)
+    write_guarded_run(tmp_path / "runs" / "arithmetic" / "grpo-20260101-000000")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1"}
     env.pop("HONE_API_KEY", None)
@@ -117,7 +135,14 @@ def test_start_a_run_watch_it_read_the_report_and_chat(chromium, ui_server):
             expect(page.locator("#runs-table")).to_contain_text("tiny-sentiment/lora-")
             expect(page.locator("#runs-table .badge").first).to_have_attribute("data-state", "done")
 
+            # An online-RL run's curves: reward and the reward-hacking guard's signals, with its alarm.
+            page.goto(ui_server + "/#/run/arithmetic/grpo-20260101-000000")
+            expect(page.locator('[data-chart="reward"] polyline')).to_be_visible()
+            expect(page.locator('[data-chart="guard: gold"] polyline')).to_be_visible()
+            expect(page.locator(".alarm")).to_contain_text("proxy_gold_divergence")
+
             # Chat with the artifact.
+            page.goto(ui_server + "/#/")
             page.click("#runs-table >> text=chat")
             page.select_option("#right", "")  # one side only: the run made one artifact
             page.fill("#prompt", "Review: a warm film")

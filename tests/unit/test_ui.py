@@ -268,6 +268,8 @@ def test_start_cancel_and_resume_a_run(workspace, fake_hone, monkeypatch):
                        in j["output"] and j)
         assert job["detail"]["metrics"][0]["event"] == "start" and job["detail"]["status"] == "incomplete"
         assert any(r.get("job") and r["job"]["id"] == started["id"] for r in client.get("/api/runs").json()["runs"])
+        run_page = client.get(f"/api/runs/{started['run']}").json()
+        assert run_page["job"]["id"] == started["id"] and "training" in run_page["output"]
 
         client.post(f"/api/jobs/{started['id']}/cancel", json={})
         cancelled = wait_for(lambda: (j := client.get(f"/api/jobs/{started['id']}").json())["state"] != "running"
@@ -348,3 +350,15 @@ def test_cli_registers_hone_ui():
     for option in ("--host", "--port", "--runs", "--api-key"):
         assert option in result.output
 
+
+
+def test_a_taken_port_is_a_clear_error():
+    import socket
+
+    from honellm.ui import _check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(HoneError, match="cannot listen on 127.0.0.1"):
+            _check_port("127.0.0.1", taken.getsockname()[1])

@@ -225,7 +225,7 @@ async function pageRun(token, params, id) {
     if (token !== pageToken) return false;
     view.rows.push(...detail.metrics);
     view.since = detail.metrics_next;
-    renderRun(view, detail, detail.job, detail.job ? null : detail.log);
+    renderRun(view, detail, detail.job, detail.output || detail.log);
     return Boolean(detail.job && detail.job.state === "running");
   }, 1500);
 }
