@@ -154,10 +154,10 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _make(name: str, *, project: str, run_name: str, run_dir: Path):
-    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+    import accelerate.tracking as trackers
 
     if name == "tensorboard":
-        return TensorBoardTracker(run_name="tensorboard", logging_dir=run_dir)
+        return trackers.TensorBoardTracker(run_name="tensorboard", logging_dir=run_dir)
     if name == "mlflow":
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             import mlflow
@@ -165,9 +165,12 @@ def _make(name: str, *, project: str, run_name: str, run_dir: Path):
             # MLflow 3 keeps the file store for explicit use only; a run folder's own store needs no server.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-        return MLflowTracker(experiment_name=project, run_name=run_name)
+        return trackers.MLflowTracker(experiment_name=project, run_name=run_name)
     if name == "wandb":
-        return WandBTracker(run_name=project, name=run_name, dir=str(run_dir))
+        return trackers.WandBTracker(run_name=project, name=run_name, dir=str(run_dir))
     if name == "trackio":
-        return TrackioTracker(run_name=project, name=run_name)
+        if not hasattr(trackers, "TrackioTracker"):
+            raise MissingDependency("report_to trackio needs accelerate's Trackio tracker (accelerate 1.8 or newer)",
+                                    where="report_to", fix="pip install -U accelerate")
+        return trackers.TrackioTracker(run_name=project, name=run_name)
     raise ValueError(f"unknown tracker {name!r}")
