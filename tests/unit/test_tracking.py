@@ -37,7 +37,7 @@ def _mlflow_run(store):
 
 @pytest.fixture
 def file_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # unset for Hone, and restored after the test (MLflow sets it)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
@@ -153,3 +153,14 @@ def test_a_prompt_search_reports_each_candidate(tiny_model_dir, tmp_path, monkey
     assert [s for s, _ in scalars["score"]] == [r["id"] for r in rows] and len(rows) >= 2
     assert [v for _, v in scalars["score"]] == pytest.approx([r["score"] for r in rows])
     assert scalars["validation_score"][0][1] == pytest.approx(made.validation["score"])
+
+
+def test_a_run_that_never_closed_does_not_block_the_next(tmp_path, file_store):
+    crashed = Tracking.start(["mlflow"], project="tiny", run_dir=tmp_path / "a")
+    crashed.log({"step": 1, "loss": 1.0})  # ... and the run dies without finish()
+    after = Tracking.start(["mlflow"], project="tiny", run_dir=tmp_path / "b")
+    after.log({"step": 1, "loss": 0.5})
+    after.finish()
+    assert _mlflow_run(tmp_path / "a" / "mlruns")[1].info.status == "FAILED"
+    client, run = _mlflow_run(tmp_path / "b" / "mlruns")
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
