@@ -265,6 +265,8 @@ def _add_tokenizer(writer, folder: Path, n_vocab: int) -> int:
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
     special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None and (template := _chat_template(folder)):
+        writer.add_chat_template(template)  # older gguf packages do not read chat_template.jinja
     if "bos" not in special.add_special_token:
         bos = tokenizer.bos_token_id
         writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])

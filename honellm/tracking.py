@@ -34,6 +34,7 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
           "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
 _SKIPPED_KEYS = ("time", "step", "event", "kind", "id")
+_RUN_FOLDER_URI: str | None = None  # the MLflow store Hone chose last (a run folder's), not the user's
 
 
 def _as_list(value):
@@ -154,20 +155,29 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _make(name: str, *, project: str, run_name: str, run_dir: Path):
-    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+    import accelerate.tracking as trackers
 
     if name == "tensorboard":
-        return TensorBoardTracker(run_name="tensorboard", logging_dir=run_dir)
+        return trackers.TensorBoardTracker(run_name="tensorboard", logging_dir=run_dir)
     if name == "mlflow":
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            import mlflow
+        import mlflow
 
-            # MLflow 3 keeps the file store for explicit use only; a run folder's own store needs no server.
+        if mlflow.active_run() is not None:  # an earlier run in this process that crashed before it closed
+            mlflow.end_run(status="FAILED")
+        global _RUN_FOLDER_URI
+        if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", _RUN_FOLDER_URI):
+            # No store named by the user (set_tracking_uri also sets the variable, so an earlier run's folder is
+            # ours too): the run folder's own file store, which needs no server. MLflow 3 keeps the file store
+            # for explicit use only.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
-        return MLflowTracker(experiment_name=project, run_name=run_name)
+            _RUN_FOLDER_URI = (run_dir / "mlruns").resolve().as_uri()
+            mlflow.set_tracking_uri(_RUN_FOLDER_URI)
+        return trackers.MLflowTracker(experiment_name=project, run_name=run_name)
     if name == "wandb":
-        return WandBTracker(run_name=project, name=run_name, dir=str(run_dir))
+        return trackers.WandBTracker(run_name=project, name=run_name, dir=str(run_dir))
     if name == "trackio":
-        return TrackioTracker(run_name=project, name=run_name)
+        if not hasattr(trackers, "TrackioTracker"):
+            raise MissingDependency("report_to trackio needs accelerate's Trackio tracker (accelerate 1.8 or newer)",
+                                    where="report_to", fix="pip install -U accelerate")
+        return trackers.TrackioTracker(run_name=project, name=run_name)
     raise ValueError(f"unknown tracker {name!r}")

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
         artifact: str = typer.Argument(..., help="an artifact folder (e.g. runs/sst2/lora-*/artifact)"),
-        out_arg: str = typer.Argument(None, metavar="[OUT]", help="the folder to write (or --out)"),
+        out_arg: str = typer.Argument(None, metavar="OUT", help="the folder to write (or --out)"),
         merged: str = typer.Option(None, "--merged", help="write a merged standalone model to this folder "
                                                           "(the same as --format merged --out FOLDER)"),
         out: str = typer.Option(None, "--out", "-o", help="the folder to write"),

@@ -32,3 +32,38 @@ def test_export_merged_and_adapter(tiny_model_dir, tmp_path):
     assert clash.returncode == 2 and "--force" in clash.stderr and "Traceback" not in clash.stderr
     neither = hone("export", artifact)
     assert neither.returncode == 2 and "--merged FOLDER" in neither.stderr
+
+
+def test_export_gguf_with_a_modelfile_and_tracked_tuning(tiny_model_dir, tmp_path):
+    """`hone tune ... report_to=tensorboard`, then `hone export ART OUT --format gguf --quant f16 --quant q8_0`: the
+    GGUF loads back in transformers with the merged model's logits; bad quantisations fail before any work."""
+    from transformers import AutoModelForCausalLM
+
+    task = make_tiny_task(tmp_path / "task", tiny_model_dir)
+    trained = hone("tune", task, "--method", "lora", "max_steps=2", "eval_every=0", "report_to=tensorboard",
+                   "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    assert any((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    artifact = tmp_path / "run" / "artifact"
+
+    exported = hone("export", artifact, tmp_path / "gguf", "--format", "gguf", "--quant", "f16", "--quant", "q8_0")
+    assert exported.returncode == 0, exported.stderr
+    assert "exported gguf model" in exported.stdout and "(q8_0)" in exported.stdout
+    info = json.loads((tmp_path / "gguf" / "hone-export.json").read_text())
+    assert info["format"] == "gguf" and set(info["files"]) == {"f16", "q8_0"}
+    assert (tmp_path / "gguf" / "Modelfile").read_text().count("SYSTEM") == 1
+    from honellm.artifact import Artifact
+
+    reference, _ = Artifact.load(artifact).load_model(dtype="fp32", device="cpu")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
+    with torch.no_grad():
+        expected = reference.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=info["files"]["f16"]["file"],
+                                                   dtype=torch.float32)(ids).logits
+    assert (got - expected).abs().max().item() < 5e-3
+
+    k_quant = hone("export", artifact, tmp_path / "k", "--format", "gguf", "--quant", "q4_k_m")
+    assert k_quant.returncode == 2 and "llama-quantize" in k_quant.stderr and "Traceback" not in k_quant.stderr
+    assert not (tmp_path / "k").exists()
+    stray = hone("export", artifact, tmp_path / "m2", "--quant", "q8_0")
+    assert stray.returncode == 2 and "--format gguf" in stray.stderr

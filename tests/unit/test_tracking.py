@@ -37,7 +37,7 @@ def _mlflow_run(store):
 
 @pytest.fixture
 def file_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # unset for Hone, and restored after the test (MLflow sets it)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
@@ -137,3 +137,30 @@ def test_hosted_trackers_need_their_library(name):
         pytest.skip(f"{name} is installed; its offline run is not exercised here (see docs/tracking.md)")
     with pytest.raises(MissingDependency, match=name):
         Tracking.start([name], project="p", run_dir="unused")
+
+
+def test_a_prompt_search_reports_each_candidate(tiny_model_dir, tmp_path, monkeypatch):
+    from honellm.prompting.search import PromptSearchConfig, make_prompt_artifact
+
+    monkeypatch.setenv("HONE_RUNS", str(tmp_path / "runs"))
+    config = PromptSearchConfig(candidates=2, shots=[2], fixed_selectors=["random"], per_query_selectors=[],
+                                calibrations=[], max_examples=4, propose=0, pool_size=20, report_to="tensorboard")
+    made = make_prompt_artifact("intents", ["prompt.instructions=[]"], search=2, model_name=str(tiny_model_dir),
+                                out=tmp_path / "art", search_config=config, progress=False)
+    lines = (made.run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if "score" in r]  # one line per candidate
+    scalars = _scalars(made.run_dir / "tensorboard")
+    assert [s for s, _ in scalars["score"]] == [r["id"] for r in rows] and len(rows) >= 2
+    assert [v for _, v in scalars["score"]] == pytest.approx([r["score"] for r in rows])
+    assert scalars["validation_score"][0][1] == pytest.approx(made.validation["score"])
+
+
+def test_a_run_that_never_closed_does_not_block_the_next(tmp_path, file_store):
+    crashed = Tracking.start(["mlflow"], project="tiny", run_dir=tmp_path / "a")
+    crashed.log({"step": 1, "loss": 1.0})  # ... and the run dies without finish()
+    after = Tracking.start(["mlflow"], project="tiny", run_dir=tmp_path / "b")
+    after.log({"step": 1, "loss": 0.5})
+    after.finish()
+    assert _mlflow_run(tmp_path / "a" / "mlruns")[1].info.status == "FAILED"
+    client, run = _mlflow_run(tmp_path / "b" / "mlruns")
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
