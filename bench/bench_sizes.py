@@ -106,7 +106,7 @@ def worker(name: str, steps: int) -> dict:
     from honellm.training import fused
     from honellm.training.batching import IGNORE, LengthGroupedBatches, TokenSequence, collate
     from honellm.training.logprobs import sft_loss
-    from honellm.training.memory import fit_memory, parameter_bytes
+    from honellm.training.memory import ModelShape, fit_memory, parameter_bytes
     from honellm.training.optim import build_optimizer, build_schedule
     from honellm.training.precision import Precision
     from honellm.training.setup import pick_attention, setup_accelerator
@@ -156,9 +156,16 @@ def worker(name: str, steps: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _, trainable, total = parameter_bytes(model)
     measured = slice(1, None) if steps > 1 else slice(None)
+    speed = sum(tokens[measured]) / sum(times[measured])
+    # This machine's matmul speed right after the steps, as `hone advise` measures it: the ratio is what advise's
+    # time estimate needs (a paired figure: on a shared machine both move together).
+    from honellm.compare.advise import lora_tokens_per_second, measure_matmul_flops
+
+    flops = measure_matmul_flops()
     return {"shape": name, "parameters": total, "trainable_params": trainable, "attention": attention,
             "steps": steps, "build_seconds": round(build_seconds, 1),
-            "tokens_per_second": round(sum(tokens[measured]) / sum(times[measured]), 1),
+            "tokens_per_second": round(speed, 1), "matmul_tflops": round(flops["auto"] / 1e12, 3),
+            "advise_tokens_per_second": round(lora_tokens_per_second(ModelShape.of(model.config), flops["auto"]), 1),
             "peak_bytes": peak, "rss_before_steps": before, "estimate_bytes": plan.estimate.total, "estimate": plan.estimate.describe(),
             "error": round(plan.estimate.total / peak - 1, 3)}
 

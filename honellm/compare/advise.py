@@ -18,6 +18,9 @@ from honellm.task import Task
 FLOPS_PER_TOKEN = {"full": 6, "peft": 4, "inference": 2}
 # Share of the measured matmul peak a training loop reaches on small models (attention, norms, optimizer, Python).
 EFFICIENCY = 0.35
+# LoRA SFT: the share of the measured 1024-square matmul speed a step reaches, per decoder FLOP (see
+# `lora_tokens_per_second`); measured with bench/bench_sizes.py on real shapes (bench/README.md).
+PEFT_EFFICIENCY = 0.35
 
 
 @dataclass
@@ -113,8 +116,19 @@ def data_facts(task: Task, tokenizer=None, sample: int = 200) -> dict:
     return facts
 
 
-def _train_seconds(tokens: float, params: float, flops: float, kind: str) -> float:
+def _train_seconds(tokens: float, params: float, flops: float, kind: str, shape=None) -> float:
+    if kind == "peft" and shape is not None:
+        return tokens / lora_tokens_per_second(shape, flops)
     return tokens * FLOPS_PER_TOKEN[kind] * params / max(flops * EFFICIENCY, 1.0)
+
+
+def lora_tokens_per_second(shape, flops: float) -> float:
+    """LoRA SFT training tokens/s of a model of `shape` (a `ModelShape`) on a machine whose measured bf16 matmul
+    speed is `flops` (`measure_matmul_flops`): 4 x the decoder's parameters per token (the forward, and the
+    backward's input gradients; frozen weights get none; the LM head runs at answer positions only, so the
+    embedding does not count), at `PEFT_EFFICIENCY` of the measured speed (bench/bench_sizes.py)."""
+    body = shape.parameters() - shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    return flops * PEFT_EFFICIENCY / (FLOPS_PER_TOKEN["peft"] * max(body, 1))
 
 
 @dataclass
@@ -225,15 +239,15 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         if n < 200:
             why += " (few: keep epochs low, watch validation)"
         add("lora", "tuning", rules + (["R4"] if max_latency_ms else []), why,
-            est_train_seconds=round(_train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(_train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", evaluation=validating), 2),
             est_prompt_tokens=round(prompt_len, 1))
         add("dora", "tuning", ["R3"], "LoRA with weight decomposition: often a little better at the same rank, slower per step",
-            est_train_seconds=round(1.4 * _train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(1.4 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("dora", evaluation=validating), 2),
             est_prompt_tokens=round(prompt_len, 1))
         add("ia3", "tuning", ["R3"], "the fewest trainable parameters; strong with little data",
-            est_train_seconds=round(0.9 * _train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(0.9 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("ia3", evaluation=validating), 2),
             est_prompt_tokens=round(prompt_len, 1))
         if full_memory <= memory_gb * 0.8 and n >= 1000:
@@ -251,19 +265,19 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
     if facts["has_pairs"]:
         pair_tokens = n * (prompt_len + 2 * answer_len) * epochs
         add("dpo", "reward", ["R5"], f"{n} preference pairs: optimise the preference directly, no reward model",
-            est_train_seconds=round(1.5 * _train_seconds(pair_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(1.5 * _train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2), 2),
             est_prompt_tokens=round(prompt_len, 1))
         add("simpo", "reward", ["R5", "R8"], "reference-free: no reference pass, less memory and time",
-            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2), 2),
             est_prompt_tokens=round(prompt_len, 1))
         add("reward-model", "reward", ["R7"], "a reward model for RLHF (PPO/GRPO) and best-of-n at inference",
-            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2, logits=False), 2))
     elif facts["has_unpaired"]:
         add("kto", "reward", ["R5"], "thumbs-up/down labels without pairs: KTO",
-            est_train_seconds=round(1.5 * _train_seconds(train_tokens, params, peak, "peft"), 1),
+            est_train_seconds=round(1.5 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora"), 2), est_prompt_tokens=round(prompt_len, 1))
     else:
         advice.not_applicable.append(("dpo", "no preference pairs in the data (R5)"))
