@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
             why = s.why + (f" [{s.note}]" if s.note else "")
             table.add_row(str(i), s.method, s.family, ",".join(s.rules), why,
                           f"{s.est_train_seconds:.0f} s" if s.est_train_seconds is not None else "-",
-                          f"{s.est_memory_gb:.1f} GB" if s.est_memory_gb is not None else "-",
+                          f"{s.est_memory_gb:.1f} GiB" if s.est_memory_gb is not None else "-",
                           f"{s.est_prompt_tokens:.0f}" if s.est_prompt_tokens is not None else "-")
         console.print(table)
         for method, reason in result.not_applicable:

@@ -18,6 +18,9 @@ from honellm.task import Task
 FLOPS_PER_TOKEN = {"full": 6, "peft": 4, "inference": 2}
 # Share of the measured matmul peak a training loop reaches on small models (attention, norms, optimizer, Python).
 EFFICIENCY = 0.35
+# LoRA SFT: the share of the measured 1024-square matmul speed a step reaches, per decoder FLOP (see
+# `lora_tokens_per_second`); measured with bench/bench_sizes.py on real shapes (bench/README.md).
+PEFT_EFFICIENCY = 0.35
 
 
 @dataclass
@@ -108,11 +111,70 @@ def data_facts(task: Task, tokenizer=None, sample: int = 200) -> dict:
             answer_tokens.append(len(tokenizer(render_answer(tokenizer, messages, answer), add_special_tokens=False).input_ids))
         facts["mean_prompt_tokens"] = sum(prompt_tokens) / len(prompt_tokens)
         facts["mean_answer_tokens"] = sum(answer_tokens) / len(answer_tokens)
+        facts["max_prompt_tokens"] = max(prompt_tokens)
+        facts["max_answer_tokens"] = max(answer_tokens)
     return facts
 
 
-def _train_seconds(tokens: float, params: float, flops: float, kind: str) -> float:
+def _train_seconds(tokens: float, params: float, flops: float, kind: str, shape=None) -> float:
+    if kind == "peft" and shape is not None:
+        return tokens / lora_tokens_per_second(shape, flops)
     return tokens * FLOPS_PER_TOKEN[kind] * params / max(flops * EFFICIENCY, 1.0)
+
+
+def lora_tokens_per_second(shape, flops: float) -> float:
+    """LoRA SFT training tokens/s of a model of `shape` (a `ModelShape`) on a machine whose measured bf16 matmul
+    speed is `flops` (`measure_matmul_flops`): 4 x the decoder's parameters per token (the forward, and the
+    backward's input gradients; frozen weights get none; the LM head runs at answer positions only, so the
+    embedding does not count), at `PEFT_EFFICIENCY` of the measured speed (bench/bench_sizes.py)."""
+    body = shape.parameters() - shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    return flops * PEFT_EFFICIENCY / (FLOPS_PER_TOKEN["peft"] * max(body, 1))
+
+
+@dataclass
+class CostModel:
+    """The memory a run of each kind will take, from the model's shape and the data's lengths: the training
+    pre-flight's own estimate (`honellm.training.memory`, calibrated on real shapes by bench/bench_sizes.py) for
+    the micro-batch the recipe's defaults will train on (8 examples of the longest sampled length; DPO and the
+    reward model: 8 pairs, 16 sequences; the pre-flight takes smaller micro-batches where that does not fit)."""
+
+    shape: object  # ModelShape
+    params: int
+    low_precision: bool  # frozen weights in bf16
+    prompt_tokens: int  # the longest sampled prompt
+    answer_tokens: int  # the longest sampled answer
+    device_type: str = "cpu"
+    batch: int = 8
+    max_length: int = 1024
+
+    def memory_gb(self, kind: str, *, sequences_per_example: int = 1, answer_tokens: int | None = None,
+                  evaluation: bool = False, logits: bool = True) -> float:
+        """Peak GiB of training `kind` ("lora", "dora", "ia3", "full", "inference")."""
+        import torch
+
+        from honellm.training.memory import CPU_OVERHEAD, GPU_OVERHEAD, GiB, estimate_for_shape
+
+        width = 2 if self.low_precision else 4
+        answer = self.answer_tokens if answer_tokens is None else answer_tokens
+        length = min(self.prompt_tokens + answer, self.max_length)
+        if kind == "inference":
+            overhead = GPU_OVERHEAD if self.device_type == "cuda" else CPU_OVERHEAD
+            # weights, the runtime, and one evaluation batch's full-vocabulary logits at the last position
+            return (self.params * width + overhead + 16 * self.shape.vocab * 4 * 2) / GiB
+        if kind == "full":
+            trainable, stored = self.params, self.params * 4
+        else:
+            trainable = {"lora": self.shape.lora_parameters(16), "dora": self.shape.lora_parameters(16),
+                         "ia3": self.shape.layers * (2 * self.shape.attention_dims[1] + self.shape.intermediate)}[kind]
+            stored = self.params * width + trainable * 4
+        sequences = self.batch * sequences_per_example
+        estimate = estimate_for_shape(
+            self.shape, stored_bytes=stored, trainable=trainable, micro_batch_size=sequences, seq_len=length,
+            loss_tokens=sequences * min(answer, length) if logits else 0,
+            compute_dtype=torch.bfloat16 if self.low_precision else torch.float32, device_type=self.device_type,
+            attention="eager" if self.device_type == "cpu" and length <= 256 else "sdpa",
+            evaluation_batch=16 if evaluation else 0)
+        return estimate.total / GiB
 
 
 def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: float | None = None,
@@ -139,9 +201,10 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
     example_len = prompt_len + answer_len
     train_tokens = n * example_len * epochs
     peak = flops["auto"]
-    bytes_per_param = 2 if hw.get("cpu_bf16") or "gpu" in hw else 4
-    peft_memory = params * bytes_per_param / 2**30 + 0.5
-    full_memory = params * 16 / 2**30 + 0.5
+    costs = _cost_model(task, params, facts, hw)
+    inference_memory = costs.memory_gb("inference")
+    validating = "validation" in facts["splits"]
+    full_memory = costs.memory_gb("full", evaluation=validating)
 
     if probe:
         advice.probe = _probe(task)
@@ -151,7 +214,7 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
 
     # R1 / R2: prompting first.
     add("zero-shot", "prompting", ["R1"], "no training; the baseline every other method must beat",
-        est_train_seconds=0.0, est_memory_gb=round(peft_memory, 2), est_prompt_tokens=round(prompt_len, 1))
+        est_train_seconds=0.0, est_memory_gb=round(inference_memory, 2), est_prompt_tokens=round(prompt_len, 1))
     if n and facts["has_targets"]:
         few_tokens = prompt_len + shots * (example_len - 10)
         note = None
@@ -160,12 +223,12 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         add("few-shot", "prompting", ["R1", "R2"],
             f"{shots} demonstrations chosen by similarity (BM25) from {n} training examples"
             + ("; contextual calibration for the label choices" if facts["has_choices"] else ""),
-            est_train_seconds=0.0, est_memory_gb=round(peft_memory, 2), est_prompt_tokens=round(few_tokens, 1), note=note)
+            est_train_seconds=0.0, est_memory_gb=round(inference_memory, 2), est_prompt_tokens=round(few_tokens, 1), note=note)
         if "validation" in facts["splits"]:
             add("prompt-search", "prompting", ["R2"],
                 "search instructions, shots, selector and calibration on the validation split",
                 est_train_seconds=round(12 * facts["splits"]["validation"] * prompt_len * 2 * params / (peak * EFFICIENCY), 1),
-                est_memory_gb=round(peft_memory, 2), est_prompt_tokens=round(few_tokens, 1))
+                est_memory_gb=round(inference_memory, 2), est_prompt_tokens=round(few_tokens, 1))
     else:
         advice.not_applicable.append(("few-shot", "no training examples with answers to use as demonstrations"))
 
@@ -176,14 +239,17 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         if n < 200:
             why += " (few: keep epochs low, watch validation)"
         add("lora", "tuning", rules + (["R4"] if max_latency_ms else []), why,
-            est_train_seconds=round(_train_seconds(train_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.3, 2), est_prompt_tokens=round(prompt_len, 1))
+            est_train_seconds=round(_train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("lora", evaluation=validating), 2),
+            est_prompt_tokens=round(prompt_len, 1))
         add("dora", "tuning", ["R3"], "LoRA with weight decomposition: often a little better at the same rank, slower per step",
-            est_train_seconds=round(1.4 * _train_seconds(train_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.4, 2), est_prompt_tokens=round(prompt_len, 1))
+            est_train_seconds=round(1.4 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("dora", evaluation=validating), 2),
+            est_prompt_tokens=round(prompt_len, 1))
         add("ia3", "tuning", ["R3"], "the fewest trainable parameters; strong with little data",
-            est_train_seconds=round(0.9 * _train_seconds(train_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.1, 2), est_prompt_tokens=round(prompt_len, 1))
+            est_train_seconds=round(0.9 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("ia3", evaluation=validating), 2),
+            est_prompt_tokens=round(prompt_len, 1))
         if full_memory <= memory_gb * 0.8 and n >= 1000:
             add("full", "tuning", ["R3", "R8"], f"full fine-tuning fits in memory ({full_memory:.1f} GB of {memory_gb:.0f})",
                 est_train_seconds=round(_train_seconds(train_tokens, params, peak, "full"), 1),
@@ -199,18 +265,20 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
     if facts["has_pairs"]:
         pair_tokens = n * (prompt_len + 2 * answer_len) * epochs
         add("dpo", "reward", ["R5"], f"{n} preference pairs: optimise the preference directly, no reward model",
-            est_train_seconds=round(1.5 * _train_seconds(pair_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.5, 2), est_prompt_tokens=round(prompt_len, 1))
+            est_train_seconds=round(1.5 * _train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2), 2),
+            est_prompt_tokens=round(prompt_len, 1))
         add("simpo", "reward", ["R5", "R8"], "reference-free: no reference pass, less memory and time",
-            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.4, 2), est_prompt_tokens=round(prompt_len, 1))
+            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2), 2),
+            est_prompt_tokens=round(prompt_len, 1))
         add("reward-model", "reward", ["R7"], "a reward model for RLHF (PPO/GRPO) and best-of-n at inference",
-            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.4, 2))
+            est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2, logits=False), 2))
     elif facts["has_unpaired"]:
         add("kto", "reward", ["R5"], "thumbs-up/down labels without pairs: KTO",
-            est_train_seconds=round(1.5 * _train_seconds(train_tokens, params, peak, "peft"), 1),
-            est_memory_gb=round(peft_memory + 0.5, 2), est_prompt_tokens=round(prompt_len, 1))
+            est_train_seconds=round(1.5 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
+            est_memory_gb=round(costs.memory_gb("lora"), 2), est_prompt_tokens=round(prompt_len, 1))
     else:
         advice.not_applicable.append(("dpo", "no preference pairs in the data (R5)"))
 
@@ -230,7 +298,8 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
             note = "the zero-shot score is 0: groups of samples that all score 0 teach nothing; tune or prompt first (R6)"
         add("grpo", "reward", ["R6"], why,
             est_train_seconds=round(_train_seconds(rollout_tokens, params, peak, "inference") * 4, 1),
-            est_memory_gb=round(peft_memory + 0.6, 2), est_prompt_tokens=round(prompt_len, 1), note=note)
+            est_memory_gb=round(costs.memory_gb("lora", answer_tokens=64), 2), est_prompt_tokens=round(prompt_len, 1),
+            note=note)
     else:
         advice.not_applicable.append(("grpo", "no reward functions in the task and no checkable answers (R6)"))
 
@@ -245,6 +314,26 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         # R4: with a latency budget, an adapter (no extra prompt tokens) goes before long few-shot prompts.
         advice.steps.sort(key=lambda s: (s.family == "prompting" and (s.est_prompt_tokens or 0) > 2 * prompt_len))
     return advice
+
+
+def _cost_model(task: Task, params: int, facts: dict, hw: dict) -> CostModel:
+    """The model's shape (its config.json; a LLaMA-like guess from the parameter count without one) and the data's
+    lengths, for `CostModel`."""
+    import json
+
+    from honellm.models import resolve
+    from honellm.training.memory import ModelShape
+
+    path = resolve(task.config.model).path
+    try:
+        shape = ModelShape.of(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError):
+        hidden = max(256, int(round((params / 80) ** 0.5 / 64)) * 64)  # ~ layers x 12 h^2 with layers ~ h / 85
+        shape = ModelShape(layers=max(1, int(params / (12 * hidden * hidden))), hidden=hidden,
+                           intermediate=4 * hidden, heads=max(1, hidden // 64), vocab=32000)
+    return CostModel(shape, params or shape.parameters(), bool(hw.get("cpu_bf16") or hw.get("gpu")),
+                     int(facts.get("max_prompt_tokens", 64)), int(facts.get("max_answer_tokens", 16)),
+                     device_type="cuda" if hw.get("gpu") else "cpu")
 
 
 def _parameter_count(path) -> int:

@@ -10,7 +10,8 @@ peak = weights + gradients + optimizer state + activations + logits + runtime ov
   values at the compute dtype's width, plus, for eager attention, the attention scores and probabilities
   (`ATTN_BYTES` per head per pair of positions; flash/sdpa kernels keep none); with gradient checkpointing, one
   hidden state per token per layer plus one layer's worth;
-- logits: at the loss positions only (see `logprobs.py`): logits, log-softmax and gradient in fp32;
+- logits: at the loss positions only (see `logprobs.py`): logits, log-softmax and gradient in fp32, for at most
+  `LOGIT_CHUNK` positions at once;
 - overhead: the framework itself (CUDA context or the CPU runtime's libraries).
 
 The constants were fitted on SmolLM2-135M on a 2-core AMX CPU (peak RSS of LoRA at 8 x 64 and 8 x 256 tokens with
@@ -21,10 +22,12 @@ above the measured peaks): it is meant to err on the side of refusing a little e
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from honellm.errors import HoneError
@@ -46,9 +49,19 @@ class ModelShape:
     intermediate: int
     heads: int
     vocab: int
+    kv_heads: int | None = None  # grouped-query attention (None: as many as `heads`)
+    head_dim: int | None = None  # None: hidden // heads
+    tied: bool = True  # the LM head shares the input embedding
 
     @classmethod
     def of(cls, config) -> ModelShape:
+        """The shape of a transformers config object, or of a config.json read as a dict."""
+        if isinstance(config, dict):
+            from types import SimpleNamespace
+
+            config = SimpleNamespace(**config)
+        config = getattr(config, "text_config", None) or config
+
         def first(*names, default=None):
             for name in names:
                 value = getattr(config, name, None)
@@ -57,10 +70,30 @@ class ModelShape:
             return default
 
         hidden = first("hidden_size", "n_embd", "d_model", default=1024)
+        heads = first("num_attention_heads", "n_head", default=max(1, hidden // 64))
         return cls(layers=first("num_hidden_layers", "n_layer", "num_layers", default=24), hidden=hidden,
                    intermediate=first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
-                   heads=first("num_attention_heads", "n_head", default=max(1, hidden // 64)),
-                   vocab=first("vocab_size", default=32000))
+                   heads=heads, vocab=first("vocab_size", default=32000),
+                   kv_heads=first("num_key_value_heads", default=heads), head_dim=first("head_dim", default=None),
+                   tied=bool(getattr(config, "tie_word_embeddings", True)))
+
+    @property
+    def attention_dims(self) -> tuple[int, int]:
+        """(query / output width, key / value width)."""
+        head_dim = self.head_dim or self.hidden // self.heads
+        return self.heads * head_dim, (self.kv_heads or self.heads) * head_dim
+
+    def parameters(self) -> int:
+        """Parameters of a LLaMA-shaped decoder of this shape (norms and biases left out: under 0.1%)."""
+        q, kv = self.attention_dims
+        per_layer = self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate
+        return self.layers * per_layer + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def lora_parameters(self, r: int = 16) -> int:
+        """Trainable parameters of LoRA of rank `r` on every linear layer of attention and MLP."""
+        q, kv = self.attention_dims
+        h, f = self.hidden, self.intermediate
+        return self.layers * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + f) + (f + h))
 
 
 @dataclass(frozen=True)
@@ -114,6 +147,21 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
     """
     shape = ModelShape.of(getattr(model, "config", None) or object())
     stored, trainable, _ = parameter_bytes(model)
+    return estimate_for_shape(shape, stored_bytes=stored, trainable=trainable, micro_batch_size=micro_batch_size,
+                              seq_len=seq_len, loss_tokens=loss_tokens, gradient_checkpointing=gradient_checkpointing,
+                              compute_dtype=compute_dtype, distributed=distributed, device_type=device_type,
+                              optimizer_states=optimizer_states, attention=attention,
+                              evaluation_batch=evaluation_batch)
+
+
+def estimate_for_shape(shape: ModelShape, *, stored_bytes: int, trainable: int, micro_batch_size: int, seq_len: int,
+                       loss_tokens: int | None = None, gradient_checkpointing: bool = False,
+                       compute_dtype: torch.dtype = torch.bfloat16, distributed: bool = False,
+                       device_type: str = "cpu", optimizer_states: int = 2, attention: str = "sdpa",
+                       evaluation_batch: int = 0) -> MemoryEstimate:
+    """`estimate_training_memory` from a model's shape and parameter sizes alone (no model in memory: `hone
+    advise`, and shapes too large to build)."""
+    stored = stored_bytes
     width = torch.finfo(compute_dtype).bits // 8
     tokens = micro_batch_size * seq_len
     per_token_layer = width * (ACT_HIDDEN * shape.hidden + ACT_FFN * shape.intermediate)
@@ -124,8 +172,11 @@ def estimate_training_memory(model: torch.nn.Module, *, micro_batch_size: int, s
         activations = (tokens * per_token_layer + scores) * shape.layers
     if trainable == 0:
         activations = 0
+    from honellm.training.logprobs import LOGIT_CHUNK
+
     n_logits = tokens if loss_tokens is None else loss_tokens
-    logits = n_logits * shape.vocab * 4 * 3
+    # above LOGIT_CHUNK targets the head runs chunk by chunk, recomputed in backward (see `logprobs`)
+    logits = min(n_logits, LOGIT_CHUNK) * shape.vocab * 4 * 3
     gradients = trainable * 4 * (2 if distributed else 1)
     evaluation = 2 * stored + evaluation_batch * seq_len * shape.vocab * 4 * 2 if evaluation_batch else 0
     return MemoryEstimate(
@@ -173,6 +224,156 @@ def _cgroup_usage() -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """One micro-batch a run will train on: sequences, padded length, and positions that take a loss."""
+
+    sequences: int
+    length: int
+    loss_tokens: int
+
+
+def micro_batch_shapes(sampler, *, loss_tokens, grad_accum: int, world: int = 1,
+                       sequences_per_example: int = 1, max_length: int | None = None) -> list[MicroBatchShape]:
+    """The shapes of the micro-batches `sampler` (a `LengthGroupedBatches`) gives in its first epoch with
+    `grad_accum` micro-batches per process, the ones no other dominates (the largest padded length, the most
+    sequences x length, the most loss tokens): the pre-flight estimates from these, the lengths the data actually
+    has after length grouping, not from max_length. `loss_tokens[i]` is example i's loss positions (for a pair, the
+    longer answer's; counted for each of its `sequences_per_example` sequences)."""
+    lengths = np.asarray(sampler.lengths)
+    losses = np.asarray(loss_tokens, dtype=np.int64)
+    found: dict[tuple[int, int, int], MicroBatchShape] = {}
+    for step in range(sampler.steps_per_epoch):
+        for rank in range(world):
+            for index in sampler.micro_batches(step, rank=rank, world_size=world, grad_accum=grad_accum):
+                if not len(index):
+                    continue
+                length = int(lengths[index].max())
+                if max_length is not None:
+                    length = min(length, max_length)
+                n = len(index) * sequences_per_example
+                shape = MicroBatchShape(n, length, int(losses[index].sum()) * sequences_per_example)
+                found[(shape.sequences, shape.length, shape.loss_tokens)] = shape
+    shapes = list(found.values())
+    keys = (lambda s: s.length, lambda s: s.sequences * s.length, lambda s: s.sequences * s.length ** 2,
+            lambda s: s.loss_tokens)
+    return list({id(s): s for s in (max(shapes, key=key) for key in keys)}.values()) if shapes else []
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the pre-flight decided: the micro-batch, accumulation and checkpointing the run trains with."""
+
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    estimate: MemoryEstimate
+    capacity: int
+    first_choice: MemoryEstimate
+    note: str | None = None  # one line, when the run's own settings would not fit and others were chosen
+
+    @property
+    def changed(self) -> bool:
+        return self.note is not None
+
+    def apply(self, config, model=None, run=None):
+        """`config` with the chosen settings (the same object when nothing changed), gradient checkpointing turned
+        on in `model` when it was chosen, and the note said on stderr and written to `run`'s metrics.jsonl."""
+        if not self.changed:
+            return config
+        if os.environ.get("HONE_QUIET") != "1" and run is not None:
+            print(f"hone: {self.note}", file=sys.stderr, flush=True)
+        if run is not None:
+            run.log_metrics(event="memory_fit", message=self.note, batch_size=self.batch_size,
+                            grad_accum=self.grad_accum, gradient_checkpointing=self.gradient_checkpointing,
+                            estimated_peak_memory_bytes=self.estimate.total)
+        if self.gradient_checkpointing and not config.gradient_checkpointing and model is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return config.model_copy(update={"batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                                         "gradient_checkpointing": self.gradient_checkpointing})
+
+
+def fit_memory(model, sampler, *, loss_tokens, batch_size: int, grad_accum: int, gradient_checkpointing: bool,
+               device: torch.device | str, world: int = 1, sequences_per_example: int = 1,
+               max_length: int | None = None, limit_gb: float | None = None, trains_all_weights: bool = False,
+               capacity: int | None = None, **estimate_kwargs) -> MemoryPlan:
+    """Estimate the run's peak from the micro-batches the data gives (`micro_batch_shapes`); when it exceeds the
+    memory at hand, pick the largest micro-batch that fits with more accumulation (the global batch, hence the
+    results, stay the same), then gradient checkpointing; raise a HoneError naming what to change when nothing
+    fits. `estimate_kwargs` go to `estimate_training_memory` (compute_dtype, attention, evaluation_batch, ...).
+
+    A smaller micro-batch is tried only where the sampler's batches stay the same (it drops a global batch too
+    small to fill every micro-batch: more accumulation must not drop one more).
+    """
+    from honellm.training.batching import LengthGroupedBatches
+
+    def peak(b: int, accum: int, checkpointing: bool) -> MemoryEstimate:
+        shapes = micro_batch_shapes(sampler, loss_tokens=loss_tokens, grad_accum=accum, world=world,
+                                    sequences_per_example=sequences_per_example, max_length=max_length)
+        estimates = [estimate_training_memory(model, micro_batch_size=s.sequences, seq_len=s.length,
+                                              loss_tokens=s.loss_tokens, gradient_checkpointing=checkpointing,
+                                              distributed=world > 1, device_type=torch.device(device).type,
+                                              **estimate_kwargs) for s in shapes]
+        return max(estimates, key=lambda e: e.total)
+
+    first = peak(batch_size, grad_accum, gradient_checkpointing)
+    plan = MemoryPlan(batch_size, grad_accum, gradient_checkpointing, first, 0, first)
+    if os.environ.get("HONE_SKIP_MEMORY_CHECK") == "1":
+        return plan
+    if capacity is not None:
+        what = "the memory given"
+    elif limit_gb is not None:
+        capacity, what = int(limit_gb * GiB), f"the memory limit (memory_limit_gb={limit_gb:g})"
+    else:
+        capacity, what = available_memory(device)
+    plan = MemoryPlan(batch_size, grad_accum, gradient_checkpointing, first, capacity, first)
+    if first.total <= capacity:
+        return plan
+    global_batch = sampler.global_batch_size
+
+    def same_batches(accum: int) -> bool:
+        if world * accum == sampler.slots:
+            return True
+        if global_batch < world * accum:
+            return False
+        other = LengthGroupedBatches(sampler.lengths, global_batch, seed=sampler.seed, shuffle=sampler.shuffle,
+                                     window=sampler.window, slots=world * accum)
+        return other.steps_per_epoch == sampler.steps_per_epoch
+
+    smaller = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
+    for checkpointing in ([False, True] if not gradient_checkpointing else [True]):
+        for b in smaller:
+            if (b, checkpointing) == (batch_size, gradient_checkpointing):
+                continue
+            accum = grad_accum * batch_size // b
+            if not same_batches(accum):
+                continue
+            estimate = peak(b, accum, checkpointing)
+            if estimate.total <= capacity:
+                settings = f"batch_size={b} grad_accum={accum}" + (" gradient_checkpointing=true" if checkpointing
+                                                                    and not gradient_checkpointing else "")
+                note = (f"memory: batch_size={batch_size} grad_accum={grad_accum} would need about "
+                        f"{first.total / GiB:.2f} GiB of {capacity / GiB:.2f} GiB; training with {settings} "
+                        f"(the same global batch), about {estimate.total / GiB:.2f} GiB")
+                return MemoryPlan(b, accum, checkpointing, estimate, capacity, first, note)
+    fixes = []
+    if max_length is not None or first.seq_len > 64:
+        fixes.append(f"a shorter max_length (the longest micro-batch has {first.seq_len} tokens; longer examples "
+                     "lose the start of their prompt)")
+    if trains_all_weights:
+        fixes.append("a parameter-efficient method (--method lora) instead of full fine-tuning")
+    fixes.append("a smaller base model, or a machine with more memory")
+    raise HoneError(
+        f"this run needs about {first.total / GiB:.2f} GiB at its peak ({first.describe()}), more than {what}: "
+        f"{capacity / GiB:.2f} GiB, and even micro-batches of one example with gradient checkpointing need "
+        f"{peak(1, grad_accum * batch_size, True).total / GiB:.2f} GiB",
+        where="memory pre-flight",
+        fix="try " + "; or ".join(fixes) + " (set HONE_SKIP_MEMORY_CHECK=1 to train anyway)")
 
 
 def check_memory(estimate_for: Callable[[int, int, bool], MemoryEstimate], *, batch_size: int, seq_len: int,

@@ -17,8 +17,10 @@ from honellm.training.precision import Precision
 
 @torch.no_grad()
 def score_sequences(model, sequences: list[TokenSequence], *, pad_id: int, precision: Precision,
-                    batch_size: int = 16, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Sum of label log-probabilities and label count of each sequence (in the given order)."""
+                    batch_size: int = 16, device: torch.device | str = "cpu",
+                    on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of label log-probabilities and label count of each sequence (in the given order); `on_batch(n)` is
+    called after each batch of n sequences (a progress bar's `update`)."""
     was_training = model.training
     model.eval()
     sums = np.zeros(len(sequences))
@@ -32,6 +34,8 @@ def score_sequences(model, sequences: list[TokenSequence], *, pad_id: int, preci
                 logp, n = sequence_logprobs(model, batch)
             sums[index] = logp.double().cpu().numpy()
             counts[index] = n.long().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(index))
     finally:
         model.train(was_training)
     return sums, counts

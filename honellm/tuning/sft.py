@@ -33,7 +33,7 @@ from honellm.program import PromptProgram
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss
-from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
@@ -118,18 +118,13 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     if config.compile and compile_layers(model) == 0:
         raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
                         fix="drop compile=true")
-    answer_tokens = max(s.num_loss_tokens for s in train)
-
-    def estimate_for(batch: int, length: int, checkpointing: bool):
-        return estimate_training_memory(
-            model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
-            loss_tokens=batch * (answer_tokens if config.completion_only_loss else min(length, longest)),
-            compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type, attention=attention,
-            evaluation_batch=config.eval_batch_size if validation is not None and config.eval_every != 0 else 0)
-
-    memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
-                          grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
-                          device=device, limit_gb=config.memory_limit_gb, trains_all_weights=spec.trains_base)
+    plan = fit_memory(model, sampler, loss_tokens=[s.num_loss_tokens for s in train],
+                      batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
+                      gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
+                      limit_gb=config.memory_limit_gb, trains_all_weights=spec.trains_base,
+                      compute_dtype=precision.compute_dtype, attention=attention,
+                      evaluation_batch=config.eval_batch_size if validation is not None and config.eval_every != 0 else 0)
+    config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)

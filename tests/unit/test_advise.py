@@ -56,3 +56,32 @@ def test_the_matmul_speed_is_measured_once_per_process():
     first["auto"] = 0.0  # a caller's copy; the kept figures stay
     second = measure_matmul_flops(0.05)
     assert second["auto"] > 0 and second == measure_matmul_flops(0.05) and set(second) == {"auto", "fp32"}
+
+
+def test_costs_follow_the_model_shape_and_the_data_lengths():
+    from honellm.compare.advise import CostModel, lora_tokens_per_second
+    from honellm.training.memory import GiB, ModelShape, estimate_for_shape
+
+    small = ModelShape.of({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                           "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152})
+    large = ModelShape.of({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152})
+    assert 1.6e9 < large.parameters() < 1.8e9 and 1.3e8 < small.parameters() < 1.4e8
+
+    def costs(shape, prompt=60, answer=2):
+        return CostModel(shape, shape.parameters(), True, prompt, answer)
+
+    lora = costs(small).memory_gb("lora")
+    expected = estimate_for_shape(small, stored_bytes=small.parameters() * 2 + small.lora_parameters() * 4,
+                                  trainable=small.lora_parameters(), micro_batch_size=8, seq_len=62,
+                                  loss_tokens=16, attention="eager").total / GiB
+    assert lora == expected  # the pre-flight's own estimate
+    assert costs(large).memory_gb("lora") > 3 * lora
+    assert costs(small, prompt=600).memory_gb("lora") > lora  # longer data, more activations
+    assert costs(small).memory_gb("full") > lora and costs(small).memory_gb("inference") < lora
+    pairs = costs(small, answer=200)
+    assert pairs.memory_gb("lora", sequences_per_example=2) > pairs.memory_gb("lora")
+    # tokens/s: inversely proportional to the decoder's parameters, the embedding left out
+    ratio = lora_tokens_per_second(small, 1e12) / lora_tokens_per_second(large, 1e12)
+    body = [s.parameters() - s.vocab * s.hidden for s in (small, large)]
+    assert abs(ratio - body[1] / body[0]) < 1e-9

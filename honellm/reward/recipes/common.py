@@ -28,6 +28,7 @@ from honellm.artifact import Artifact
 from honellm.core import fused
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
+from honellm.progress import progress
 from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
@@ -221,8 +222,9 @@ def flat_pairs(pairs: list[EncodedPair]) -> list[TokenSequence]:
 
 @torch.no_grad()
 def score_all(model, sequences: list[TokenSequence], *, pad_id: int, precision: Precision, batch_size: int,
-              accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label log-probs and label counts of every sequence, fp32 [N] each, on the in-memory model.
+              accelerator, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label log-probs and label counts of every sequence, fp32 [N] each, on the in-memory model
+    (with a progress bar named `desc`, when given).
 
     Each process scores a shard (batches sorted by length: little padding), then all gather the whole.
     """
@@ -230,8 +232,14 @@ def score_all(model, sequences: list[TokenSequence], *, pad_id: int, precision: 
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(sequences), world))
-    sums, counts = score_sequences(accelerator.unwrap_model(model), [sequences[i] for i in mine], pad_id=pad_id,
-                                   precision=precision, batch_size=batch_size, device=accelerator.device)
+    bar = progress(total=len(mine), desc=desc, unit="seq", leave=False,
+                   disable=None if accelerator.is_main_process and desc else True)
+    try:
+        sums, counts = score_sequences(accelerator.unwrap_model(model), [sequences[i] for i in mine], pad_id=pad_id,
+                                       precision=precision, batch_size=batch_size, device=accelerator.device,
+                                       on_batch=bar.update)
+    finally:
+        bar.close()
     found = list(zip(mine, sums.tolist(), counts.tolist(), strict=True))
     if world > 1:
         found = gather_object(found)
@@ -243,7 +251,7 @@ def score_all(model, sequences: list[TokenSequence], *, pad_id: int, precision: 
 
 def score_pairs(model, pairs: list[EncodedPair], **kwargs) -> PairLogps:
     """`score_all` over pairs: their summed answer log-probs and answer lengths ([N] each)."""
-    values, lengths = score_all(model, flat_pairs(pairs), **kwargs)
+    values, lengths = score_all(model, flat_pairs(pairs), **{"desc": "validation", **kwargs})
     return PairLogps(values[0::2], values[1::2], lengths[0::2], lengths[1::2])
 
 
@@ -256,18 +264,19 @@ def reference_scores(model, sequences: list[TokenSequence], *, only=None, **kwar
     index = list(range(len(sequences))) if only is None else sorted(int(i) for i in only)
     values = torch.full((len(sequences),), float("nan"))
     with reference_off(kwargs["accelerator"].unwrap_model(model)):
-        values[index] = score_all(model, [sequences[i] for i in index], **kwargs)[0]
+        values[index] = score_all(model, [sequences[i] for i in index], **{"desc": "reference", **kwargs})[0]
     return values
 
 
 @torch.no_grad()
 def reference_on_training_batches(model, sampler, total_steps: int, *, collate_fn, logps_fn, shape: tuple[int, ...],
-                                  precision: Precision, grad_accum: int, accelerator) -> torch.Tensor:
+                                  precision: Precision, grad_accum: int, accelerator,
+                                  desc: str = "training examples") -> torch.Tensor:
     """Reference log-probs of the training examples, computed on exactly the micro-batches the run trains on.
 
     `collate_fn(index)` builds a micro-batch of examples `index` as the loop does, `logps_fn(model, batch)` its
     per-example log-probs ([B] or [B, 2]); the result has `shape` ([N] or [N, 2]), NaN for examples the run never
-    visits. The same batch layout (the same padding) as the training step makes the reference bit-identical to
+    visits (a progress bar counts the examples, `desc` names them). The same batch layout (the same padding) as the training step makes the reference bit-identical to
     the policy before the first update (log-ratios exactly 0 at step 1, DPO's loss exactly log 2), where a
     reference scored in other batches differs by bf16 rounding (TRL's `precompute_ref_log_probs` does). Epochs
     after the first see other batches: the reference of epoch 1's batch is reused.
@@ -279,15 +288,20 @@ def reference_on_training_batches(model, sampler, total_steps: int, *, collate_f
     was_training = unwrapped.training
     unwrapped.eval()
     found = []
+    steps = min(total_steps, sampler.steps_per_epoch)
+    bar = progress(total=sum(len(sampler.global_batch(step)) for step in range(steps)), desc=f"{desc} (reference)",
+                   unit="ex", disable=None if accelerator.is_main_process else True)
     try:
         with reference_off(unwrapped):
-            for step in range(min(total_steps, sampler.steps_per_epoch)):
+            for step in range(steps):
                 for index in sampler.micro_batches(step, rank=rank, world_size=world, grad_accum=grad_accum):
                     batch = collate_fn(index).to(accelerator.device)
                     with precision.autocast():
                         values = logps_fn(unwrapped, batch)
                     found.append((np.asarray(index).tolist(), values.float().cpu()))
+                    bar.update(len(index) * world)
     finally:
+        bar.close()
         unwrapped.train(was_training)
     if world > 1:
         found = gather_object(found)

@@ -75,7 +75,7 @@ from honellm.reward.recipes.common import (
 from honellm.training.batching import Batch, LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, save_trainable
 from honellm.training.logprobs import LossOutput, token_logprobs
-from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
@@ -210,17 +210,13 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     # 2 x batch_size sequences
     longest = max(p.length for p in train)
     attention = pick_attention(model, config.attention, device=device, longest=longest)
-    answer_tokens = max(max(p.chosen.num_loss_tokens, p.rejected.num_loss_tokens) for p in train)
-
-    def estimate_for(batch: int, length: int, checkpointing: bool):
-        return estimate_training_memory(
-            model, micro_batch_size=2 * batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
-            loss_tokens=2 * batch * answer_tokens, compute_dtype=precision.compute_dtype, distributed=world > 1,
-            device_type=device.type, attention=attention)
-
-    memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
-                          grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
-                          device=device, limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full")
+    plan = fit_memory(model, sampler, loss_tokens=[max(p.chosen.num_loss_tokens, p.rejected.num_loss_tokens)
+                                                   for p in train], sequences_per_example=2,
+                      batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
+                      gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
+                      limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full",
+                      compute_dtype=precision.compute_dtype, attention=attention)
+    config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- reference log-probs: once, with the adapter disabled, cached per example in the run folder
     score_kwargs = {"pad_id": pad_id, "precision": precision, "batch_size": config.eval_batch_size,
@@ -460,17 +456,12 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
     # --- attention kernel (as SFT picks it) and memory pre-flight
     longest = max(len(s) for s in train + mismatched)
     attention = pick_attention(model, config.attention, device=device, longest=longest)
-    answer_tokens = max(s.num_loss_tokens for s in train)
-
-    def estimate_for(batch: int, length: int, checkpointing: bool):
-        return estimate_training_memory(
-            model, micro_batch_size=batch, seq_len=min(length, longest), gradient_checkpointing=checkpointing,
-            loss_tokens=batch * answer_tokens, compute_dtype=precision.compute_dtype, distributed=world > 1,
-            device_type=device.type, attention=attention)
-
-    memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
-                          grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
-                          device=device, limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full")
+    plan = fit_memory(model, sampler, loss_tokens=[s.num_loss_tokens for s in train],
+                      batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
+                      gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
+                      limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full",
+                      compute_dtype=precision.compute_dtype, attention=attention)
+    config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- reference log-probs: once, adapter disabled, cached in the run folder
     score_kwargs = {"pad_id": pad_id, "precision": precision, "batch_size": config.eval_batch_size,

@@ -43,7 +43,7 @@ from honellm.reward.reward_model import RewardModel
 from honellm.training.batching import LengthGroupedBatches
 from honellm.training.checkpoint import Checkpointer, save_trainable
 from honellm.training.logprobs import LossOutput
-from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
@@ -112,16 +112,12 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     # --- attention kernel (as SFT picks it) and memory pre-flight: 2 x batch_size sequences, no LM head
     longest = max(p.length for p in train)
     attention = pick_attention(model, config.attention, device=device, longest=longest)
-
-    def estimate_for(batch: int, length: int, checkpointing: bool):
-        return estimate_training_memory(
-            reward_model, micro_batch_size=2 * batch, seq_len=min(length, longest),
-            gradient_checkpointing=checkpointing, loss_tokens=0, compute_dtype=precision.compute_dtype,
-            distributed=world > 1, device_type=device.type, attention=attention)
-
-    memory = check_memory(estimate_for, batch_size=min(config.batch_size, len(train)), seq_len=longest,
-                          grad_accum=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
-                          device=device, limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full")
+    plan = fit_memory(reward_model, sampler, loss_tokens=[0] * len(train), sequences_per_example=2,
+                      batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
+                      gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
+                      limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full",
+                      compute_dtype=precision.compute_dtype, attention=attention)
+    config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
     optimizer = build_optimizer(reward_model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
