@@ -33,7 +33,7 @@ def test_grpo_runs_on_the_embedded_model_and_its_artifact_evaluates(task, tmp_pa
     from honellm.evaluation.evaluate import evaluate
 
     config = GRPOConfig(max_steps=1, prompts_per_step=2, group_size=4, max_new_tokens=16, guard_prompts=4,
-                        eval_every=1, guard_temperature=0.0)
+                        eval_every=1, guard_temperature=0.0, dynamic_sampling=False)
     artifact = grpo(task, config, out=tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"][0]
