@@ -368,8 +368,9 @@ def make_prompt_artifact(task_text, overrides: list[str] | None = None, *, searc
                 "max_examples": max_examples, "max_seconds": max_seconds, "propose": propose, "seed": seed,
                 "batch_size": batch_size}
     run.write_config(settings)
-    report_to = parse_report_to(report_to) if report_to is not None else (search_config.report_to if search_config else [])
-    run.tracking = Tracking.start(report_to, project=task.name, run_dir=run.path, config=settings)
+    if report_to is None:
+        report_to = search_config.report_to if search_config else []
+    run.tracking = Tracking.start(parse_report_to(report_to), project=task.name, run_dir=run.path, config=settings)
     try:
         model, tokenizer = load(model_name)
         found = None
