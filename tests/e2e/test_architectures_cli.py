@@ -58,3 +58,12 @@ def test_every_verb_on_every_chat_template(arch, template, tmp_path):
     """The whole cross of architectures x chat templates (the unit tests run two architectures of it)."""
     model = make_tiny_arch_model(tmp_path / "model", arch, chat_template=TEMPLATES[template])
     run_every_verb(model, template, tmp_path)
+
+
+def test_a_method_peft_cannot_apply_is_a_clear_error_not_a_traceback(tmp_path):
+    model = make_tiny_arch_model(tmp_path / "model", "gpt2")
+    task = make_tiny_task(tmp_path / "task", model, n_train=8, n_validation=4)
+    refused = hone("tune", task, "--method", "loha", "max_steps=1", "--out", tmp_path / "run", env=FP32)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "Conv1D" in refused.stderr and "--method lora" in refused.stderr
+    assert not (tmp_path / "run" / "artifact").exists()

@@ -268,6 +268,17 @@ def test_lora_variants_on_a_moe_model_adapt_the_attention_when_asked(models, met
     assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+def test_moe_targets():
+    from honellm.tuning.targets import ia3_targets, resolve_targets
+
+    assert resolve_targets("qwen3_moe", "all-linear") == "all-linear"  # PEFT: attention modules + expert parameters
+    assert resolve_targets("mixtral", "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(HoneError, match="fused parameters"):
+        resolve_targets("qwen3_moe", "mlp")
+    assert ia3_targets("qwen3_moe") == (["k_proj", "v_proj"], [])
+    assert ia3_targets("llama") == (None, None)  # PEFT's own choice
+
+
 def test_ia3_has_targets_on_every_architecture(models):
     """PEFT knows IA3's modules for some architectures only; Hone's table covers the rest of the matrix."""
     spec = get_method("ia3")
