@@ -18,9 +18,12 @@ from honellm.task import Task
 FLOPS_PER_TOKEN = {"full": 6, "peft": 4, "inference": 2}
 # Share of the measured matmul peak a training loop reaches on small models (attention, norms, optimizer, Python).
 EFFICIENCY = 0.35
-# LoRA SFT: the share of the measured 1024-square matmul speed a step reaches, per decoder FLOP (see
-# `lora_tokens_per_second`); measured with bench/bench_sizes.py on real shapes (bench/README.md).
-PEFT_EFFICIENCY = 0.35
+# LoRA SFT: the share of the measured 1024-square matmul speed a step reaches per decoder FLOP (see
+# `lora_tokens_per_second`), by the decoder's parameter count: small models spend most of a step outside the large
+# products, large ones run GEMMs bigger (and on AMX faster) than the 1024-square one measured. Measured on this
+# 2-core AMX CPU: SmolLM2-135M on SST-2 at 400 tokens/s with the square GEMM at 0.77 TFLOP/s (bench_sft.py), the
+# Qwen2.5-0.5B and SmolLM2-1.7B shapes at 406 and 135 tokens/s with it at ~0.66 (bench_sizes.py, bench/README.md).
+PEFT_EFFICIENCY = ((106e6, 0.22), (358e6, 0.88), (1.61e9, 1.32))
 
 
 @dataclass
@@ -126,9 +129,19 @@ def lora_tokens_per_second(shape, flops: float) -> float:
     """LoRA SFT training tokens/s of a model of `shape` (a `ModelShape`) on a machine whose measured bf16 matmul
     speed is `flops` (`measure_matmul_flops`): 4 x the decoder's parameters per token (the forward, and the
     backward's input gradients; frozen weights get none; the LM head runs at answer positions only, so the
-    embedding does not count), at `PEFT_EFFICIENCY` of the measured speed (bench/bench_sizes.py)."""
-    body = shape.parameters() - shape.vocab * shape.hidden * (1 if shape.tied else 2)
-    return flops * PEFT_EFFICIENCY / (FLOPS_PER_TOKEN["peft"] * max(body, 1))
+    embedding does not count), at the `PEFT_EFFICIENCY` share of the measured speed for its size."""
+    import math
+
+    body = max(shape.parameters() - shape.vocab * shape.hidden * (1 if shape.tied else 2), 1)
+    points = PEFT_EFFICIENCY
+    if body <= points[0][0]:
+        efficiency = points[0][1]
+    elif body >= points[-1][0]:
+        efficiency = points[-1][1]
+    else:  # linear in log(parameters) between the measured sizes
+        (n0, e0), (n1, e1) = next((a, b) for a, b in zip(points, points[1:], strict=False) if body <= b[0])
+        efficiency = e0 + (e1 - e0) * math.log(body / n0) / math.log(n1 / n0)
+    return flops * efficiency / (FLOPS_PER_TOKEN["peft"] * body)
 
 
 @dataclass

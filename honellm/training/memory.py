@@ -16,7 +16,12 @@ peak = weights + gradients + optimizer state + activations + logits + runtime ov
 
 The constants were fitted on SmolLM2-135M on a 2-core AMX CPU (peak RSS of LoRA at 8 x 64 and 8 x 256 tokens with
 eager attention, 16 x 256 and 4 x 1024 with sdpa, and full fine-tuning at 8 x 128: the estimate came out 4-23%
-above the measured peaks): it is meant to err on the side of refusing a little early.
+above the measured peaks), and the direct forward's on random-weight models in real shapes (bench/bench_sizes.py,
+bench/README.md): it is meant to err on the side of refusing a little early.
+
+`fit_memory` is the pre-flight the recipes call: it estimates from the micro-batches the data gives after length
+grouping, and when the run's own settings do not fit it picks a smaller micro-batch (more accumulation, the same
+global batch) or gradient checkpointing, and refuses only when nothing fits.
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ from honellm.errors import HoneError
 GiB = 2**30
 ACT_HIDDEN = 24  # values per token per layer proportional to the hidden size (norms in fp32 count double)
 ACT_FFN = 4  # values per token per layer proportional to the MLP's intermediate size
+# The same through Hone's direct LLaMA-family forward (`fastpath`: eager attention, fused LoRA), which keeps less;
+# fitted on the SmolLM2-135M and Qwen2.5-0.5B shapes (bench/bench_sizes.py: 19.5 and 43.8 KB per token per layer
+# besides the attention scores, against 35 KB through transformers' forward with sdpa on SmolLM2-135M).
+ACT_HIDDEN_FAST = 10
+ACT_FFN_FAST = 2.75
 ATTN_BYTES = 8  # eager attention: bf16 scores + fp32 softmax + bf16 probabilities per head and position pair
-CPU_OVERHEAD = int(0.9 * GiB)  # torch, transformers, tokenizers and allocator slack in a CPU process
+CPU_OVERHEAD = int(0.5 * GiB)  # torch, transformers, tokenizers and allocator slack in a CPU process (0.35-0.4 measured)
 GPU_OVERHEAD = int(0.6 * GiB)  # CUDA context, kernels and allocator fragmentation
 
 
@@ -52,6 +62,7 @@ class ModelShape:
     kv_heads: int | None = None  # grouped-query attention (None: as many as `heads`)
     head_dim: int | None = None  # None: hidden // heads
     tied: bool = True  # the LM head shares the input embedding
+    model_type: str = ""
 
     @classmethod
     def of(cls, config) -> ModelShape:
@@ -75,7 +86,8 @@ class ModelShape:
                    intermediate=first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
                    heads=heads, vocab=first("vocab_size", default=32000),
                    kv_heads=first("num_key_value_heads", default=heads), head_dim=first("head_dim", default=None),
-                   tied=bool(getattr(config, "tie_word_embeddings", True)))
+                   tied=bool(getattr(config, "tie_word_embeddings", True)),
+                   model_type=str(getattr(config, "model_type", "") or ""))
 
     @property
     def attention_dims(self) -> tuple[int, int]:
@@ -164,7 +176,9 @@ def estimate_for_shape(shape: ModelShape, *, stored_bytes: int, trainable: int, 
     stored = stored_bytes
     width = torch.finfo(compute_dtype).bits // 8
     tokens = micro_batch_size * seq_len
-    per_token_layer = width * (ACT_HIDDEN * shape.hidden + ACT_FFN * shape.intermediate)
+    fast = attention == "eager" and shape.model_type in _fast_types()
+    per_token_layer = int(width * ((ACT_HIDDEN_FAST if fast else ACT_HIDDEN) * shape.hidden
+                                   + (ACT_FFN_FAST if fast else ACT_FFN) * shape.intermediate))
     scores = ATTN_BYTES * micro_batch_size * shape.heads * seq_len * seq_len if attention == "eager" else 0
     if gradient_checkpointing:
         activations = tokens * shape.layers * shape.hidden * width + tokens * per_token_layer + scores
@@ -184,6 +198,13 @@ def estimate_for_shape(shape: ModelShape, *, stored_bytes: int, trainable: int, 
         logits=logits, overhead=GPU_OVERHEAD if device_type == "cuda" else CPU_OVERHEAD,
         micro_batch_size=micro_batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         evaluation=evaluation)
+
+
+def _fast_types() -> tuple[str, ...]:
+    """Model types Hone's direct training forward covers (with eager attention)."""
+    from honellm.training.fastpath import MODEL_TYPES
+
+    return MODEL_TYPES
 
 
 def available_memory(device: torch.device | str) -> tuple[int, str]:

@@ -81,7 +81,7 @@ def test_costs_follow_the_model_shape_and_the_data_lengths():
     assert costs(small).memory_gb("full") > lora and costs(small).memory_gb("inference") < lora
     pairs = costs(small, answer=200)
     assert pairs.memory_gb("lora", sequences_per_example=2) > pairs.memory_gb("lora")
-    # tokens/s: inversely proportional to the decoder's parameters, the embedding left out
-    ratio = lora_tokens_per_second(small, 1e12) / lora_tokens_per_second(large, 1e12)
-    body = [s.parameters() - s.vocab * s.hidden for s in (small, large)]
-    assert abs(ratio - body[1] / body[0]) < 1e-9
+    # tokens/s: the measured sizes' speeds at their measured matmul speed (bench/README.md), slower for larger models
+    assert abs(lora_tokens_per_second(large, 0.66e12) - 135) < 15
+    assert 300 < lora_tokens_per_second(small, 0.77e12) < 500
+    assert lora_tokens_per_second(large, 1e12) < lora_tokens_per_second(small, 1e12) / 2
