@@ -74,8 +74,9 @@ class DataConfig(Config):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.file and any((self.train, self.validation, self.test)):
-            raise ValueError("give either `file` (with `split`) or train/validation/test files, not both")
+        if self.file and any((self.train, self.validation)):
+            raise ValueError("give either `file` (with `split`) or train/validation files, not both (a `test` file "
+                             "may go with `file`: it replaces the test split held out of it)")
         if not self.file and not any((self.train, self.validation, self.test)):
             raise ValueError("no data: give data.train/validation/test files, or data.file with data.split")
         if self.format != "auto" and self.format not in FORMATS:
@@ -199,7 +200,7 @@ class Task:
         data = self.config.data
         if data.file:
             fractions = data.split or SplitFractions()
-            found = [s for s in SPLITS if s == "train" or getattr(fractions, s) > 0]
+            found = [s for s in SPLITS if s == "train" or getattr(fractions, s) > 0 or (s == "test" and data.test)]
         else:
             found = [s for s in SPLITS if getattr(data, s)]
         return [s for s in SPLITS if s in found or s in self._held_out]
@@ -247,9 +248,11 @@ class Task:
                             fix=f"add data.{name} to the task (or data.file with data.split), or use --split "
                                 f"{' / '.join(self.available_splits())}")
         data = self.config.data
-        if data.file:
+        if data.file and not (name == "test" and data.test):
             records, problems = self._read(data.file, "data.file")
             for split_name, part in self._fraction_split(records).items():
+                if split_name == "test" and data.test:
+                    continue  # a given test file replaces the held-out part (train and validation stay as split)
                 self._splits[split_name] = self._validated(part, problems if split_name == "train" else [])
             return self._splits[name]
         records, problems = self._read(getattr(data, name), f"data.{name}")
