@@ -1,0 +1,190 @@
+"""Hyperparameter search (honellm/search): trials on the tiny model, pruning, never the test split, resume after a
+crash, the seeds summary and the tie rule on seed spreads, data.test beside data.file, a composition."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from honellm.artifact import Artifact
+from honellm.compare.recommend import recommend, spreads_overlap
+from honellm.compare.results import MethodResult
+from honellm.errors import HoneError
+from honellm.runs import observe_metrics, read_metrics
+from honellm.search import Choice, Float, search
+from honellm.search import study as study_module
+from honellm.search.seeds import seeds_for_budget, summarize_seeds
+from honellm.task import Task
+from honellm.testing import make_tiny_task
+
+
+@pytest.fixture(scope="module")
+def task_yaml(tiny_model_dir, tmp_path_factory):
+    """The tiny sentiment task with a test split too (a copy of validation: the search must never read it)."""
+    path = make_tiny_task(tmp_path_factory.mktemp("task"), tiny_model_dir)
+    shutil.copy(path.parent / "validation.jsonl", path.parent / "test.jsonl")
+    path.write_text(path.read_text().replace("validation: validation.jsonl}",
+                                             "validation: validation.jsonl, test: test.jsonl}"))
+    return path
+
+
+def test_search_runs_prunes_a_hopeless_trial_logs_every_trial_and_never_reads_test(task_yaml, tmp_path,
+                                                                                 monkeypatch):
+    task = Task.load(str(task_yaml))
+    assert task.has_split("test")
+    read = []
+    original = Task.split
+    monkeypatch.setattr(Task, "split", lambda self, name: read.append(name) or original(self, name))
+    out = tmp_path / "search"
+    # lr=3 is absurd: its validation score falls behind the sound trial's at the same step, and it is stopped.
+    result = search(task, "lora", n_trials=3, out=out, progress=False,
+                    base_overrides=["max_steps=3", "eval_every=1", "r=4", "lr=1e-2", "warmup_ratio=0"],
+                    space=[Choice("lr", (1e-2, 3.0, 3e-3))], enqueue=[{"lr": 1e-2}, {"lr": 3.0}])
+    assert "test" not in read and "validation" in read
+    rows = read_metrics(out / "metrics.jsonl")
+    trials = [r for r in rows if r.get("event") == "trial"]
+    assert [r["trial"] for r in trials] == [0, 1, 2]
+    for row in trials:
+        assert set(row["params"]) == {"lr"} and row["state"] in ("complete", "pruned") and row["seconds"] >= 0
+    absurd = next(r for r in trials if r["params"]["lr"] == 3.0)
+    assert absurd["state"] == "pruned" and absurd["pruned_at_step"] in (1, 2, 3) and absurd["score"] is None
+    assert any(r.get("event") == "pruned" for r in read_metrics(out / "trials" / "trial-001" / "metrics.jsonl"))
+    assert result.pruned >= 1 and result.best_params == {"lr": 1e-2}
+    assert trials[0]["state"] == "complete" and result.best_score == trials[0]["score"]
+    assert "lr=0.01" in result.best_overrides and "max_steps=3" in result.best_overrides
+    assert isinstance(result.artifact, Artifact) and result.artifact.kind == "adapter"
+    best = json.loads((out / "best.json").read_text())
+    assert best["best_trial"] == 0 and best["artifact"].endswith("trial-000/artifact") and best["pruned"] >= 1
+    assert (out / study_module.STUDY_FILE).exists()
+
+
+def test_the_guard_refuses_the_test_split_inside_a_search(task_yaml):
+    task = Task.load(str(task_yaml))
+    with study_module._no_test(task), pytest.raises(AssertionError, match="validation only"):
+        task.split("test")
+    assert len(task.split("test")) == 16  # outside the search it is readable again
+
+
+def _fake_trials(monkeypatch, tiny_model_dir, crash_on: int | None = None):
+    """Replace training by a quick score of lr (best near 1e-3) that saves a zero-shot artifact; the call
+    numbered `crash_on` raises as a killed process would."""
+    calls = []
+
+    def run_method(task, method, family, params, base_overrides, out, **kwargs):
+        calls.append(params)
+        if crash_on is not None and len(calls) == crash_on:
+            raise RuntimeError("simulated crash")
+        Artifact.zero_shot(str(tiny_model_dir), task).save(out / "artifact", force=True)
+        return 1.0 - abs(params["lr"] - 1e-3)
+
+    monkeypatch.setattr(study_module, "run_method", run_method)
+    return calls
+
+
+def test_search_resumes_the_same_study_after_a_crash(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    task = Task.load(str(task_yaml))
+    out = tmp_path / "search"
+    space = [Float("lr", 1e-5, 1e-2, log=True)]
+    calls = _fake_trials(monkeypatch, tiny_model_dir, crash_on=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        search(task, "lora", n_trials=4, out=out, space=space, progress=False)
+    lost = calls[-1]
+    with pytest.raises(HoneError, match="already exists"):
+        search(task, "lora", n_trials=4, out=out, space=space, progress=False)  # not without resume
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    result = search(task, "lora", n_trials=4, out=out, space=space, progress=False, resume=True)
+    assert calls[0] == lost  # the trial the crash interrupted runs again, first
+    assert len(calls) == 2  # two trials had finished before the crash
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["trial"] for r in rows if r.get("event") == "trial_lost"] == [2]
+    assert [r["trial"] for r in rows if r.get("event") == "trial"] == [0, 1, 3, 4]
+    assert len(result.trials) == 4 and all(t.state == "complete" for t in result.trials)
+    assert result.trials[0].params == {"lr": pytest.approx(2e-4)}  # the method's defaults are the first trial
+    assert result.best_score == max(t.score for t in result.trials)
+
+
+def test_a_budget_stops_starting_trials(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    with pytest.raises(HoneError, match="no ia3 trial finished"):
+        search(Task.load(str(task_yaml)), "ia3", n_trials=50, budget_seconds=1e-9, out=tmp_path / "s",
+               progress=False)
+    assert calls == []
+    assert any(r.get("event") == "time_budget" for r in read_metrics(tmp_path / "s" / "metrics.jsonl"))
+
+
+def test_unknown_or_unsearchable_method_is_a_clear_error(task_yaml, tmp_path):
+    task = Task.load(str(task_yaml))
+    with pytest.raises(HoneError, match="unknown method 'lorra'"):
+        search(task, "lorra", out=tmp_path / "a")
+    with pytest.raises(HoneError, match="has no search space"):
+        search(task, "full", out=tmp_path / "b")
+
+
+def test_observe_metrics_sees_every_line_and_stops_watching_after(tmp_path):
+    from honellm.runs import RunDir
+
+    seen = []
+    run = RunDir.create("t", "m", out=tmp_path / "r")
+    with observe_metrics(lambda r, record: seen.append((r, record))):
+        run.log_metrics(step=1, event="eval", val_accuracy=0.5)
+    run.log_metrics(step=2, loss=1.0)
+    run.close()
+    assert len(seen) == 1 and seen[0][0] is run and seen[0][1]["val_accuracy"] == 0.5
+    assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def test_seed_summary_mean_spread_and_interval():
+    summary = summarize_seeds("lora", [0, 1, 2], [0.8, 0.9, 0.85],
+                              [[1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1]], metric="accuracy")
+    assert summary.mean == pytest.approx(0.85) and summary.spread == (0.8, 0.9)
+    assert summary.std == pytest.approx(0.05)
+    low, high = summary.ci95
+    assert 0 <= low <= summary.mean <= high <= 1
+    assert json.loads(json.dumps(summary.to_dict()))["scores"] == [0.8, 0.9, 0.85]
+    assert seeds_for_budget(None, 10) == 3 and seeds_for_budget(25, 10) == 2 and seeds_for_budget(1, 10) == 1
+
+
+def test_overlapping_seed_spreads_are_tied_and_the_cheaper_method_wins():
+    assert spreads_overlap([0.80, 0.86], [0.85, 0.90]) and not spreads_overlap([0.70, 0.75], [0.80, 0.9])
+
+    def row(method, family, score, seeds, latency):
+        return MethodResult(method, family, "done", metric="accuracy", score=score, ci_low=score - 0.01,
+                            ci_high=score + 0.01, n=200, latency_ms=latency, prompt_tokens=50,
+                            extra={"seed_scores": seeds})
+
+    big = row("dora", "tuning", 0.90, [0.86, 0.90, 0.93], 300.0)
+    small = row("prompt-search", "prompting", 0.87, [0.84, 0.87, 0.88], 100.0)
+    pick = recommend([big, small])
+    assert pick["method"] == "prompt-search" and set(pick["tied"]) == {"dora", "prompt-search"}
+    assert any("across seeds overlap" in r for r in pick["reasons"])
+    apart = row("prompt-search", "prompting", 0.80, [0.78, 0.80, 0.81], 100.0)
+    assert recommend([big, apart])["method"] == "dora"
+
+
+# ------------------------------------------------------------------------------------------------ data.test
+
+
+def test_a_test_file_replaces_the_test_split_held_out_of_one_file(tmp_path, tiny_model_dir):
+    records = [{"text": f"review {i}", "label": "positive" if i % 2 else "negative"} for i in range(20)]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    mine = [{"text": f"held out {i}", "label": "positive"} for i in range(3)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    (tmp_path / "task.yaml").write_text(
+        f"model: {tiny_model_dir}\ndata: {{file: all.jsonl, split: {{validation: 0.2, test: 0.2}}}}\n"
+        "prompt: {template: 'Review: {text}'}\ntarget: label\nchoices: [positive, negative]\n")
+    plain = Task.load(tmp_path / "task.yaml")
+    given = Task.load(tmp_path / "task.yaml", [f"data.test={tmp_path / 'mine.jsonl'}"])
+    assert [r["text"] for r in given.split("test")] == [r["text"] for r in mine]
+    assert given.split("train") == plain.split("train") and given.split("validation") == plain.split("validation")
+    assert len(plain.split("test")) == 4
+    (tmp_path / "no_test.yaml").write_text((tmp_path / "task.yaml").read_text().replace("test: 0.2", "test: 0.0"))
+    assert not Task.load(tmp_path / "no_test.yaml").has_split("test")
+    added = Task.load(tmp_path / "no_test.yaml", [f"data.test={tmp_path / 'mine.jsonl'}"])
+    assert added.has_split("test") and len(added.split("test")) == 3
+    with pytest.raises(HoneError, match="train/validation files, not both"):
+        Task.load(tmp_path / "task.yaml", [f"data.train={tmp_path / 'mine.jsonl'}"])
