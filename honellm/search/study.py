@@ -431,3 +431,32 @@ def _plain(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def search_task(task_path: str, method: str | None, overrides: list[str] | None = None, *, n_trials: int = 8,
+                budget_seconds: float | None = None, config_file: str | None = None, out: str | None = None,
+                resume: bool = False, force: bool = False, skip_invalid: bool = False) -> SearchResult:
+    """What `hone tune/align TASK --method M --search N` does: load the task, search M's settings, return the best.
+
+    Overrides whose first key is a task field change the task; the others are the method's base settings for
+    every trial (a searched setting given here is searched anyway: the space wins).
+    """
+    from honellm.runtime.tasks import load_task
+    from honellm.task import TaskConfig
+
+    if method is None:
+        raise HoneError("--search needs a method", where="--method", fix="pass --method NAME")
+    if config_file is not None:
+        raise HoneError("--search takes its base settings as key=value overrides, not --config", where="--config",
+                        fix="give the settings as key=value, or drop --search")
+    task_overrides, method_overrides = [], []
+    for text in overrides or []:
+        key = text.split("=", 1)[0].strip().lstrip("-")
+        (task_overrides if key.split(".")[0] in TaskConfig.model_fields else method_overrides).append(text)
+    task = load_task(task_path, task_overrides, skip_invalid=skip_invalid)
+    if out is None and not resume:
+        from honellm.runs import _safe, runs_root
+
+        out = str(runs_root() / _safe(task.name) / f"{_safe(method)}-search-{time.strftime('%Y%m%d-%H%M%S')}")
+    return search(task, method, n_trials=n_trials, budget_seconds=budget_seconds, base_overrides=method_overrides,
+                  out=out, resume=resume, force=force)
