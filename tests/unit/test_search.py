@@ -188,3 +188,50 @@ def test_a_test_file_replaces_the_test_split_held_out_of_one_file(tmp_path, tiny
     assert added.has_split("test") and len(added.split("test")) == 3
     with pytest.raises(HoneError, match="train/validation files, not both"):
         Task.load(tmp_path / "task.yaml", [f"data.train={tmp_path / 'mine.jsonl'}"])
+
+
+# ------------------------------------------------------------------------------------------------ compositions
+
+
+def _lora_artifact(task, model_dir, path, seed, train_seconds):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from honellm.models import load
+    from honellm.program import PromptProgram
+
+    model, _ = load(str(model_dir), dtype="fp32", device="cpu")
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    art = Artifact.create(name=f"a{seed}", method="lora", kind="adapter", base_model=str(model_dir),
+                          program=PromptProgram.from_task(task), task=task,
+                          cost={"train_seconds": train_seconds, "train_tokens": 100, "trainable_params": 10})
+    art.save(path, model=model)
+    return Artifact.load(path), model
+
+
+@pytest.mark.parametrize("combination", ["linear", "dare_ties"])
+def test_merging_two_adapters_gives_one_adapter_with_the_total_cost(task_yaml, tiny_model_dir, tmp_path, combination):
+    import torch
+    from safetensors.torch import load_file
+
+    from honellm.search.compose import merge_adapters
+
+    task = Task.load(str(task_yaml))
+    a, model_a = _lora_artifact(task, tiny_model_dir, tmp_path / "a", 0, 3.0)
+    b, model_b = _lora_artifact(task, tiny_model_dir, tmp_path / "b", 1, 4.0)
+    merged = merge_adapters(task, [a, b], combination=combination, out=tmp_path / "merged")
+    assert merged.kind == "adapter" and merged.manifest.method == f"merge-{combination}"
+    assert merged.manifest.cost["train_seconds"] >= 7.0 and merged.manifest.cost["train_tokens"] == 200
+    assert set(merged.manifest.cost["parts"]) == {"a0", "a1"}
+    weights = load_file(merged.adapter_dir / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    wa = load_file(a.adapter_dir / "adapter_model.safetensors")[key]
+    wb = load_file(b.adapter_dir / "adapter_model.safetensors")[key]
+    assert weights[key].shape == wa.shape and not torch.equal(weights[key], wa) and not torch.equal(weights[key], wb)
+    model, _ = merged.load_model(dtype="fp32", device="cpu")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    with pytest.raises(HoneError, match="unknown combination"):
+        merge_adapters(task, [a, b], combination="average", out=tmp_path / "x")
