@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,25 @@ def test_seed_summary_mean_spread_and_interval():
     assert seeds_for_budget(None, 10) == 3 and seeds_for_budget(25, 10) == 2 and seeds_for_budget(1, 10) == 1
 
 
+def test_run_seeds_makes_one_artifact_per_seed_and_scores_each(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    from honellm.search.seeds import run_seeds
+
+    seen = []
+
+    def run_method(task, method, family, params, base_overrides, out, *, seed=0, **kwargs):
+        seen.append((seed, list(base_overrides)))
+        Artifact.zero_shot(str(tiny_model_dir), task).save(out / "artifact", force=True)
+        return 0.0
+
+    monkeypatch.setattr(study_module, "run_method", run_method)
+    summary = run_seeds(Task.load(str(task_yaml)), "lora", ["r=4", "seed=9"], seeds=(0, 1), out=tmp_path / "seeds",
+                        progress=False)
+    assert seen == [(0, ["r=4"]), (1, ["r=4"])]  # each seed replaces the one given
+    assert summary.seeds == [0, 1] and len(summary.scores) == 2 and summary.split == "validation"
+    assert summary.low <= summary.mean <= summary.high and summary.metric == "accuracy"
+    assert json.loads((tmp_path / "seeds" / "seeds.json").read_text())["artifacts"][1].endswith("seed-1/artifact")
+
+
 def test_overlapping_seed_spreads_are_tied_and_the_cheaper_method_wins():
     assert spreads_overlap([0.80, 0.86], [0.85, 0.90]) and not spreads_overlap([0.70, 0.75], [0.80, 0.9])
 
@@ -235,3 +255,18 @@ def test_merging_two_adapters_gives_one_adapter_with_the_total_cost(task_yaml, t
     assert torch.isfinite(model(input_ids=ids).logits).all()
     with pytest.raises(HoneError, match="unknown combination"):
         merge_adapters(task, [a, b], combination="average", out=tmp_path / "x")
+
+
+def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model_dir, tmp_path):
+    from honellm.search.compose import sft_then_dpo
+    from honellm.testing import make_tiny_preference_task
+
+    task = Task.load(str(make_tiny_preference_task(tmp_path / "prefs", tiny_model_dir, n_train=8, n_validation=4)))
+    art = sft_then_dpo(task, sft_overrides=["max_steps=1", "r=4", "eval_every=0"],
+                       dpo_overrides=["max_steps=1", "r=4", "batch_size=4", "eval_every=0"], out=tmp_path / "c")
+    assert art.manifest.method == "lora+dpo" and art.kind == "adapter"
+    assert Path(art.base_model).resolve() == (tmp_path / "c" / "sft-merged").resolve()
+    sft_cost = Artifact.load(tmp_path / "c" / "sft" / "artifact").manifest.cost
+    assert set(art.manifest.cost["parts"]) == {"sft", "dpo"}
+    assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
+    assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
