@@ -2,6 +2,10 @@
 
 An existing folder is never overwritten without `force`. `metrics.jsonl` gets one JSON object per line, flushed
 at once, so a killed run keeps every metric it logged.
+
+`observe_metrics(callback)` lets a caller watch every line any run folder logs while it is active (the
+hyperparameter search reads the validation rows the recipes already write, to prune poor trials early); an
+exception the callback raises goes up through the recipe that logged the line, after the line is written.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -19,6 +25,17 @@ from honellm.atomic import atomic_write_text
 from honellm.errors import HoneError
 
 RUNS_ROOT = Path("runs")
+_OBSERVERS: list[Callable[[RunDir, dict], None]] = []
+
+
+@contextmanager
+def observe_metrics(callback: Callable[[RunDir, dict], None]) -> Iterator[None]:
+    """Call `callback(run, record)` after every metrics line any RunDir writes inside the `with` block."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 def runs_root() -> Path:
@@ -73,6 +90,8 @@ class RunDir:
         self._metrics.flush()
         if self.tracking is not None:
             self.tracking.log(record)
+        for callback in list(_OBSERVERS):
+            callback(self, record)
 
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.path / "metrics.jsonl")

@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
                                                                         "counted and listed) instead of stopping"),
         list_methods: bool = typer.Option(False, "--methods", help="list the align methods and their settings, then exit"),
         as_json: bool = typer.Option(False, "--json", help="print the artifact's description as JSON"),
+        search: int = typer.Option(0, "--search", help="search the method's settings with N trials on validation "
+                                                       "(Optuna; docs/search.md) and keep the best"),
     ):
         """Train with rewards or preferences: a reward model, DPO and its family, online RL -> Artifact.
 
@@ -40,8 +42,11 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give a task YAML or a built-in task name", param_hint="TASK")
         from honellm.reward.recipes import align_task
 
+        if search:  # docs/search.md
+            from honellm.search.study import search_task as align_task
         artifact = align_task(task, method, overrides or [], config_file=config, out=out, resume=resume, force=force,
-                              skip_invalid=skip_invalid)
+                              skip_invalid=skip_invalid, **({"n_trials": search} if search else {}))
+        artifact = getattr(artifact, "artifact", artifact)  # a search returns its best trial's artifact
         from honellm.training.setup import is_main_process
 
         if not is_main_process():

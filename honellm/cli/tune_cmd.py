@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
                                                                         "counted and listed) instead of stopping"),
         list_methods: bool = typer.Option(False, "--methods", help="list the tuning methods and their settings, then exit"),
         as_json: bool = typer.Option(False, "--json", help="print the artifact's description as JSON"),
+        search: int = typer.Option(0, "--search", help="search the method's settings with N trials on validation "
+                                                       "(Optuna; docs/search.md) and keep the best"),
     ):
         """Fine-tune the task's model with a tuning method; write an Artifact (adapter or weights + prompt program).
 
@@ -43,8 +45,11 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give a task YAML or a built-in task name", param_hint="TASK")
         from honellm.tuning import tune_task
 
+        if search:  # docs/search.md
+            from honellm.search.study import search_task as tune_task
         artifact = tune_task(task, method, overrides or [], config_file=config, out=out, resume=resume, force=force,
-                             skip_invalid=skip_invalid)
+                             skip_invalid=skip_invalid, **({"n_trials": search} if search else {}))
+        artifact = getattr(artifact, "artifact", artifact)  # a search returns its best trial's artifact
         from honellm.training.setup import is_main_process
 
         if not is_main_process():

@@ -4,9 +4,15 @@ The rule (docs/playbook.md): take the best score; every method whose 95% interva
 score is statistically tied with it; among the tied, prefer the cheapest to run (prompt tokens and latency per
 request), then the cheapest to make (training time), then the simplest family (prompting, then tuning, then
 reward-based). A cheaper method within the noise of the best is the better buy.
+
+Where methods were re-run with several seeds (`MethodResult.extra["seed_scores"]`, from
+`honellm.search.seeds`), a method whose seed spread (min to max) overlaps the best one's is tied with it too:
+the difference is within what a change of seed moves.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from honellm.compare.results import FAMILIES, MethodResult
 
@@ -18,10 +24,23 @@ def _fmt(r: MethodResult) -> str:
     return f"{r.method} {r.score:.3f}{ci}"
 
 
+def spreads_overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two methods' seed spreads (the range of their scores across seeds) overlap: then they are tied."""
+    if not a or not b:
+        return False
+    return min(a) <= max(b) and min(b) <= max(a)
+
+
+def _seeds_tie(r: MethodResult, best: MethodResult) -> bool:
+    mine, theirs = r.extra.get("seed_scores"), best.extra.get("seed_scores")
+    return bool(mine and theirs and spreads_overlap(mine, theirs))
+
+
 def tied_with_best(results: list[MethodResult]) -> tuple[MethodResult, list[MethodResult]]:
     done = [r for r in results if r.done]
     best = max(done, key=lambda r: r.score)
-    tied = [r for r in done if r is best or (r.ci_high is not None and r.ci_high >= best.score)]
+    tied = [r for r in done if r is best or (r.ci_high is not None and r.ci_high >= best.score)
+            or _seeds_tie(r, best)]
     return best, tied
 
 
@@ -47,9 +66,10 @@ def recommend(results: list[MethodResult], *, baseline: str = "zero-shot") -> di
     pick = min(tied, key=cost)
     reasons = [f"best score: {_fmt(best)} ({best.metric}, n={best.n})"]
     if pick is not best:
-        reasons.append(f"{pick.method} ({pick.score:.3f}) is statistically tied with {best.method}: its 95% interval "
-                       f"reaches {best.score:.3f}; it is cheaper ("
-                       + _cost_words(pick, best) + ")")
+        why = (f"its 95% interval reaches {best.score:.3f}" if pick.ci_high is not None and pick.ci_high >= best.score
+               else "their scores across seeds overlap")
+        reasons.append(f"{pick.method} ({pick.score:.3f}) is statistically tied with {best.method}: {why}; it is "
+                       f"cheaper (" + _cost_words(pick, best) + ")")
     else:
         others = [r for r in tied if r is not pick]
         if others:

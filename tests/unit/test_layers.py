@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "honellm"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("honellm.cli", "honellm.ui", "honellm.__main__", "honellm.testing")),
     ("applications", ("honellm.compare", "honellm.serve", "honellm.export", "honellm.export_gguf")),
-    ("methods", ("honellm.methods", "honellm.prompting", "honellm.tuning", "honellm.reward")),
+    ("methods", ("honellm.methods", "honellm.prompting", "honellm.tuning", "honellm.reward", "honellm.search")),
     ("evaluator", ("honellm.evaluation.evaluate",)),
     ("runtime", ("honellm.runtime",)),
     ("shared parts", ("honellm.evaluation", "honellm.generation", "honellm.training", "honellm.reward.functions",

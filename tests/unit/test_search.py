@@ -1,0 +1,272 @@
+"""Hyperparameter search (honellm/search): trials on the tiny model, pruning, never the test split, resume after a
+crash, the seeds summary and the tie rule on seed spreads, data.test beside data.file, a composition."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from honellm.artifact import Artifact
+from honellm.compare.recommend import recommend, spreads_overlap
+from honellm.compare.results import MethodResult
+from honellm.errors import HoneError
+from honellm.runs import observe_metrics, read_metrics
+from honellm.search import Choice, Float, search
+from honellm.search import study as study_module
+from honellm.search.seeds import seeds_for_budget, summarize_seeds
+from honellm.task import Task
+from honellm.testing import make_tiny_task
+
+
+@pytest.fixture(scope="module")
+def task_yaml(tiny_model_dir, tmp_path_factory):
+    """The tiny sentiment task with a test split too (a copy of validation: the search must never read it)."""
+    path = make_tiny_task(tmp_path_factory.mktemp("task"), tiny_model_dir)
+    shutil.copy(path.parent / "validation.jsonl", path.parent / "test.jsonl")
+    path.write_text(path.read_text().replace("validation: validation.jsonl}",
+                                             "validation: validation.jsonl, test: test.jsonl}"))
+    return path
+
+
+def test_search_runs_prunes_a_hopeless_trial_logs_every_trial_and_never_reads_test(task_yaml, tmp_path,
+                                                                                 monkeypatch):
+    task = Task.load(str(task_yaml))
+    assert task.has_split("test")
+    read = []
+    original = Task.split
+    monkeypatch.setattr(Task, "split", lambda self, name: read.append(name) or original(self, name))
+    out = tmp_path / "search"
+    # lr=3 is absurd: its validation score falls behind the sound trial's at the same step, and it is stopped.
+    result = search(task, "lora", n_trials=3, out=out, progress=False,
+                    base_overrides=["max_steps=3", "eval_every=1", "r=4", "lr=1e-2", "warmup_ratio=0"],
+                    space=[Choice("lr", (1e-2, 3.0, 3e-3))], enqueue=[{"lr": 1e-2}, {"lr": 3.0}])
+    assert "test" not in read and "validation" in read
+    rows = read_metrics(out / "metrics.jsonl")
+    trials = [r for r in rows if r.get("event") == "trial"]
+    assert [r["trial"] for r in trials] == [0, 1, 2]
+    for row in trials:
+        assert set(row["params"]) == {"lr"} and row["state"] in ("complete", "pruned") and row["seconds"] >= 0
+    absurd = next(r for r in trials if r["params"]["lr"] == 3.0)
+    assert absurd["state"] == "pruned" and absurd["pruned_at_step"] in (1, 2, 3) and absurd["score"] is None
+    assert any(r.get("event") == "pruned" for r in read_metrics(out / "trials" / "trial-001" / "metrics.jsonl"))
+    assert result.pruned >= 1 and result.best_params == {"lr": 1e-2}
+    assert trials[0]["state"] == "complete" and result.best_score == trials[0]["score"]
+    assert "lr=0.01" in result.best_overrides and "max_steps=3" in result.best_overrides
+    assert isinstance(result.artifact, Artifact) and result.artifact.kind == "adapter"
+    best = json.loads((out / "best.json").read_text())
+    assert best["best_trial"] == 0 and best["artifact"].endswith("trial-000/artifact") and best["pruned"] >= 1
+    assert (out / study_module.STUDY_FILE).exists()
+
+
+def test_the_guard_refuses_the_test_split_inside_a_search(task_yaml):
+    task = Task.load(str(task_yaml))
+    with study_module._no_test(task), pytest.raises(AssertionError, match="validation only"):
+        task.split("test")
+    assert len(task.split("test")) == 16  # outside the search it is readable again
+
+
+def _fake_trials(monkeypatch, tiny_model_dir, crash_on: int | None = None):
+    """Replace training by a quick score of lr (best near 1e-3) that saves a zero-shot artifact; the call
+    numbered `crash_on` raises as a killed process would."""
+    calls = []
+
+    def run_method(task, method, family, params, base_overrides, out, **kwargs):
+        calls.append(params)
+        if crash_on is not None and len(calls) == crash_on:
+            raise RuntimeError("simulated crash")
+        Artifact.zero_shot(str(tiny_model_dir), task).save(out / "artifact", force=True)
+        return 1.0 - abs(params["lr"] - 1e-3)
+
+    monkeypatch.setattr(study_module, "run_method", run_method)
+    return calls
+
+
+def test_search_resumes_the_same_study_after_a_crash(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    task = Task.load(str(task_yaml))
+    out = tmp_path / "search"
+    space = [Float("lr", 1e-5, 1e-2, log=True)]
+    calls = _fake_trials(monkeypatch, tiny_model_dir, crash_on=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        search(task, "lora", n_trials=4, out=out, space=space, progress=False)
+    lost = calls[-1]
+    with pytest.raises(HoneError, match="already exists"):
+        search(task, "lora", n_trials=4, out=out, space=space, progress=False)  # not without resume
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    result = search(task, "lora", n_trials=4, out=out, space=space, progress=False, resume=True)
+    assert calls[0] == lost  # the trial the crash interrupted runs again, first
+    assert len(calls) == 2  # two trials had finished before the crash
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["trial"] for r in rows if r.get("event") == "trial_lost"] == [2]
+    assert [r["trial"] for r in rows if r.get("event") == "trial"] == [0, 1, 3, 4]
+    assert len(result.trials) == 4 and all(t.state == "complete" for t in result.trials)
+    assert result.trials[0].params == {"lr": pytest.approx(2e-4)}  # the method's defaults are the first trial
+    assert result.best_score == max(t.score for t in result.trials)
+
+
+def test_a_budget_stops_starting_trials(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    with pytest.raises(HoneError, match="no ia3 trial finished"):
+        search(Task.load(str(task_yaml)), "ia3", n_trials=50, budget_seconds=1e-9, out=tmp_path / "s",
+               progress=False)
+    assert calls == []
+    assert any(r.get("event") == "time_budget" for r in read_metrics(tmp_path / "s" / "metrics.jsonl"))
+
+
+def test_unknown_or_unsearchable_method_is_a_clear_error(task_yaml, tmp_path):
+    task = Task.load(str(task_yaml))
+    with pytest.raises(HoneError, match="unknown method 'lorra'"):
+        search(task, "lorra", out=tmp_path / "a")
+    with pytest.raises(HoneError, match="has no search space"):
+        search(task, "full", out=tmp_path / "b")
+
+
+def test_observe_metrics_sees_every_line_and_stops_watching_after(tmp_path):
+    from honellm.runs import RunDir
+
+    seen = []
+    run = RunDir.create("t", "m", out=tmp_path / "r")
+    with observe_metrics(lambda r, record: seen.append((r, record))):
+        run.log_metrics(step=1, event="eval", val_accuracy=0.5)
+    run.log_metrics(step=2, loss=1.0)
+    run.close()
+    assert len(seen) == 1 and seen[0][0] is run and seen[0][1]["val_accuracy"] == 0.5
+    assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def test_seed_summary_mean_spread_and_interval():
+    summary = summarize_seeds("lora", [0, 1, 2], [0.8, 0.9, 0.85],
+                              [[1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1]], metric="accuracy")
+    assert summary.mean == pytest.approx(0.85) and summary.spread == (0.8, 0.9)
+    assert summary.std == pytest.approx(0.05)
+    low, high = summary.ci95
+    assert 0 <= low <= summary.mean <= high <= 1
+    assert json.loads(json.dumps(summary.to_dict()))["scores"] == [0.8, 0.9, 0.85]
+    assert seeds_for_budget(None, 10) == 3 and seeds_for_budget(25, 10) == 2 and seeds_for_budget(1, 10) == 1
+
+
+def test_run_seeds_makes_one_artifact_per_seed_and_scores_each(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    from honellm.search.seeds import run_seeds
+
+    seen = []
+
+    def run_method(task, method, family, params, base_overrides, out, *, seed=0, **kwargs):
+        seen.append((seed, list(base_overrides)))
+        Artifact.zero_shot(str(tiny_model_dir), task).save(out / "artifact", force=True)
+        return 0.0
+
+    monkeypatch.setattr(study_module, "run_method", run_method)
+    summary = run_seeds(Task.load(str(task_yaml)), "lora", ["r=4", "seed=9"], seeds=(0, 1), out=tmp_path / "seeds",
+                        progress=False)
+    assert seen == [(0, ["r=4"]), (1, ["r=4"])]  # each seed replaces the one given
+    assert summary.seeds == [0, 1] and len(summary.scores) == 2 and summary.split == "validation"
+    assert summary.low <= summary.mean <= summary.high and summary.metric == "accuracy"
+    assert json.loads((tmp_path / "seeds" / "seeds.json").read_text())["artifacts"][1].endswith("seed-1/artifact")
+
+
+def test_overlapping_seed_spreads_are_tied_and_the_cheaper_method_wins():
+    assert spreads_overlap([0.80, 0.86], [0.85, 0.90]) and not spreads_overlap([0.70, 0.75], [0.80, 0.9])
+
+    def row(method, family, score, seeds, latency):
+        return MethodResult(method, family, "done", metric="accuracy", score=score, ci_low=score - 0.01,
+                            ci_high=score + 0.01, n=200, latency_ms=latency, prompt_tokens=50,
+                            extra={"seed_scores": seeds})
+
+    big = row("dora", "tuning", 0.90, [0.86, 0.90, 0.93], 300.0)
+    small = row("prompt-search", "prompting", 0.87, [0.84, 0.87, 0.88], 100.0)
+    pick = recommend([big, small])
+    assert pick["method"] == "prompt-search" and set(pick["tied"]) == {"dora", "prompt-search"}
+    assert any("across seeds overlap" in r for r in pick["reasons"])
+    apart = row("prompt-search", "prompting", 0.80, [0.78, 0.80, 0.81], 100.0)
+    assert recommend([big, apart])["method"] == "dora"
+
+
+# ------------------------------------------------------------------------------------------------ data.test
+
+
+def test_a_test_file_replaces_the_test_split_held_out_of_one_file(tmp_path, tiny_model_dir):
+    records = [{"text": f"review {i}", "label": "positive" if i % 2 else "negative"} for i in range(20)]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    mine = [{"text": f"held out {i}", "label": "positive"} for i in range(3)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    (tmp_path / "task.yaml").write_text(
+        f"model: {tiny_model_dir}\ndata: {{file: all.jsonl, split: {{validation: 0.2, test: 0.2}}}}\n"
+        "prompt: {template: 'Review: {text}'}\ntarget: label\nchoices: [positive, negative]\n")
+    plain = Task.load(tmp_path / "task.yaml")
+    given = Task.load(tmp_path / "task.yaml", [f"data.test={tmp_path / 'mine.jsonl'}"])
+    assert [r["text"] for r in given.split("test")] == [r["text"] for r in mine]
+    assert given.split("train") == plain.split("train") and given.split("validation") == plain.split("validation")
+    assert len(plain.split("test")) == 4
+    (tmp_path / "no_test.yaml").write_text((tmp_path / "task.yaml").read_text().replace("test: 0.2", "test: 0.0"))
+    assert not Task.load(tmp_path / "no_test.yaml").has_split("test")
+    added = Task.load(tmp_path / "no_test.yaml", [f"data.test={tmp_path / 'mine.jsonl'}"])
+    assert added.has_split("test") and len(added.split("test")) == 3
+    with pytest.raises(HoneError, match="train/validation files, not both"):
+        Task.load(tmp_path / "task.yaml", [f"data.train={tmp_path / 'mine.jsonl'}"])
+
+
+# ------------------------------------------------------------------------------------------------ compositions
+
+
+def _lora_artifact(task, model_dir, path, seed, train_seconds):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from honellm.models import load
+    from honellm.program import PromptProgram
+
+    model, _ = load(str(model_dir), dtype="fp32", device="cpu")
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    art = Artifact.create(name=f"a{seed}", method="lora", kind="adapter", base_model=str(model_dir),
+                          program=PromptProgram.from_task(task), task=task,
+                          cost={"train_seconds": train_seconds, "train_tokens": 100, "trainable_params": 10})
+    art.save(path, model=model)
+    return Artifact.load(path), model
+
+
+@pytest.mark.parametrize("combination", ["linear", "dare_ties"])
+def test_merging_two_adapters_gives_one_adapter_with_the_total_cost(task_yaml, tiny_model_dir, tmp_path, combination):
+    import torch
+    from safetensors.torch import load_file
+
+    from honellm.search.compose import merge_adapters
+
+    task = Task.load(str(task_yaml))
+    a, model_a = _lora_artifact(task, tiny_model_dir, tmp_path / "a", 0, 3.0)
+    b, model_b = _lora_artifact(task, tiny_model_dir, tmp_path / "b", 1, 4.0)
+    merged = merge_adapters(task, [a, b], combination=combination, out=tmp_path / "merged")
+    assert merged.kind == "adapter" and merged.manifest.method == f"merge-{combination}"
+    assert merged.manifest.cost["train_seconds"] >= 7.0 and merged.manifest.cost["train_tokens"] == 200
+    assert set(merged.manifest.cost["parts"]) == {"a0", "a1"}
+    weights = load_file(merged.adapter_dir / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    wa = load_file(a.adapter_dir / "adapter_model.safetensors")[key]
+    wb = load_file(b.adapter_dir / "adapter_model.safetensors")[key]
+    assert weights[key].shape == wa.shape and not torch.equal(weights[key], wa) and not torch.equal(weights[key], wb)
+    model, _ = merged.load_model(dtype="fp32", device="cpu")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    with pytest.raises(HoneError, match="unknown combination"):
+        merge_adapters(task, [a, b], combination="average", out=tmp_path / "x")
+
+
+def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model_dir, tmp_path):
+    from honellm.search.compose import sft_then_dpo
+    from honellm.testing import make_tiny_preference_task
+
+    task = Task.load(str(make_tiny_preference_task(tmp_path / "prefs", tiny_model_dir, n_train=8, n_validation=4)))
+    art = sft_then_dpo(task, sft_overrides=["max_steps=1", "r=4", "eval_every=0"],
+                       dpo_overrides=["max_steps=1", "r=4", "batch_size=4", "eval_every=0"], out=tmp_path / "c")
+    assert art.manifest.method == "lora+dpo" and art.kind == "adapter"
+    assert Path(art.base_model).resolve() == (tmp_path / "c" / "sft-merged").resolve()
+    sft_cost = Artifact.load(tmp_path / "c" / "sft" / "artifact").manifest.cost
+    assert set(art.manifest.cost["parts"]) == {"sft", "dpo"}
+    assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
+    assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
