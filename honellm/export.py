@@ -23,6 +23,15 @@ from typing import Literal
 from honellm.artifact import Artifact
 from honellm.atomic import atomic_dir
 from honellm.errors import HoneError
+from honellm.export_gguf import (
+    _chat_template,
+    _file_stem,
+    _source_config,
+    check_quants,
+    modelfile_text,
+    supported_architecture,
+    write_gguf,
+)
 
 FORMATS = ("merged", "adapter", "gguf")
 VLLM_LORA_TYPES = ("LORA",)
@@ -41,8 +50,6 @@ def export_artifact(artifact: str | Path | Artifact, out: str | Path, *,
     if format not in FORMATS:
         raise HoneError(f"unknown export format {format!r}", where="--format", fix=f"use one of: {', '.join(FORMATS)}")
     if format == "gguf":
-        from honellm.export_gguf import export_gguf
-
         return export_gguf(art, out, quants=quants, force=force)
     if out.exists() and not force:
         raise HoneError("the export folder already exists", where=str(out), fix="choose another folder, or pass --force")
@@ -151,3 +158,53 @@ def _readme(art: Artifact, format: str, notes: list[str]) -> str:
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def export_gguf(artifact: str | Path | Artifact, out: str | Path, *, quants: list[str] | tuple[str, ...] = ("q8_0",),
+                force: bool = False) -> Path:
+    """Write `out/<name>-<quant>.gguf` for each quantisation, a `Modelfile` (Ollama) and a README; return `out`.
+
+    Several quantisations share one merge; the `Modelfile` names the first, `Modelfile.<quant>` each other.
+    """
+    art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    quants = check_quants(list(quants))
+    out = Path(out)
+    if out.exists() and not force:
+        raise HoneError("the export folder already exists", where=str(out), fix="choose another folder, or pass --force")
+    config = _source_config(art)
+    supported_architecture(config, where=str(art.path))
+    notes: list[str] = []
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < config.get("max_position_embeddings", 0):
+        notes.append(f"the model attends over a sliding window of {window} tokens; llama.cpp attends over the whole "
+                     f"context (as its converter does for this architecture): outputs differ past {window} tokens")
+    files: dict[str, dict] = {}
+    stem = _file_stem(art.name)
+    with atomic_dir(out, overwrite=True) as tmp:
+        merged = tmp / ".merged"
+        _write_merged(art, merged, "fp32", notes)
+        for i, quant in enumerate(quants):
+            gguf_file = tmp / f"{stem}-{quant}.gguf"
+            fallbacks = write_gguf(merged, gguf_file, quant, name=art.name)
+            if fallbacks:
+                notes.append(f"{quant}: {len(fallbacks)} tensors whose rows are not a multiple of the block size "
+                             f"were stored F16 (as llama.cpp's converter does): {', '.join(fallbacks[:4])}"
+                             + (" ..." if len(fallbacks) > 4 else ""))
+            modelfile = "Modelfile" if i == 0 else f"Modelfile.{quant}"
+            (tmp / modelfile).write_text(modelfile_text(art, gguf_file.name, _chat_template(merged), notes))
+            files[quant] = {"file": gguf_file.name, "bytes": gguf_file.stat().st_size, "modelfile": modelfile}
+        import shutil
+
+        shutil.rmtree(merged)
+        provenance = {"artifact": str(art.path), "name": art.name, "method": art.manifest.method, "kind": art.kind,
+                      "format": "gguf", "files": files, "base_model": art.manifest.base_model.model_dump(),
+                      "prompt_program": art.program.model_dump(mode="json"), "notes": notes}
+        (tmp / "hone-export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        readme = _readme(art, "gguf", notes)
+        first = files[quants[0]]["file"]
+        readme += ("\n## Run it\n\n"
+                   f"- llama.cpp: `llama-cli -m {first} -cnv` (the chat template is in the file)\n"
+                   f"- Ollama: `ollama create {stem} -f Modelfile && ollama run {stem}` (the Modelfile carries the "
+                   "system prompt, demonstrations and sampling parameters)\n")
+        (tmp / "README.md").write_text(readme)
+    return out

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from honellm.artifact import Artifact
-from honellm.atomic import atomic_dir
 from honellm.errors import HoneError
 
 
@@ -77,58 +76,6 @@ def check_quants(quants: list[str]) -> list[str]:
     if len(set(quants)) != len(quants):
         raise HoneError("a quantisation is named twice", where="--quant", fix="name each once")
     return quants
-
-
-def export_gguf(artifact: str | Path | Artifact, out: str | Path, *, quants: list[str] | tuple[str, ...] = ("q8_0",),
-                force: bool = False) -> Path:
-    """Write `out/<name>-<quant>.gguf` for each quantisation, a `Modelfile` (Ollama) and a README; return `out`.
-
-    Several quantisations share one merge; the `Modelfile` names the first, `Modelfile.<quant>` each other.
-    """
-    from honellm.export import _readme, _write_merged
-
-    art = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
-    quants = check_quants(list(quants))
-    out = Path(out)
-    if out.exists() and not force:
-        raise HoneError("the export folder already exists", where=str(out), fix="choose another folder, or pass --force")
-    config = _source_config(art)
-    supported_architecture(config, where=str(art.path))
-    notes: list[str] = []
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    if window and window < config.get("max_position_embeddings", 0):
-        notes.append(f"the model attends over a sliding window of {window} tokens; llama.cpp attends over the whole "
-                     f"context (as its converter does for this architecture): outputs differ past {window} tokens")
-    files: dict[str, dict] = {}
-    stem = _file_stem(art.name)
-    with atomic_dir(out, overwrite=True) as tmp:
-        merged = tmp / ".merged"
-        _write_merged(art, merged, "fp32", notes)
-        for i, quant in enumerate(quants):
-            gguf_file = tmp / f"{stem}-{quant}.gguf"
-            fallbacks = write_gguf(merged, gguf_file, quant, name=art.name)
-            if fallbacks:
-                notes.append(f"{quant}: {len(fallbacks)} tensors whose rows are not a multiple of the block size "
-                             f"were stored F16 (as llama.cpp's converter does): {', '.join(fallbacks[:4])}"
-                             + (" ..." if len(fallbacks) > 4 else ""))
-            modelfile = "Modelfile" if i == 0 else f"Modelfile.{quant}"
-            (tmp / modelfile).write_text(modelfile_text(art, gguf_file.name, _chat_template(merged), notes))
-            files[quant] = {"file": gguf_file.name, "bytes": gguf_file.stat().st_size, "modelfile": modelfile}
-        import shutil
-
-        shutil.rmtree(merged)
-        provenance = {"artifact": str(art.path), "name": art.name, "method": art.manifest.method, "kind": art.kind,
-                      "format": "gguf", "files": files, "base_model": art.manifest.base_model.model_dump(),
-                      "prompt_program": art.program.model_dump(mode="json"), "notes": notes}
-        (tmp / "hone-export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        readme = _readme(art, "gguf", notes)
-        first = files[quants[0]]["file"]
-        readme += ("\n## Run it\n\n"
-                   f"- llama.cpp: `llama-cli -m {first} -cnv` (the chat template is in the file)\n"
-                   f"- Ollama: `ollama create {stem} -f Modelfile && ollama run {stem}` (the Modelfile carries the "
-                   "system prompt, demonstrations and sampling parameters)\n")
-        (tmp / "README.md").write_text(readme)
-    return out
 
 
 def supported_architecture(config: dict, *, where: str) -> GGUFArch:

@@ -201,10 +201,10 @@ def estimate_for_shape(shape: ModelShape, *, stored_bytes: int, trainable: int, 
 
 
 def _fast_types() -> tuple[str, ...]:
-    """Model types Hone's direct training forward covers (with eager attention)."""
-    from honellm.training.fastpath import MODEL_TYPES
+    """Model types Hone's direct training forward covers (with eager attention; honellm.core.support decides)."""
+    from honellm.core.support import TRAINING_TYPES
 
-    return MODEL_TYPES
+    return TRAINING_TYPES
 
 
 def available_memory(device: torch.device | str) -> tuple[int, str]:

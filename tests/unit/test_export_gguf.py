@@ -16,8 +16,8 @@ import torch
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
-from honellm.export import export_artifact
-from honellm.export_gguf import ARCHITECTURES, check_quants, export_gguf, supported_architecture
+from honellm.export import export_artifact, export_gguf
+from honellm.export_gguf import ARCHITECTURES, check_quants, supported_architecture
 from honellm.program import Demonstration, PromptProgram
 from honellm.testing import make_tiny_arch_model, make_tiny_task
 from honellm.tuning import tune_task
