@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
-from honellm.prompting.program import PromptProgram
 
 from honellm.artifact import Artifact
 from honellm.defaults import DEFAULT_MODEL, embedded_gguf_path
 from honellm.export import export_gguf
+from honellm.program import PromptProgram
 
 # Descriptive keys llama.cpp's converter takes from the model card, and what differs by design (see docs/export.md).
 EXPECTED_DIFFERENT = {"GGUF.kv_count", "general.file_type", "general.name", "tokenizer.ggml.pre"}
