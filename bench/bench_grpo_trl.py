@@ -48,7 +48,7 @@ def peak_memory(device: str) -> int:
 def run_hone(args, out: Path) -> dict:
     import torch
 
-    from honellm.reward.recipes import align
+    from honellm.methods.catalog import run_method
     from honellm.reward.recipes.grpo import GRPOConfig
     from honellm.runs import read_metrics
     from honellm.task import Task
@@ -60,7 +60,7 @@ def run_hone(args, out: Path) -> dict:
                         dynamic_sampling=False, overlong_buffer=0, eval_every=0, batch_size=args.group,
                         schedule="constant", warmup_ratio=0.0, save_every=0)
     started = time.perf_counter()
-    align(task, "grpo", config, out=out)
+    run_method(task, "grpo", config, out=out)
     total = time.perf_counter() - started
     train = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][args.warmup:]
     seconds = [r["generation_seconds"] + r["scoring_seconds"] + r["training_seconds"] for r in train]

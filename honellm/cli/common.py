@@ -36,3 +36,55 @@ def json_out(data) -> None:
     import json
 
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_training_summary(artifact, *, show_kind: bool = False) -> None:
+    """What `hone tune` and `hone align` print about the artifact they made: parameters, speed, best validation."""
+    cost, metrics = artifact.manifest.cost, artifact.manifest.metrics
+    echo(f"artifact: {artifact.path}")
+    echo(f"method: {artifact.manifest.method}{f' ({artifact.kind})' if show_kind else ''}   trainable parameters: "
+         f"{cost['trainable_params']:,} of {cost['total_params']:,} "
+         f"({100 * cost['trainable_params'] / cost['total_params']:.3g}%)")
+    echo(f"trained {cost['train_steps']} steps, {cost['train_tokens']:,} tokens in {cost['train_seconds']:.1f} s: "
+         f"{cost['tokens_per_second']:,.0f} tokens/s ({cost['precision']} on {cost['processes']} {cost['device']} "
+         f"process{'es' if cost['processes'] > 1 else ''}); peak memory {cost['peak_memory_bytes'] / 2**30:.2f} GiB")
+    scores = {k: v for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))}
+    if scores:
+        echo(f"best validation (step {metrics.get('best_step')}): "
+             + ", ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()))
+
+
+def print_methods(family: str, as_json: bool) -> None:
+    """`hone tune|align --methods`: the family's methods from the one registry, each with the settings it adds to
+    (or changes from) the family's shared ones."""
+    from honellm.methods.catalog import all_methods
+
+    methods = all_methods(family)
+    shared = next((m.shared for m in methods.values() if m.shared is not None), None)
+    if shared is None:
+        from honellm.training.config import TrainingConfig
+
+        shared = TrainingConfig
+    rows = []
+    for method in methods.values():
+        own = {name: field for name, field in method.config.model_fields.items()
+               if name not in shared.model_fields or field.default != shared.model_fields[name].default}
+        row = {"name": method.name, "summary": method.summary, "paper": method.paper}
+        if method.details is not None:  # a tuning method: its adapter's properties
+            row |= {"merges": method.details.merges, "gpu_only": method.details.needs_gpu}
+        else:
+            row["data"] = list(method.data)
+        rows.append(row | {"settings": {name: {"default": field.default, "help": field.description}
+                                        for name, field in own.items()}})
+    if as_json:
+        json_out(rows)
+        return
+    for row in rows:
+        flags = ([] if row.get("merges", True) else ["does not merge"]) + (["CUDA only"] if row.get("gpu_only") else [])
+        echo(f"{row['name']}: {row['summary']}"
+             + (f" ({', '.join(flags)})" if flags else "")
+             + (f" (data: {', '.join(row['data'])})" if row.get("data") else "")
+             + (f"  {row['paper']}" if row["paper"] else ""))
+        for name, setting in row["settings"].items():
+            echo(f"    {name}={setting['default']}  {setting['help']}")
+    echo("shared settings (every method): " + ", ".join(shared.model_fields))

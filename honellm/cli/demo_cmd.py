@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_command(
         out: str = typer.Option(None, "--out", "-o", help="demo folder (default: runs/demo-<time>/)"),
-        tasks: str = typer.Option(None, "--tasks", help="comma-separated demo tasks (default: intents,support_prefs; arithmetic adds GRPO, ~10 more minutes)"),
+        tasks: str = typer.Option(None, "--tasks", help="comma-separated demo tasks, replacing the default intents,support_prefs (add arithmetic for GRPO, ~10 more minutes)"),
         limit: int = typer.Option(None, "--limit", help="judge each method on the first N test examples"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
     ):

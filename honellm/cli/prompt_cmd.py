@@ -46,12 +46,24 @@ def register(app: typer.Typer) -> None:
         calibrated, scored on validation. With --search N: tries N candidates on the validation split (never
         test), prints and saves the table of candidates, and keeps the best.
         """
-        from honellm.prompting.search import make_prompt_artifact
+        from honellm.config import validate
+        from honellm.methods.catalog import get_method
+        from honellm.prompting.methods import prompt_run
 
-        made = make_prompt_artifact(task, overrides or [], search=search, shots=shots, selector=selector,
-                                    per_query=per_query, calibration=calibration if calibrate else None, model_name=model, out=out, force=force,
-                                    max_examples=max_examples, max_seconds=max_minutes * 60, propose=propose,
-                                    seed=seed, batch_size=batch_size, report_to=report_to)
+        # The options become the typed config of one registered prompting method.
+        if search:
+            name, settings = "prompt-search", {"candidates": search, "max_seconds": max_minutes * 60,
+                                               "propose": propose}
+        else:
+            name = "few-shot" if shots > 0 else "zero-shot"
+            settings = {"calibration": calibration if calibrate else None}
+            if shots > 0:
+                settings |= {"shots": shots, "selector": selector, "per_query": per_query}
+        config = validate(get_method(name, "prompting").config,
+                          settings | {"max_examples": max_examples, "seed": seed, "batch_size": batch_size},
+                          source="the command line")
+        made = prompt_run(task, config, overrides=overrides or [], model_name=model, out=out, force=force,
+                          report_to=report_to)
         if made.search is not None:
             print_candidates(made.search)
             echo(f"candidates: {made.run_dir / 'candidates.csv'}  ({len(made.search.candidates)} rows, "

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from honellm.cli.common import OverridesArg, echo, json_out
-
-
-def _methods_help() -> str:
-    from honellm.tuning import all_methods
-
-    return ", ".join(all_methods())
+from honellm.cli.common import OverridesArg, json_out, print_methods, print_training_summary
 
 
 def register(app: typer.Typer) -> None:
@@ -39,17 +33,21 @@ def register(app: typer.Typer) -> None:
         Runs under `accelerate launch` or `torchrun` for several processes (DDP) with the same command.
         """
         if list_methods:
-            _print_methods(as_json)
+            print_methods("tuning", as_json)
             return
         if task is None:
             raise typer.BadParameter("give a task YAML or a built-in task name", param_hint="TASK")
-        from honellm.tuning import tune_task
+        from honellm.methods.catalog import run_task
 
-        if search:  # docs/search.md
-            from honellm.search.study import search_task as tune_task
-        artifact = tune_task(task, method, overrides or [], config_file=config, out=out, resume=resume, force=force,
-                             skip_invalid=skip_invalid, **({"n_trials": search} if search else {}))
-        artifact = getattr(artifact, "artifact", artifact)  # a search returns its best trial's artifact
+        if search:  # docs/search.md: the best of `search` trials on validation
+            from honellm.search.study import search_task
+
+            artifact = search_task(task, method, overrides or [], config_file=config, out=out, resume=resume,
+                                   force=force, skip_invalid=skip_invalid, n_trials=search)
+            artifact = getattr(artifact, "artifact", artifact)  # a search returns its best trial's artifact
+        else:
+            artifact = run_task(task, method, overrides or [], config_file=config, out=out, resume=resume,
+                                force=force, skip_invalid=skip_invalid, family="tuning")
         from honellm.training.setup import is_main_process
 
         if not is_main_process():
@@ -57,42 +55,4 @@ def register(app: typer.Typer) -> None:
         if as_json:
             json_out(artifact.describe())
             return
-        _print_summary(artifact)
-
-
-def _print_summary(artifact) -> None:
-    cost, metrics = artifact.manifest.cost, artifact.manifest.metrics
-    echo(f"artifact: {artifact.path}")
-    echo(f"method: {artifact.manifest.method}   trainable parameters: {cost['trainable_params']:,} of "
-         f"{cost['total_params']:,} ({100 * cost['trainable_params'] / cost['total_params']:.3g}%)")
-    echo(f"trained {cost['train_steps']} steps, {cost['train_tokens']:,} tokens in {cost['train_seconds']:.1f} s: "
-         f"{cost['tokens_per_second']:,.0f} tokens/s ({cost['precision']} on {cost['processes']} {cost['device']} "
-         f"process{'es' if cost['processes'] > 1 else ''}); peak memory {cost['peak_memory_bytes'] / 2**30:.2f} GiB")
-    scores = {k: v for k, v in metrics.items() if k.startswith("val_")}
-    if scores:
-        echo(f"best validation (step {metrics.get('best_step')}): "
-             + ", ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()))
-
-
-def _print_methods(as_json: bool) -> None:
-    from honellm.tuning import all_methods
-    from honellm.tuning.config import SFTConfig
-
-    rows = []
-    for method in all_methods().values():
-        own = {name: field for name, field in method.config.model_fields.items()
-               if name not in SFTConfig.model_fields or field.default != SFTConfig.model_fields[name].default}
-        rows.append({"name": method.name, "summary": method.summary, "paper": method.paper, "merges": method.merges,
-                     "gpu_only": method.needs_gpu,
-                     "settings": {name: {"default": field.default, "help": field.description} for name, field in own.items()}})
-    if as_json:
-        json_out(rows)
-        return
-    for row in rows:
-        flags = [] if row["merges"] else ["does not merge"]
-        flags += ["CUDA only"] if row["gpu_only"] else []
-        echo(f"{row['name']}: {row['summary']}" + (f" ({', '.join(flags)})" if flags else "")
-             + (f"  {row['paper']}" if row["paper"] else ""))
-        for name, setting in row["settings"].items():
-            echo(f"    {name}={setting['default']}  {setting['help']}")
-    echo("shared settings (every method): " + ", ".join(SFTConfig.model_fields))
+        print_training_summary(artifact)

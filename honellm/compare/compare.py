@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from honellm.compare.recommend import recommend
 from honellm.compare.results import CompareRun, MethodResult
 from honellm.errors import HoneError
+from honellm.methods.catalog import all_methods, method_config, run_method
+from honellm.methods.registry import Method
+from honellm.runtime.apply import ArtifactRuntime
 from honellm.runtime.tasks import load_task
 from honellm.task import Task
 
@@ -28,117 +29,18 @@ log = logging.getLogger("honellm.compare")
 
 DEFAULT_METHODS = ("zero-shot", "few-shot", "prompt-search", "lora", "dora", "ia3", "dpo", "grpo")
 LATENCY_REQUESTS = 5
-ONLINE = ("grpo", "rloo", "ppo", "rft", "best_of_n")  # methods that sample and score their own answers
-PROMPT_SETTINGS = {"shots": int, "selector": str, "per_query": lambda v: v.lower() in ("1", "true", "yes"),
-                   "calibration": str, "max_examples": int, "search": int, "propose": int, "seed": int}
+# compare's own starting settings for a method (a --set METHOD:KEY=VALUE wins): a shorter prompt search
+DEFAULT_SETTINGS = {"prompt-search": ["candidates=12"]}
 
 
-@dataclass(frozen=True)
-class CompareMethod:
-    """How compare runs one method: its family, whether the task's data supports it, and how to make it."""
-
-    name: str
-    family: str
-    applicable: Callable[[Task], str | None]  # None, or why the method cannot run on this task
-    run: Callable[..., object]  # (task, out: Path, budget_seconds, overrides, progress) -> Artifact
-
-
-# ----------------------------------------------------------------------------------------------- the methods
-
-
-def _needs_targets(task: Task) -> str | None:
-    if task.kind in ("sft", "reference", "preference"):
-        return None
-    return f"needs records with answers; this task has {task.kind} records"
-
-
-def _needs_train_targets(task: Task) -> str | None:
-    reason = _needs_targets(task)
-    if reason:
-        return reason
-    return None if task.has_split("train") else "needs a train split"
-
-
-def _run_zero_shot(task, out: Path, budget, overrides, progress):
-    from honellm.artifact import Artifact
-
-    art = Artifact.zero_shot(task.config.model, task)
-    art.save(out / "artifact", force=True)
-    return art
-
-
-def _run_prompt(task, out: Path, budget, overrides, progress, *, search: bool):
-    from honellm.prompting.search import make_prompt_artifact
-
-    # few-shot: one demonstration per label, fixed for every query (its KV prefix is shared), or 4 BM25
-    # neighbours per query for tasks without labels; the search tries shots, selectors and calibration itself.
-    choices = task.config.choices
-    settings = {"search": 12} if search else {"shots": len(choices) if choices else 4,
-                                             "selector": "balanced" if choices else "bm25", "per_query": not choices}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key not in PROMPT_SETTINGS:
-            raise HoneError(f"unknown prompting setting {key!r}", where=f"--set {item}",
-                            fix=f"settings: {', '.join(PROMPT_SETTINGS)}")
-        settings[key] = PROMPT_SETTINGS[key](value)
-    result = make_prompt_artifact(task, None, run_dir=out, out=out / "artifact", force=True,
-                                  max_seconds=budget or 1800.0, progress=progress, **settings)
-    return result.artifact
-
-
-def _run_tune(task, out: Path, budget, overrides, progress, *, method: str):
-    from honellm.tuning import method_config, tune
-
-    spec, config = method_config(method, None, _budget_overrides(overrides, budget))
-    return tune(task, spec.name, config, out=out, force=True)
-
-
-def _run_align(task, out: Path, budget, overrides, progress, *, method: str):
-    from honellm.reward.recipes import align, align_config
-
-    spec, config = align_config(method, None, _budget_overrides(overrides, budget))
-    return align(task, spec.name, config, out=out, force=True)
-
-
-def _budget_overrides(overrides: list[str], budget: float | None) -> list[str]:
-    if budget is None or any(o.startswith("max_seconds=") for o in overrides):
-        return list(overrides)
-    return [*overrides, f"max_seconds={budget}"]
-
-
-def compare_methods() -> dict[str, CompareMethod]:
-    """Every method compare can run: prompting, every registered tuning method, every align method."""
-    from functools import partial
-
-    from honellm.reward.recipes import all_align_methods
-    from honellm.tuning import all_methods
-
-    methods = {
-        "zero-shot": CompareMethod("zero-shot", "prompting", lambda t: None, _run_zero_shot),
-        "few-shot": CompareMethod("few-shot", "prompting", _needs_train_targets, partial(_run_prompt, search=False)),
-        "prompt-search": CompareMethod(
-            "prompt-search", "prompting",
-            lambda t: _needs_train_targets(t) or (None if t.has_split("validation") else "needs a validation split"),
-            partial(_run_prompt, search=True)),
-    }
-    for name in all_methods():
-        methods[name] = CompareMethod(name, "tuning", _needs_train_targets, partial(_run_tune, method=name))
-    for name, spec in all_align_methods().items():
-        kinds = spec.data
-
-        def applicable(task, kinds=kinds, name=name):
-            if task.kind not in kinds:
-                return f"trains on {' or '.join(kinds)} data; this task has {task.kind} records"
-            if name in ONLINE and not task.config.rewards:
-                from honellm.reward.rollout import metric_reward
-
-                if metric_reward(task) is None:
-                    return (f"needs a reward: the task's `rewards:`, or a metric that checks generated answers "
-                            f"({task.metric} does not)")
-            return None
-
-        methods[name] = CompareMethod(name, "reward", applicable, partial(_run_align, method=name))
-    return methods
+def _settings(spec: Method, overrides: list[str], budget: float | None) -> list[str]:
+    """The method's settings: compare's defaults, the user's --set, and the budget as max_seconds where the
+    method's config has it (training and search; zero- and few-shot take no time to make)."""
+    settings = [*DEFAULT_SETTINGS.get(spec.name, []), *overrides]
+    if budget is not None and "max_seconds" in spec.config.model_fields \
+            and not any(o.startswith("max_seconds=") for o in overrides):
+        settings.append(f"max_seconds={budget}")
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -150,7 +52,7 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             method_overrides: dict[str, list[str]] | None = None, progress: bool = True) -> CompareRun:
     """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun."""
     task = load_task(task_path, overrides or [])
-    available = compare_methods()
+    available = all_methods()  # the one registry of methods: every family
     names = list(methods or DEFAULT_METHODS)
     unknown = [m for m in names if m not in available]
     if unknown:
@@ -188,9 +90,9 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             log.info("compare: %s already done, reused", name)
             continue
         spec = available[name]
-        reason = spec.applicable(task)
-        if reason:
-            run.results[name] = MethodResult(name, spec.family, "skipped", reason=reason)
+        missing = spec.missing(task)
+        if missing:
+            run.results[name] = MethodResult(name, spec.family, "skipped", reason=missing[0])
             run.save()
             continue
         run.results[name] = _run_one(task, spec, run_dir / name, budget_seconds, split, limit,
@@ -202,7 +104,7 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
     return run
 
 
-def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrides, progress) -> MethodResult:
+def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, progress) -> MethodResult:
     import torch
 
     from honellm.artifact import Artifact
@@ -216,7 +118,8 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
     # methods run earlier in this process do not count.
     with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as meter:
         try:
-            artifact = spec.run(task, out, budget, overrides, progress)
+            _, config = method_config(spec.name, None, _settings(spec, overrides, budget))
+            artifact = run_method(task, spec, config, out=out, force=True)
         except HoneError as err:
             result.reason = err.render().split("\n")[0]
             return result
@@ -246,31 +149,27 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
 
 
 def measure_latency(artifact, task, model, tokenizer, requests: int = LATENCY_REQUESTS) -> float | None:
-    """Mean wall time of one request at batch 1 (the prompt program applied, the task's max_new_tokens, greedy):
-    what a user of the served artifact waits. The same prompts for every method."""
+    """Mean wall time of one request at batch 1 (the artifact's runtime applied: its program, per-query
+    demonstrations and inference settings such as best-of-n; the task's max_new_tokens, greedy): what a user of
+    the served artifact waits. The same prompts for every method."""
     from honellm.data.chat import render_prompt
-    from honellm.generation import Generator, SamplingParams
+    from honellm.generation import SamplingParams
 
     split = "validation" if task.has_split("validation") else task.available_splits()[0]
     records = task.split(split)[:requests]
     if not records:
         return None
-    spec = artifact.program.selector
-    if spec is not None and spec.per_query:
-        from honellm.runtime.selectors import select_demonstrations
-
-        demos = select_demonstrations(spec, task, artifact.program, records, artifact.pool(), model=model,
-                                      tokenizer=tokenizer)
-    else:
-        demos = [None] * len(records)
+    runtime = ArtifactRuntime.load(artifact, task, model=model, tokenizer=tokenizer, batch_size=1)
+    demos = runtime.demonstrations(records) or [None] * len(records)
     prompts = [render_prompt(tokenizer, artifact.program.messages(task, r, d)) for r, d in zip(records, demos, strict=True)]
-    generator = Generator(model, tokenizer, batch_size=1)
+    generator = runtime.generator
+    context = getattr(generator, "takes_context", False)  # best-of-n: rewards may read the record
     params = SamplingParams(max_new_tokens=task.config.generation.max_new_tokens, temperature=0.0,
                             stop=tuple(task.config.generation.stop))
-    generator.generate(prompts[:1], params)  # warm-up (first-call allocations, kernels)
+    generator.generate(prompts[:1], params, **({"records": records[:1]} if context else {}))  # warm-up
     started = time.perf_counter()
-    for prompt in prompts:
-        generator.generate([prompt], params)
+    for prompt, record in zip(prompts, records, strict=True):
+        generator.generate([prompt], params, **({"records": [record]} if context else {}))
     return (time.perf_counter() - started) / len(prompts) * 1000
 
 

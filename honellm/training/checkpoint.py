@@ -5,6 +5,10 @@ A checkpoint is a folder `step-000120/` holding everything the next step depends
 - `trainable.safetensors`: the trainable parameters only (an adapter is a few MB; the frozen base is reloaded);
 - `optimizer.pt`, `schedule.pt`: AdamW moments and the schedule's position;
 - `rng-<rank>.pt`: each process's Python, NumPy, torch (and CUDA) random states, for dropout;
+
+Nothing is unpickled: the `.pt` files hold only tensors, numbers, strings and containers of them, and are read
+with `torch.load(weights_only=True)` (`load_plain`), so a run folder from elsewhere cannot run code when it is
+resumed; a file that needs more is refused with a HoneError.
 - `state.json`: the step and what the recipe keeps (best score, early-stopping count, monitor totals).
 
 The data order is a function of (seed, step) (`LengthGroupedBatches`), so it needs no state. The folder is written
@@ -39,7 +43,11 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random states as plain data (tensors, numbers, tuples): what `load_plain` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -47,7 +55,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -182,18 +191,33 @@ class Checkpointer:
         else:
             unwrapped = acc.unwrap_model(model) if acc is not None else model
             load_trainable_state(unwrapped, load_file(path / "trainable.safetensors"), where=str(path))
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-        schedule.load_state_dict(torch.load(path / "schedule.pt", weights_only=False))
+            optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+        schedule.load_state_dict(load_plain(path / "schedule.pt"))
         rng_file = path / f"rng-{rank}.pt"
         if not rng_file.exists():
             raise HoneError(f"the checkpoint has no random state for process {rank}", where=str(path),
                             fix="resume with as many processes as the run was started with")
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_plain(rng_file))
         return json.loads((path / "state.json").read_text())
 
     def _barrier(self) -> None:
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
+
+
+def load_plain(path: str | Path):
+    """A `.pt` file of tensors, numbers, strings and containers, read without unpickling anything else
+    (`torch.load(weights_only=True)`): a file that asks to build other Python objects, as a crafted one would to
+    run code, is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise HoneError(f"{Path(path).name} holds Python objects beyond tensors and numbers; Hone does not load them "
+                        "(loading them could run code)", where=str(path),
+                        fix="resume only run folders this version of Hone wrote; otherwise start the run again "
+                            f"({str(err).splitlines()[0][:120]})") from None
 
 
 def save_trainable(path: str | Path, tensors: dict[str, torch.Tensor] | torch.nn.Module) -> None:

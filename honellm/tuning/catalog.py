@@ -1,4 +1,4 @@
-"""The tuning methods, all registered: look one up by name, list them, read a method's config.
+"""The PEFT adapters (and full fine-tuning), all registered: look one up by name, list them.
 
 `registry.py` holds the table and `register_method`; the methods register beside their definitions
 (`methods.py`); this module imports them, so a lookup here always sees every built-in method.
@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
-from honellm.config import LineMap, apply_overrides, load_yaml, validate
 from honellm.errors import HoneError
 from honellm.tuning import methods  # noqa: F401 - registers the built-in methods
 from honellm.tuning.registry import METHODS, TuningMethod
@@ -26,19 +24,3 @@ def get_method(name: str) -> TuningMethod:
 
 def all_methods() -> dict[str, TuningMethod]:
     return dict(METHODS)
-
-
-def method_config(method: str | None, path: str | Path | None = None, overrides: list[str] | None = None):
-    """(method, its validated config) from an optional YAML file and `key=value` overrides.
-
-    The YAML may name the method (`method: lora`); `method` given here wins. Unknown keys are errors that name
-    the closest valid key of that method's config.
-    """
-    data, lines = load_yaml(path) if path else ({}, LineMap())
-    in_file = data.pop("method", None)
-    name = method or in_file
-    if name is None:
-        raise HoneError("no tuning method given", fix="pass --method NAME (hone tune --methods lists them)")
-    spec = get_method(name)
-    apply_overrides(data, overrides or [], spec.config)
-    return spec, validate(spec.config, data, source=path, lines=lines)

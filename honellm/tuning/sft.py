@@ -16,6 +16,7 @@ metrics, and the validation loss always. The best evaluation's weights are kept 
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from honellm.artifact import Artifact
 from honellm.core import fused
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
+from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
@@ -41,6 +43,7 @@ from honellm.training.run_folder import every, open_run
 from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
+from honellm.tuning.catalog import all_methods as all_adapters
 from honellm.tuning.catalog import get_method
 from honellm.tuning.config import SFTConfig
 from honellm.tuning.methods import save_initial_adapter
@@ -400,3 +403,18 @@ def _save_artifact(artifact: Artifact, path: Path, spec: TuningMethod, model, to
             artifact.save(path, force=True, extra_files={"adapter": Path(tmp) / "adapter"})
     if initial is not None:
         shutil.rmtree(initial, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+def _run(task, config: SFTConfig, *, method: str, out: str | Path | None = None, resume: bool = False,
+         force: bool = False) -> Artifact:
+    return tune(task, method, config, out=out, resume=resume, force=force)
+
+
+# Every adapter of the tuning table (LoRA and family, IA3, prompt learning, full fine-tuning) is a tuning method
+# this recipe runs: one line registers them all in the one registry of methods.
+for _spec in all_adapters().values():
+    register_method(Method(_spec.name, "tuning", _spec.config, functools.partial(_run, method=_spec.name),
+                           _spec.summary, _spec.paper, needs=("answers", "train"), shared=SFTConfig, details=_spec))

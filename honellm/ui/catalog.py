@@ -343,17 +343,7 @@ def _reward_methods() -> set[str]:
 
 def method_names() -> dict[str, list[str]]:
     """The method names `hone tune` and `hone align` accept (from their registries), for the start form."""
-    names: dict[str, list[str]] = {"tune": [], "align": []}
-    try:
-        from honellm.tuning import all_methods
+    from honellm.methods.catalog import all_methods  # the one registry of methods
 
-        names["tune"] = sorted(all_methods())
-    except ImportError:
-        pass
-    try:
-        from honellm.reward.recipes import all_align_methods
-
-        names["align"] = sorted(all_align_methods())
-    except ImportError:
-        pass
+    names: dict[str, list[str]] = {"tune": sorted(all_methods("tuning")), "align": sorted(all_methods("reward"))}
     return names

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from honellm.errors import HoneError
 from honellm.evaluation.evaluate import evaluate
+from honellm.methods import catalog
 from honellm.models import load
 from honellm.program import PromptProgram
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
-from honellm.reward.recipes import align_task, all_align_methods, get_align_method
+from honellm.reward.recipes import align_task
 from honellm.reward.recipes.common import (
     AlignConfig,
     collate_pairs,
@@ -76,7 +77,7 @@ def _pairs(task, tokenizer, n=6):
 
 
 def test_every_method_is_registered_once_with_a_documented_config():
-    methods = all_align_methods()
+    methods = catalog.all_methods("reward")
     assert {"reward_model", "dpo", "ipo", "cdpo", "kto", "orpo", "simpo"} <= set(methods)
     for method in methods.values():
         assert method.summary and method.data
@@ -87,7 +88,7 @@ def test_every_method_is_registered_once_with_a_documented_config():
 
 def test_unknown_names_suggest_the_closest(task_yaml):
     with pytest.raises(HoneError, match="did you mean 'dpo'"):
-        get_align_method("dpoo")  # not "dpp": "ppo" is as close to it as "dpo"
+        catalog.get_method("dpoo", "reward")  # not "dpp": "ppo" is as close to it as "dpo"
     with pytest.raises(HoneError, match="did you mean 'beta'"):
         align_task(str(task_yaml), "dpo", ["betta=0.2"])
 
@@ -138,7 +139,7 @@ def test_chosen_and_rejected_in_one_forward_equal_two_forwards(tiny_model_dir, t
 def test_recipe_loss_equals_the_pure_loss(tiny_model_dir, task, method):
     model, tokenizer = _lora_model(tiny_model_dir)
     pairs = _pairs(task, tokenizer)
-    config = get_align_method(method).config()
+    config = catalog.get_method(method, "reward").config()
     ref = {"chosen": -torch.rand(len(pairs)) * 20, "rejected": -torch.rand(len(pairs)) * 20}
     batch = collate_pairs(pairs, list(range(len(pairs))), tokenizer.pad_token_id, ref)
     out = preference_loss_fn(method, config.loss_hparams())(model, batch)
@@ -300,16 +301,15 @@ def test_adapter_inputs_stay_in_bf16_with_identical_results(tiny_model_dir, task
 
 
 def test_a_config_file_may_name_the_method_and_overrides_win(tmp_path):
-    from honellm.reward.recipes import align_config
     from honellm.reward.recipes.preference import DPOConfig
 
     path = tmp_path / "dpo.yaml"
     path.write_text("method: dpo\nbeta: 0.3\nlr: 1.0e-4\n")
-    spec, config = align_config(None, path, ["lr=2e-4"])
+    spec, config = catalog.method_config(None, path, ["lr=2e-4"], family="reward")
     assert spec.name == "dpo" and isinstance(config, DPOConfig) and config.beta == 0.3 and config.lr == 2e-4
     path.write_text("method: dpo\nbetta: 0.3\n")
     with pytest.raises(HoneError) as info:
-        align_config(None, path)
+        catalog.method_config(None, path, family="reward")
     assert f"{path}:2" in info.value.what and "did you mean 'beta'" in info.value.fix
 
 

@@ -99,7 +99,8 @@ def test_unknown_methods_and_splits_are_clear_errors(compared):
 
 
 def test_a_time_budget_stops_training_after_the_step_that_spends_it(tiny_model_dir, tmp_path):
-    from honellm.tuning import method_config, tune
+    from honellm.methods.catalog import method_config
+    from honellm.tuning import tune
 
     task = Task.load(make_tiny_task(tmp_path / "task", tiny_model_dir))
     _, config = method_config("lora", None, ["max_steps=50", "max_seconds=0.001", "eval_every=0", "save_every=0", "r=4"])

@@ -12,6 +12,7 @@ docs/architecture.md; change both together.
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,20 +123,21 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[Import
             target = _resolve(name, modules)
             if target is not None and target != module:
                 found.append(Import(module, target, path, node.lineno, deferred))
-    return found
+    return list(dict.fromkeys(found))  # `from m import a, b` is one import of m
 
 
-def import_graph() -> list[Import]:
+@functools.cache
+def import_graph() -> tuple[Import, ...]:
     modules = all_modules()
-    return [imp for module, path in modules.items() for imp in imports_of(module, path, modules)]
+    return tuple(imp for module, path in modules.items() for imp in imports_of(module, path, modules))
 
 
-def upward_imports(graph: list[Import]) -> list[str]:
+def upward_imports(graph) -> list[str]:
     return [f"{imp.where()}: {imp.source} ({layer_of(imp.source)}) imports {imp.target} ({layer_of(imp.target)})"
             for imp in graph if RANK[layer_of(imp.target)] > RANK[layer_of(imp.source)]]
 
 
-def import_circles(graph: list[Import]) -> list[list[Import]]:
+def import_circles(graph) -> list[list[Import]]:
     """Each strongly connected group of modules (Tarjan), as the imports that join it."""
     edges: dict[str, list[Import]] = {}
     for imp in graph:

@@ -10,8 +10,8 @@ import torch
 
 from honellm.errors import HoneError
 from honellm.generation import Generator, SamplingParams
+from honellm.methods.catalog import get_method, run_method
 from honellm.reward import losses
-from honellm.reward.recipes import align, get_align_method
 from honellm.reward.recipes.online_dpo import OnlineDPOConfig, online_dpo_loss, pair_advantages
 from honellm.reward.rollout import (
     completion_logprobs,
@@ -89,12 +89,12 @@ def test_online_dpo_trains_on_reward_functions_and_logs(tiny_model_dir, tmp_path
                                            rewards=[{"python": "rewards.py:shorter"}], max_new_tokens=6))
     config = OnlineDPOConfig(max_steps=2, prompts_per_step=4, batch_size=4, r=4, precision="fp32", lr=1e-3,
                              eval_every=0)
-    artifact = align(task, "online_dpo", config, out=tmp_path / "run")
+    artifact = run_method(task, "online_dpo", config, out=tmp_path / "run")
     train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "train"]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["updates"] == 1 and math.isfinite(r["loss"]) for r in train if r["dropped_groups"] < 1)
     assert any("rewards/accuracies" in r for r in train)
-    assert artifact.kind == "adapter" and get_align_method("online_dpo").name == "online_dpo"
+    assert artifact.kind == "adapter" and get_method("online_dpo").family == "reward"
 
 
 def test_online_dpo_with_a_judge_as_the_reward(tiny_model_dir, tmp_path):
@@ -102,7 +102,7 @@ def test_online_dpo_with_a_judge_as_the_reward(tiny_model_dir, tmp_path):
                                            rewards=[{"name": "judge", "judge": {"model": str(tiny_model_dir),
                                                                                 "mode": "pointwise"}}]))
     config = OnlineDPOConfig(max_steps=1, prompts_per_step=2, batch_size=4, r=4, precision="fp32", eval_every=0)
-    align(task, "online_dpo", config, out=tmp_path / "run")
+    run_method(task, "online_dpo", config, out=tmp_path / "run")
     (train,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "train"]
     assert 0 <= train["reward"] <= 1  # the judge's rating, scaled
     assert train["dropped_groups"] < 1  # ratings of two different answers differ

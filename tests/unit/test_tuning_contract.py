@@ -115,7 +115,7 @@ def test_qlora_without_a_gpu_is_a_clear_error(tiny_model_dir):
 
 def test_unknown_method_and_key_suggest_the_closest(tmp_path):
     from honellm.errors import HoneError
-    from honellm.tuning import method_config
+    from honellm.methods.catalog import method_config
 
     with pytest.raises(HoneError, match="did you mean 'lora'"):
         get_method("lroa")

@@ -25,8 +25,8 @@ from pydantic import Field
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
+from honellm.methods.registry import Method, register_method
 from honellm.program import BestOfNSettings, InferenceSettings
-from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.tracking import ReportTo, report_to_field
 
 
@@ -107,6 +107,6 @@ def best_of_n(task, config: BestOfNConfig | None = None, *, out: str | Path | No
     return artifact
 
 
-register_align_method(AlignMethod("best_of_n", BestOfNConfig, best_of_n, "best-of-n at inference: sample n answers, "
-                                  "serve the one the reward scores highest (no training)",
-                                  "https://arxiv.org/abs/2112.09332", ("reference", "sft")))
+register_method(Method("best_of_n", "reward", BestOfNConfig, best_of_n, "best-of-n at inference: sample n answers, "
+                       "serve the one the reward scores highest (no training)", "https://arxiv.org/abs/2112.09332",
+                       needs=("references", "rewards")))

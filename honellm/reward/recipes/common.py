@@ -30,6 +30,7 @@ from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.progress import progress
 from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
+from honellm.training.checkpoint import load_plain
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
 from honellm.training.precision import Precision
@@ -65,7 +66,7 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
     """`(model, tokenizer)`: the task's base model with `config.adapter` applied, frozen weights in the compute
     dtype and trainable ones in fp32. The adapters come from the tuning registry (`honellm.tuning`)."""
     from honellm.models import load, resolve
-    from honellm.tuning import get_method
+    from honellm.tuning.catalog import get_method
 
     full = config.adapter == "full"
     # Full fine-tuning keeps fp32 master weights: load them in fp32 rather than round-trip through bf16.
@@ -339,7 +340,7 @@ def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
     accelerator.wait_for_everyone()
     found = [None]
     if accelerator.is_main_process and path.exists():
-        saved = torch.load(path, weights_only=False)
+        saved = load_plain(path)  # tensors and numbers only: nothing in a run folder is unpickled
         found = [saved["values"] if saved.get("key") == key else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(found)

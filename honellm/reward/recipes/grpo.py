@@ -44,6 +44,7 @@ from pydantic import Field
 from honellm.artifact import Artifact
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
+from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
 from honellm.reward.losses import (
@@ -57,7 +58,6 @@ from honellm.reward.losses import (
     rloo_advantages,
     zero_variance_groups,
 )
-from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     OnlineRLConfig,
     OnlineState,
@@ -256,13 +256,13 @@ def rloo(task, config: RLOOConfig | None = None, *, out: str | Path | None = Non
     return train_policy_gradient(task, RLOO, config or RLOOConfig(), out=out, resume=resume, force=force)
 
 
-ONLINE_DATA = ("reference", "sft")  # prompts (with whatever the rewards read); a target is optional
+ONLINE_NEEDS = ("references", "rewards")  # prompts (with whatever the rewards read); a target is optional
 
-register_align_method(AlignMethod("grpo", GRPOConfig, grpo, "group relative policy optimisation: online RL on the "
-                                  "task's rewards, group-normalised advantages, k3 KL in the loss",
-                                  "https://arxiv.org/abs/2402.03300", ONLINE_DATA))
-register_align_method(AlignMethod("rloo", RLOOConfig, rloo, "REINFORCE leave-one-out: online RL on the task's "
-                                  "rewards, KL penalty in the reward", "https://arxiv.org/abs/2402.14740", ONLINE_DATA))
+register_method(Method("grpo", "reward", GRPOConfig, grpo, "group relative policy optimisation: online RL on the "
+                       "task's rewards, group-normalised advantages, k3 KL in the loss",
+                       "https://arxiv.org/abs/2402.03300", needs=ONLINE_NEEDS))
+register_method(Method("rloo", "reward", RLOOConfig, rloo, "REINFORCE leave-one-out: online RL on the task's "
+                       "rewards, KL penalty in the reward", "https://arxiv.org/abs/2402.14740", needs=ONLINE_NEEDS))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ import torch
 from pydantic import Field, model_validator
 
 from honellm.artifact import Artifact
+from honellm.methods.registry import Method, register_method
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
-from honellm.reward.recipes import AlignMethod, register_align_method
-from honellm.reward.recipes.grpo import ONLINE_DATA, Advantages, PolicyGradientMethod, train_policy_gradient
+from honellm.reward.recipes.grpo import ONLINE_NEEDS, Advantages, PolicyGradientMethod, train_policy_gradient
 from honellm.reward.rollout import OnlineRLConfig, RolloutBatch, completion_logprobs
 from honellm.training.logprobs import LossOutput
 
@@ -88,6 +88,6 @@ def online_dpo(task, config: OnlineDPOConfig | None = None, *, out: str | Path |
     return train_policy_gradient(task, ONLINE_DPO, config or OnlineDPOConfig(), out=out, resume=resume, force=force)
 
 
-register_align_method(AlignMethod("online_dpo", OnlineDPOConfig, online_dpo, "online DPO: the policy's own answer "
-                                  "pairs, ranked by a judge, reward model or reward functions, trained with DPO",
-                                  "https://arxiv.org/abs/2402.04792", ONLINE_DATA))
+register_method(Method("online_dpo", "reward", OnlineDPOConfig, online_dpo, "online DPO: the policy's own answer "
+                       "pairs, ranked by a judge, reward model or reward functions, trained with DPO",
+                       "https://arxiv.org/abs/2402.04792", needs=ONLINE_NEEDS))

@@ -37,10 +37,10 @@ from honellm.artifact import Artifact
 from honellm.core import fastpath
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
+from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.reward.guard import RewardHackingGuard
 from honellm.reward.losses import gae, kl_k1, kl_k3, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss
-from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     OnlineRLConfig,
     OnlineState,
@@ -424,6 +424,6 @@ def whiten_advantages(batches: list[RolloutBatch]) -> None:
         start += n
 
 
-register_align_method(AlignMethod("ppo", PPOConfig, ppo, "PPO, classic RLHF: KL-penalised reward (a reward model or "
-                                  "the task's rewards), GAE, a value head on the LoRA policy",
-                                  "https://arxiv.org/abs/2203.02155", ("reference", "sft")))
+register_method(Method("ppo", "reward", PPOConfig, ppo, "PPO, classic RLHF: KL-penalised reward (a reward model or "
+                       "the task's rewards), GAE, a value head on the LoRA policy",
+                       "https://arxiv.org/abs/2203.02155", needs=("references", "rewards")))

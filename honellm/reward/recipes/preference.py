@@ -49,9 +49,9 @@ import torch
 from pydantic import Field
 
 from honellm.errors import HoneError
+from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
-from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.recipes.common import (
     AlignConfig,
     AlignState,
@@ -618,21 +618,23 @@ _PAPERS = {"dpo": "https://arxiv.org/abs/2305.18290", "ipo": "https://arxiv.org/
            "cdpo": "https://ericmitchell.ai/cdpo.pdf", "orpo": "https://arxiv.org/abs/2403.07691",
            "simpo": "https://arxiv.org/abs/2405.14734", "kto": "https://arxiv.org/abs/2402.01306"}
 
-register_align_method(AlignMethod("dpo", DPOConfig, functools.partial(train_preference, method="dpo"),
+register_method(Method("dpo", "reward", DPOConfig, functools.partial(train_preference, method="dpo"),
                                   "direct preference optimisation (sigmoid loss, reference = adapter disabled)",
-                                  _PAPERS["dpo"]))
-register_align_method(AlignMethod("ipo", IPOConfig, functools.partial(train_preference, method="ipo"),
+                                  _PAPERS["dpo"], needs=("pairs",)))
+register_method(Method("ipo", "reward", IPOConfig, functools.partial(train_preference, method="ipo"),
                                   "identity preference optimisation (squared loss on the log-ratio gap)",
-                                  _PAPERS["ipo"]))
-register_align_method(AlignMethod("cdpo", CDPOConfig, functools.partial(train_preference, method="cdpo"),
-                                  "conservative DPO (label smoothing for noisy preferences)", _PAPERS["cdpo"]))
-register_align_method(AlignMethod("orpo", ORPOConfig, functools.partial(train_preference, method="orpo"),
+                                  _PAPERS["ipo"], needs=("pairs",)))
+register_method(Method("cdpo", "reward", CDPOConfig, functools.partial(train_preference, method="cdpo"),
+                                  "conservative DPO (label smoothing for noisy preferences)", _PAPERS["cdpo"],
+                                  needs=("pairs",)))
+register_method(Method("orpo", "reward", ORPOConfig, functools.partial(train_preference, method="orpo"),
                                   "odds-ratio preference optimisation with its SFT term (no reference)",
-                                  _PAPERS["orpo"]))
-register_align_method(AlignMethod("simpo", SimPOConfig, functools.partial(train_preference, method="simpo"),
-                                  "simple preference optimisation, length-normalised (no reference)", _PAPERS["simpo"]))
-register_align_method(AlignMethod("kto", KTOConfig, train_kto,
+                                  _PAPERS["orpo"], needs=("pairs",)))
+register_method(Method("simpo", "reward", SimPOConfig, functools.partial(train_preference, method="simpo"),
+                                  "simple preference optimisation, length-normalised (no reference)", _PAPERS["simpo"],
+                                  needs=("pairs",)))
+register_method(Method("kto", "reward", KTOConfig, train_kto,
                                   "Kahneman-Tversky optimisation on unpaired desirable/undesirable completions",
-                                  _PAPERS["kto"], data=("preference", "unpaired")))
+                                  _PAPERS["kto"], needs=("feedback",)))
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.reward.losses import bradley_terry_loss, preference_metrics
-from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.recipes.common import (
     AlignConfig,
     AlignState,
@@ -221,6 +221,6 @@ def score_pairs_sharded(reward_model: RewardModel, pairs, *, batch_size: int, ac
     return values[0::2], values[1::2]
 
 
-register_align_method(AlignMethod("reward_model", RewardModelConfig, train_reward_model,
-                                  "Bradley-Terry reward model: a scalar head on the base (LoRA or full)",
-                                  "https://arxiv.org/abs/2203.02155"))
+register_method(Method("reward_model", "reward", RewardModelConfig, train_reward_model,
+                       "Bradley-Terry reward model: a scalar head on the base (LoRA or full)",
+                       "https://arxiv.org/abs/2203.02155", needs=("pairs",)))

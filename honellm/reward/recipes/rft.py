@@ -27,8 +27,8 @@ from pydantic import Field
 from honellm.artifact import Artifact
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
+from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
-from honellm.reward.recipes import AlignMethod, register_align_method
 from honellm.reward.rollout import (
     PolicyConfig,
     encode_prompts,
@@ -233,6 +233,6 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
     return artifact
 
 
-register_align_method(AlignMethod("rft", RFTConfig, rft, "rejection-sampling fine-tuning: sample n, keep the best "
-                                  "by reward, supervised fine-tuning on them", "https://arxiv.org/abs/2308.01825",
-                                  ("reference", "sft")))
+register_method(Method("rft", "reward", RFTConfig, rft, "rejection-sampling fine-tuning: sample n, keep the best "
+                       "by reward, supervised fine-tuning on them", "https://arxiv.org/abs/2308.01825",
+                       needs=("references", "rewards")))
