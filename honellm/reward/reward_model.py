@@ -105,20 +105,26 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score_sequences(self, sequences: list[TokenSequence], *, batch_size: int = 16,
-                        normalize: bool = False) -> list[float]:
-        """Scores of already tokenized sequences (what `score` does after `encode`)."""
+                        normalize: bool = False, desc: str = "") -> list[float]:
+        """Scores of already tokenized sequences (what `score` does after `encode`); a progress bar named `desc`
+        when given."""
+        from honellm.progress import progress
+
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         scores = np.zeros(len(sequences))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
+        bar = progress(total=len(sequences), desc=desc, unit="seq", leave=False, disable=None if desc else True)
         try:
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 batch = collate([sequences[i] for i in index], self.tokenizer.pad_token_id).to(device)
                 with self.precision.autocast():
                     scores[index] = self(batch.input_ids, batch.attention_mask).double().cpu().numpy()
+                bar.update(len(index))
         finally:
+            bar.close()
             self.train(was_training)
         if normalize:
             if "score_mean" not in self.stats:

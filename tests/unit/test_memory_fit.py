@@ -218,3 +218,55 @@ def test_the_shape_estimate_equals_the_model_estimate(lora_model):
     kw = {"micro_batch_size": 8, "seq_len": 100, "loss_tokens": 16, "attention": "eager"}
     assert estimate_for_shape(ModelShape.of(lora_model.config), stored_bytes=stored, trainable=trainable, **kw) \
         == estimate_training_memory(lora_model, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ in the recipes
+
+
+def _one_gib_per_sequence(monkeypatch):
+    """An estimate of 1 GiB per sequence of a micro-batch, so that memory_limit_gb picks the micro-batch."""
+    from honellm.training import memory
+
+    real = memory.estimate_training_memory
+
+    def fake(model, *, micro_batch_size, **kw):
+        found = real(model, micro_batch_size=micro_batch_size, **kw)
+        return memory.MemoryEstimate(0, 0, 0, micro_batch_size * GiB, 0, 0, micro_batch_size, found.seq_len,
+                                     found.gradient_checkpointing)
+
+    monkeypatch.setattr(memory, "estimate_training_memory", fake)
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward_model"])
+def test_an_align_run_that_does_not_fit_trains_with_smaller_micro_batches(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          method, capsys):
+    from honellm.reward.recipes import align_task
+    from honellm.runs import read_metrics
+    from honellm.testing import make_tiny_preference_task
+
+    _one_gib_per_sequence(monkeypatch)
+    monkeypatch.delenv("HONE_QUIET", raising=False)
+    task_yaml = make_tiny_preference_task(tmp_path / "prefs", tiny_model_dir)
+    out = tmp_path / "run"
+    # 4 pairs = 8 sequences = 8 GiB > 5: micro-batches of 2 pairs (4 GiB), grad_accum 2, the same global batch
+    artifact = align_task(str(task_yaml), method, ["max_steps=1", "batch_size=4", "eval_every=0", "r=4",
+                                                   "memory_limit_gb=5"], out=str(out))
+    fit = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "memory_fit")
+    assert (fit["batch_size"], fit["grad_accum"]) == (2, 2)
+    start = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "start")
+    assert start["estimated_peak_memory_bytes"] == 4 * GiB
+    assert (artifact.manifest.config["batch_size"], artifact.manifest.config["grad_accum"]) == (2, 2)
+    assert "hone: memory: batch_size=4 grad_accum=1 would need about 8.00 GiB" in capsys.readouterr().err
+
+
+def test_an_sft_run_refuses_when_not_even_one_example_fits(tiny_model_dir, tmp_path, monkeypatch):
+    from honellm.task import Task
+    from honellm.testing import make_tiny_task
+    from honellm.tuning.sft import tune
+
+    _one_gib_per_sequence(monkeypatch)
+    task = Task.load(make_tiny_task(tmp_path / "t", tiny_model_dir))
+    config = get_method("lora").config(max_steps=1, batch_size=4, eval_every=0, r=4, memory_limit_gb=0.5)
+    with pytest.raises(HoneError) as info:
+        tune(task, "lora", config, out=tmp_path / "run")
+    assert "even micro-batches of one example" in info.value.what

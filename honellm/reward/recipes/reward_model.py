@@ -211,8 +211,9 @@ def score_pairs_sharded(reward_model: RewardModel, pairs, *, batch_size: int, ac
     rank, world = accelerator.process_index, accelerator.num_processes
     sequences = flat_pairs(pairs)
     mine = list(range(rank, len(sequences), world))
-    found = list(zip(mine, reward_model.score_sequences([sequences[i] for i in mine], batch_size=batch_size),
-                     strict=True))
+    scores = reward_model.score_sequences([sequences[i] for i in mine], batch_size=batch_size,
+                                          desc="validation" if accelerator.is_main_process else "")
+    found = list(zip(mine, scores, strict=True))
     if world > 1:
         found = gather_object(found)
     values = torch.zeros(len(sequences))
