@@ -100,6 +100,29 @@ def _run_align(task, out: Path, budget, overrides, progress, *, method: str):
     return align(task, spec.name, config, out=out, force=True)
 
 
+def _with_search(spec: CompareMethod, trials: int) -> CompareMethod:
+    """`spec` made by a settings search (honellm.search), where the method has a search space."""
+    from dataclasses import replace
+    from functools import partial
+
+    from honellm.search.spaces import SPACES
+
+    return replace(spec, run=partial(_run_search, method=spec.name, trials=trials)) if spec.name in SPACES else spec
+
+
+def _run_search(task, out: Path, budget, overrides, progress, *, method: str, trials: int):
+    from honellm.search import search
+
+    result = search(task, method, n_trials=trials, budget_seconds=budget, base_overrides=overrides,
+                    out=out / "search", force=True, progress=progress)
+    artifact = result.artifact
+    # The cost of making it is the whole search (every trial), as the user pays it.
+    artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": round(result.seconds, 2),
+                              "best_trial_train_seconds": (artifact.manifest.cost or {}).get("train_seconds"),
+                              "search_trials": len(result.trials), "search_pruned": result.pruned}
+    return artifact
+
+
 def _budget_overrides(overrides: list[str], budget: float | None) -> list[str]:
     if budget is None or any(o.startswith("max_seconds=") for o in overrides):
         return list(overrides)
@@ -147,8 +170,13 @@ def compare_methods() -> dict[str, CompareMethod]:
 def compare(task_path: str, methods: list[str] | None = None, overrides: list[str] | None = None, *,
             budget_seconds: float | None = None, split: str | None = None, limit: int | None = None,
             out: str | Path | None = None, resume: bool = False, force: bool = False,
-            method_overrides: dict[str, list[str]] | None = None, progress: bool = True) -> CompareRun:
-    """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun."""
+            method_overrides: dict[str, list[str]] | None = None, progress: bool = True,
+            search_trials: int = 0) -> CompareRun:
+    """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun.
+
+    `search_trials`: each method with a search space first searches its settings on validation in that many
+    trials within its budget (docs/search.md) and is judged by its best trial's artifact.
+    """
     task = load_task(task_path, overrides or [])
     available = compare_methods()
     names = list(methods or DEFAULT_METHODS)
@@ -188,6 +216,8 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             log.info("compare: %s already done, reused", name)
             continue
         spec = available[name]
+        if search_trials:
+            spec = _with_search(spec, search_trials)
         reason = spec.applicable(task)
         if reason:
             run.results[name] = MethodResult(name, spec.family, "skipped", reason=reason)

@@ -270,3 +270,16 @@ def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model
     assert set(art.manifest.cost["parts"]) == {"sft", "dpo"}
     assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
     assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
+
+
+def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(task_yaml, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from honellm.compare.compare import compare
+
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    run = compare(str(task_yaml), ["lora"], out=tmp_path / "cmp", search_trials=2, progress=False, limit=4)
+    row = run.results["lora"]
+    assert row.status == "done", row.reason
+    assert len(calls) == 2 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()
+    assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
+    assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
