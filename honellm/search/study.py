@@ -103,15 +103,15 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
     if resume and out is None:
         raise HoneError("resuming a search needs its folder", fix="pass --out DIR naming the search to continue")
     run = RunDir.create(task.name, f"{method}-search", out=out, force=force, resume=resume)
-    run.write_config({"method": method, "task": task.name, "task_source": task.source, "n_trials": n_trials,
-                      "budget_seconds": budget_seconds, "base_overrides": base_overrides, "seed": seed,
-                      "space": [_describe(p) for p in space]})
     # Every trial evaluates on validation at the same steps (about EVALS_PER_TRIAL times at the base settings),
     # so the pruner compares trials at the same points; the first evaluation is its first rung.
     if family != "prompting" and not any(o.split("=", 1)[0].strip() == "eval_every" for o in base_overrides):
         base_overrides.append(f"eval_every={_eval_every(task, _method_config(family, method, base_overrides))}")
     first_rung = next((int(o.split("=", 1)[1]) for o in base_overrides if o.split("=", 1)[0].strip() == "eval_every"),
                       1) or 1
+    run.write_config({"method": method, "task": task.name, "task_source": task.source, "n_trials": n_trials,
+                      "budget_seconds": budget_seconds, "base_overrides": base_overrides, "seed": seed,
+                      "space": [_describe(p) for p in space]})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(run.path / STUDY_FILE)))
     higher = _higher_is_better(task)
@@ -139,7 +139,8 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
                        disable=None if progress else True)
     try:
         with _no_test(task):
-            while len(finished) < n_trials:
+            failed = 0
+            while len(finished) < n_trials and failed < n_trials:  # every trial failing ends the search too
                 left = None if budget_seconds is None else budget_seconds - (time.perf_counter() - started)
                 if left is not None and left <= 0:
                     run.log_metrics(event="time_budget", budget_seconds=budget_seconds, trials=len(finished))
@@ -156,6 +157,8 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
                                 error=record.error)
                 if record.state != "failed":
                     finished.append(record)
+                else:
+                    failed += 1
                 bar.update(1)
                 best = _best_completed(study)
                 if best is not None:

@@ -283,3 +283,14 @@ def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(
     assert len(calls) == 2 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()
     assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
     assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
+
+
+def test_failing_trials_are_recorded_and_end_the_search(task_yaml, tmp_path, monkeypatch):
+    def run_method(*args, **kwargs):
+        raise HoneError("the loss became NaN", fix="lower lr")
+
+    monkeypatch.setattr(study_module, "run_method", run_method)
+    with pytest.raises(HoneError, match="no ia3 trial finished"):
+        search(Task.load(str(task_yaml)), "ia3", n_trials=2, out=tmp_path / "s", progress=False)
+    trials = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r.get("event") == "trial"]
+    assert [r["state"] for r in trials] == ["failed", "failed"] and "NaN" in trials[0]["error"]
