@@ -177,7 +177,8 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
     best_dir = Path(best.user_attrs.get("run_dir", _trial_dir(run.path, best.number)))
     artifact = Artifact.load(best_dir / "artifact", verify_base=False)
     overrides = [*base_overrides, *(f"{k}={_plain(v)}" for k, v in best.params.items())]
-    result = SearchResult(method, dict(best.params), overrides, float(best.value), artifact,
+    result = SearchResult(method, dict(best.params), overrides, float(best.user_attrs.get("score", best.value)),
+                          artifact,
                           sorted(records, key=lambda r: r.number), run.path, time.perf_counter() - started)
     summary = {"method": method, "best_trial": best.number, "best_score": result.best_score,
                "best_params": result.best_params, "best_overrides": overrides,
@@ -212,10 +213,7 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
             return
         # Ties on the score are broken by the lower validation loss, as the recipes' best-checkpoint rule does
         # (a few dozen validation records give a coarse accuracy; the loss separates trials early).
-        loss = record.get("val_loss")
-        if loss is not None and math.isfinite(loss):
-            value += -TIE_BREAK * loss if higher else TIE_BREAK * loss
-        trial.report(float(value), int(record["step"]))
+        trial.report(_objective(float(value), record.get("val_loss"), higher), int(record["step"]))
         if trial.should_prune():
             seen["step"] = int(record["step"])
             raise optuna.TrialPruned()
@@ -238,7 +236,8 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
         study.tell(trial, state=TrialState.FAIL)
         return TrialRecord(trial.number, params, "failed", None, time.perf_counter() - started, str(out),
                            error=err.render().split("\n")[0])
-    study.tell(trial, score)
+    trial.set_user_attr("score", score)
+    study.tell(trial, _objective(score, _kept_loss(out), higher))
     return TrialRecord(trial.number, params, "complete", score, time.perf_counter() - started, str(out))
 
 
@@ -251,8 +250,10 @@ def _repeat(study, trial, params: dict, root: Path) -> TrialRecord | None:
             trial.set_user_attr("run_dir", earlier.user_attrs.get("run_dir", str(_trial_dir(root, earlier.number))))
             trial.set_user_attr("repeat_of", earlier.number)
             if earlier.state == TrialState.COMPLETE:
+                score = earlier.user_attrs.get("score", earlier.value)
+                trial.set_user_attr("score", score)
                 study.tell(trial, earlier.value)
-                return TrialRecord(trial.number, params, "complete", earlier.value, 0.0,
+                return TrialRecord(trial.number, params, "complete", score, 0.0,
                                    str(_trial_dir(root, earlier.number)), repeat_of=earlier.number)
             study.tell(trial, state=TrialState.PRUNED)
             return TrialRecord(trial.number, params, "pruned", None, 0.0, str(_trial_dir(root, earlier.number)),
@@ -370,6 +371,22 @@ def _score_key(task, family: str) -> tuple[str, ...]:
     return (f"val_{task.metric}", "val_accuracy", "val_score", "val_proxy_reward")
 
 
+def _objective(score: float, loss, higher: bool) -> float:
+    """What the study ranks: the score, ties broken by the lower validation loss, as the recipes' best-checkpoint
+    rule does (a few dozen validation records give a coarse accuracy; the loss separates trials early)."""
+    if loss is None or not math.isfinite(loss):
+        return score
+    return score - TIE_BREAK * loss if higher else score + TIE_BREAK * loss
+
+
+def _kept_loss(out: Path) -> float | None:
+    """The validation loss of the weights a trial's artifact kept (None where the recipe records none)."""
+    try:
+        return json.loads((out / "artifact" / "hone.json").read_text()).get("metrics", {}).get("val_loss")
+    except (OSError, ValueError):
+        return None
+
+
 def _higher_is_better(task) -> bool:
     from honellm.evaluation.metrics import METRICS
 
@@ -415,7 +432,8 @@ def _record_of(frozen, root: Path) -> TrialRecord:
     seconds = ((frozen.datetime_complete - frozen.datetime_start).total_seconds()
                if frozen.datetime_complete and frozen.datetime_start else 0.0)
     state = "complete" if frozen.value is not None else "pruned"
-    return TrialRecord(frozen.number, dict(frozen.params), state, frozen.value, seconds,
+    return TrialRecord(frozen.number, dict(frozen.params), state, frozen.user_attrs.get("score", frozen.value),
+                       seconds,
                        frozen.user_attrs.get("run_dir", str(_trial_dir(root, frozen.number))),
                        pruned_at_step=frozen.last_step if state == "pruned" else None,
                        repeat_of=frozen.user_attrs.get("repeat_of"))
