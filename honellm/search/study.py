@@ -206,9 +206,12 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
 
     def report(run, record: dict) -> None:
         seen["run"] = run  # the trial's run folder, closed here if the trial stops early
-        if record.get("event") != "eval" or "step" not in record:
+        # Validation rows: the SFT and preference recipes' `event: eval`, online RL's held-out checks
+        # (`kind: guard`: the gold reward where the task has one, else the proxy reward).
+        if "step" not in record or not (record.get("event") == "eval" or record.get("kind") == "guard"):
             return
-        value = next((record[k] for k in key if record.get(k) is not None), None)
+        keys = key if record.get("event") == "eval" else ("gold", "proxy")
+        value = next((record[k] for k in keys if record.get(k) is not None), None)
         if value is None or not math.isfinite(value):
             return
         # Ties on the score are broken by the lower validation loss, as the recipes' best-checkpoint rule does
