@@ -364,7 +364,8 @@ def _eval_every(task, config) -> int:
     n = len(task.split("train"))
     if getattr(config, "train_limit", None):
         n = min(n, config.train_limit)
-    per_epoch = max(1, math.ceil(n / (config.batch_size * config.grad_accum)))
+    per_step = getattr(config, "prompts_per_step", None) or config.batch_size * config.grad_accum  # online RL: prompts
+    per_epoch = max(1, math.ceil(n / per_step))
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     return max(1, total // EVALS_PER_TRIAL)
 
