@@ -100,22 +100,37 @@ def _run_align(task, out: Path, budget, overrides, progress, *, method: str):
     return align(task, spec.name, config, out=out, force=True)
 
 
-def _with_search(spec: CompareMethod, trials: int) -> CompareMethod:
+def _with_search(spec: CompareMethod, trials: int, *, seeds: int = 1, split: str = "test",
+                 limit: int | None = None) -> CompareMethod:
     """`spec` made by a settings search (honellm.search), where the method has a search space."""
     from dataclasses import replace
     from functools import partial
 
     from honellm.search.spaces import SPACES
 
-    return replace(spec, run=partial(_run_search, method=spec.name, trials=trials)) if spec.name in SPACES else spec
+    if spec.name not in SPACES:
+        return spec
+    return replace(spec, run=partial(_run_search, method=spec.name, trials=trials, seeds=seeds, split=split,
+                                     limit=limit))
 
 
-def _run_search(task, out: Path, budget, overrides, progress, *, method: str, trials: int):
+def _run_search(task, out: Path, budget, overrides, progress, *, method: str, trials: int, seeds: int = 1,
+                split: str = "test", limit: int | None = None):
     from honellm.search import search
+    from honellm.search.seeds import run_seeds, seeds_for_budget
 
     result = search(task, method, n_trials=trials, budget_seconds=budget, base_overrides=overrides,
                     out=out / "search", force=True, progress=progress)
     artifact = result.artifact
+    best_seconds = next((t.seconds for t in result.trials
+                         if artifact.path is not None and Path(t.run_dir) == artifact.path.parent), result.seconds)
+    left = None if budget is None else budget - result.seconds
+    extra = seeds_for_budget(left, best_seconds, wanted=seeds) - 1 if seeds > 1 else 0
+    if extra > 0:
+        # The best settings with other seeds, judged on the compare split (the search itself never reads it).
+        others = run_seeds(task, method, result.best_overrides, seeds=tuple(range(1, extra + 1)), out=out / "seeds",
+                           split=split, limit=limit, progress=progress)
+        artifact.manifest.metrics = {**(artifact.manifest.metrics or {}), "other_seed_scores": others.scores}
     # The cost of making it is the whole search (every trial), as the user pays it.
     artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": round(result.seconds, 2),
                               "best_trial_train_seconds": (artifact.manifest.cost or {}).get("train_seconds"),
@@ -171,11 +186,13 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             budget_seconds: float | None = None, split: str | None = None, limit: int | None = None,
             out: str | Path | None = None, resume: bool = False, force: bool = False,
             method_overrides: dict[str, list[str]] | None = None, progress: bool = True,
-            search_trials: int = 0) -> CompareRun:
+            search_trials: int = 0, seeds: int = 1) -> CompareRun:
     """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun.
 
     `search_trials`: each method with a search space first searches its settings on validation in that many
-    trials within its budget (docs/search.md) and is judged by its best trial's artifact.
+    trials within its budget (docs/search.md) and is judged by its best trial's artifact; with `seeds` > 1 its
+    best settings are then re-run with seeds 1, 2, ... (as many as the budget left allows) and judged on the same
+    split, their scores beside the main one in the row's `extra["seed_scores"]` (the recommendation's tie rule).
     """
     task = load_task(task_path, overrides or [])
     available = compare_methods()
@@ -217,7 +234,7 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             continue
         spec = available[name]
         if search_trials:
-            spec = _with_search(spec, search_trials)
+            spec = _with_search(spec, search_trials, seeds=seeds, split=split, limit=limit)
         reason = spec.applicable(task)
         if reason:
             run.results[name] = MethodResult(name, spec.family, "skipped", reason=reason)
@@ -272,6 +289,9 @@ def _run_one(task, spec: CompareMethod, out: Path, budget, split, limit, overrid
     result.prompt_tokens = evaluation.cost.prompt_tokens_per_example
     result.latency_ms = measure_latency(art, task, model, tokenizer)
     result.extra = {"eval_mode": evaluation.mode, "extras": evaluation.extras}
+    others = (art.manifest.metrics or {}).get("other_seed_scores")
+    if others:  # compare --search --seeds N: this row's score and the best settings' other seeds
+        result.extra["seed_scores"] = [result.score, *others]
     return result
 
 

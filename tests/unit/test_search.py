@@ -78,7 +78,7 @@ def _fake_trials(monkeypatch, tiny_model_dir, crash_on: int | None = None):
         if crash_on is not None and len(calls) == crash_on:
             raise RuntimeError("simulated crash")
         Artifact.zero_shot(str(tiny_model_dir), task).save(out / "artifact", force=True)
-        return 1.0 - abs(params["lr"] - 1e-3)
+        return 1.0 - abs(params.get("lr", 1e-3) - 1e-3)
 
     monkeypatch.setattr(study_module, "run_method", run_method)
     return calls
@@ -277,10 +277,12 @@ def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(
     from honellm.compare.compare import compare
 
     calls = _fake_trials(monkeypatch, tiny_model_dir)
-    run = compare(str(task_yaml), ["lora"], out=tmp_path / "cmp", search_trials=2, progress=False, limit=4)
+    run = compare(str(task_yaml), ["lora"], out=tmp_path / "cmp", search_trials=2, seeds=2, progress=False, limit=4)
     row = run.results["lora"]
     assert row.status == "done", row.reason
-    assert len(calls) == 2 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()
+    assert len(calls) == 3 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()  # 2 trials, 1 seed
+    assert len(row.extra["seed_scores"]) == 2 and row.extra["seed_scores"][0] == row.score
+    assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "artifact" / "hone.json").exists()
     assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
     assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
 
