@@ -41,7 +41,7 @@ def test_search_runs_prunes_a_hopeless_trial_logs_every_trial_and_never_reads_te
     out = tmp_path / "search"
     # lr=3 is absurd: its validation score falls behind the sound trial's at the same step, and it is stopped.
     result = search(task, "lora", n_trials=3, out=out, progress=False,
-                    base_overrides=["max_steps=3", "eval_every=1", "r=4", "lr=1e-2", "warmup_ratio=0"],
+                    base_overrides=["max_steps=3", "eval_every=1", "r=4", "lr=1e-2", "warmup_ratio=0", "eval_limit=8"],
                     space=[Choice("lr", (1e-2, 3.0, 3e-3))], enqueue=[{"lr": 1e-2}, {"lr": 3.0}])
     assert "test" not in read and "validation" in read
     rows = read_metrics(out / "metrics.jsonl")
