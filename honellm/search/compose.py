@@ -70,8 +70,11 @@ def _fold_adapter(artifact: Artifact, folder: Path) -> None:
 
 
 def prompt_on_adapter(task, artifact: Artifact, *, candidates: int = 8, out: str | Path, max_examples: int = 100,
-                      max_seconds: float = 1800.0, progress: bool = True) -> Artifact:
-    """Search the prompt program for the tuned model `artifact` (validation only) -> its adapter + that program."""
+                      max_seconds: float = 1800.0, config=None, progress: bool = True) -> Artifact:
+    """Search the prompt program for the tuned model `artifact` (validation only) -> its adapter + that program.
+
+    `config`: a `PromptSearchConfig` setting every knob of the search (then `candidates`, `max_examples` and
+    `max_seconds` are not used)."""
     from honellm.prompting.search import PromptSearchConfig, search_prompt, write_candidates
     from honellm.runs import RunDir
 
@@ -83,7 +86,8 @@ def prompt_on_adapter(task, artifact: Artifact, *, candidates: int = 8, out: str
     started = time.perf_counter()
     try:
         model, tokenizer = artifact.load_model()
-        config = PromptSearchConfig(candidates=candidates, max_examples=max_examples, max_seconds=max_seconds)
+        config = config or PromptSearchConfig(candidates=candidates, max_examples=max_examples,
+                                              max_seconds=max_seconds)
         found = search_prompt(task, model, tokenizer, config, run=run, progress=progress)
         write_candidates(run.path / "candidates.csv", found.candidates)
     finally:

@@ -296,3 +296,22 @@ def test_failing_trials_are_recorded_and_end_the_search(task_yaml, tmp_path, mon
         search(Task.load(str(task_yaml)), "ia3", n_trials=2, out=tmp_path / "s", progress=False)
     trials = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r.get("event") == "trial"]
     assert [r["state"] for r in trials] == ["failed", "failed"] and "NaN" in trials[0]["error"]
+
+
+def test_prompt_search_on_a_tuned_adapter_keeps_the_adapter_and_the_program_found(task_yaml, tiny_model_dir,
+                                                                                  tmp_path):
+    from honellm.search.compose import prompt_on_adapter
+
+    task = Task.load(str(task_yaml))
+    adapter, _ = _lora_artifact(task, tiny_model_dir, tmp_path / "a", 0, 5.0)
+    from honellm.prompting.search import PromptSearchConfig
+
+    config = PromptSearchConfig(candidates=2, max_examples=4, propose=0, shots=[2], per_query_selectors=[],
+                                calibrations=[])
+    art = prompt_on_adapter(task, adapter, config=config, out=tmp_path / "p", progress=False)
+    assert art.kind == "adapter" and art.manifest.method == "lora+prompt-search"
+    assert (art.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        adapter.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert art.manifest.cost["train_seconds"] >= 5.0 and set(art.manifest.cost["parts"]) == {"adapter"}
+    assert art.manifest.metrics["validation"]["n"] == 4
+    assert (tmp_path / "p" / "candidates.csv").exists()
