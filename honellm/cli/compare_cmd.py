@@ -62,6 +62,10 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
         report: bool = typer.Option(True, "--report/--no-report", help="write report.html in the compare folder"),
         as_json: bool = typer.Option(False, "--json", help="print compare.json's results as JSON"),
+        search: int = typer.Option(0, "--search", help="search each method's settings in N trials on validation "
+                                                       "within its budget first (docs/search.md)"),
+        seeds: int = typer.Option(1, "--seeds", help="with --search: re-run each method's best settings with up to "
+                                                     "N seeds in all (budget allowing); overlapping spreads tie"),
     ):
         """Run prompting, tuning and reward-based methods on one task, split and budget; print the leaderboard.
 
@@ -73,7 +77,8 @@ def register(app: typer.Typer) -> None:
 
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         run = compare(task, names, overrides or [], budget_seconds=parse_budget(budget), split=split, limit=limit,
-                      out=out, resume=resume, force=force, method_overrides=parse_sets(sets))
+                      out=out, resume=resume, force=force, method_overrides=parse_sets(sets), search_trials=search,
+                      seeds=seeds)
         report_path = None
         if report:
             from honellm.compare.report import write_report

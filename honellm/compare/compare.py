@@ -49,8 +49,15 @@ def _settings(spec: Method, overrides: list[str], budget: float | None) -> list[
 def compare(task_path: str, methods: list[str] | None = None, overrides: list[str] | None = None, *,
             budget_seconds: float | None = None, split: str | None = None, limit: int | None = None,
             out: str | Path | None = None, resume: bool = False, force: bool = False,
-            method_overrides: dict[str, list[str]] | None = None, progress: bool = True) -> CompareRun:
-    """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun."""
+            method_overrides: dict[str, list[str]] | None = None, progress: bool = True,
+            search_trials: int = 0, seeds: int = 1) -> CompareRun:
+    """Run `methods` on the task and evaluate each on the same split; returns the finished CompareRun.
+
+    `search_trials`: each method with a search space (honellm.search.spaces) first searches its settings on
+    validation in that many trials within its budget (docs/search.md) and is judged by its best trial's artifact;
+    with `seeds` > 1 its best settings are then re-run with seeds 1, 2, ... (as many as the budget left allows) and
+    judged on the same split, and the recommendation treats methods whose seed spreads overlap as tied.
+    """
     task = load_task(task_path, overrides or [])
     available = all_methods()  # the one registry of methods: every family
     names = list(methods or DEFAULT_METHODS)
@@ -96,7 +103,8 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             run.save()
             continue
         run.results[name] = _run_one(task, spec, run_dir / name, budget_seconds, split, limit,
-                                     (method_overrides or {}).get(name, []), progress)
+                                     (method_overrides or {}).get(name, []), progress, search_trials=search_trials,
+                                     seeds=seeds)
         run.save()
 
     run.recommendation = recommend(list(run.results.values()))
@@ -104,7 +112,8 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
     return run
 
 
-def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, progress) -> MethodResult:
+def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, progress, *, search_trials: int = 0,
+             seeds: int = 1) -> MethodResult:
     import torch
 
     from honellm.artifact import Artifact
@@ -118,8 +127,14 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
     # methods run earlier in this process do not count.
     with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as meter:
         try:
-            _, config = method_config(spec.name, None, _settings(spec, overrides, budget))
-            artifact = run_method(task, spec, config, out=out, force=True)
+            from honellm.search.spaces import SPACES
+
+            if search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
+                artifact = _run_search(task, out, budget, overrides, progress, method=spec.name,
+                                       trials=search_trials, seeds=seeds, split=split, limit=limit)
+            else:
+                _, config = method_config(spec.name, None, _settings(spec, overrides, budget))
+                artifact = run_method(task, spec, config, out=out, force=True)
         except HoneError as err:
             result.reason = err.render().split("\n")[0]
             return result
@@ -145,7 +160,34 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
     result.prompt_tokens = evaluation.cost.prompt_tokens_per_example
     result.latency_ms = measure_latency(art, task, model, tokenizer)
     result.extra = {"eval_mode": evaluation.mode, "extras": evaluation.extras}
+    others = (art.manifest.metrics or {}).get("other_seed_scores")
+    if others:  # compare --search --seeds N: this row's score and the best settings' other seeds
+        result.extra["seed_scores"] = [result.score, *others]
     return result
+
+
+def _run_search(task, out: Path, budget, overrides, progress, *, method: str, trials: int, seeds: int = 1,
+                split: str = "test", limit: int | None = None):
+    from honellm.search import search
+    from honellm.search.seeds import run_seeds, seeds_for_budget
+
+    result = search(task, method, n_trials=trials, budget_seconds=budget, base_overrides=overrides,
+                    out=out / "search", force=True, progress=progress)
+    artifact = result.artifact
+    best_seconds = next((t.seconds for t in result.trials
+                         if artifact.path is not None and Path(t.run_dir) == artifact.path.parent), result.seconds)
+    left = None if budget is None else budget - result.seconds
+    extra = seeds_for_budget(left, best_seconds, wanted=seeds) - 1 if seeds > 1 else 0
+    if extra > 0:
+        # The best settings with other seeds, judged on the compare split (the search itself never reads it).
+        others = run_seeds(task, method, result.best_overrides, seeds=tuple(range(1, extra + 1)), out=out / "seeds",
+                           split=split, limit=limit, progress=progress)
+        artifact.manifest.metrics = {**(artifact.manifest.metrics or {}), "other_seed_scores": others.scores}
+    # The cost of making it is the whole search (every trial), as the user pays it.
+    artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": round(result.seconds, 2),
+                              "best_trial_train_seconds": (artifact.manifest.cost or {}).get("train_seconds"),
+                              "search_trials": len(result.trials), "search_pruned": result.pruned}
+    return artifact
 
 
 def measure_latency(artifact, task, model, tokenizer, requests: int = LATENCY_REQUESTS) -> float | None:

@@ -38,20 +38,19 @@ def sft_then_dpo(task, *, sft_method: str = "lora", sft_overrides: list[str] | N
                  dpo_method: str = "dpo", dpo_overrides: list[str] | None = None, out: str | Path,
                  force: bool = False) -> Artifact:
     """SFT (`sft_method`) on `task`'s answers, folded into the weights, then `dpo_method` from it -> Artifact."""
-    from honellm.reward.recipes import align, align_config
-    from honellm.tuning import method_config, tune
+    from honellm.methods.catalog import method_config, run_method
 
     out = Path(out)
-    spec, config = method_config(sft_method, None, sft_overrides or [])
-    sft = tune(task, spec.name, config, out=out / "sft", force=force)
+    spec, config = method_config(sft_method, None, sft_overrides or [], family="tuning")
+    sft = run_method(task, spec, config, out=out / "sft", force=force)
     started = time.perf_counter()
     merged = out / "sft-merged"
     _fold_adapter(sft, merged)
     fold_seconds = time.perf_counter() - started
     from_sft = copy.copy(task)
     from_sft.config = task.config.model_copy(update={"model": str(merged.resolve())})
-    spec, config = align_config(dpo_method, None, dpo_overrides or [])
-    dpo = align(from_sft, spec.name, config, out=out / "dpo", force=force)
+    spec, config = method_config(dpo_method, None, dpo_overrides or [], family="reward")
+    dpo = run_method(from_sft, spec, config, out=out / "dpo", force=force)
     dpo.manifest.method = f"{sft.manifest.method}+{spec.name}"
     dpo.manifest.cost = {**(dpo.manifest.cost or {}), **total_cost({"sft": sft, spec.name: dpo}, fold_seconds)}
     dpo.update_manifest(method=dpo.manifest.method, cost=dpo.manifest.cost)
@@ -70,8 +69,11 @@ def _fold_adapter(artifact: Artifact, folder: Path) -> None:
 
 
 def prompt_on_adapter(task, artifact: Artifact, *, candidates: int = 8, out: str | Path, max_examples: int = 100,
-                      max_seconds: float = 1800.0, progress: bool = True) -> Artifact:
-    """Search the prompt program for the tuned model `artifact` (validation only) -> its adapter + that program."""
+                      max_seconds: float = 1800.0, config=None, progress: bool = True) -> Artifact:
+    """Search the prompt program for the tuned model `artifact` (validation only) -> its adapter + that program.
+
+    `config`: a `PromptSearchConfig` setting every knob of the search (then `candidates`, `max_examples` and
+    `max_seconds` are not used)."""
     from honellm.prompting.search import PromptSearchConfig, search_prompt, write_candidates
     from honellm.runs import RunDir
 
@@ -83,7 +85,8 @@ def prompt_on_adapter(task, artifact: Artifact, *, candidates: int = 8, out: str
     started = time.perf_counter()
     try:
         model, tokenizer = artifact.load_model()
-        config = PromptSearchConfig(candidates=candidates, max_examples=max_examples, max_seconds=max_seconds)
+        config = config or PromptSearchConfig(candidates=candidates, max_examples=max_examples,
+                                              max_seconds=max_seconds)
         found = search_prompt(task, model, tokenizer, config, run=run, progress=progress)
         write_candidates(run.path / "candidates.csv", found.candidates)
     finally:

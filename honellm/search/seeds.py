@@ -86,12 +86,15 @@ def run_seeds(task, method: str, overrides: list[str] | None = None, *, seeds: l
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = [o for o in overrides or [] if o.split("=", 1)[0].strip() != "seed"]
+    params: dict = {}
+    if family == "prompting":  # the prompt builder takes its settings as values, not overrides
+        params, base = {k.strip(): v for k, v in (o.split("=", 1) for o in base)}, []
     scores, per_example, artifacts, seconds = [], [], [], []
     metric = task.metric
     for seed in seeds:
         folder = out / f"seed-{seed}"
         started = time.perf_counter()
-        run_method(task, method, family, {}, base, folder, seed=seed, progress=progress)
+        run_method(task, method, family, params, base, folder, seed=seed, progress=progress)
         seconds.append(time.perf_counter() - started)
         from honellm.artifact import Artifact
 

@@ -103,15 +103,15 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
     if resume and out is None:
         raise HoneError("resuming a search needs its folder", fix="pass --out DIR naming the search to continue")
     run = RunDir.create(task.name, f"{method}-search", out=out, force=force, resume=resume)
-    run.write_config({"method": method, "task": task.name, "task_source": task.source, "n_trials": n_trials,
-                      "budget_seconds": budget_seconds, "base_overrides": base_overrides, "seed": seed,
-                      "space": [_describe(p) for p in space]})
     # Every trial evaluates on validation at the same steps (about EVALS_PER_TRIAL times at the base settings),
     # so the pruner compares trials at the same points; the first evaluation is its first rung.
     if family != "prompting" and not any(o.split("=", 1)[0].strip() == "eval_every" for o in base_overrides):
         base_overrides.append(f"eval_every={_eval_every(task, _method_config(family, method, base_overrides))}")
     first_rung = next((int(o.split("=", 1)[1]) for o in base_overrides if o.split("=", 1)[0].strip() == "eval_every"),
                       1) or 1
+    run.write_config({"method": method, "task": task.name, "task_source": task.source, "n_trials": n_trials,
+                      "budget_seconds": budget_seconds, "base_overrides": base_overrides, "seed": seed,
+                      "space": [_describe(p) for p in space]})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(run.path / STUDY_FILE)))
     higher = _higher_is_better(task)
@@ -139,7 +139,8 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
                        disable=None if progress else True)
     try:
         with _no_test(task):
-            while len(finished) < n_trials:
+            failed = 0
+            while len(finished) < n_trials and failed < n_trials:  # every trial failing ends the search too
                 left = None if budget_seconds is None else budget_seconds - (time.perf_counter() - started)
                 if left is not None and left <= 0:
                     run.log_metrics(event="time_budget", budget_seconds=budget_seconds, trials=len(finished))
@@ -156,6 +157,8 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
                                 error=record.error)
                 if record.state != "failed":
                     finished.append(record)
+                else:
+                    failed += 1
                 bar.update(1)
                 best = _best_completed(study)
                 if best is not None:
@@ -174,7 +177,8 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
     best_dir = Path(best.user_attrs.get("run_dir", _trial_dir(run.path, best.number)))
     artifact = Artifact.load(best_dir / "artifact", verify_base=False)
     overrides = [*base_overrides, *(f"{k}={_plain(v)}" for k, v in best.params.items())]
-    result = SearchResult(method, dict(best.params), overrides, float(best.value), artifact,
+    result = SearchResult(method, dict(best.params), overrides, float(best.user_attrs.get("score", best.value)),
+                          artifact,
                           sorted(records, key=lambda r: r.number), run.path, time.perf_counter() - started)
     summary = {"method": method, "best_trial": best.number, "best_score": result.best_score,
                "best_params": result.best_params, "best_overrides": overrides,
@@ -202,17 +206,17 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
 
     def report(run, record: dict) -> None:
         seen["run"] = run  # the trial's run folder, closed here if the trial stops early
-        if record.get("event") != "eval" or "step" not in record:
+        # Validation rows: the SFT and preference recipes' `event: eval`, online RL's held-out checks
+        # (`kind: guard`: the gold reward where the task has one, else the proxy reward).
+        if "step" not in record or not (record.get("event") == "eval" or record.get("kind") == "guard"):
             return
-        value = next((record[k] for k in key if record.get(k) is not None), None)
+        keys = key if record.get("event") == "eval" else ("gold", "proxy")
+        value = next((record[k] for k in keys if record.get(k) is not None), None)
         if value is None or not math.isfinite(value):
             return
         # Ties on the score are broken by the lower validation loss, as the recipes' best-checkpoint rule does
         # (a few dozen validation records give a coarse accuracy; the loss separates trials early).
-        loss = record.get("val_loss")
-        if loss is not None and math.isfinite(loss):
-            value += -TIE_BREAK * loss if higher else TIE_BREAK * loss
-        trial.report(float(value), int(record["step"]))
+        trial.report(_objective(float(value), record.get("val_loss"), higher), int(record["step"]))
         if trial.should_prune():
             seen["step"] = int(record["step"])
             raise optuna.TrialPruned()
@@ -235,7 +239,8 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
         study.tell(trial, state=TrialState.FAIL)
         return TrialRecord(trial.number, params, "failed", None, time.perf_counter() - started, str(out),
                            error=err.render().split("\n")[0])
-    study.tell(trial, score)
+    trial.set_user_attr("score", score)
+    study.tell(trial, _objective(score, _kept_loss(out), higher))
     return TrialRecord(trial.number, params, "complete", score, time.perf_counter() - started, str(out))
 
 
@@ -248,8 +253,10 @@ def _repeat(study, trial, params: dict, root: Path) -> TrialRecord | None:
             trial.set_user_attr("run_dir", earlier.user_attrs.get("run_dir", str(_trial_dir(root, earlier.number))))
             trial.set_user_attr("repeat_of", earlier.number)
             if earlier.state == TrialState.COMPLETE:
+                score = earlier.user_attrs.get("score", earlier.value)
+                trial.set_user_attr("score", score)
                 study.tell(trial, earlier.value)
-                return TrialRecord(trial.number, params, "complete", earlier.value, 0.0,
+                return TrialRecord(trial.number, params, "complete", score, 0.0,
                                    str(_trial_dir(root, earlier.number)), repeat_of=earlier.number)
             study.tell(trial, state=TrialState.PRUNED)
             return TrialRecord(trial.number, params, "pruned", None, 0.0, str(_trial_dir(root, earlier.number)),
@@ -271,14 +278,9 @@ def run_method(task, method: str, family: str, params: dict, base_overrides: lis
     config = _method_config(family, method, overrides)
     if "eval_every" not in set_keys:
         config = _method_config(family, method, [*overrides, f"eval_every={_eval_every(task, config)}"])
-    if family == "tuning":
-        from honellm.tuning import tune
+    from honellm.methods.catalog import run_method
 
-        artifact = tune(task, method, config, out=out, force=True)
-    else:
-        from honellm.reward.recipes import align
-
-        artifact = align(task, method, config, out=out, force=True)
+    artifact = run_method(task, method, config, out=out, force=True)
     return validation_score(task, artifact, family)
 
 
@@ -312,15 +314,13 @@ def method_family(method: str) -> str:
     """"prompting", "tuning" or "align" (a HoneError naming the methods for an unknown one)."""
     if method in PROMPTING:
         return "prompting"
-    from honellm.reward.recipes import all_align_methods
-    from honellm.tuning import all_methods
+    from honellm.methods.catalog import all_methods, get_method
 
-    if method in all_methods():
-        return "tuning"
-    if method in all_align_methods():
-        return "align"
-    raise HoneError(f"unknown method {method!r}", where="--method",
-                    fix=f"methods: {', '.join([*PROMPTING, *all_methods(), *all_align_methods()])}")
+    family = get_method(method).family  # a HoneError naming the closest method for an unknown one
+    if family == "prompting":
+        raise HoneError(f"the settings search runs prompt-search for prompting, not {method!r}", where="--method",
+                        fix=f"searchable: {', '.join([*PROMPTING, *all_methods('tuning'), *all_methods('reward')])}")
+    return "tuning" if family == "tuning" else "align"
 
 
 def default_params(method: str, space: list, base_overrides: list[str]) -> dict:
@@ -343,13 +343,9 @@ def default_params(method: str, space: list, base_overrides: list[str]) -> dict:
 
 
 def _method_config(family: str, method: str, overrides: list[str]):
-    if family == "tuning":
-        from honellm.tuning import method_config
+    from honellm.methods.catalog import method_config  # the one registry of methods
 
-        return method_config(method, None, overrides)[1]
-    from honellm.reward.recipes import align_config
-
-    return align_config(method, None, overrides)[1]
+    return method_config(method, None, overrides)[1]
 
 
 def _eval_every(task, config) -> int:
@@ -357,7 +353,8 @@ def _eval_every(task, config) -> int:
     n = len(task.split("train"))
     if getattr(config, "train_limit", None):
         n = min(n, config.train_limit)
-    per_epoch = max(1, math.ceil(n / (config.batch_size * config.grad_accum)))
+    per_step = getattr(config, "prompts_per_step", None) or config.batch_size * config.grad_accum  # online RL: prompts
+    per_epoch = max(1, math.ceil(n / per_step))
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     return max(1, total // EVALS_PER_TRIAL)
 
@@ -365,6 +362,22 @@ def _eval_every(task, config) -> int:
 def _score_key(task, family: str) -> tuple[str, ...]:
     """The validation row keys that hold the trial's score, in order of preference."""
     return (f"val_{task.metric}", "val_accuracy", "val_score", "val_proxy_reward")
+
+
+def _objective(score: float, loss, higher: bool) -> float:
+    """What the study ranks: the score, ties broken by the lower validation loss, as the recipes' best-checkpoint
+    rule does (a few dozen validation records give a coarse accuracy; the loss separates trials early)."""
+    if loss is None or not math.isfinite(loss):
+        return score
+    return score - TIE_BREAK * loss if higher else score + TIE_BREAK * loss
+
+
+def _kept_loss(out: Path) -> float | None:
+    """The validation loss of the weights a trial's artifact kept (None where the recipe records none)."""
+    try:
+        return json.loads((out / "artifact" / "hone.json").read_text()).get("metrics", {}).get("val_loss")
+    except (OSError, ValueError):
+        return None
 
 
 def _higher_is_better(task) -> bool:
@@ -412,7 +425,8 @@ def _record_of(frozen, root: Path) -> TrialRecord:
     seconds = ((frozen.datetime_complete - frozen.datetime_start).total_seconds()
                if frozen.datetime_complete and frozen.datetime_start else 0.0)
     state = "complete" if frozen.value is not None else "pruned"
-    return TrialRecord(frozen.number, dict(frozen.params), state, frozen.value, seconds,
+    return TrialRecord(frozen.number, dict(frozen.params), state, frozen.user_attrs.get("score", frozen.value),
+                       seconds,
                        frozen.user_attrs.get("run_dir", str(_trial_dir(root, frozen.number))),
                        pruned_at_step=frozen.last_step if state == "pruned" else None,
                        repeat_of=frozen.user_attrs.get("repeat_of"))

@@ -41,7 +41,7 @@ def test_search_runs_prunes_a_hopeless_trial_logs_every_trial_and_never_reads_te
     out = tmp_path / "search"
     # lr=3 is absurd: its validation score falls behind the sound trial's at the same step, and it is stopped.
     result = search(task, "lora", n_trials=3, out=out, progress=False,
-                    base_overrides=["max_steps=3", "eval_every=1", "r=4", "lr=1e-2", "warmup_ratio=0"],
+                    base_overrides=["max_steps=3", "eval_every=1", "r=4", "lr=1e-2", "warmup_ratio=0", "eval_limit=8"],
                     space=[Choice("lr", (1e-2, 3.0, 3e-3))], enqueue=[{"lr": 1e-2}, {"lr": 3.0}])
     assert "test" not in read and "validation" in read
     rows = read_metrics(out / "metrics.jsonl")
@@ -78,7 +78,7 @@ def _fake_trials(monkeypatch, tiny_model_dir, crash_on: int | None = None):
         if crash_on is not None and len(calls) == crash_on:
             raise RuntimeError("simulated crash")
         Artifact.zero_shot(str(tiny_model_dir), task).save(out / "artifact", force=True)
-        return 1.0 - abs(params["lr"] - 1e-3)
+        return 1.0 - abs(params.get("lr", 1e-3) - 1e-3)
 
     monkeypatch.setattr(study_module, "run_method", run_method)
     return calls
@@ -270,3 +270,48 @@ def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model
     assert set(art.manifest.cost["parts"]) == {"sft", "dpo"}
     assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
     assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
+
+
+def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(task_yaml, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from honellm.compare.compare import compare
+
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    run = compare(str(task_yaml), ["lora"], out=tmp_path / "cmp", search_trials=2, seeds=2, progress=False, limit=4)
+    row = run.results["lora"]
+    assert row.status == "done", row.reason
+    assert len(calls) == 3 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()  # 2 trials, 1 seed
+    assert len(row.extra["seed_scores"]) == 2 and row.extra["seed_scores"][0] == row.score
+    assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "artifact" / "hone.json").exists()
+    assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
+    assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
+
+
+def test_failing_trials_are_recorded_and_end_the_search(task_yaml, tmp_path, monkeypatch):
+    def run_method(*args, **kwargs):
+        raise HoneError("the loss became NaN", fix="lower lr")
+
+    monkeypatch.setattr(study_module, "run_method", run_method)
+    with pytest.raises(HoneError, match="no ia3 trial finished"):
+        search(Task.load(str(task_yaml)), "ia3", n_trials=2, out=tmp_path / "s", progress=False)
+    trials = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r.get("event") == "trial"]
+    assert [r["state"] for r in trials] == ["failed", "failed"] and "NaN" in trials[0]["error"]
+
+
+def test_prompt_search_on_a_tuned_adapter_keeps_the_adapter_and_the_program_found(task_yaml, tiny_model_dir,
+                                                                                  tmp_path):
+    from honellm.search.compose import prompt_on_adapter
+
+    task = Task.load(str(task_yaml))
+    adapter, _ = _lora_artifact(task, tiny_model_dir, tmp_path / "a", 0, 5.0)
+    from honellm.prompting.search import PromptSearchConfig
+
+    config = PromptSearchConfig(candidates=2, max_examples=4, propose=0, shots=[2], per_query_selectors=[],
+                                calibrations=[])
+    art = prompt_on_adapter(task, adapter, config=config, out=tmp_path / "p", progress=False)
+    assert art.kind == "adapter" and art.manifest.method == "lora+prompt-search"
+    assert (art.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        adapter.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert art.manifest.cost["train_seconds"] >= 5.0 and set(art.manifest.cost["parts"]) == {"adapter"}
+    assert art.manifest.metrics["validation"]["n"] == 4
+    assert (tmp_path / "p" / "candidates.csv").exists()
