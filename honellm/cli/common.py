@@ -88,3 +88,16 @@ def print_methods(family: str, as_json: bool) -> None:
         for name, setting in row["settings"].items():
             echo(f"    {name}={setting['default']}  {setting['help']}")
     echo("shared settings (every method): " + ", ".join(shared.model_fields))
+
+
+def run_or_search(task: str, method: str | None, overrides: list[str], *, family: str, search: int = 0, **options):
+    """What `hone tune` and `hone align` run: the method once (`honellm.methods.catalog.run_task`), or with
+    `--search N` the best of N trials of its settings on validation (docs/search.md) -> the Artifact."""
+    if search:
+        from honellm.search.study import search_task
+
+        found = search_task(task, method, overrides, n_trials=search, **options)
+        return getattr(found, "artifact", found)  # a search returns its best trial's artifact
+    from honellm.methods.catalog import run_task
+
+    return run_task(task, method, overrides, family=family, **options)

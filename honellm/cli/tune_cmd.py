@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from honellm.cli.common import OverridesArg, json_out, print_methods, print_training_summary
+from honellm.cli.common import OverridesArg, json_out, print_methods, print_training_summary, run_or_search
 
 
 def register(app: typer.Typer) -> None:
@@ -37,17 +37,8 @@ def register(app: typer.Typer) -> None:
             return
         if task is None:
             raise typer.BadParameter("give a task YAML or a built-in task name", param_hint="TASK")
-        from honellm.methods.catalog import run_task
-
-        if search:  # docs/search.md: the best of `search` trials on validation
-            from honellm.search.study import search_task
-
-            artifact = search_task(task, method, overrides or [], config_file=config, out=out, resume=resume,
-                                   force=force, skip_invalid=skip_invalid, n_trials=search)
-            artifact = getattr(artifact, "artifact", artifact)  # a search returns its best trial's artifact
-        else:
-            artifact = run_task(task, method, overrides or [], config_file=config, out=out, resume=resume,
-                                force=force, skip_invalid=skip_invalid, family="tuning")
+        artifact = run_or_search(task, method, overrides or [], family="tuning", search=search, config_file=config,
+                                 out=out, resume=resume, force=force, skip_invalid=skip_invalid)
         from honellm.training.setup import is_main_process
 
         if not is_main_process():

@@ -431,6 +431,19 @@ def sequence_mean(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor | 
 NORMALISATIONS: dict[str, Callable[..., Tensor]] = {"token": token_mean, "sequence": sequence_mean}
 
 
+def with_kl_term(per_token: Tensor, logps: Tensor, ref_logps: Tensor | None, mask: Tensor, kl_coef: float,
+                 metrics: Metrics) -> Tensor:
+    """`per_token` plus `kl_coef` x the k3 KL to the reference per token (GRPO's, before aggregation, as TRL);
+    the KL's token mean goes into `metrics["kl"]` whenever `ref_logps` is given."""
+    if ref_logps is None:
+        if kl_coef:
+            raise ValueError("kl_coef > 0 needs ref_logps")
+        return per_token
+    per_token_kl = kl_k3(logps, ref_logps)
+    metrics["kl"] = token_mean(per_token_kl.detach(), mask)
+    return per_token + kl_coef * per_token_kl if kl_coef else per_token
+
+
 def policy_gradient_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -460,13 +473,7 @@ def policy_gradient_loss(
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps_high)
     per_token = -torch.min(ratio * advantages, clipped * advantages)
     metrics: Metrics = {}
-    if ref_logps is not None:
-        per_token_kl = kl_k3(logps, ref_logps)
-        if kl_coef:
-            per_token = per_token + kl_coef * per_token_kl
-        metrics["kl"] = token_mean(per_token_kl.detach(), mask)
-    elif kl_coef:
-        raise ValueError("kl_coef > 0 needs ref_logps")
+    per_token = with_kl_term(per_token, logps, ref_logps, mask, kl_coef, metrics)
     loss = NORMALISATIONS[normalisation](per_token, mask, num_tokens)
     with torch.no_grad():
         low = (ratio < 1 - clip_eps) & (advantages < 0)
@@ -676,13 +683,7 @@ def policy_loss(
     mask = mask.to(logps.dtype)
     per_token, reduce, metrics = get_policy_loss(name).fn(logps, old_logps, advantages, mask, settings)
     metrics = dict(metrics)
-    if ref_logps is not None:
-        per_token_kl = kl_k3(logps, ref_logps)
-        if kl_coef:
-            per_token = per_token + kl_coef * per_token_kl
-        metrics["kl"] = token_mean(per_token_kl.detach(), mask)
-    elif kl_coef:
-        raise ValueError("kl_coef > 0 needs ref_logps")
+    per_token = with_kl_term(per_token, logps, ref_logps, mask, kl_coef, metrics)
     loss = reduce(per_token)
     if entropy is not None:
         mean_entropy = token_mean(entropy, mask)

@@ -10,7 +10,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from honellm.testing import ARCHITECTURES, make_tiny_arch_model, make_tiny_preference_task, make_tiny_task
 from tests.e2e.helpers import hone
@@ -26,12 +25,7 @@ CROSS_ARCHS = ARCHS if FULL else ["mistral", "phi3", "gpt_neox", "opt"]
 FP32 = {"HONE_CPU_BF16": "0"}  # tiny models run faster in fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.mark.parametrize("arch", CLI_ARCHS)

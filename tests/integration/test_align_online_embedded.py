@@ -8,20 +8,13 @@ docs/reward.md (a longer run; see its command).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from honellm.reward.recipes.grpo import GRPOConfig, grpo
 from honellm.reward.recipes.ppo import PPOConfig, ppo
 from honellm.runs import read_metrics
 from honellm.task import Task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

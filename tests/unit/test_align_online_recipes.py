@@ -39,12 +39,7 @@ ONLY_DIVERGENCE = {"kl_budget": None, "max_length_ratio": None, "min_length_rati
                    "min_entropy_ratio": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def _small(**kw):

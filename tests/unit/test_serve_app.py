@@ -21,15 +21,7 @@ KEY = "test-key"
 HELLO = [{"role": "user", "content": "Review: a gripping, funny and warm film."}]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """The tiny model is faster on one thread, and far faster when other jobs share the CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

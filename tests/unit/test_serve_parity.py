@@ -37,12 +37,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}}}
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
