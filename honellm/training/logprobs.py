@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from honellm.core import fastpath
+from honellm.core import fastpath, liger
 from honellm.training.batching import IGNORE, Batch, needed_width, predicting_index, predicting_positions  # noqa: F401 - re-exported
 
 
@@ -93,21 +93,35 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     index = rows * needed + positions if needed != width else index
     position_ids = batch.position_ids[:, :needed] if getattr(batch, "position_ids", None) is not None else None
     head = _unwrap(model).get_output_embeddings()
+    # Liger's fused linear cross-entropy where `honellm.core.liger` was applied (CUDA): no logits at all.
+    fused_loss = not with_entropy and liger.active(model)
     hidden = fastpath.hidden_states(model, input_ids, attention_mask, index, position_ids=position_ids)
     if hidden is not None:  # the direct LLaMA-family forward (honellm.core.fastpath), at `index` only
-        logits = head(hidden)
+        logits = None if fused_loss else head(hidden)
     else:
         offset = virtual_tokens(_unwrap(model))
         # Row-major positions in the model's sequence (prompt-learning methods prepend `offset` virtual tokens).
         model_index = rows * (needed + offset) + positions + offset if offset else index
-        handle = head.register_forward_pre_hook(
-            lambda module, args: (args[0].flatten(0, 1).index_select(0, model_index), *args[1:]))
+        kept: list[torch.Tensor] = []
+
+        def select(module, args):
+            selected = args[0].flatten(0, 1).index_select(0, model_index)
+            if fused_loss:  # keep the states for the fused loss; the head then runs on no row
+                kept.append(selected)
+                selected = selected[:0]
+            return (selected, *args[1:])
+
+        handle = head.register_forward_pre_hook(select)
         try:
             inputs = packed_inputs(model, batch, position_ids) if position_ids is not None else {
                 "attention_mask": attention_mask}
             logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
         finally:
             handle.remove()
+        hidden = kept[0] if fused_loss else None
+    if fused_loss:
+        values = liger.token_logprobs(head, hidden, targets)
+        return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0])
     logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
     values = -F.cross_entropy(logits, targets, reduction="none")
     entropy = None

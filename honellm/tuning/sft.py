@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
-from honellm.core import fused
+from honellm.core import fused, liger
 from honellm.core.support import note_paths, packing_problem
 from honellm.errors import HoneError
 from honellm.program import PromptProgram
@@ -94,6 +94,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     model = spec.apply(model, config, base_path)
     precision.cast_model(model)
     fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
+    no_liger = liger.apply(model, device)  # Liger Kernel's fused kernels on CUDA where installed (honellm.core.liger)
     _, trainable_params, total_params = parameter_bytes(model)
     initial_adapter = run.path / "initial-adapter" if spec.initial_adapter else None
     if initial_adapter is not None and is_main:
@@ -165,7 +166,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     if is_main:
         run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
-                        packing=packing, max_tokens_per_batch=budget,
+                        packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
