@@ -109,20 +109,21 @@ def _tokenizer(*, small: bool):
     return tokenizer
 
 
-def sft_records(n: int, seed: int = 0) -> list[dict]:
-    """Synthetic review/label records, 20-120 words each (SST-2-like lengths and a little longer)."""
+def sft_records(n: int, seed: int = 0, longest: int = 120) -> list[dict]:
+    """Synthetic review/label records, 20-`longest` words each (SST-2-like lengths and a little longer)."""
     rng = random.Random(seed)
-    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))),
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(min(20, longest), longest))),
              "label": rng.choice(["positive", "negative"])} for _ in range(n)]
 
 
-def dpo_pairs(n: int, folder: Path, seed: int = 0) -> Path:
+def dpo_pairs(n: int, folder: Path, seed: int = 0, small: bool = False) -> Path:
     rng = random.Random(seed)
+    short = 4 if small else 1  # --smoke: a quarter of the words (the small tokenizer spends more tokens per word)
     path = folder / "pairs.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
         for _ in range(n):
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 80)))
-            answers = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(2)]
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 80) // short))
+            answers = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60) // short)) for _ in range(2)]
             handle.write(json.dumps({"prompt": [{"role": "user", "content": prompt}], "chosen": answers[0],
                                      "rejected": answers[1]}) + "\n")
     return path
@@ -144,7 +145,7 @@ def sft_hone(args) -> dict:
     from honellm.tuning.sft import tune
 
     full = args.kind == "sft-full"
-    rows = sft_records(args.examples)
+    rows = sft_records(args.examples, longest=120 if args.max_length > 128 else 12)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -178,7 +179,7 @@ def sft_trl(args) -> dict:
 
     full = args.kind == "sft-full"
     cuda = torch.cuda.is_available()
-    rows = sft_records(args.examples)
+    rows = sft_records(args.examples, longest=120 if args.max_length > 128 else 12)
     dataset = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
                                  for r in rows])
     flash = cuda and importlib.util.find_spec("flash_attn") is not None
@@ -192,7 +193,7 @@ def sft_trl(args) -> dict:
                                         task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
-                           learning_rate=2e-5 if full else 2e-4, lr_scheduler_type="cosine", warmup_ratio=0.05,
+                           learning_rate=2e-5 if full else 2e-4, lr_scheduler_type="cosine", warmup_steps=0.05,
                            bf16=cuda, use_cpu=not cuda, max_length=args.max_length, logging_steps=1,
                            save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
                            gradient_checkpointing=False, padding_free=flash, use_liger_kernel=liger,
@@ -240,17 +241,18 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     shape = "tiny" if args.smoke else shape
     model = str(models[shape])
     if args.smoke:
-        examples, batch = 12, 4
+        examples, batch = 8, 4
     sides: dict[str, dict] = {}
     for side in ("hone", "trl"):
         if kind.startswith("sft"):
             cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--model", model, "--examples",
-                   str(examples), "--batch-size", str(batch), "--max-length", str(args.max_length)]
+                   str(examples), "--batch-size", str(batch), "--max-length", str(64 if args.smoke else args.max_length)]
         elif kind == "dpo":
             steps, warmup = (1, 1) if args.smoke else (6, 2)
-            data = dpo_pairs((steps + warmup) * batch, folder)
+            data = dpo_pairs((steps + warmup) * batch, folder, small=args.smoke)
             cmd = [sys.executable, str(ROOT / "bench" / "bench_dpo.py"), "--side", side, "--data", str(data),
-                   "--model", model, "--batch-size", str(batch), "--max-length", "256", "--steps", str(steps),
+                   "--model", model, "--batch-size", str(batch), "--max-length", "96" if args.smoke else "256",
+                   "--steps", str(steps),
                    "--warmup", str(warmup), "--r", "16"]
         else:
             size = ["--prompts", "2", "--group", "2", "--max-new-tokens", "4", "--steps", "1", "--warmup", "0"] \
@@ -311,8 +313,10 @@ def report(result: dict, peak: float | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (runs on a CPU)")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of: {', '.join(PHASES)}")
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds; later phases are skipped past it")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of: {', '.join(PHASES)} "
+                                                                   "(--smoke: the 135M ones, at the tiny shape)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds; later phases are skipped past it (default 450; --smoke: 1500)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--worker", choices=("hone", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
@@ -329,10 +333,14 @@ def main() -> None:
         print(MARK + json.dumps(found), flush=True)
         return
 
+    if args.smoke and args.phases == ",".join(PHASES):  # the 1.7B phases are the 135M ones at the tiny shape
+        args.phases = ",".join(n for n in PHASES if not n.endswith("1.7b"))
     names = [p for p in args.phases.split(",") if p]
     unknown = [p for p in names if p not in PHASES]
     if unknown:
         sys.exit(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+    if args.budget is None:
+        args.budget = 1500.0 if args.smoke else 450.0
     started = time.perf_counter()
     gpu, peak = _gpu_peak()
     print(f"bench_gpu: {gpu}{'' if peak is None else f' (dense bf16 peak {peak / 1e12:.0f} TFLOP/s)'}; "

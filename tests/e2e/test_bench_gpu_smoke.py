@@ -24,7 +24,7 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
     found = json.loads(line[len("BENCH_GPU "):])
     assert found["smoke"] is True
     phases = {p["phase"]: p for p in found["phases"]}
-    assert set(phases) == {"sft-lora-135m", "sft-full-135m", "sft-lora-1.7b", "sft-full-1.7b", "dpo-135m", "grpo-135m"}
+    assert set(phases) == {"sft-lora-135m", "sft-full-135m", "dpo-135m", "grpo-135m"}  # one per kind, tiny shape
     for name, phase in phases.items():
         for side in ("hone", "trl"):
             assert "error" not in phase[side], (name, side, phase[side].get("error"))
