@@ -246,7 +246,7 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     for side in ("hone", "trl"):
         if kind.startswith("sft"):
             cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--model", model, "--examples",
-                   str(examples), "--batch-size", str(batch), "--max-length", str(64 if args.smoke else args.max_length)]
+                   str(examples), "--batch-size", str(batch), "--max-length", str(256 if args.smoke else args.max_length)]
         elif kind == "dpo":
             steps, warmup = (1, 1) if args.smoke else (6, 2)
             data = dpo_pairs((steps + warmup) * batch, folder, small=args.smoke)

@@ -35,8 +35,23 @@ def apply(model, device) -> str | None:
     # The CausalLM forward keeps transformers' (Hone passes no labels and takes the loss itself, below).
     _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-    setattr(base, MARK, True)
+    # The fused loss applies the head alone: not where the model transforms the head's output (soft-capping,
+    # scaled logits), whose log-probs keep the logits path.
+    setattr(base, MARK, plain_head(base))
     return None
+
+
+# Config fields of models whose forward transforms the LM head's output (the value that is harmless).
+HEAD_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": None,
+                   "output_multiplier": None}
+
+
+def plain_head(model) -> bool:
+    """True when the model's logits are its output embedding's output as is (nothing applied after the head)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    return config is not None and all(getattr(config, name, harmless) in (harmless, None, 1, 1.0)
+                                      for name, harmless in HEAD_TRANSFORMS.items())
 
 
 def active(model) -> bool:

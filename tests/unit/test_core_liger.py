@@ -46,7 +46,7 @@ def fake_liger(monkeypatch, calls: list, head_rows: list | None = None):
     root.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
     transformers_mod = types.ModuleType("liger_kernel.transformers")
     monkey = types.ModuleType("liger_kernel.transformers.monkey_patch")
-    monkey.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None, "mistral": None}
+    monkey.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None, "mistral": None, "gemma2": None}
 
     def apply_to_instance(model, **kwargs):
         calls.append((model, kwargs))
@@ -88,6 +88,9 @@ def test_liger_decision_follows_the_architecture_and_liger_s_own_table(arch_dir,
     assert liger_problem(load(arch_dir("llama")), CUDA) is None
     assert "gpt2" in liger_problem(load(arch_dir("gpt2")), CUDA)  # not an architecture Liger patches
     assert "phi3" in liger_problem(load(arch_dir("phi3")), "cuda:0")  # in our list, not in this Liger's table
+    # Gemma 2 soft-caps its logits: Liger's kernels apply, the fused loss (the head alone) does not.
+    gemma = load(arch_dir("gemma2"), "eager")
+    assert liger.apply(gemma, CUDA) is None and calls[-1][0] is gemma and not liger.active(gemma)
 
 
 def sequences():
