@@ -109,11 +109,27 @@ def _tokenizer(*, small: bool):
     return tokenizer
 
 
-def sft_records(n: int, seed: int = 0, longest: int = 120) -> list[dict]:
-    """Synthetic review/label records, 20-`longest` words each (SST-2-like lengths and a little longer)."""
+def sft_records(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic review/label records, 20-120 words each (SST-2-like lengths and a little longer)."""
     rng = random.Random(seed)
-    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(min(20, longest), longest))),
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))),
              "label": rng.choice(["positive", "negative"])} for _ in range(n)]
+
+
+def sft_data(model: str, examples: int, max_length: int) -> list[dict]:
+    """The SFT records both sides train on: those whose whole conversation fits `max_length` with room to spare
+    (neither side truncates: TRL drops an example whose answer would be cut, Hone cuts its prompt)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    kept = []
+    for record in sft_records(examples * 20):
+        conversation = messages(record) + [{"role": "assistant", "content": record["label"]}]
+        if len(tokenizer.apply_chat_template(conversation, tokenize=True)) <= max_length - 8:
+            kept.append(record)
+        if len(kept) == examples:
+            return kept
+    raise SystemExit(f"only {len(kept)} of {examples * 20} synthetic records fit max_length {max_length}")
 
 
 def dpo_pairs(n: int, folder: Path, seed: int = 0, small: bool = False) -> Path:
@@ -145,7 +161,7 @@ def sft_hone(args) -> dict:
     from honellm.tuning.sft import tune
 
     full = args.kind == "sft-full"
-    rows = sft_records(args.examples, longest=120 if args.max_length > 128 else 12)
+    rows = sft_data(args.model, args.examples, args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -179,7 +195,7 @@ def sft_trl(args) -> dict:
 
     full = args.kind == "sft-full"
     cuda = torch.cuda.is_available()
-    rows = sft_records(args.examples, longest=120 if args.max_length > 128 else 12)
+    rows = sft_data(args.model, args.examples, args.max_length)
     dataset = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
                                  for r in rows])
     flash = cuda and importlib.util.find_spec("flash_attn") is not None
