@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MARK = "RESULT "
+MARK = "RESULT "  # a side's JSON line (bench_dpo.py's and bench_grpo_trl.py's sides print "BENCH ")
 
 # SmolLM2's published configs (HuggingFaceTB/SmolLM2-135M-Instruct, -1.7B-Instruct), written out.
 SHAPES = {
@@ -246,7 +246,7 @@ def _run(command: list[str], timeout: float) -> tuple[dict | None, str]:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:.0f} s"
-    found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
+    found = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith((MARK, "BENCH "))]
     if done.returncode != 0 or not found:
         return None, (done.stderr or done.stdout)[-3000:]
     return json.loads(found[-1]), ""
