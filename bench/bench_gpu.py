@@ -125,7 +125,8 @@ def sft_data(model: str, examples: int, max_length: int) -> list[dict]:
     kept = []
     for record in sft_records(examples * 20):
         conversation = messages(record) + [{"role": "assistant", "content": record["label"]}]
-        if len(tokenizer.apply_chat_template(conversation, tokenize=True)) <= max_length - 8:
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        if len(ids) <= max_length - 8:
             kept.append(record)
         if len(kept) == examples:
             return kept
