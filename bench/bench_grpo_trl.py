@@ -82,6 +82,7 @@ def run_trl(args, out: Path) -> dict:
     from honellm.hardware import pick_dtype
     from honellm.models import resolve
     from honellm.program import PromptProgram
+    from honellm.reward.functions import task_reward
     from honellm.task import Task
     from honellm.tuning.targets import resolve_targets
 
@@ -89,7 +90,7 @@ def run_trl(args, out: Path) -> dict:
     program = PromptProgram.from_task(task)
     records = task.split("train")
     dataset = Dataset.from_list([{"prompt": program.messages(task, r), "target": task.target(r)} for r in records])
-    reward = task.reward()
+    reward = task_reward(task)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve(args.model).path
     dtype = pick_dtype("auto", device)

@@ -49,6 +49,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CONFIGS = {
     "hone": "Hone LoRA SFT (bf16 frozen weights, fp32 adapter, autocast; length-grouped batches, sparse logits)",
     "hone-compiled": "the same with compile=true (one-off torch.compile of the decoder layers included)",
+    "hone-packed": "the same with packing=true (padding-free micro-batches of batch_size x longest tokens)",
+    "hone-padded": "the same with packing=false (right-padded micro-batches; the CPU default)",
 }
 # TRL configurations are named by flags: trl-<weights>[-grouped][-nogc][-padfree], where <weights> is fp32 (no
 # autocast), fp32-amp (fp32 weights, bf16=True autocast) or bf16 (weights loaded in bf16, bf16=True); grouped:
@@ -119,7 +121,8 @@ def run_hone(args) -> dict:
         spec = get_method("lora")
         config = spec.config(r=args.r, alpha=2 * args.r, target_modules=TARGETS, epochs=args.epochs,
                              batch_size=args.batch_size, max_length=args.max_length, lr=2e-4, eval_every=0,
-                             save_every=0, seed=0, compile=args.worker == "hone-compiled")
+                             save_every=0, seed=0, compile=args.worker == "hone-compiled",
+                             packing={"hone-packed": True, "hone-padded": False}.get(args.worker))
         artifact = tune(task, "lora", config, out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     start = next(r["time"] for r in metrics if r.get("event") == "start")

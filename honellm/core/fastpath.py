@@ -108,7 +108,8 @@ def _global_hooks() -> bool:
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  index: torch.Tensor | None = None) -> torch.Tensor | None:
+                  index: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
     """The decoder's final (normed) hidden states for a right-padded batch, or None when this forward does not apply
     to `model` (the caller then runs the model itself): [B, T, hidden], or with `index` (flat row-major positions
     into [B, T]) the [n, hidden] states of those positions only. With `index`, the last layer runs its output
@@ -117,7 +118,11 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     Under DDP the direct forward runs inside the wrapper's own forward (DDP prepares its gradient reducer there, and
     a forward that bypassed it would leave the gradients unsynchronised): the wrapped module's `forward` is this
-    function for the duration of the call."""
+    function for the duration of the call.
+
+    `position_ids` ([B, T], restarting at 0 where a sequence starts) marks a packed batch
+    (`honellm.training.batching.pack`): rotary embeddings at those positions and a block-diagonal causal mask, so
+    each sequence attends to itself only; exactly what transformers computes for the same packed input (tested)."""
     if isinstance(model, DistributedDataParallel):
         inner = model.module
         found = decoder_of(inner)
@@ -125,15 +130,20 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             return None
         inner.forward = functools.partial(_direct, *found)  # an instance attribute: nn.Module.__call__ finds it first
         try:
-            return model(input_ids, attention_mask, index)
+            return model(input_ids, attention_mask, index, position_ids)
         finally:
             del inner.forward
     found = decoder_of(model)
-    return None if found is None else _direct(*found, input_ids, attention_mask, index)
+    return None if found is None else _direct(*found, input_ids, attention_mask, index, position_ids)
 
 
 def _direct(lm: nn.Module, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            index: torch.Tensor | None = None) -> torch.Tensor:
+            index: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    if position_ids is not None:
+        x = decoder.embed_tokens(input_ids)
+        cos, sin = decoder.rotary_emb(x, position_ids)
+        return _run_layers(lm, decoder, x, (cos.unsqueeze(1), sin.unsqueeze(1)), packed_mask(position_ids), None,
+                           index)
     prefix = shared_prefix(input_ids, attention_mask)
     if prefix:
         return _direct_shared(lm, decoder, input_ids, attention_mask, prefix, index)
@@ -215,6 +225,20 @@ def _attention_mask(attention_mask: torch.Tensor, width: int) -> torch.Tensor:
     device = attention_mask.device
     allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(
+        ~allowed, torch.finfo(torch.float32).min)
+
+
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Additive block-diagonal causal mask [B, 1, T, T] in fp32 for packed rows: a new sequence starts wherever
+    the position does not follow the previous one (transformers' `find_packed_sequence_indices` rule), and a
+    query sees the keys of its own sequence up to itself."""
+    device, width = position_ids.device, position_ids.shape[1]
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    segment = starts.long().cumsum(1)
+    allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None]
+    allowed = (allowed & (segment[:, :, None] == segment[:, None, :]))[:, None]
     return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(
         ~allowed, torch.finfo(torch.float32).min)
 

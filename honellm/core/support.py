@@ -181,6 +181,77 @@ def layout_problem(model) -> str | None:
     return None
 
 
+# Architectures whose transformers forward ignores packed position ids (tested: the packed loss differs).
+PACKING_UNSUPPORTED = {"opt": "OPT computes its learned positions from the attention mask, not the position ids"}
+
+
+def packing_problem(model_or_config) -> str | None:
+    """Why a packed batch (`honellm.training.batching.pack`: sequences end to end in one row, boundaries in the
+    position ids) would not compute what the same sequences padded compute (None: it would).
+
+    The forward keeps attention inside each sequence from the position ids: the direct training forward with its
+    block-diagonal mask (`fastpath.packed_mask`), transformers' with its own (`masking_utils`' packed-sequence
+    masks for eager and sdpa, the varlen kernel under flash attention). Tested equal to the padded loss and
+    gradients on every architecture of `honellm.testing.ARCHITECTURES` that this does not rule out. Not a fast
+    path of its own (`HONE_FAST=0` keeps it: transformers' forward packs too); `HONE_PACKING=0` turns it off."""
+    if os.environ.get("HONE_PACKING", "1") == "0":
+        return "HONE_PACKING=0"
+    model = None if _is_config(model_or_config) else model_or_config
+    if model is not None:
+        inner = getattr(model, "module", model)
+        peft_config = getattr(inner, "active_peft_config", None)
+        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+            return "a prompt-learning adapter (its virtual tokens go in front of the row, not of each sequence)"
+    config = _text_config(model_or_config if model is None else getattr(_unwrap(model), "config", None))
+    model_type = getattr(config, "model_type", None)
+    if model_type in PACKING_UNSUPPORTED:
+        return PACKING_UNSUPPORTED[model_type]
+    if model is not None:
+        import inspect
+
+        forward = getattr(_unwrap(model), "forward", None)
+        if forward is not None and "position_ids" not in inspect.signature(forward).parameters:
+            return f"{type(_unwrap(model)).__name__}.forward takes no position ids"
+    return None
+
+
+# Model types Liger Kernel patches (its `MODEL_TYPE_TO_APPLY_LIGER_FN`; where Liger is importable, its own table
+# is asked too, so a type a newer Liger adds is taken and one an older Liger lacks is not).
+LIGER_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+               "phi3", "granite", "olmo2")
+
+
+def liger_problem(model_or_config, device) -> str | None:
+    """Why Liger Kernel's fused kernels (`honellm.core.liger`) do not run for this model here (None: they do):
+    they need a CUDA device, the `liger-kernel` package (`pip install 'honellm[gpu]'`) and an architecture Liger
+    patches. Liger itself is imported only once the first two hold (never on a CPU: it imports Triton)."""
+    import importlib.util
+
+    if not enabled():
+        return "HONE_FAST=0"
+    if os.environ.get("HONE_LIGER", "1") == "0":
+        return "HONE_LIGER=0"
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return "Liger's kernels run on CUDA devices only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'honellm[gpu]')"
+    model = None if _is_config(model_or_config) else _unwrap(model_or_config)
+    config = _text_config(model_or_config if model is None else getattr(model, "config", None))
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LIGER_TYPES or model_type not in _liger_table():
+        return f"Liger Kernel does not patch model type {model_type!r}"
+    if getattr(config, "quantization_config", None) is not None:
+        return "a quantized model (its layers' forward is the quantization library's)"
+    return None
+
+
+def _liger_table() -> tuple[str, ...]:
+    """The model types the installed Liger patches (its own table)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return tuple(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
 def rope_type(config) -> str:
     """The config's rope type ("default" when it names none); transformers 5 calls the field rope_parameters."""
     for name in ("rope_parameters", "rope_scaling"):

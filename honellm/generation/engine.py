@@ -122,6 +122,12 @@ class Generator:
         if self._vllm is not None:
             self._vllm.sync_weights()
 
+    def sleep(self) -> None:
+        """Free the GPU between generation phases (vLLM's sleep mode; the next call wakes it). A no-op for the
+        torch engine, which holds no memory of its own between calls."""
+        if self._vllm is not None:
+            self._vllm.sleep()
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -17,6 +17,7 @@ padding. Metrics are detached 0-dim tensors (call `.item()` when logging), named
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -670,9 +671,12 @@ def policy_loss(
     ref_logps: Tensor | None = None,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    sampler_weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The member `name`'s loss, plus `kl_coef` x the k3 KL to the reference per token (before aggregation, as
     TRL), minus `entropy_coef` x the token-mean entropy (an exploration bonus; TRL's `entropy_coef`).
+    `sampler_weights` (`sampler_importance_weights`: (B, T) or (B, 1)) multiply the member's per-token loss
+    before the KL term is added (TRL's vLLM importance sampling correction).
 
     Shapes: `logps`, `old_logps`, `ref_logps`, `entropy`, `mask` (B, T); `advantages` (B,) or (B, T).
     Metrics: clip_ratio/* (the member's), kl (k3 token mean, when `ref_logps` is given), entropy (token mean, when
@@ -683,6 +687,9 @@ def policy_loss(
     mask = mask.to(logps.dtype)
     per_token, reduce, metrics = get_policy_loss(name).fn(logps, old_logps, advantages, mask, settings)
     metrics = dict(metrics)
+    if sampler_weights is not None:  # vLLM's sampler against the trainer: truncated importance sampling
+        per_token = per_token * sampler_weights
+        metrics["sampler_is_ratio"] = token_mean(sampler_weights.expand_as(mask), mask)
     per_token = with_kl_term(per_token, logps, ref_logps, mask, kl_coef, metrics)
     loss = reduce(per_token)
     if entropy is not None:
@@ -693,6 +700,38 @@ def policy_loss(
     elif entropy_coef:
         raise ValueError("entropy_coef > 0 needs the per-token entropy")
     return loss, metrics
+
+
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_importance_weights(trainer_logps: Tensor, sampler_logps: Tensor, mask: Tensor, *,
+                               mode: str = "token_truncate", clip_max: float | None = 3.0,
+                               clip_min: float | None = None) -> Tensor:
+    """Importance weights correcting the mismatch between the sampler's log-probs (vLLM's kernels, another
+    precision) and the trainer's for the same tokens: the rollouts were drawn from the sampler, the loss assumes
+    the trainer's policy. TRL's `vllm_importance_sampling_correction` (Yao et al., "Your efficient RL framework
+    secretly brings you off-policy RL training", truncated importance sampling):
+
+        ratio = exp(trainer_old_logp - sampler_logp)     per token (token_*) or summed per sequence (sequence_*)
+        *_truncate: clamp(ratio, clip_min, clip_max);   *_mask: ratio, or 0 where outside [clip_min, clip_max]
+
+    and the caller multiplies the per-token loss by it (before the KL term, as TRL). `trainer_logps` are the
+    trainer's log-probs before the update (no gradient), `sampler_logps` the sampler's, both (B, T); positions
+    outside `mask` and NaN sampler log-probs (unavailable) contribute a zero difference. Returns (B, T) for token
+    modes, (B, 1) for sequence modes, detached."""
+    if mode not in SAMPLER_IS_MODES:
+        raise ValueError(f"unknown importance sampling mode {mode!r}; one of {', '.join(SAMPLER_IS_MODES)}")
+    with torch.no_grad():
+        diff = torch.nan_to_num((trainer_logps - sampler_logps) * mask.to(trainer_logps.dtype), nan=0.0)
+        if mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        ratio = torch.exp(diff)
+        if mode.endswith("truncate"):
+            return torch.clamp(ratio, min=clip_min, max=clip_max)
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:

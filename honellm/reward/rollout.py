@@ -254,6 +254,7 @@ def generate_rollouts(generator, prompts: PromptSet, params, group_size: int, *,
                         token_masks=[t.mask for t in episodes], tool_calls=[t.tool_calls for t in episodes])
     with precision.autocast():
         completions = generator.generate(repeated, params, shared_prefix="auto")
+    generator.sleep()  # vLLM's sleep mode while the trainer steps (a no-op for the torch engine)
     return Rollouts(prompts, group_size, completions, set(generator.eos_ids), time.perf_counter() - started)
 
 
@@ -383,6 +384,18 @@ def scatter_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Flattened per-token values in (row, position) order -> (B, T), zero on padding."""
     out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     return out.masked_scatter(mask.bool(), values)
+
+
+def sampler_logprobs(completions: Sequence, mask: torch.Tensor) -> torch.Tensor:
+    """The sampler's per-token log-probs (`Completion.logprobs`, asked with `SamplingParams(logprobs=True)`) laid
+    out like `mask` (B, T): completion token j of row i at [i, j]; NaN where the sampler gave none (no correction
+    there: `sampler_importance_weights` reads NaN as a zero difference)."""
+    out = torch.full(mask.shape, float("nan"), dtype=torch.float32)
+    for i, completion in enumerate(completions):
+        values = list(completion.logprobs or [])[:mask.shape[1]]
+        if values:
+            out[i, :len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
 
 
 def completion_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False):

@@ -7,6 +7,11 @@
   sees exactly the batches the uninterrupted run would have seen, and so that one process and N processes with
   the same global batch see the same examples in each step.
 - `collate` pads a micro-batch on the right.
+- `pack` lays a micro-batch out padding-free instead: its sequences end to end in one row, each sequence's
+  boundaries carried by `position_ids` (restarting at 0) and `cu_seqlens` (cumulative lengths, for varlen
+  attention kernels), attention kept inside each sequence by the forward (`honellm.training.logprobs`).
+  `token_budget_micro_batches` cuts a global batch into packed micro-batches of at most `max_tokens` tokens
+  (`packing=true max_tokens_per_batch=N`): the global batch, hence the update, is the same as unpacked.
 
 Preference recipes encode chosen and rejected answers with `encode_conversation` too, and batch them with
 `LengthGroupedBatches` over pair lengths.
@@ -80,6 +85,15 @@ class Batch:
     predicting_index: torch.Tensor | None = None
     # 1 + the last of those positions (the columns a forward needs), found on the CPU with the index.
     needed_width: int | None = None
+    # A packed batch (`pack`): one row [1, N], each sequence's positions from 0 ([1, N] long) and the cumulative
+    # sequence lengths [k + 1] int32 (0, len0, len0 + len1, ...). None: a right-padded batch.
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None  # the longest sequence of a packed batch (for varlen attention kernels)
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     def to(self, device: torch.device | str) -> Batch:
         index, needed = self.predicting_index, self.needed_width
@@ -87,8 +101,9 @@ class Batch:
             index = predicting_index(self.labels)
         if needed is None and index is not None and index.device.type == "cpu":
             needed = needed_width(index, self.labels.shape[1])
+        moved = [t.to(device) if t is not None else None for t in (index, self.position_ids, self.cu_seqlens)]
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.num_tokens, self.num_loss_tokens, index.to(device) if index is not None else None, needed)
+                     self.num_tokens, self.num_loss_tokens, moved[0], needed, moved[1], moved[2], self.max_seqlen)
 
     @property
     def num_loss_units(self) -> int:
@@ -125,6 +140,53 @@ def collate(sequences: list[TokenSequence], pad_id: int) -> Batch:
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(s.labels)
     return Batch(ids, mask, labels, int(mask.sum()), sum(s.num_loss_tokens for s in sequences))
+
+
+def pack(sequences: list[TokenSequence]) -> Batch:
+    """The sequences end to end in one row, no padding: `position_ids` restart at 0 at each sequence and
+    `cu_seqlens` holds the cumulative lengths. The first token of each sequence takes no loss (nothing of its own
+    sequence comes before it; the previous sequence's last token must not learn to predict it), which is what
+    `num_loss_tokens` counts unpacked, so the loss is the same sum over the same tokens."""
+    ids, labels, positions, cu = [], [], [], [0]
+    for s in sequences:
+        ids.extend(s.input_ids)
+        labels.append(IGNORE)
+        labels.extend(s.labels[1:])
+        positions.extend(range(len(s)))
+        cu.append(cu[-1] + len(s))
+    ids_t = torch.tensor([ids], dtype=torch.long)
+    return Batch(ids_t, torch.ones_like(ids_t), torch.tensor([labels], dtype=torch.long), len(ids),
+                 sum(s.num_loss_tokens for s in sequences), position_ids=torch.tensor([positions], dtype=torch.long),
+                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(len(s) for s in sequences))
+
+
+def token_budget_micro_batches(indices: np.ndarray, lengths: np.ndarray, max_tokens: int, *, parts: int = 1,
+                               part: int = 0) -> list[np.ndarray]:
+    """Split the examples `indices` (a global batch) into micro-batches of at most `max_tokens` tokens each
+    (an example longer than the budget gets a micro-batch of its own), for process `part` of `parts`.
+
+    First-fit decreasing over lengths: few micro-batches, each filled close to the budget, in an order that
+    depends only on the examples (a resumed run packs the same micro-batches). With several processes the
+    examples are dealt to them first (sorted by length, round robin), so each holds about as many tokens; every
+    process then packs its own share (one process with the whole batch and N processes each with their share
+    compute the same sum, hence the same update)."""
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    order = np.asarray(indices)[np.argsort(-np.asarray(lengths)[indices], kind="stable")]
+    mine = order[part::parts]
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in mine:
+        n = int(lengths[i])
+        for b, left in enumerate(room):
+            if n <= left:
+                bins[b].append(int(i))
+                room[b] -= n
+                break
+        else:
+            bins.append([int(i)])
+            room.append(max_tokens - n)
+    return [np.asarray(b, dtype=np.int64) for b in bins]
 
 
 class LengthGroupedBatches:

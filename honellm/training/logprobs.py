@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from honellm.core import fastpath
+from honellm.core import fastpath, liger
 from honellm.training.batching import IGNORE, Batch, needed_width, predicting_index, predicting_positions  # noqa: F401 - re-exported
 
 
@@ -91,33 +91,42 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     needed = _needed_width(batch, index)
     input_ids, attention_mask = batch.input_ids[:, :needed], batch.attention_mask[:, :needed]
     index = rows * needed + positions if needed != width else index
+    position_ids = batch.position_ids[:, :needed] if getattr(batch, "position_ids", None) is not None else None
     head = _unwrap(model).get_output_embeddings()
-    hidden = fastpath.hidden_states(model, input_ids, attention_mask, index)
-    if hidden is not None and hidden.shape[0] > LOGIT_CHUNK:  # many targets: the head in chunks (see below)
+    # Liger's fused linear cross-entropy where `honellm.core.liger` was applied (CUDA): no logits at all.
+    fused_loss = not with_entropy and liger.active(model)
+    hidden = fastpath.hidden_states(model, input_ids, attention_mask, index, position_ids=position_ids)
+    if hidden is not None and not fused_loss and hidden.shape[0] > LOGIT_CHUNK:  # many targets: the head in chunks
         return _chunked_logprobs(head, hidden, targets, rows, positions, batch.input_ids.shape[0], with_entropy)
     if hidden is not None:  # the direct LLaMA-family forward (honellm.core.fastpath), at `index` only
-        logits = head(hidden)
+        logits = None if fused_loss else head(hidden)
     else:
         offset = virtual_tokens(_unwrap(model))
         # Row-major positions in the model's sequence (prompt-learning methods prepend `offset` virtual tokens).
         model_index = rows * (needed + offset) + positions + offset if offset else index
         kept: list[torch.Tensor] = []
-        chunked = index.numel() > LOGIT_CHUNK and _plain_head(_unwrap(model))
+        chunked = not fused_loss and index.numel() > LOGIT_CHUNK and _plain_head(_unwrap(model))
 
         def select(module, args):
             selected = args[0].flatten(0, 1).index_select(0, model_index)
-            if chunked:  # keep the states; the head runs on none of them here, in chunks below
+            if fused_loss or chunked:  # keep the states; the head runs on none of them here (fused loss, or chunks)
                 kept.append(selected)
                 selected = selected[:0]
             return (selected, *args[1:])
 
         handle = head.register_forward_pre_hook(select)
         try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            inputs = packed_inputs(model, batch, position_ids) if position_ids is not None else {
+                "attention_mask": attention_mask}
+            logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
         finally:
             handle.remove()
         if chunked:
             return _chunked_logprobs(head, kept[0], targets, rows, positions, batch.input_ids.shape[0], with_entropy)
+        hidden = kept[0] if fused_loss else None
+    if fused_loss:
+        values = liger.token_logprobs(head, hidden, targets)
+        return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0])
     logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
     values = -F.cross_entropy(logits, targets, reduction="none")
     entropy = None
@@ -172,13 +181,32 @@ def _chunked_logprobs(head, hidden, targets, rows, positions, batch_size: int, w
     return TokenLogprobs(out, rows, positions, batch_size)
 
 
+def packed_inputs(model, batch: Batch, position_ids: torch.Tensor) -> dict:
+    """transformers' inputs for a packed batch: the position ids and no attention mask, from which transformers
+    builds a block-diagonal causal mask (eager, sdpa, flex: `masking_utils.find_packed_sequence_indices`) or, under
+    flash-attention 2/3, the varlen kernel's cumulative lengths. Those are passed directly where flash attention
+    runs (transformers would otherwise derive them from the position ids, waiting for the device)."""
+    if virtual_tokens(_unwrap(model)):
+        raise ValueError("a packed batch cannot run under a prompt-learning adapter (its virtual tokens go in front "
+                         "of the row, not of each sequence); the SFT recipe does not pack for such methods")
+    inputs = {"position_ids": position_ids}
+    config = getattr(_unwrap(model), "config", None)
+    cu = getattr(batch, "cu_seqlens", None)
+    if cu is not None and batch.max_seqlen and "flash" in str(getattr(config, "_attn_implementation", "")):
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
+                      max_length_k=batch.max_seqlen)
+    return inputs
+
+
 def _needed_width(batch: Batch, index: torch.Tensor) -> int:
     """Columns the forward needs: up to the last position that predicts a target (read on the CPU where the batch
     was built; on a GPU without that figure, all of them rather than wait for the device)."""
     needed = getattr(batch, "needed_width", None)
     if needed is None and index.device.type == "cpu":
         needed = needed_width(index, batch.labels.shape[1])
-    return batch.labels.shape[1] if needed is None else needed
+    if needed is None or getattr(batch, "position_ids", None) is not None:
+        return batch.labels.shape[1]  # packed: the row keeps every column (its cumulative lengths count them)
+    return needed
 
 
 def sequence_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,19 +48,29 @@ def is_main_process() -> bool:
 EAGER_MAX_LENGTH = 256  # on CPU, eager attention trains faster than sdpa's flash kernel up to about this length
 
 
-def pick_attention(model, choice: str, *, device: torch.device, longest: int) -> str:
+def pick_attention(model, choice: str, *, device: torch.device, longest: int, packed: bool = False) -> str:
     """Set the model's attention kernel for training and return its name.
 
     `auto`: on CPU, eager attention for sequences up to `EAGER_MAX_LENGTH` tokens (PyTorch's CPU flash-attention
     backward costs about 2.5x eager's on SmolLM2 at 80 tokens, measured) and sdpa beyond (eager materialises
-    sequence x sequence scores); on GPUs, sdpa (flash / memory-efficient kernels).
+    sequence x sequence scores); on GPUs, sdpa (flash / memory-efficient kernels), or for packed batches
+    (`packed`) flash-attention 2 where the `flash_attn` package is installed (its varlen kernel keeps each
+    sequence apart without a mask; sdpa then needs a block-diagonal one).
     """
+    if choice == "auto" and packed and device.type == "cuda" and _has_flash_attn():
+        choice = "flash_attention_2"
     if choice == "auto":
         choice = "eager" if device.type == "cpu" and longest <= EAGER_MAX_LENGTH else "sdpa"
     current = getattr(model.config, "_attn_implementation", None)
     if current != choice and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(choice)
     return getattr(model.config, "_attn_implementation", choice)
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def compile_layers(model) -> int:

@@ -27,15 +27,22 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
-from honellm.core import fused
-from honellm.core.support import note_paths
+from honellm.core import fused, liger
+from honellm.core.support import note_paths, packing_problem
 from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
-from honellm.training.batching import LengthGroupedBatches, TokenSequence, collate, encode_conversation
+from honellm.training.batching import (
+    LengthGroupedBatches,
+    TokenSequence,
+    collate,
+    encode_conversation,
+    pack,
+    token_budget_micro_batches,
+)
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.logprobs import sft_loss
-from honellm.training.memory import fit_memory, parameter_bytes
+from honellm.training.memory import check_memory, estimate_training_memory, fit_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
@@ -90,6 +97,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     model = spec.apply(model, config, base_path)
     precision.cast_model(model)
     fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
+    no_liger = liger.apply(model, device)  # Liger Kernel's fused kernels on CUDA where installed (honellm.core.liger)
     _, trainable_params, total_params = parameter_bytes(model)
     initial_adapter = run.path / "initial-adapter" if spec.initial_adapter else None
     if initial_adapter is not None and is_main:
@@ -115,19 +123,33 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
 
-    # --- attention kernel and memory pre-flight, from the longest micro-batch the data can produce
+    # --- packing, attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
-    attention = pick_attention(model, config.attention, device=device, longest=longest)
+    packing = _packing(config, model, device)
+    budget = config.max_tokens_per_batch or config.batch_size * longest if packing else None
+    attention = pick_attention(model, config.attention, device=device, longest=budget or longest, packed=packing)
     if config.compile and compile_layers(model) == 0:
         raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
                         fix="drop compile=true")
-    plan = fit_memory(model, sampler, loss_tokens=[s.num_loss_tokens for s in train],
-                      batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
-                      gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
-                      limit_gb=config.memory_limit_gb, trains_all_weights=spec.trains_base,
-                      compute_dtype=precision.compute_dtype, attention=attention,
-                      evaluation_batch=config.eval_batch_size if validation is not None and config.eval_every != 0 else 0)
-    config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
+    evaluation_batch = config.eval_batch_size if validation is not None and config.eval_every != 0 else 0
+    if packing:  # one row of `budget` tokens (the attention of a packed row spans it whole), fitted by its rows
+        def estimate_for(batch: int, length: int, checkpointing: bool):
+            return estimate_training_memory(
+                model, micro_batch_size=1, seq_len=max(budget, longest), gradient_checkpointing=checkpointing,
+                loss_tokens=max(budget, longest), compute_dtype=precision.compute_dtype, distributed=world > 1,
+                device_type=device.type, attention=attention, evaluation_batch=evaluation_batch)
+
+        memory = check_memory(estimate_for, batch_size=1, seq_len=max(budget, longest), grad_accum=config.grad_accum,
+                              gradient_checkpointing=config.gradient_checkpointing, device=device,
+                              limit_gb=config.memory_limit_gb, trains_all_weights=spec.trains_base)
+    else:  # the worst micro-batches the data produces; a smaller micro-batch (same global batch) where needed
+        plan = fit_memory(model, sampler, loss_tokens=[s.num_loss_tokens for s in train],
+                          batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
+                          gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
+                          limit_gb=config.memory_limit_gb, trains_all_weights=spec.trains_base,
+                          compute_dtype=precision.compute_dtype, attention=attention,
+                          evaluation_batch=evaluation_batch)
+        config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
@@ -147,6 +169,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     if is_main:
         run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
+                        packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
@@ -157,9 +180,13 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     pad_id = tokenizer.pad_token_id
     last_scores: dict | None = None
     while state.step < total_steps:
-        micro_batches = [collate([train[i] for i in index], pad_id)
-                         for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
-                                                            grad_accum=config.grad_accum)]
+        if packing:  # the same global batch, cut by the token budget instead of an example count
+            micro_batches = [pack([train[i] for i in index]) for index in token_budget_micro_batches(
+                sampler.global_batch(state.step), sampler.lengths, budget, parts=world, part=rank)]
+        else:
+            micro_batches = [collate([train[i] for i in index], pad_id)
+                             for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
+                                                                grad_accum=config.grad_accum)]
         try:
             result = train_step(micro_batches, sft_loss, step=state.step)
         except NonFiniteLoss as err:
@@ -230,6 +257,18 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return artifact
+
+
+def _packing(config: SFTConfig, model, device: torch.device) -> bool:
+    """Whether this run packs its micro-batches: `packing` as set (an error where the model cannot), or by
+    default on GPUs where the model can (on a CPU packing measured no faster: bench/README.md)."""
+    problem = packing_problem(model)
+    if config.packing is None:
+        return device.type != "cpu" and problem is None
+    if config.packing and problem is not None:
+        raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
+                        fix="drop packing=true (micro-batches are then padded)")
+    return bool(config.packing)
 
 
 # ------------------------------------------------------------------------------------------------ state

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from honellm.artifact import Artifact
-from honellm.core import fused
+from honellm.core import fused, liger
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.progress import progress
@@ -81,6 +81,7 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
     if precision.mixed:
         keep_adapter_inputs_in_compute_dtype(model)
     fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
+    liger.apply(model, device)  # Liger Kernel's fused kernels on CUDA where installed (see honellm.core.liger)
     return model, tokenizer
 
 

@@ -30,6 +30,7 @@ Where this departs from the papers and TRL:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from honellm.reward.losses import (
     policy_gradient_loss,
     policy_loss,
     rloo_advantages,
+    sampler_importance_weights,
     zero_variance_groups,
 )
 from honellm.reward.rollout import (
@@ -76,6 +78,7 @@ from honellm.reward.rollout import (
     proxy_reward,
     replay_guard,
     rollout_batches,
+    sampler_logprobs,
     sampling_params,
     step_seed,
 )
@@ -118,6 +121,15 @@ class GRPOConfig(OnlineRLConfig):
                                                                 "max_new_tokens for dapo, else 0)")
     overlong_penalty: float = Field(1.0, ge=0, description="reward lost by a completion that reaches "
                                                            "max_new_tokens under overlong_buffer")
+    vllm_importance_sampling_correction: bool | None = Field(
+        None, description="weigh each token's loss by exp(trainer log-prob - sampler log-prob), capped: corrects "
+                          "the mismatch between the sampler's and the trainer's numbers (TRL's setting; None: on "
+                          "where rollouts run on vLLM; true: with any backend)")
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        Field("token_truncate", description="per-token or per-sequence ratios, capped (truncate) or dropped "
+                                            "(mask) outside the bounds (honellm.reward.losses.sampler_importance_weights)")
+    vllm_importance_sampling_cap: float | None = Field(3.0, gt=0, description="upper bound of the importance ratio "
+                                                                           "(TRL's vllm_importance_sampling_clip_max)")
 
     def resolved(self, max_new_tokens: int) -> GRPOConfig:
         """The settings with every None replaced by the loss's default."""
@@ -187,7 +199,7 @@ def grpo_loss(model, batch: RolloutBatch, *, config: GRPOConfig) -> LossOutput:
                                   max_length=config.max_new_tokens)
     loss, metrics = policy_loss(config.loss, logps, old, batch.data["advantages"], mask, settings,
                                 kl_coef=config.kl_coef, ref_logps=ref, entropy=entropy,
-                                entropy_coef=config.entropy_coef)
+                                entropy_coef=config.entropy_coef, sampler_weights=batch.data.get("sampler_weights"))
     units = batch.num_loss_units
     # Metrics are means over this micro-batch; as sums weighted like the loss they average over the whole update.
     return LossOutput(loss * units, units, {_METRIC_NAMES.get(k, k): float(v) * units for k, v in metrics.items()})
@@ -342,6 +354,9 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
 
     generator = Generator(policy, tokenizer, backend=config.generation_backend,
                           batch_size=config.generation_batch_size)
+    # Importance-sampling correction of the sampler's numbers (GRPO family, plain rollouts): vLLM's by default.
+    correct = getattr(config, "vllm_importance_sampling_correction", False)
+    correct = tools is None and (generator.backend == "vllm" if correct is None else bool(correct))
     checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
     best_file = run.path / "checkpoints" / "best.safetensors"
     guard = RewardHackingGuard(config.guard)
@@ -388,6 +403,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         indices = sampler.micro_batches(state.step, rank=rank, world_size=world)[0]
         prompts = train.subset(indices)
         params = sampling_params(config, task, seed=step_seed(config.seed, state.step, rank))
+        if correct:  # the sampler's per-token log-probs, for the correction
+            params = dataclasses.replace(params, logprobs=True)
         rollouts = generate_rollouts(generator, prompts, params, config.group_size, precision=precision,
                                      tools=tools)
 
@@ -421,7 +438,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         need_ref = method.needs_reference or kl_coef > 0
         ref = no_grad_logprobs(policy, batches, precision=precision, device=device, reference=True) if need_ref \
             else None
-        need_old = config.updates_per_step > 1 or (method.kl_in_reward and kl_coef > 0)
+        need_old = config.updates_per_step > 1 or (method.kl_in_reward and kl_coef > 0) or correct
         old = no_grad_logprobs(policy, batches, precision=precision, device=device) if need_old else None
         seq_kl = None
         if ref is not None and old is not None:
@@ -435,6 +452,11 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                 b.data["ref_logps"] = ref[k]
             if old is not None and config.updates_per_step > 1:
                 b.data["old_logps"] = old[k]
+            if correct:
+                sampler = sampler_logprobs([rollouts.completions[r] for r in b.rows], b.mask).to(old[k].device)
+                b.data["sampler_weights"] = sampler_importance_weights(
+                    old[k], sampler, b.mask.to(old[k].device), mode=config.vllm_importance_sampling_mode,
+                    clip_max=config.vllm_importance_sampling_cap)
             if isinstance(config, GRPOConfig):
                 b.num_loss_units = loss_units(config, b, max_new_tokens)
             elif method.together > 1:  # online DPO: pairs

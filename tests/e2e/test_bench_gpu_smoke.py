@@ -1,0 +1,35 @@
+"""bench/bench_gpu.py --smoke: the prepared GPU benchmark runs end to end on a CPU (tiny shapes, a few steps), every
+phase on both sides (Hone and TRL), and reports what it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
+    pytest.importorskip("trl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--budget", "1200"],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("BENCH_GPU "))
+    found = json.loads(line[len("BENCH_GPU "):])
+    assert found["smoke"] is True
+    phases = {p["phase"]: p for p in found["phases"]}
+    assert set(phases) == {"sft-lora-135m", "sft-full-135m", "dpo-135m", "grpo-135m"}  # one per kind, tiny shape
+    for name, phase in phases.items():
+        for side in ("hone", "trl"):
+            assert "error" not in phase[side], (name, side, phase[side].get("error"))
+            assert phase[side]["tokens_per_second"] > 0 and phase[side]["peak_memory_bytes"] > 0
+        assert phase["ratio"] > 0
+        if name.startswith("sft"):  # the first losses of both sides, printed for the loss-curve comparison
+            assert phase["hone"]["losses"] and phase["trl"]["losses"]
+    assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
