@@ -15,7 +15,7 @@ def run(name, **kwargs):
 
 def test_every_metric_is_tested_here():
     tested = {"accuracy", "exact_match", "token_f1", "rouge_l", "numeric_match", "choice_accuracy", "reward_mean",
-              "reward_pass_rate", "reward_model_score", "preference_accuracy", "perplexity"}
+              "reward_pass_rate", "reward_model_score", "preference_accuracy", "perplexity", "judge_win_rate"}
     assert set(METRICS) == tested
 
 
@@ -105,6 +105,10 @@ def test_reward_metrics():
     assert run("reward_pass_rate", rewards=[1.0, 0.9999999999, 0.5]) == [1.0, 1.0, 0.0]
     assert run("reward_pass_rate", rewards=[0.4, 0.6], threshold=0.5) == [0.0, 1.0]
     assert run("reward_model_score", rewards=[-1.5, 2]) == [-1.5, 2.0]
+
+
+def test_judge_win_rate_counts_ties_half():
+    assert run("judge_win_rate", preferences=[0.9, 0.5, 0.1, 0.51]) == [1.0, 0.5, 0.0, 1.0]
 
 
 def test_preference_accuracy_ties_are_wrong():
