@@ -30,6 +30,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def arch_dir(tmp_path_factory):
+    """arch_dir(arch) -> the folder of a tiny random model of `arch` (honellm.testing.ARCHITECTURES), ChatML
+    template, built once per session."""
+    from honellm.testing import make_tiny_arch_model
+
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = make_tiny_arch_model(tmp_path_factory.mktemp(arch), arch)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama with a 384-token byte-level BPE vocabulary and a ChatML chat template."""
     from honellm.testing import make_tiny_model

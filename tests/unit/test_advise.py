@@ -58,15 +58,30 @@ def test_the_matmul_speed_is_measured_once_per_process():
     assert second["auto"] > 0 and second == measure_matmul_flops(0.05) and set(second) == {"auto", "fp32"}
 
 
+SMALL = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+         "num_key_value_heads": 3, "vocab_size": 49152}  # SmolLM2-135M
+LARGE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+         "num_key_value_heads": 32, "vocab_size": 49152}  # SmolLM2-1.7B
+
+
+def _transformers_parameters(config: dict) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=True))
+    return sum(p.numel() for p in model.parameters())
+
+
 def test_costs_follow_the_model_shape_and_the_data_lengths():
     from honellm.compare.advise import CostModel, lora_tokens_per_second
     from honellm.training.memory import GiB, ModelShape, estimate_for_shape
 
-    small = ModelShape.of({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                           "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152})
-    large = ModelShape.of({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-                           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152})
-    assert 1.6e9 < large.parameters() < 1.8e9 and 1.3e8 < small.parameters() < 1.4e8
+    small, large = ModelShape.of(SMALL), ModelShape.of(LARGE)
+    # exactly transformers' count of the same LLaMA shapes (built on the meta device) less the RMSNorm weights,
+    # which `parameters()` leaves out: two per layer and the final one
+    for shape, config in ((small, SMALL), (large, LARGE)):
+        assert shape.parameters() == _transformers_parameters(config) - (2 * shape.layers + 1) * shape.hidden
 
     def costs(shape, prompt=60, answer=2):
         return CostModel(shape, shape.parameters(), True, prompt, answer)

@@ -38,18 +38,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def arch_dirs(tmp_path_factory):
-    cache: dict[str, object] = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = make_tiny_arch_model(tmp_path_factory.mktemp(arch), arch)
-        return cache[arch]
-
-    return get
-
-
 def load_fp32(path, attention: str | None = "eager", *, dropout: bool = True):
     """The model in fp32 with `attention` (None: transformers' default, as `hone eval` loads it: sdpa where the
     architecture has it); `dropout=False` sets every dropout probability of the config to 0 (GPT-2's and OPT's
@@ -232,8 +220,8 @@ ARCHS = sorted(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_paths_are_the_expected_ones(arch_dirs, arch):
-    model, _ = load_fp32(arch_dirs(arch))
+def test_paths_are_the_expected_ones(arch_dir, arch):
+    model, _ = load_fp32(arch_dir(arch))
     found = fast_path_support(model, kernels=False)
     taken = tuple("fast" if getattr(found, p) else "transformers" for p in ("training", "decoding"))
     assert taken == EXPECTED[arch], found.reasons
@@ -242,20 +230,20 @@ def test_paths_are_the_expected_ones(arch_dirs, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_choice_loglikelihoods_equal_transformers(arch_dirs, arch):
-    model, tokenizer = load_fp32(arch_dirs(arch), attention=None)  # as `hone eval` loads a model
+def test_choice_loglikelihoods_equal_transformers(arch_dir, arch):
+    model, tokenizer = load_fp32(arch_dir(arch), attention=None)  # as `hone eval` loads a model
     assert choice_difference(model, tokenizer) <= TOLERANCE
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_generation_equals_transformers(arch_dirs, arch):
-    model, tokenizer = load_fp32(arch_dirs(arch), attention=None)
+def test_greedy_generation_equals_transformers(arch_dir, arch):
+    model, tokenizer = load_fp32(arch_dir(arch), attention=None)
     assert generation_difference(model, tokenizer) <= TOLERANCE
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lora_step_and_sequence_logprobs_equal_transformers(arch_dirs, arch, monkeypatch):
-    model, tokenizer = lora_model(arch_dirs(arch))
+def test_lora_step_and_sequence_logprobs_equal_transformers(arch_dir, arch, monkeypatch):
+    model, tokenizer = lora_model(arch_dir(arch))
     batch = training_batch(tokenizer)
     calls = []
     original = fastpath._layer
@@ -265,11 +253,11 @@ def test_lora_step_and_sequence_logprobs_equal_transformers(arch_dirs, arch, mon
     assert sequence_logprob_difference(model, batch) <= TOLERANCE
 
 
-def test_eager_masks_for_windowed_models_equal_transformers(arch_dirs):
+def test_eager_masks_for_windowed_models_equal_transformers(arch_dir):
     """The HF runner's own masks (sliding-window models) in their eager form as well as sdpa's (gemma2 has eager
     only; mistral and gemma3 load sdpa by default)."""
     for arch in ("mistral", "gemma3"):
-        model, tokenizer = load_fp32(arch_dirs(arch), attention="eager")
+        model, tokenizer = load_fp32(arch_dir(arch), attention="eager")
         assert choice_difference(model, tokenizer) <= TOLERANCE
 
 

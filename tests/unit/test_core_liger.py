@@ -15,23 +15,10 @@ import torch.nn.functional as F
 
 from honellm.core import liger
 from honellm.core.support import liger_problem
-from honellm.testing import make_tiny_arch_model
 from honellm.training.batching import IGNORE, TokenSequence, collate, pack
 from honellm.training.logprobs import token_logprobs
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def arch_dir(tmp_path_factory):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = make_tiny_arch_model(tmp_path_factory.mktemp(arch), arch)
-        return cache[arch]
-
-    return get
 
 
 def load(path, attention="sdpa"):

@@ -13,7 +13,7 @@ from honellm.core import fastpath
 from honellm.core.support import packing_problem
 from honellm.errors import HoneError
 from honellm.runs import read_metrics
-from honellm.testing import make_tiny_arch_model, make_tiny_task
+from honellm.testing import make_tiny_task
 from honellm.training.batching import IGNORE, TokenSequence, collate, pack, token_budget_micro_batches
 from honellm.training.logprobs import sft_loss
 from honellm.tuning import tune_task
@@ -62,18 +62,6 @@ def test_token_budget_split_covers_the_batch_within_the_budget():
     assert sorted(np.concatenate([np.concatenate(p) for p in parts]).tolist()) == indices.tolist()
     with pytest.raises(ValueError):
         token_budget_micro_batches(indices, lengths, 0)
-
-
-@pytest.fixture(scope="module")
-def arch_dir(tmp_path_factory):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = make_tiny_arch_model(tmp_path_factory.mktemp(arch), arch)
-        return cache[arch]
-
-    return get
 
 
 def load_fp32(path, attention):

@@ -492,37 +492,10 @@ def online_batch(seed: int = 0, b: int = 5, t: int = 7):
 
 def trl_grpo_loss(logps, old, ref, mask, advantages, loss_type, beta, eps_low, eps_high):
     """TRL `GRPOTrainer._compute_loss` (trl/trainer/grpo_trainer.py) with the model forward replaced by fixed
-    per-token log-probs; returns (loss, metrics)."""
-    from trl import GRPOTrainer
-
-    t = trainer_namespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level="token",
-        beta=beta,
-        loss_type=loss_type,
-        epsilon_low=eps_low,
-        epsilon_high=eps_high,
-        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
-        current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False,
-    )
-    b, n = mask.shape
-    inputs = {
-        "prompt_ids": torch.ones(b, 2, dtype=torch.long),
-        "prompt_mask": torch.ones(b, 2, dtype=torch.long),
-        "completion_ids": torch.ones(b, n, dtype=torch.long),
-        "completion_mask": mask,
-        "advantages": advantages,
-        "old_per_token_logps": old,
-        "ref_per_token_logps": ref,
-        "num_items_in_batch": mask.sum(),
-    }
-    loss = GRPOTrainer._compute_loss(t, None, inputs)
-    return loss, {k: v[-1] for k, v in t._metrics["train"].items()}
+    per-token log-probs; returns (loss, metrics). `trl_grpo_family` with token-level ratios and no entropy bonus."""
+    return trl_grpo_family(logps, old, ref, mask, advantages, torch.zeros_like(logps), loss_type=loss_type,
+                           level="token", beta=beta, eps_low=eps_low, eps_high=eps_high, max_length=None,
+                           entropy_coef=0.0)
 
 
 @pytest.mark.parametrize(("normalisation", "trl_loss_type"), [("token", "dapo"), ("sequence", "grpo")])
