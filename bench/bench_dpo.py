@@ -63,6 +63,42 @@ def prepare_data(args, folder: Path) -> Path:
     return path
 
 
+def step_timer():
+    """A transformers `TrainerCallback` that records when training began and when each step ended (the TRL side of
+    a bench; bench_grpo_trl.py uses it too): `step_seconds(warmup)` is the time of each step after the first
+    `warmup`."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.begin = None
+
+        def on_train_begin(self, *_, **__):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.ends.append(time.perf_counter())
+
+        def step_seconds(self, warmup: int) -> list[float]:
+            ends = [self.begin, *self.ends]
+            return [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
+
+    return StepTimes()
+
+
+def run_side(command: list[str], side: str) -> dict:
+    """Run one side of a bench in its own process (a clean peak memory) and return the JSON line it printed after
+    `MARK`; a failed side stops the bench with its error output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode != 0 or not found:
+        raise SystemExit(f"the {side} side failed:\n{done.stderr[-4000:]}")
+    return json.loads(found[-1])
+
+
 def peak_memory(device: str) -> int:
     import resource
 
@@ -110,7 +146,7 @@ def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from honellm.hardware import pick_dtype
@@ -137,25 +173,13 @@ def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
                        precompute_ref_batch_size=args.batch_size * 2, logging_steps=1, save_strategy="no",
                        report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True)
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-            self.begin = None
-
-        def on_train_begin(self, *_, **__):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.ends.append(time.perf_counter())
-
-    timer = StepTimes()
+    timer = step_timer()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[timer])
     started = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - started
-    ends = [timer.begin, *timer.ends]
-    seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)][args.warmup:]
+    seconds = timer.step_seconds(args.warmup)
     # tokens of the timed steps: the same pairs in TRL's tokenization (prompt + each answer)
     tokenized = trainer.train_dataset
     per_pair = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in tokenized]
@@ -175,14 +199,7 @@ def subprocess_side(args, side: str, data: Path) -> dict:
                "--warmup", str(args.warmup), "--r", str(args.r), "--lr", str(args.lr)]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
-    if done.returncode != 0 or not found:
-        raise SystemExit(f"the {side} side failed:\n{done.stderr[-4000:]}")
-    return json.loads(found[-1])
+    return run_side(command, side)
 
 
 def main() -> None:

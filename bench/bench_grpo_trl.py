@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MARK = "BENCH "
-
-
-def peak_memory(device: str) -> int:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from bench_dpo import MARK, peak_memory, run_side, step_timer  # noqa: E402 - the TRL-side helpers, beside this file
 
 
 def run_hone(args, out: Path) -> dict:
@@ -76,7 +64,7 @@ def run_trl(args, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from honellm.hardware import pick_dtype
@@ -109,17 +97,6 @@ def run_trl(args, out: Path) -> dict:
                         use_cpu=device == "cpu", logging_steps=1, save_strategy="no", report_to=[], seed=0,
                         dataloader_num_workers=0, disable_tqdm=True, reward_weights=reward.weights)
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-            self.begin = None
-
-        def on_train_begin(self, *_, **__):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.ends.append(time.perf_counter())
-
     functions = []
     for name, function in zip(reward.names, reward.functions, strict=True):
         def call(prompts, completions, _f=function, **columns):
@@ -127,14 +104,13 @@ def run_trl(args, out: Path) -> dict:
 
         call.__name__ = name
         functions.append(call)
-    timer = StepTimes()
+    timer = step_timer()
     trainer = GRPOTrainer(model=model, reward_funcs=functions, args=config, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
     started = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - started
-    ends = [timer.begin, *timer.ends]
-    seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)][args.warmup:]
+    seconds = timer.step_seconds(args.warmup)
     logs = [h for h in trainer.state.log_history if "reward" in h][args.warmup:]
     lengths = [h.get("completions/mean_length", 0.0) for h in logs]
     return {"side": "trl", "step_seconds": statistics.median(seconds), "generation_seconds": None,
@@ -148,13 +124,7 @@ def subprocess_side(args, side: str) -> dict:
                "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--r", str(args.r), "--lr", str(args.lr), "--beta", str(args.beta),
                "--temperature", str(args.temperature)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    found = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
-    if done.returncode != 0 or not found:
-        raise SystemExit(f"the {side} side failed:\n{done.stderr[-4000:]}")
-    return json.loads(found[-1])
+    return run_side(command, side)
 
 
 def main() -> None:
