@@ -38,14 +38,11 @@ from honellm.testing import (
     make_tiny_reward_task,
     make_tiny_task,
 )
-from honellm.training.batching import collate, encode_conversation
 from honellm.training.logprobs import sft_loss
-from honellm.training.optim import build_optimizer, build_schedule
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything, setup_accelerator
-from honellm.training.step import TrainStep
+from honellm.training.setup import seed_everything
 from honellm.tuning import all_methods, get_method, tune_task
-from honellm.tuning.methods import save_initial_adapter
+from tests.unit.test_tuning_contract import check_method_contract, logits_of, sft_batches
 
 ARCHS = list(ARCHITECTURES)
 CPU_METHODS = [name for name, m in all_methods().items() if not m.needs_gpu]
@@ -94,12 +91,6 @@ def _probe(tokenizer):
     texts = [render_prompt(tokenizer, messages), "the quick brown fox jumps over the lazy dog"]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc["input_ids"], enc["attention_mask"]
-
-
-@torch.no_grad()
-def _logits(model, probe):
-    model.eval()
-    return model(input_ids=probe[0], attention_mask=probe[1]).logits.float()
 
 
 # ------------------------------------------------------------------------------------------------ chat templates
@@ -172,14 +163,6 @@ def test_zero_and_few_shot_evaluation(models, arch, tmp_path):
 # ------------------------------------------------------------------------------------------------ tuning methods
 
 
-def _batches(tokenizer, n_batches: int = 2):
-    pairs = [("a gripping, funny film", "positive"), ("dull and far too long", "negative"),
-             ("warm and quick", "positive"), ("lifeless, lazy", "negative")]
-    seqs = [encode_conversation(tokenizer, [{"role": "user", "content": f"Review: {t}"}], label, max_length=64)
-            for t, label in pairs]
-    return [collate(seqs[i % 2 * 2:i % 2 * 2 + 2], tokenizer.pad_token_id) for i in range(n_batches)]
-
-
 @pytest.mark.parametrize("method", CPU_METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tuning_method(models, arch, method, tmp_path):
@@ -199,39 +182,7 @@ def test_tuning_method(models, arch, method, tmp_path):
         assert info.value.fix and "Traceback" not in str(info.value)
         pytest.skip(f"{method} on {arch}: {REFUSED[arch, method]} (Hone says: {info.value})")
     model = FP32.cast_model(spec.apply(model, config, str(model_dir)))
-    initial = None
-    if spec.initial_adapter:
-        initial = tmp_path / "initial"
-        save_initial_adapter(model, initial)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable, "no trainable parameters"
-
-    optimizer = build_optimizer(model, lr=max(config.lr, 1e-3))
-    schedule = build_schedule(optimizer, total_steps=2, warmup_steps=0, schedule="constant")
-    step = TrainStep(setup_accelerator(), model, optimizer, schedule, precision=FP32, max_grad_norm=1.0)
-    for batch in _batches(tokenizer):
-        assert math.isfinite(step([batch], sft_loss).loss)
-    after = dict(model.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
-    assert changed == trainable, f"frozen changed: {sorted(changed - trainable)[:3]}; trainable unchanged: " \
-                                 f"{sorted(trainable - changed)[:3]}"
-
-    probe = _probe(tokenizer)
-    expected = _logits(model, probe)
-    if spec.trains_base:
-        model.save_pretrained(tmp_path / "saved")
-        tokenizer.save_pretrained(tmp_path / "saved")
-        reloaded, _ = load(tmp_path / "saved", dtype="fp32", device="cpu")
-    else:
-        from peft import PeftModel
-
-        spec.save(model, tmp_path / "adapter", initial=initial)
-        base, _ = load(model_dir, dtype="fp32", device="cpu")
-        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    torch.testing.assert_close(_logits(reloaded, probe), expected, atol=1e-4, rtol=1e-4)
-    if spec.merges:
-        torch.testing.assert_close(_logits(reloaded.merge_and_unload(), probe), expected, atol=1e-4, rtol=1e-4)
+    check_method_contract(spec, config, model, tokenizer, model_dir, tmp_path, _probe(tokenizer), n_batches=2)
 
 
 def test_a_soft_prompt_outside_every_window_gets_no_gradient(models):
@@ -242,7 +193,7 @@ def test_a_soft_prompt_outside_every_window_gets_no_gradient(models):
     model, tokenizer = load(models("mistral"), dtype="fp32", device="cpu")
     model = FP32.cast_model(spec.apply(model, spec.config(precision="fp32"), str(models("mistral"))))
     model.train()
-    loss = sft_loss(model, _batches(tokenizer, 1)[0]).total
+    loss = sft_loss(model, sft_batches(tokenizer, 1)[0]).total
     assert torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -304,18 +255,18 @@ def test_lora_tune_then_merged_and_adapter_export(models, arch, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     probe = _probe(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    unadapted = _logits(base, probe)
+    unadapted = logits_of(base, probe)
     reference = PeftModel.from_pretrained(base, art.path / "adapter")
-    expected = _logits(reference, probe)
+    expected = logits_of(reference, probe)
     assert not torch.allclose(unadapted, expected, atol=1e-3), "the adapter does not change the outputs"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert merged.config.model_type == base.config.model_type
-    torch.testing.assert_close(_logits(merged, probe), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_of(merged, probe), expected, atol=1e-4, rtol=1e-4)
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(model_dir.resolve())
     fresh = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
-    torch.testing.assert_close(_logits(PeftModel.from_pretrained(fresh, adapter_dir), probe), expected,
+    torch.testing.assert_close(logits_of(PeftModel.from_pretrained(fresh, adapter_dir), probe), expected,
                                atol=1e-4, rtol=1e-4)
 
 

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -25,7 +27,8 @@ CPU_METHODS = [name for name, m in all_methods().items() if not m.needs_gpu]
 FP32 = Precision.resolve("fp32", "cpu")
 
 
-def _batches(tokenizer, n_batches: int = 3):
+def sft_batches(tokenizer, n_batches: int = 3):
+    """`n_batches` micro-batches of two short labelled reviews (the two pairs alternate)."""
     pairs = [("a gripping, funny film", "positive"), ("dull and far too long", "negative"),
              ("warm and quick", "positive"), ("lifeless, lazy", "negative")]
     seqs = [encode_conversation(tokenizer, [{"role": "user", "content": f"Review: {t}"}], label, max_length=64)
@@ -40,7 +43,7 @@ def _probe(tokenizer):
 
 
 @torch.no_grad()
-def _logits(model, probe):
+def logits_of(model, probe):
     model.eval()
     ids, mask = probe
     return model(input_ids=ids, attention_mask=mask).logits.float()
@@ -62,6 +65,13 @@ def test_method_contract(name, tiny_model_dir, tmp_path):
     seed_everything(0)
     model, tokenizer = load(tiny_model_dir, dtype="fp32", device="cpu")
     model = FP32.cast_model(spec.apply(model, config, str(tiny_model_dir)))
+    check_method_contract(spec, config, model, tokenizer, tiny_model_dir, tmp_path, _probe(tokenizer))
+
+
+def check_method_contract(spec, config, model, tokenizer, base_dir, tmp_path, probe, n_batches: int = 3) -> None:
+    """The contract (module docstring) for `model`, the base at `base_dir` with `spec` applied (fp32): a few steps
+    at a learning rate large enough to move every trainable tensor; then save, reload on the original base, compare
+    `probe`'s logits. tests/unit/test_architectures.py runs it on every architecture."""
     initial = None
     if spec.initial_adapter:
         initial = tmp_path / "initial"
@@ -70,37 +80,33 @@ def test_method_contract(name, tiny_model_dir, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "no trainable parameters"
 
-    # a few steps, with a learning rate large enough to move every trainable tensor
     optimizer = build_optimizer(model, lr=max(config.lr, 1e-3))
-    schedule = build_schedule(optimizer, total_steps=3, warmup_steps=0, schedule="constant")
+    schedule = build_schedule(optimizer, total_steps=n_batches, warmup_steps=0, schedule="constant")
     step = TrainStep(setup_accelerator(), model, optimizer, schedule, precision=FP32, max_grad_norm=1.0)
-    for batch in _batches(tokenizer):
-        result = step([batch], sft_loss)
-        assert torch.isfinite(torch.tensor(result.loss))
+    for batch in sft_batches(tokenizer, n_batches):
+        assert math.isfinite(step([batch], sft_loss).loss)
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed == trainable, f"frozen changed: {sorted(changed - trainable)[:3]}; trainable unchanged: " \
                                  f"{sorted(trainable - changed)[:3]}"
 
     # save the way the recipe does, reload on the original base: same outputs
-    probe = _probe(tokenizer)
-    expected = _logits(model, probe)
+    expected = logits_of(model, probe)
     if spec.trains_base:
         model.save_pretrained(tmp_path / "saved")
         tokenizer.save_pretrained(tmp_path / "saved")
         reloaded, _ = load(tmp_path / "saved", dtype="fp32", device="cpu")
     else:
-        spec.save(model, tmp_path / "adapter", initial=initial)
         from peft import PeftModel
 
-        base, _ = load(tiny_model_dir, dtype="fp32", device="cpu")
+        spec.save(model, tmp_path / "adapter", initial=initial)
+        base, _ = load(base_dir, dtype="fp32", device="cpu")
         reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    torch.testing.assert_close(_logits(reloaded, probe), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_of(reloaded, probe), expected, atol=1e-4, rtol=1e-4)
 
     # merged equals unmerged where the method merges
     if spec.merges:
-        merged = reloaded.merge_and_unload()
-        torch.testing.assert_close(_logits(merged, probe), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits_of(reloaded.merge_and_unload(), probe), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_qlora_without_a_gpu_is_a_clear_error(tiny_model_dir):
