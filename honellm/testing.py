@@ -58,7 +58,7 @@ def make_tiny_tokenizer(vocab_size: int = 384):
 def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, vocab_size: int = 384):
     """Write a tiny random Llama chat model to `path` and return the path."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tok = make_tiny_tokenizer(vocab_size)
@@ -77,6 +77,13 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, layers: int = 2, hidden:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    return _save_model(model, tok, path)
+
+
+def _save_model(model, tok, path: Path) -> Path:
+    """Write `model` and `tok` as a standard Hugging Face folder (generation ids from the tokenizer); return it."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
@@ -255,7 +262,7 @@ def make_tiny_arch_model(path: str | Path, arch: str, *, seed: int = 0, layers: 
     from the table's (e.g. a wider `sliding_window`), for the Llama-shaped architectures.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; one of {sorted(ARCHITECTURES)}")
@@ -265,10 +272,4 @@ def make_tiny_arch_model(path: str | Path, arch: str, *, seed: int = 0, layers: 
     config = _arch_config(arch, tok, hidden, layers, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return _save_model(model, tok, path)
