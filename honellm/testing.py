@@ -16,6 +16,17 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The names Debian and others give headless-capable Chromium (the browser tests and the screenshot scripts).
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def find_chromium() -> str | None:
+    """The path of a Chromium binary on PATH, or None."""
+    import shutil
+
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
 _CORPUS = [
     "Review: a gripping, funny and warm film. positive",
     "Review: dull, lifeless and far too long. negative",

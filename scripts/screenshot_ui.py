@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,20 +25,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(ROOT))
+from honellm.testing import find_chromium  # noqa: E402
+from honellm.ui.jobs import free_port  # noqa: E402
 
 
 def call(url: str, body: dict | None = None) -> dict:
@@ -62,7 +50,6 @@ def wait_job(base: str, job_id: str, timeout: float = 900) -> dict:
 
 
 def make_workspace(folder: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from honellm.testing import make_tiny_model, make_tiny_task
 
     model = make_tiny_model(folder / "model")

@@ -9,7 +9,6 @@ downloaded); its locators wait for the live page by themselves, so the test has 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,17 +17,9 @@ import urllib.request
 
 import pytest
 
+from honellm.testing import CHROMIUM_NAMES, find_chromium
+from honellm.ui.jobs import free_port
 from tests.e2e.helpers import ROOT
-
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
-
-
-def find_chromium() -> str | None:
-    for name in CHROMIUM_NAMES:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +32,6 @@ def chromium() -> str:
                                                       "(the dev extra has it)")
     return path
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_guarded_run(folder):
