@@ -127,13 +127,18 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     if fused_loss:
         values = liger.token_logprobs(head, hidden, targets)
         return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0])
-    logits = logits.float()  # log-softmax over the vocabulary in fp32, as autocast would
-    values = -F.cross_entropy(logits, targets, reduction="none")
-    entropy = None
-    if with_entropy:
-        logp = logits.log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+    values, entropy = _target_logprobs(logits, targets, with_entropy)
     return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0], entropy)
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """(log-probabilities of `targets` [n], their distributions' entropies [n] or None) from logits [n, vocab],
+    the log-softmax in fp32 as autocast would; computed once when the entropy is asked for too."""
+    logits = logits.float()
+    if not with_entropy:
+        return -F.cross_entropy(logits, targets, reduction="none"), None
+    logp = logits.log_softmax(-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 # Targets whose full-vocabulary logits exist at once. Above this many targets in a batch (DPO's long answers), the
@@ -156,12 +161,8 @@ def _plain_head(model) -> bool:
 
 
 def _head_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> torch.Tensor:
-    logits = head(hidden).float()
-    values = -F.cross_entropy(logits, targets, reduction="none")
-    if not with_entropy:
-        return values
-    logp = logits.log_softmax(-1)
-    return torch.stack([values, -(logp.exp() * logp).sum(-1)])
+    values, entropy = _target_logprobs(head(hidden), targets, with_entropy)
+    return values if entropy is None else torch.stack([values, entropy])
 
 
 def _chunked_logprobs(head, hidden, targets, rows, positions, batch_size: int, with_entropy: bool) -> TokenLogprobs:
