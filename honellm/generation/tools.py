@@ -269,7 +269,6 @@ class ToolEnvironment:
         trajectories = [Trajectory() for _ in prompts]
         conversations = [list(m) for m in prompts]
         active = list(range(len(prompts)))
-        eos_text = self.tokenizer.eos_token or ""
         for turn in range(self.max_turns):
             if not active:
                 break
@@ -294,20 +293,16 @@ class ToolEnvironment:
                     message = {"role": "tool", "name": call.name, "content": result}
                     conversations[i].append(message)
                     t.messages.append(message)
-                # the template's tokens after the assistant turn as generated: tool turns, then the next prompt
+                # the template's tokens after the assistant turn as generated (its end-of-turn token where the model
+                # stopped on a stop string, then the tool turns and the next prompt); they take no loss
                 done_text = texts[i] + self.tokenizer.decode(t.token_ids, skip_special_tokens=False)
                 full = self.render(conversations[i])
-                anchor = done_text if done_text.endswith(eos_text) or not eos_text else done_text + eos_text
                 if not full.startswith(done_text):
                     raise HoneError("this model's chat template rewrites earlier turns, so a tool episode's tokens "
                                     "cannot extend the ones the model generated",
                                     fix="use a model whose template renders assistant turns verbatim (ChatML, "
                                         "Llama 3, Qwen), or no tools")
-                delta = full[len(anchor):] if full.startswith(anchor) else full[len(done_text):]
-                if anchor != done_text and full.startswith(anchor):  # the template closes the turn itself
-                    delta_ids = self.tokenizer(eos_text + delta, add_special_tokens=False)["input_ids"]
-                else:
-                    delta_ids = self.tokenizer(delta, add_special_tokens=False)["input_ids"]
+                delta_ids = self.tokenizer(full[len(done_text):], add_special_tokens=False)["input_ids"]
                 t.token_ids += delta_ids
                 t.mask += [0] * len(delta_ids)
                 t.logprobs += [0.0] * len(delta_ids) if completion.logprobs is not None else []
