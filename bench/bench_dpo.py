@@ -100,13 +100,13 @@ def run_side(command: list[str], side: str) -> dict:
 
 
 def peak_memory(device: str) -> int:
-    import resource
+    from honellm.hardware import peak_rss_bytes
 
     import torch
 
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return peak_rss_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ the two sides

@@ -228,13 +228,13 @@ def sft_trl(args) -> dict:
 
 
 def _peak() -> int:
-    import resource
+    from honellm.hardware import peak_rss_bytes
 
     import torch
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return peak_rss_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -103,7 +102,7 @@ def worker(name: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from honellm.core import fused
-    from honellm.hardware import release_freed_memory
+    from honellm.hardware import peak_rss_bytes, release_freed_memory
     from honellm.training.batching import IGNORE, LengthGroupedBatches, TokenSequence, collate
     from honellm.training.logprobs import sft_loss
     from honellm.training.memory import ModelShape, fit_memory, parameter_bytes
@@ -153,7 +152,7 @@ def worker(name: str, steps: int) -> dict:
         result = step(batches, sft_loss, step=i)
         times.append(result.seconds)
         tokens.append(result.tokens)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     _, trainable, total = parameter_bytes(model)
     measured = slice(1, None) if steps > 1 else slice(None)
     speed = sum(tokens[measured]) / sum(times[measured])

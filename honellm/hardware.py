@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +21,23 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     return _cpuinfo()[1]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process, in bytes.
+
+    On Linux the high-water mark of this program's own address space (`VmHWM` in /proc/self/status). Not
+    `getrusage`'s `ru_maxrss`: Linux carries that over `execve`, so a program started by a large process (a
+    test runner, a notebook) would report its parent's size at the fork as its own peak. Elsewhere `ru_maxrss`.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def cpu_model() -> str:

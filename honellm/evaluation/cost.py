@@ -2,14 +2,14 @@
 
 On Linux, writing "5" to /proc/self/clear_refs resets the process's RSS high-water mark (VmHWM), so the peak
 measured is this evaluation's, not the whole process's; where that is not allowed the process-lifetime peak
-(`ru_maxrss`) is reported and `memory_kind` says so.
+is reported and `memory_kind` says so.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 from pathlib import Path
+
+from honellm.hardware import peak_rss_bytes
 
 
 class PeakMemory:
@@ -41,22 +41,5 @@ class PeakMemory:
             self.mb = torch.cuda.max_memory_allocated() / 2**20
             self.kind = "cuda_max_allocated"
             return
-        high_water = _vm_hwm_kb() if self._reset_ok else None
-        if high_water is not None:
-            self.mb = high_water / 1024
-            self.kind = "cpu_rss_high_water"
-        else:
-            # ru_maxrss is in kilobytes on Linux and bytes on macOS.
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.mb = peak / (2**20 if sys.platform == "darwin" else 1024)
-            self.kind = "cpu_rss_high_water_process"
-
-
-def _vm_hwm_kb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    except OSError:
-        return None
-    return None
+        self.mb = peak_rss_bytes() / 2**20
+        self.kind = "cpu_rss_high_water" if self._reset_ok else "cpu_rss_high_water_process"

@@ -8,12 +8,12 @@ Every recipe reports speed through `summary()`, so SFT, DPO and GRPO figures are
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 
 import torch
 
+from honellm.hardware import peak_rss_bytes
 from honellm.progress import progress
 from honellm.training.step import StepResult
 
@@ -23,8 +23,7 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+    return peak_rss_bytes()
 
 
 class TrainingMonitor:

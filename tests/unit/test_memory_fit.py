@@ -270,3 +270,20 @@ def test_an_sft_run_refuses_when_not_even_one_example_fits(tiny_model_dir, tmp_p
     with pytest.raises(HoneError) as info:
         tune(task, "lora", config, out=tmp_path / "run")
     assert "even micro-batches of one example" in info.value.what
+
+
+def test_peak_memory_is_the_programs_own_not_its_parents_at_the_fork():
+    """A run started by a large process (CI's test runner) reports its own peak: Linux carries `ru_maxrss` over
+    `execve`, so the parent's size at the fork would read as the child's peak."""
+    import subprocess
+    import sys
+
+    from honellm.hardware import peak_rss_bytes
+
+    ballast = bytearray(512 * 2**20)
+    ballast[:: 4096] = b"\1" * (len(ballast) // 4096)  # touch every page: 512 MiB resident here
+    assert peak_rss_bytes() >= 512 * 2**20
+    code = "from honellm.hardware import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert 0 < child < 512 * 2**20  # importing torch and Hone: a few hundred MiB
