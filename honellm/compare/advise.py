@@ -20,10 +20,10 @@ FLOPS_PER_TOKEN = {"full": 6, "peft": 4, "inference": 2}
 EFFICIENCY = 0.35
 # LoRA SFT: the share of the measured 1024-square matmul speed a step reaches per decoder FLOP (see
 # `lora_tokens_per_second`), by the decoder's parameter count: small models spend most of a step outside the large
-# products, large ones run GEMMs bigger (and on AMX faster) than the 1024-square one measured. Measured on this
-# 2-core AMX CPU: SmolLM2-135M on SST-2 at 400 tokens/s with the square GEMM at 0.77 TFLOP/s (bench_sft.py), the
-# Qwen2.5-0.5B and SmolLM2-1.7B shapes at 406 and 135 tokens/s with it at ~0.66 (bench_sizes.py, bench/README.md).
-PEFT_EFFICIENCY = ((106e6, 0.22), (358e6, 0.88), (1.61e9, 1.32))
+# products, large ones run GEMMs bigger than the 1024-square one measured. Fitted to bench/bench_sizes.py on a quiet
+# 2-core AMX CPU (the SmolLM2-135M, Qwen2.5-0.5B, Llama-3.2-1B and SmolLM2-1.7B shapes; bench/README.md has the
+# table); the 1.7B shape's full-width key/value heads make its attention costlier than the 1B shape's GQA.
+PEFT_EFFICIENCY = ((106e6, 0.31), (358e6, 0.47), (973e6, 0.79), (1.61e9, 0.66))
 
 
 @dataclass
