@@ -1,0 +1,228 @@
+"""The training tail every recipe's loop shares: one optimizer step's aftermath, written once.
+
+A recipe's loop reads top to bottom and calls the tail twice per step:
+
+    while tail.running():
+        batches = ...                                    # what the recipe feeds its step
+        result = tail.step(train_step, batches, loss_fn)  # a non-finite loss becomes the user's HoneError
+        if tail.end_step(result, **extra_metrics):        # count, budget, log, evaluate, keep the best, checkpoint
+            break
+    tail.finish(keep_best=config.select_best)              # the best weights back in
+
+`end_step` does, in this order, what each recipe used to write for itself (SFT, the DPO family and KTO, the
+reward model, GRPO / RLOO / online DPO, PPO, RFT):
+
+1. the step count, and the wall-clock budget (`max_seconds`: the step that spends it is the last);
+2. the step's metrics line (every `log_every` steps and at the last);
+3. the evaluation callback every `eval_every` steps and at the last; its scores are logged as an `eval` event;
+   whether they improve on the best is judged by `Best` (a score with its direction, ties broken by the
+   validation loss) or by the recipe's own `judge` (the online recipes: the reward-hacking guard's gold signal);
+   the best weights are written to `checkpoints/best.safetensors` (under FSDP every process gathers its shards);
+   `patience` evaluations without improvement, or the judge's say-so, stop the run;
+4. a checkpoint every `save_every` steps (never at the last step, nor at a stop: the artifact follows).
+
+Why not a framework's trainer or callbacks (transformers' `Trainer`, accelerate has none): the recipes are flat
+functions on purpose (docs/architecture.md), and what is shared here is a handful of decisions with exact
+metrics.jsonl fields the UI and the tests read, not a training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from honellm.errors import HoneError
+from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
+from honellm.training.monitor import TrainingMonitor
+from honellm.training.step import NonFiniteLoss, StepResult
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step, saved in each checkpoint's state.json.
+
+    `best_score` is the score `Best` judges by (a task metric, a preference accuracy), `best_loss` the validation
+    loss of that evaluation; `bad_evals` counts evaluations without improvement (early stopping).
+    """
+
+    step: int = 0
+    best_step: int | None = None
+    best_score: float | None = None
+    best_loss: float | None = None
+    bad_evals: int = 0
+    monitor: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        if "best_accuracy" in data and "best_score" not in data:  # state.json of an align run before the tail
+            data["best_score"] = data.pop("best_accuracy")
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Best:
+    """Which evaluation is the best: a higher (or lower) `key`, ties broken by a lower `val_loss`; by the loss
+    alone where the scores have no `key` (a task whose metric the recipe cannot compute during training)."""
+
+    key: str
+    higher_is_better: bool = True
+
+    def improves(self, state: LoopState, scores: dict) -> bool:
+        if state.best_step is None:
+            return True
+        score = scores.get(self.key)
+        if score is not None and state.best_score is not None and score != state.best_score:
+            return score > state.best_score if self.higher_is_better else score < state.best_score
+        return scores["val_loss"] < state.best_loss
+
+    def record(self, state: LoopState, scores: dict, step: int) -> None:
+        state.best_step, state.best_score, state.best_loss = step, scores.get(self.key), scores["val_loss"]
+
+    def kept(self, state: LoopState) -> dict:
+        """The best evaluation's scores (for the artifact's metrics); empty before any evaluation."""
+        if state.best_step is None:
+            return {}
+        return {k: v for k, v in ((self.key, state.best_score), ("val_loss", state.best_loss)) if v is not None}
+
+
+# ------------------------------------------------------------------------------------------------ the tail
+
+
+class TrainingTail:
+    """Budget, logging, evaluation, best weights, early stop and checkpoints after each optimizer step.
+
+    `evaluate(step) -> dict | None` scores the in-memory model; a dict is logged as the `eval` event (with
+    `best_step`) and judged; None means the callback logged what it measured itself (the online recipes).
+    `judge(step, scores) -> (best, stop)` replaces `Best` where something else decides (the guard).
+    `checkpoints=None`: the run keeps no checkpoints (RFT). `always_keep_best`: write best.safetensors whatever
+    `select_best` says (the online recipes restore it when the guard stops the run).
+    """
+
+    def __init__(self, *, accelerator, run, monitor: TrainingMonitor, state: LoopState, total_steps: int,
+                 model=None, optimizer=None, schedule=None, checkpoints: Checkpointer | None = None,
+                 log_every: int = 1, max_seconds: float | None = None, per_epoch: int | None = None,
+                 evaluate: Callable[[int], dict | None] | None = None, eval_every: int = 0, best: Best | None = None,
+                 judge: Callable[[int, dict | None], tuple[bool, bool]] | None = None, select_best: bool = True,
+                 always_keep_best: bool = False, patience: int | None = None, save_every: int = 0,
+                 best_file: str | Path | None = None):
+        self.accelerator, self.run, self.monitor, self.state = accelerator, run, monitor, state
+        self.total_steps = total_steps
+        self.model, self.optimizer, self.schedule, self.checkpoints = model, optimizer, schedule, checkpoints
+        self.log_every, self.max_seconds, self.per_epoch = log_every, max_seconds, per_epoch
+        self.evaluate, self.eval_every, self.best, self.judge = evaluate, eval_every if evaluate else 0, best, judge
+        self.keep_best_file = select_best or always_keep_best
+        self.patience, self.save_every = patience, save_every
+        self.best_file = Path(best_file) if best_file is not None else (
+            checkpoints.folder / "best.safetensors" if checkpoints is not None else None)
+        self.last_scores: dict | None = None
+        self.out_of_time = False
+        self.stopped = False
+
+    def running(self) -> bool:
+        """Whether the loop takes another step."""
+        return not self.stopped and self.state.step < self.total_steps
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def step(self, train_step, micro_batches, loss_fn) -> StepResult:
+        """`train_step(micro_batches, loss_fn)`; a non-finite loss or gradient ends the run with a HoneError that
+        names the last good checkpoint (and a `non_finite_loss` event in metrics.jsonl)."""
+        try:
+            return train_step(micro_batches, loss_fn, step=self.state.step)
+        except NonFiniteLoss as err:
+            raise self.non_finite(err) from None
+
+    def non_finite(self, err: NonFiniteLoss) -> HoneError:
+        self.monitor.close()
+        self.monitor.log(self.state.step + 1, event="non_finite_loss", message=err.what)
+        if self.checkpoints is None:
+            return HoneError(err.what, where=str(self.run.path), fix=err.fix)
+        kept = self.checkpoints.latest()
+        return HoneError(err.what, where=str(self.run.path),
+                         fix=f"{err.fix}; the last good checkpoint is {kept}" if kept else
+                         f"{err.fix}; no checkpoint was written yet (set save_every to keep some)")
+
+    def end_step(self, result: StepResult, *, postfix: dict | None = None, **extra) -> bool:
+        """Count the step, then budget, log, evaluate, keep the best, checkpoint (see the module docstring).
+
+        `extra` fields go into the step's metrics line, `postfix` onto the progress bar. True: stop the loop.
+        """
+        state = self.state
+        state.step += 1
+        if self.monitor.out_of_time(self.max_seconds, state.step, self.accelerator):
+            self.out_of_time = True
+            self.total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
+        last = state.step == self.total_steps
+        if self.per_epoch is not None:
+            extra = {"epoch": round(state.step / self.per_epoch, 4), **extra}
+        self.monitor.log_step(state.step, result, log=state.step % self.log_every == 0 or last, postfix=postfix,
+                              **extra)
+        if self.eval_every and (state.step % self.eval_every == 0 or last):
+            self.stopped = self.evaluate_now(state.step)
+        if (self.save_every and self.checkpoints is not None and state.step < self.total_steps and not self.stopped
+                and state.step % self.save_every == 0):
+            self.save_checkpoint()
+        return self.stopped
+
+    def evaluate_now(self, step: int) -> bool:
+        """Run the evaluation callback at `step`, judge it, keep the best weights; True when the run should stop.
+
+        Also what a recipe calls before its first step where the starting weights are a candidate (the online
+        recipes' baseline check)."""
+        state = self.state
+        scores = self.evaluate(step)
+        if self.judge is not None:
+            better, stop = self.judge(step, scores)
+            if better:
+                state.best_step = step
+        else:
+            better = self.best.improves(state, scores)
+            if better:
+                self.best.record(state, scores, step)
+                state.bad_evals = 0
+            else:
+                state.bad_evals += 1
+            stop = bool(self.patience and state.bad_evals >= self.patience)
+        if better and self.keep_best_file and self.best_file is not None:
+            tensors = gather_trainable(self.accelerator, self.model)  # every process takes part under FSDP
+            if self.accelerator.is_main_process:
+                save_trainable(self.best_file, tensors)
+            if is_fsdp(self.accelerator):
+                self.accelerator.wait_for_everyone()
+        if scores is not None:
+            self.last_scores = scores
+            self.monitor.log(step, event="eval", **scores, best_step=state.best_step)
+            self.monitor.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if stop and self.judge is None:
+            self.monitor.log(step, event="early_stop", evals_without_improvement=state.bad_evals)
+        return stop
+
+    def save_checkpoint(self) -> None:
+        self.state.monitor = self.monitor.state_dict()
+        self.checkpoints.save(self.state.step, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+                              state=self.state.to_dict())
+
+    # ------------------------------------------------------------------------------------------ the end
+
+    def finish(self, *, keep_best: bool) -> int:
+        """Close the progress bar, wait for every process, and put the best evaluation's weights back when
+        `keep_best` and they are not the last ones; return the step whose weights the model now holds."""
+        self.monitor.close()
+        self.accelerator.wait_for_everyone()
+        state = self.state
+        if not keep_best or state.best_step is None:
+            return state.step
+        if state.best_step != state.step and self.best_file is not None and self.best_file.exists():
+            from safetensors.torch import load_file
+
+            main = self.accelerator.is_main_process
+            tensors = load_file(self.best_file) if main or not is_fsdp(self.accelerator) else None
+            load_gathered(self.accelerator, self.model, tensors, where=str(self.best_file))
+        return state.best_step
