@@ -54,7 +54,6 @@ from honellm.program import PromptProgram
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
 from honellm.reward.recipes.common import (
     AlignConfig,
-    AlignState,
     PairBatch,
     cached_reference,
     check_enough,
@@ -69,19 +68,19 @@ from honellm.reward.recipes.common import (
     reference_scores,
     score_all,
     score_pairs,
-    stop_on_non_finite,
     visited,
 )
 from honellm.training.batching import Batch, LengthGroupedBatches, TokenSequence, collate, encode_conversation
-from honellm.training.checkpoint import Checkpointer, save_trainable
+from honellm.training.checkpoint import Checkpointer
 from honellm.training.logprobs import LossOutput, token_logprobs
+from honellm.training.loop import Best, LoopState, TrainingTail
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import every, open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import NonFiniteLoss, TrainStep
+from honellm.training.step import TrainStep
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -255,11 +254,10 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                               min_ratio=config.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    best_file = run.path / "checkpoints" / "best.safetensors"
-    state = AlignState()
+    state = LoopState()
     latest = checkpoints.latest() if resume else None
     if latest is not None:
-        state = AlignState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
+        state = LoopState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
     monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
                               desc=f"{method} {task.name}")
     monitor.load_state_dict(state.monitor)
@@ -283,43 +281,26 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                 "val_margin": float(metrics["rewards/margins"]), "val_rewards_chosen": float(metrics["rewards/chosen"]),
                 "val_rewards_rejected": float(metrics["rewards/rejected"])}
 
+    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
+                        model=model, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
+                        log_every=config.log_every, max_seconds=config.max_seconds, per_epoch=per_epoch,
+                        evaluate=lambda step: evaluate(), eval_every=eval_every, best=Best("val_accuracy"),
+                        select_best=config.select_best, save_every=save_every)
+
     # --- the loop
-    while state.step < total_steps:
+    while tail.running():
         micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"])
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
-        try:
-            result = train_step(micro_batches, loss_fn, step=state.step)
-        except NonFiniteLoss as err:
-            raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
-        state.step += 1
-        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
-            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
-        log = state.step % config.log_every == 0 or state.step == total_steps
-        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
-
-        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-            scores = evaluate()
-            if state.improves(scores["val_accuracy"], scores["val_loss"]):
-                state.best_accuracy, state.best_loss, state.best_step = (scores["val_accuracy"], scores["val_loss"],
-                                                                         state.step)
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(model))
-            monitor.log(state.step, event="eval", **scores, best_step=state.best_step)
-            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if save_every and state.step < total_steps and state.step % save_every == 0:
-            state.monitor = monitor.state_dict()
-            checkpoints.save(state.step, model=model, optimizer=optimizer, schedule=schedule, state=state.to_dict())
-    monitor.close()
-    accelerator.wait_for_everyone()
+        tail.end_step(tail.step(train_step, micro_batches, loss_fn))
 
     # --- keep the best weights, then save the artifact
-    extra = ({"val_accuracy": state.best_accuracy, "val_loss": state.best_loss}
-             if state.best_step is not None else {})
+    selected = tail.finish(keep_best=config.select_best)
     return finish_artifact(task=task, method=method, kind="full" if config.adapter == "full" else "adapter",
                            config=config, program=program, run=run, accelerator=accelerator, model=model, state=state,
-                           best_file=best_file, monitor=monitor, precision=precision,
-                           trainable_params=trainable_params, total_params=total_params, extra_metrics=extra,
+                           selected=selected, monitor=monitor, precision=precision,
+                           trainable_params=trainable_params, total_params=total_params,
+                           extra_metrics=Best("val_accuracy").kept(state),
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
                                                   tokenizer=tokenizer, full=config.adapter == "full"))
 
@@ -511,11 +492,10 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                               min_ratio=config.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    best_file = run.path / "checkpoints" / "best.safetensors"
-    state = AlignState()
+    state = LoopState()
     latest = checkpoints.latest() if resume else None
     if latest is not None:
-        state = AlignState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
+        state = LoopState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
     monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
                               desc=f"{method} {task.name}")
     monitor.load_state_dict(state.monitor)
@@ -552,9 +532,15 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                 "val_margin": float(chosen.mean() - rejected.mean()), "val_rewards_chosen": float(chosen.mean()),
                 "val_rewards_rejected": float(rejected.mean())}
 
+    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
+                        model=model, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
+                        log_every=config.log_every, max_seconds=config.max_seconds, per_epoch=per_epoch,
+                        evaluate=lambda step: evaluate(), eval_every=eval_every, best=Best("val_accuracy"),
+                        select_best=config.select_best, save_every=save_every)
+
     # --- the loop
     ref_train, ref_mismatched = reference["train"], reference["mismatched"]
-    while state.step < total_steps:
+    while tail.running():
         local = sampler.micro_batches(state.step, rank=rank, world_size=world, grad_accum=config.grad_accum)
         # z, KTO's reference point: mean log-ratio of mismatched pairs over the whole global batch (no gradient).
         mine = np.concatenate(local)
@@ -568,10 +554,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         kl_ref = torch.tensor([float(kl_sums[1] / kl_sums[2])])
         micro_batches = [UnpairedBatch(collate([train[i] for i in index], pad_id), torch.as_tensor(index),
                                        desirable[index], ref_train[index], kl_policy, kl_ref) for index in local]
-        try:
-            result = train_step(micro_batches, loss_fn, step=state.step)
-        except NonFiniteLoss as err:
-            raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
+        result = tail.step(train_step, micro_batches, loss_fn)
         # The step averaged the reward sums over all completions; make them means over each kind.
         everyone = sampler.global_batch(state.step)
         n_good = int(desirable[everyone].sum())
@@ -581,33 +564,14 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         result.metrics["rewards/rejected"] = (result.metrics["rewards/rejected"] * units / n_bad if n_bad
                                               else float("nan"))
         result.metrics["rewards/margins"] = result.metrics["rewards/chosen"] - result.metrics["rewards/rejected"]
-        state.step += 1
-        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
-            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
-        log = state.step % config.log_every == 0 or state.step == total_steps
-        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
+        tail.end_step(result)
 
-        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-            scores = evaluate()
-            if state.improves(scores["val_accuracy"], scores["val_loss"]):
-                state.best_accuracy, state.best_loss, state.best_step = (scores["val_accuracy"], scores["val_loss"],
-                                                                         state.step)
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(model))
-            monitor.log(state.step, event="eval", **scores, best_step=state.best_step)
-            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if save_every and state.step < total_steps and state.step % save_every == 0:
-            state.monitor = monitor.state_dict()
-            checkpoints.save(state.step, model=model, optimizer=optimizer, schedule=schedule, state=state.to_dict())
-    monitor.close()
-    accelerator.wait_for_everyone()
-
-    extra = ({"val_accuracy": state.best_accuracy, "val_loss": state.best_loss}
-             if state.best_step is not None else {})
+    selected = tail.finish(keep_best=config.select_best)
     return finish_artifact(task=task, method=method, kind="full" if config.adapter == "full" else "adapter",
                            config=config, program=program, run=run, accelerator=accelerator, model=model, state=state,
-                           best_file=best_file, monitor=monitor, precision=precision,
-                           trainable_params=trainable_params, total_params=total_params, extra_metrics=extra,
+                           selected=selected, monitor=monitor, precision=precision,
+                           trainable_params=trainable_params, total_params=total_params,
+                           extra_metrics=Best("val_accuracy").kept(state),
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
                                                   tokenizer=tokenizer, full=config.adapter == "full"))
 
