@@ -39,6 +39,7 @@ from honellm.runtime.rewards import RewardScores, RewardSource, load_reward_mode
 from honellm.training.batching import IGNORE, Batch
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
+from honellm.training.loop import LoopState
 from honellm.training.precision import Precision
 from honellm.training.step import StepResult
 
@@ -560,20 +561,11 @@ def merge_results(results: list[StepResult], *, seconds: float = 0.0) -> StepRes
 
 
 @dataclass
-class OnlineState:
-    """What the loop carries from step to step, saved in each checkpoint's state.json."""
+class OnlineState(LoopState):
+    """What the online loop carries from step to step (the shared `LoopState` plus the guard's history and the
+    rollout costs), saved in each checkpoint's state.json."""
 
-    step: int = 0
-    best_step: int | None = None
     guard_history: list[dict] = field(default_factory=list)
     generation_seconds: float = 0.0
     generated_tokens: int = 0
     score_seconds: float = 0.0
-    monitor: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> OnlineState:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
