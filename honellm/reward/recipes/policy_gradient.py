@@ -60,7 +60,7 @@ from honellm.training.batching import LengthGroupedBatches
 from honellm.training.checkpoint import Checkpointer
 from honellm.training.logprobs import LossOutput
 from honellm.training.loop import TrainingTail
-from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.memory import estimate_training_memory, fit_micro_batch, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
@@ -166,9 +166,12 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                                         compute_dtype=precision.compute_dtype, distributed=world > 1,
                                         device_type=device.type, attention=attention)
 
-    memory = check_memory(estimate_for, batch_size=config.batch_size, seq_len=longest, grad_accum=1,
-                          gradient_checkpointing=config.gradient_checkpointing, device=device,
-                          limit_gb=config.memory_limit_gb)
+    # too large for the memory at hand: smaller micro-batches (each update keeps its completions), then gradient
+    # checkpointing, said in one line
+    plan = fit_micro_batch(estimate_for, batch_size=config.batch_size, seq_len=longest, grad_accum=1,
+                           gradient_checkpointing=config.gradient_checkpointing, device=device,
+                           limit_gb=config.memory_limit_gb, accumulate=False)
+    config, memory = plan.apply(config, policy, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, generator, resume
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
