@@ -1,7 +1,10 @@
-"""The training tail every recipe's loop shares: one optimizer step's aftermath, written once.
+"""The training tail every recipe's loop shares: one optimizer step's aftermath, written once; and the set-up
+before the loop (`start_training`: optimizer, schedule, the accelerator's wrapping, resume, monitor, step).
 
 A recipe's loop reads top to bottom and calls the tail twice per step:
 
+    training = start_training(accelerator, model, config, run, total_steps=T, resume=resume, ...)
+    tail = training.tail(evaluate=..., eval_every=..., best=Best("val_accuracy"), save_every=...)
     while tail.running():
         batches = ...                                    # what the recipe feeds its step
         result = tail.step(train_step, batches, loss_fn)  # a non-finite loss becomes the user's HoneError
@@ -31,11 +34,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from honellm.errors import HoneError
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.monitor import TrainingMonitor
-from honellm.training.step import NonFiniteLoss, StepResult
+from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
+from honellm.training.step import NonFiniteLoss, StepResult, TrainStep
 
 # ------------------------------------------------------------------------------------------------ state
 
@@ -226,3 +231,57 @@ class TrainingTail:
             tensors = load_file(self.best_file) if main or not is_fsdp(self.accelerator) else None
             load_gathered(self.accelerator, self.model, tensors, where=str(self.best_file))
         return state.best_step
+
+
+# ------------------------------------------------------------------------------------------------ the set-up
+
+
+@dataclass
+class Training:
+    """What `start_training` set up: the wrapped model and optimizer, the schedule, the checkpointer, the loop's
+    state (restored when resuming), the monitor and the optimizer step."""
+
+    accelerator: Any
+    run: Any
+    config: Any
+    total_steps: int
+    model: Any
+    optimizer: Any
+    schedule: Any
+    checkpoints: Checkpointer
+    state: LoopState
+    monitor: TrainingMonitor
+    step: TrainStep
+    resumed_from: Path | None
+
+    def tail(self, **kwargs) -> TrainingTail:
+        """The loop's `TrainingTail` over these pieces (`kwargs`: evaluation, best, checkpoint schedule, ...)."""
+        return TrainingTail(accelerator=self.accelerator, run=self.run, monitor=self.monitor, state=self.state,
+                            total_steps=self.total_steps, model=self.model, optimizer=self.optimizer,
+                            schedule=self.schedule, checkpoints=self.checkpoints, log_every=self.config.log_every,
+                            max_seconds=self.config.max_seconds, **kwargs)
+
+
+def start_training(accelerator, model, config, run, *, total_steps: int, resume: bool, precision, desc: str,
+                   schedule_steps: int | None = None, state_type: type[LoopState] = LoopState) -> Training:
+    """AdamW and its warmup-then-decay schedule over `schedule_steps` optimizer updates (default: `total_steps`),
+    the model and optimizer wrapped by the accelerator, the checkpointer, the loop's state (from the latest
+    checkpoint when `resume`: weights, optimizer, schedule and random states), the monitor and the `TrainStep`:
+    what every recipe sets up the same way before its loop (`config` is a `TrainingConfig`)."""
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+    updates = schedule_steps if schedule_steps is not None else total_steps
+    warmup = warmup_steps_for(updates, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
+    schedule = build_schedule(optimizer, total_steps=updates, warmup_steps=warmup, schedule=config.schedule,
+                              min_ratio=config.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
+    state = state_type()
+    latest = checkpoints.latest() if resume else None
+    if latest is not None:
+        state = state_type.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
+    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step,
+                              is_main=accelerator.is_main_process, device=accelerator.device, desc=desc)
+    monitor.load_state_dict(state.monitor)
+    step = TrainStep(accelerator, model, optimizer, schedule, precision=precision, max_grad_norm=config.max_grad_norm)
+    return Training(accelerator, run, config, total_steps, model, optimizer, schedule, checkpoints, state, monitor,
+                    step, latest)

@@ -40,16 +40,13 @@ from honellm.training.batching import (
     pack,
     token_budget_micro_batches,
 )
-from honellm.training.checkpoint import Checkpointer, is_fsdp
+from honellm.training.checkpoint import is_fsdp
 from honellm.training.logprobs import sft_loss
-from honellm.training.loop import Best, LoopState, TrainingTail
+from honellm.training.loop import Best, start_training
 from honellm.training.memory import check_memory, estimate_training_memory, fit_memory, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import every, open_run
 from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.catalog import all_methods as all_adapters
 from honellm.tuning.catalog import get_method
@@ -150,40 +147,26 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    state = LoopState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = LoopState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{spec.name} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{spec.name} {task.name}")
+    model, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
-                        steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step,
+                        total_steps=total_steps, steps_per_epoch=per_epoch, processes=world,
+                        precision=precision.name, attention=attention,
                         packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
 
     def evaluate(step: int) -> dict:
         return _named(_evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
                                 config=config, accelerator=accelerator), validation)
 
     best = Best(f"val_{validation.metric_name}", validation.higher_is_better) if validation is not None else None
-    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
-                        model=model, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
-                        log_every=config.log_every, max_seconds=config.max_seconds, per_epoch=per_epoch,
-                        evaluate=evaluate if validation is not None else None, eval_every=eval_every, best=best,
-                        select_best=config.select_best, patience=config.early_stopping_patience,
-                        save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=evaluate if validation is not None else None,
+                         eval_every=eval_every, best=best, select_best=config.select_best,
+                         patience=config.early_stopping_patience, save_every=save_every)
 
     # --- the loop
     pad_id = tokenizer.pad_token_id
@@ -195,7 +178,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
             micro_batches = [collate([train[i] for i in index], pad_id)
                              for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                                 grad_accum=config.grad_accum)]
-        result = tail.step(train_step, micro_batches, sft_loss)
+        result = tail.step(training.step, micro_batches, sft_loss)
         if tail.end_step(result):
             break
 

@@ -57,16 +57,13 @@ from honellm.reward.rollout import (
     step_seed,
 )
 from honellm.training.batching import LengthGroupedBatches
-from honellm.training.checkpoint import Checkpointer
 from honellm.training.logprobs import LossOutput
-from honellm.training.loop import TrainingTail
+from honellm.training.loop import start_training
 from honellm.training.memory import estimate_training_memory, fit_micro_batch, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import StepResult, TrainStep
+from honellm.training.step import StepResult
 
 ONLINE_NEEDS = ("references", "rewards")  # prompts (with whatever the rewards read); a target is optional
 
@@ -173,12 +170,13 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                            limit_gb=config.memory_limit_gb, accumulate=False)
     config, memory = plan.apply(config, policy, run if is_main else None), plan.estimate
 
-    # --- optimizer, schedule, accelerator, generator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_updates, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_updates, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # --- optimizer, schedule (over every update), accelerator, resume, generator
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method.name} {task.name}", schedule_steps=total_updates,
+                              state_type=OnlineState)
+    model, state, monitor = training.model, training.state, training.monitor
+    guard = RewardHackingGuard(config.guard)
+    replay_guard(guard, state.guard_history)  # a resumed run's guard knows the checks before
     unwrapped = accelerator.unwrap_model(model)
     policy = unwrapped.policy if method.wrap is not None else unwrapped  # generation and the reference run on it
     from honellm.generation import Generator
@@ -188,25 +186,13 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     # Importance-sampling correction of the sampler's numbers (GRPO family, plain rollouts): vLLM's by default.
     correct = getattr(config, "vllm_importance_sampling_correction", False)
     correct = tools is None and (generator.backend == "vllm" if correct is None else bool(correct))
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    guard = RewardHackingGuard(config.guard)
-    state = OnlineState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = OnlineState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-        replay_guard(guard, state.guard_history)
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method.name} {task.name}")
-    monitor.load_state_dict(state.monitor)
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
-                        updates_per_step=config.updates_per_step, processes=world, precision=precision.name,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step,
+                        total_steps=total_steps, updates_per_step=config.updates_per_step, processes=world, precision=precision.name,
                         trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, proxy_reward=proxy.names,
                         gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
     pad_id = generator.pad_id
     bar = {"postfix": {}, "loss": math.nan, "alarm": None}  # what the progress bar shows after a check
 
@@ -231,11 +217,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
             monitor.note(f"the guard stopped the run at step {step}; keeping step {guard.best_step}")
         return guard.best_step == step, stop
 
-    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
-                        model=model, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
-                        log_every=config.log_every, max_seconds=config.max_seconds, evaluate=check,
-                        eval_every=check_every, judge=judge, always_keep_best=True,
-                        save_every=config.save_every if config.save_every is not None else check_every)
+    tail = training.tail(evaluate=check, eval_every=check_every, judge=judge, always_keep_best=True,
+                         save_every=config.save_every if config.save_every is not None else check_every)
 
     # --- the loop
     if held_out is not None and state.step == 0 and not guard.history:
@@ -303,7 +286,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                 update = [batches[i] for i in part if batches[i].num_loss_units > 0]
                 if not update:  # every completion of this update is masked (truncated, under mask_truncated)
                     continue
-                results.append(tail.step(train_step, update, lambda m, b: method.loss(m, b, config=config)))
+                results.append(tail.step(training.step, update, lambda m, b: method.loss(m, b, config=config)))
 
         # 5. log (6. the held-out check and the guard, 7. checkpoint: the tail's)
         step_result = merge_results(results, seconds=prepare_seconds)

@@ -71,16 +71,12 @@ from honellm.reward.recipes.common import (
     visited,
 )
 from honellm.training.batching import Batch, LengthGroupedBatches, TokenSequence, collate, encode_conversation
-from honellm.training.checkpoint import Checkpointer
 from honellm.training.logprobs import LossOutput, token_logprobs
-from honellm.training.loop import Best, LoopState, TrainingTail
+from honellm.training.loop import Best, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import every, open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import TrainStep
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -248,26 +244,14 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
             run.log_metrics(event="reference", pairs=len(seen), seconds=round(time.perf_counter() - started, 2))
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    state = LoopState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = LoopState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method} {task.name}")
+    model, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
     loss_fn = preference_loss_fn(method, hparams)
 
     def evaluate() -> dict:
@@ -281,18 +265,15 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                 "val_margin": float(metrics["rewards/margins"]), "val_rewards_chosen": float(metrics["rewards/chosen"]),
                 "val_rewards_rejected": float(metrics["rewards/rejected"])}
 
-    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
-                        model=model, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
-                        log_every=config.log_every, max_seconds=config.max_seconds, per_epoch=per_epoch,
-                        evaluate=lambda step: evaluate(), eval_every=eval_every, best=Best("val_accuracy"),
-                        select_best=config.select_best, save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best, save_every=save_every)
 
     # --- the loop
     while tail.running():
         micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"])
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
-        tail.end_step(tail.step(train_step, micro_batches, loss_fn))
+        tail.end_step(tail.step(training.step, micro_batches, loss_fn))
 
     # --- keep the best weights, then save the artifact
     selected = tail.finish(keep_best=config.select_best)
@@ -486,26 +467,14 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         run.log_metrics(event="reference", completions=len(seen), seconds=round(time.perf_counter() - started, 2))
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    state = LoopState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = LoopState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method} {task.name}")
+    model, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, completions=len(train),
                         desirable=int(desirable.sum()), trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
     loss_fn = kto_loss_fn(hparams)
     beta = hparams["beta"]
 
@@ -532,11 +501,8 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                 "val_margin": float(chosen.mean() - rejected.mean()), "val_rewards_chosen": float(chosen.mean()),
                 "val_rewards_rejected": float(rejected.mean())}
 
-    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
-                        model=model, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
-                        log_every=config.log_every, max_seconds=config.max_seconds, per_epoch=per_epoch,
-                        evaluate=lambda step: evaluate(), eval_every=eval_every, best=Best("val_accuracy"),
-                        select_best=config.select_best, save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best, save_every=save_every)
 
     # --- the loop
     ref_train, ref_mismatched = reference["train"], reference["mismatched"]
@@ -554,7 +520,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         kl_ref = torch.tensor([float(kl_sums[1] / kl_sums[2])])
         micro_batches = [UnpairedBatch(collate([train[i] for i in index], pad_id), torch.as_tensor(index),
                                        desirable[index], ref_train[index], kl_policy, kl_ref) for index in local]
-        result = tail.step(train_step, micro_batches, loss_fn)
+        result = tail.step(training.step, micro_batches, loss_fn)
         # The step averaged the reward sums over all completions; make them means over each kind.
         everyone = sampler.global_batch(state.step)
         n_good = int(desirable[everyone].sum())

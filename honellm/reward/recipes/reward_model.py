@@ -39,16 +39,12 @@ from honellm.reward.recipes.common import (
 )
 from honellm.reward.reward_model import RewardModel
 from honellm.training.batching import LengthGroupedBatches
-from honellm.training.checkpoint import Checkpointer
 from honellm.training.logprobs import LossOutput
-from honellm.training.loop import Best, LoopState, TrainingTail
+from honellm.training.loop import Best, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.run_folder import every, open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import TrainStep
 
 
 class RewardModelConfig(AlignConfig):
@@ -119,26 +115,14 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(reward_model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    module, optimizer = accelerator.prepare(reward_model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    state = LoopState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = LoopState.from_dict(checkpoints.restore(latest, model=module, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, reward_model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method} {task.name}")
+    module, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
-    train_step = TrainStep(accelerator, module, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
 
     def loss_fn(module, batch: PairBatch) -> LossOutput:
         return reward_model_loss(module, batch, center_coefficient=config.center_coefficient)
@@ -151,18 +135,15 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
         return {"val_loss": float(value), "val_accuracy": float(metrics["accuracy"]),
                 "val_margin": float(metrics["margin"]), "val_mean_reward": float(metrics["mean_reward"])}
 
-    tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=state, total_steps=total_steps,
-                        model=module, optimizer=optimizer, schedule=schedule, checkpoints=checkpoints,
-                        log_every=config.log_every, max_seconds=config.max_seconds, per_epoch=per_epoch,
-                        evaluate=lambda step: evaluate(), eval_every=eval_every, best=Best("val_accuracy"),
-                        select_best=config.select_best, save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best, save_every=save_every)
 
     # --- the loop
     while tail.running():
         micro_batches = [collate_pairs([train[i] for i in index], index, pad_id)
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
-        tail.end_step(tail.step(train_step, micro_batches, loss_fn))
+        tail.end_step(tail.step(training.step, micro_batches, loss_fn))
     selected = tail.finish(keep_best=config.select_best)
 
     # --- keep the best weights, measure the score statistics, save
