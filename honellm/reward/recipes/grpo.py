@@ -48,11 +48,11 @@ from honellm.reward.losses import (
 from honellm.reward.recipes.policy_gradient import (
     ONLINE_NEEDS,
     Advantages,
+    OnlineRLConfig,
     PolicyGradientMethod,
     train_policy_gradient,
 )
 from honellm.reward.rollout import (
-    OnlineRLConfig,
     RolloutBatch,
     completion_logprobs,
 )

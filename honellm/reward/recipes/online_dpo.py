@@ -34,10 +34,11 @@ from honellm.reward.losses import PreferenceLogps, get_preference_loss
 from honellm.reward.recipes.policy_gradient import (
     ONLINE_NEEDS,
     Advantages,
+    OnlineRLConfig,
     PolicyGradientMethod,
     train_policy_gradient,
 )
-from honellm.reward.rollout import OnlineRLConfig, RolloutBatch, completion_logprobs
+from honellm.reward.rollout import RolloutBatch, completion_logprobs
 from honellm.training.logprobs import LossOutput
 
 

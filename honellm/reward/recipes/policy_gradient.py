@@ -19,17 +19,18 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from honellm.artifact import Artifact
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.program import PromptProgram
-from honellm.reward.guard import RewardHackingGuard
+from honellm.reward.guard import GuardConfig, RewardHackingGuard
 from honellm.reward.losses import (
     kl_k1,
     overlong_penalty,
@@ -37,8 +38,7 @@ from honellm.reward.losses import (
     zero_variance_groups,
 )
 from honellm.reward.rollout import (
-    OnlineRLConfig,
-    OnlineState,
+    PolicyConfig,
     encode_prompts,
     generate_rollouts,
     gold_reward,
@@ -58,7 +58,7 @@ from honellm.reward.rollout import (
 )
 from honellm.training.batching import LengthGroupedBatches
 from honellm.training.logprobs import LossOutput
-from honellm.training.loop import start_training
+from honellm.training.loop import LoopState, start_training
 from honellm.training.memory import estimate_training_memory, fit_micro_batch, parameter_bytes
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
@@ -66,6 +66,71 @@ from honellm.training.setup import pick_attention, seed_everything, setup_accele
 from honellm.training.step import StepResult
 
 ONLINE_NEEDS = ("references", "rewards")  # prompts (with whatever the rewards read); a target is optional
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+class OnlineRLConfig(PolicyConfig):
+    """What the online RL recipes share (GRPO, RLOO, PPO): steps of sampling and updating, and the guard.
+
+    One `step` is one iteration of the loop: sample `group_size` completions for each of `prompts_per_step`
+    prompts, score them, then take `ppo_epochs x mini_batches` optimizer updates on them.
+    """
+
+    prompts_per_step: int = Field(8, ge=1, description="training prompts per step (on each process)")
+    group_size: int = Field(8, ge=1, description="completions sampled per prompt (GRPO's G, TRL's num_generations)")
+    # --- updates
+    ppo_epochs: int = Field(1, ge=1, description="passes over each step's completions (GRPO's mu, TRL's num_iterations)")
+    mini_batches: int = Field(1, ge=1, description="optimizer updates per pass (the completions are split this "
+                                                   "many ways)")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="clip range of the probability ratio")
+    mask_truncated: bool = Field(False, description="give completions cut at max_new_tokens no loss (DAPO)")
+    # --- the held-out check and the reward-hacking guard
+    guard: GuardConfig = Field(default_factory=lambda: GuardConfig(every=10),
+                               description="the reward-hacking guard (every, thresholds, action: warn or stop)")
+    eval_every: int | None = Field(None, ge=0, description="steps between held-out checks (None: guard.every; "
+                                                           "0: never)")
+    guard_prompts: int = Field(64, ge=2, description="validation prompts generated at each held-out check")
+    guard_temperature: float | None = Field(None, ge=0, description="sampling temperature of held-out checks "
+                                                                    "(None: the rollouts'; 0: greedy)")
+    gold_reward_model: str | None = Field(None, description="a reward-model artifact the guard watches as gold "
+                                                            "(never trained on); default: the task's gold_rewards, "
+                                                            "else the task's metric")
+    select_best: bool = Field(False, description="keep the weights of the held-out check with the best gold signal "
+                                                 "(always done when the guard stops the run)")
+
+    @model_validator(mode="after")
+    def _online_sizes(self):
+        if self.grad_accum != 1:
+            raise ValueError("grad_accum is not used by online RL: each update accumulates over its micro-batches; "
+                             "size updates with prompts_per_step, group_size and mini_batches")
+        if self.mini_batches > self.prompts_per_step * self.group_size:
+            raise ValueError(f"mini_batches ({self.mini_batches}) exceeds the completions per step "
+                             f"({self.prompts_per_step * self.group_size})")
+        return self
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.ppo_epochs * self.mini_batches
+
+    @property
+    def check_every(self) -> int:
+        return self.guard.every if self.eval_every is None else self.eval_every
+
+
+@dataclass
+class OnlineState(LoopState):
+    """What the online loop carries from step to step (the shared `LoopState` plus the guard's history and the
+    rollout costs), saved in each checkpoint's state.json."""
+
+    guard_history: list[dict] = field(default_factory=list)
+    generation_seconds: float = 0.0
+    generated_tokens: int = 0
+    score_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ methods
 
 
 @dataclass

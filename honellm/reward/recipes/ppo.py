@@ -35,9 +35,8 @@ from honellm.artifact import Artifact
 from honellm.core import fastpath
 from honellm.methods.registry import Method, register_method
 from honellm.reward.losses import gae, kl_k1, kl_k3, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss
-from honellm.reward.recipes.policy_gradient import PolicyGradientMethod, train_policy_gradient
+from honellm.reward.recipes.policy_gradient import OnlineRLConfig, PolicyGradientMethod, train_policy_gradient
 from honellm.reward.rollout import (
-    OnlineRLConfig,
     RolloutBatch,
     scatter_tokens,
 )
