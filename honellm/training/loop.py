@@ -31,15 +31,18 @@ metrics.jsonl fields the UI and the tests read, not a training loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from honellm.errors import HoneError
+from honellm.training.batching import LengthGroupedBatches
 from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
+from honellm.training.run_folder import every
 from honellm.training.step import NonFiniteLoss, StepResult, TrainStep
 
 # ------------------------------------------------------------------------------------------------ state
@@ -234,6 +237,38 @@ class TrainingTail:
 
 
 # ------------------------------------------------------------------------------------------------ the set-up
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The loop's schedule: the batch sampler, steps per epoch and in all, steps between evaluations and
+    checkpoints (0: never)."""
+
+    sampler: LengthGroupedBatches
+    per_epoch: int
+    total_steps: int
+    eval_every: int
+    save_every: int
+
+
+def plan_steps(lengths: list[int], config, *, world: int, validating: bool, where: str,
+               what: str = "training examples") -> StepPlan:
+    """Global batches of `config.batch_size x grad_accum x world` examples grouped by length (`lengths`: each
+    example's), `max_steps` or `epochs` of them, an evaluation every `eval_every` steps when `validating` and a
+    checkpoint every `save_every` (both default to twice per epoch; checkpoints follow the evaluations). Too few
+    examples to fill one step's micro-batches is a HoneError at `where`."""
+    slots = world * config.grad_accum
+    if len(lengths) < slots:
+        raise HoneError(f"{len(lengths)} {what} cannot fill {slots} micro-batches", where=where,
+                        fix="add training data, or lower grad_accum / the number of processes")
+    sampler = LengthGroupedBatches(lengths, config.batch_size * slots, seed=config.seed, slots=slots)
+    per_epoch = sampler.steps_per_epoch
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    eval_every = every(config.eval_every, per_epoch) if validating else 0
+    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (
+        eval_every or every(None, per_epoch))
+    return StepPlan(sampler, per_epoch, total_steps, eval_every, save_every)
+
 
 
 @dataclass

@@ -17,7 +17,6 @@ metrics, and the validation loss always. The best evaluation's weights are kept 
 from __future__ import annotations
 
 import functools
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.training.batching import (
-    LengthGroupedBatches,
     TokenSequence,
     collate,
     encode_conversation,
@@ -42,10 +40,10 @@ from honellm.training.batching import (
 )
 from honellm.training.checkpoint import is_fsdp
 from honellm.training.logprobs import sft_loss
-from honellm.training.loop import Best, start_training
+from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import check_memory, estimate_training_memory, fit_memory, parameter_bytes
 from honellm.training.precision import Precision
-from honellm.training.run_folder import every, open_run
+from honellm.training.run_folder import open_run
 from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.catalog import all_methods as all_adapters
@@ -105,15 +103,9 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                                kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
                                program=program, task=task, run_dir=str(run.path))
     validation = _validation_set(task, artifact, tokenizer, config) if task.has_split("validation") else None
-    slots = world * config.grad_accum
-    if len(train) < slots:
-        raise HoneError(f"{len(train)} training examples cannot fill {slots} micro-batches", where=task.source,
-                        fix="add training data, or lower grad_accum / the number of processes")
-    sampler = LengthGroupedBatches([len(s) for s in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([len(s) for s in train], config, world=world, validating=validation is not None,
+                       where=task.source)
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
@@ -165,8 +157,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     best = Best(f"val_{validation.metric_name}", validation.higher_is_better) if validation is not None else None
     tail = training.tail(per_epoch=per_epoch, evaluate=evaluate if validation is not None else None,
-                         eval_every=eval_every, best=best, select_best=config.select_best,
-                         patience=config.early_stopping_patience, save_every=save_every)
+                         eval_every=steps.eval_every, best=best, select_best=config.select_best,
+                         patience=config.early_stopping_patience, save_every=steps.save_every)
 
     # --- the loop
     pad_id = tokenizer.pad_token_id

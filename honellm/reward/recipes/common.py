@@ -360,12 +360,6 @@ def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
 # ------------------------------------------------------------------------------------------------ state
 
 
-def check_enough(n: int, slots: int, task, what: str = "training pairs") -> None:
-    if n < slots:
-        raise HoneError(f"{n} {what} cannot fill {slots} micro-batches", where=task.source,
-                        fix="add training data, or lower grad_accum / the number of processes")
-
-
 # ------------------------------------------------------------------------------------------------ artifact
 
 

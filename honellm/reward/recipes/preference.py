@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import random
 import time
 
@@ -56,7 +55,6 @@ from honellm.reward.recipes.common import (
     AlignConfig,
     PairBatch,
     cached_reference,
-    check_enough,
     collate_pairs,
     encode_pairs,
     fingerprint,
@@ -70,12 +68,12 @@ from honellm.reward.recipes.common import (
     score_pairs,
     visited,
 )
-from honellm.training.batching import Batch, LengthGroupedBatches, TokenSequence, collate, encode_conversation
+from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
 from honellm.training.logprobs import LossOutput, token_logprobs
-from honellm.training.loop import Best, start_training
+from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.precision import Precision
-from honellm.training.run_folder import every, open_run
+from honellm.training.run_folder import open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -190,13 +188,9 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
     validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
                                limit=config.eval_limit) if task.has_split("validation") else None)
-    slots = world * config.grad_accum
-    check_enough(len(train), slots, task)
-    sampler = LengthGroupedBatches([p.length for p in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([p.length for p in train], config, world=world, validating=validation is not None,
+                       where=task.source, what="training pairs")
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(p.truncated for p in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
@@ -265,8 +259,9 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                 "val_margin": float(metrics["rewards/margins"]), "val_rewards_chosen": float(metrics["rewards/chosen"]),
                 "val_rewards_rejected": float(metrics["rewards/rejected"])}
 
-    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=eval_every,
-                         best=Best("val_accuracy"), select_best=config.select_best, save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=steps.eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best,
+                         save_every=steps.save_every)
 
     # --- the loop
     while tail.running():
@@ -387,8 +382,6 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
     program = PromptProgram.from_task(task)
     per_record = 2 if task.kind == "preference" else 1  # a pair gives a desirable and an undesirable completion
     examples = task.unpaired("train")[: per_record * config.train_limit if config.train_limit else None]
-    slots = world * config.grad_accum
-    check_enough(len(examples), slots, task, "training completions")
 
     def encode(messages, completion) -> TokenSequence:
         return encode_conversation(tokenizer, program.chat_messages(messages), completion, max_length=config.max_length)
@@ -405,12 +398,10 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         val_examples = task.unpaired("validation")[: config.eval_limit]
         val_unpaired = ([encode(e.prompt, e.completion) for e in val_examples],
                         torch.tensor([e.desirable for e in val_examples]))
-    sampler = LengthGroupedBatches([len(s) for s in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    has_validation = validation is not None or val_unpaired is not None
-    eval_every = every(config.eval_every, per_epoch) if has_validation else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([len(s) for s in train], config, world=world,
+                       validating=validation is not None or val_unpaired is not None, where=task.source,
+                       what="training completions")
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
@@ -501,8 +492,9 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                 "val_margin": float(chosen.mean() - rejected.mean()), "val_rewards_chosen": float(chosen.mean()),
                 "val_rewards_rejected": float(rejected.mean())}
 
-    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=eval_every,
-                         best=Best("val_accuracy"), select_best=config.select_best, save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=steps.eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best,
+                         save_every=steps.save_every)
 
     # --- the loop
     ref_train, ref_mismatched = reference["train"], reference["mismatched"]

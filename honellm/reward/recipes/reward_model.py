@@ -18,8 +18,6 @@ initialised with std 1/sqrt(hidden + 1) (Stiennon et al. 2020) where TRL uses th
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from pydantic import Field
@@ -30,7 +28,6 @@ from honellm.reward.losses import bradley_terry_loss, preference_metrics
 from honellm.reward.recipes.common import (
     AlignConfig,
     PairBatch,
-    check_enough,
     collate_pairs,
     encode_pairs,
     finish_artifact,
@@ -38,12 +35,11 @@ from honellm.reward.recipes.common import (
     load_trainable,
 )
 from honellm.reward.reward_model import RewardModel
-from honellm.training.batching import LengthGroupedBatches
 from honellm.training.logprobs import LossOutput
-from honellm.training.loop import Best, start_training
+from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.precision import Precision
-from honellm.training.run_folder import every, open_run
+from honellm.training.run_folder import open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
 
 
@@ -93,13 +89,9 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
     validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
                                limit=config.eval_limit) if task.has_split("validation") else None)
-    slots = world * config.grad_accum
-    check_enough(len(train), slots, task)
-    sampler = LengthGroupedBatches([p.length for p in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([p.length for p in train], config, world=world, validating=validation is not None,
+                       where=task.source, what="training pairs")
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(p.truncated for p in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
@@ -135,8 +127,9 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
         return {"val_loss": float(value), "val_accuracy": float(metrics["accuracy"]),
                 "val_margin": float(metrics["margin"]), "val_mean_reward": float(metrics["mean_reward"])}
 
-    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=eval_every,
-                         best=Best("val_accuracy"), select_best=config.select_best, save_every=save_every)
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=steps.eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best,
+                         save_every=steps.save_every)
 
     # --- the loop
     while tail.running():
