@@ -358,23 +358,9 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         state.generation_seconds += rollouts.seconds
         state.generated_tokens += rollouts.generated_tokens
         state.score_seconds += score_seconds
-        train_seconds = step_result.seconds
-        step_seconds = rollouts.seconds + score_seconds + train_seconds
         stats = group_stats(task_rewards, config.group_size)
-        values = {
-            "kind": "train", **stats,
-            **{f"rewards/{k}": nan_mean(v) for k, v in scores.per_function.items()},
-            "completion_length": float(np.mean(rollouts.lengths)),
-            "truncated": float(np.mean(rollouts.truncated)),
-            "generation_seconds": round(rollouts.seconds, 3),
-            "scoring_seconds": round(score_seconds, 3),
-            "training_seconds": round(train_seconds, 3),
-            "reference_seconds": round(prepare_seconds, 3),  # reference (and old) log-probs, before the updates
-            "generation_share": round(rollouts.seconds / step_seconds, 4) if step_seconds > 0 else None,
-            "generation_tokens_per_second": round(rollouts.generated_tokens / max(rollouts.seconds, 1e-9), 1),
-            "training_tokens_per_second": round(step_result.tokens / max(train_seconds, 1e-9), 1),
-            "updates": len(results),
-        }
+        values = _train_line(stats, scores, rollouts, step_result, score_seconds=score_seconds,
+                             prepare_seconds=prepare_seconds, updates=len(results))
         if method.prepare is not None:  # PPO's names (TRL's): the sequence KL and its penalty
             values |= {"kl": float(seq_kl.mean()), "non_score_reward": float(-config.kl_coef * seq_kl.mean())}
         else:
@@ -396,17 +382,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     if is_main and guard_summary is not None:
         run.log_metrics(step=state.step, kind="guard_summary", best_step=guard_summary["best_step"],
                         selected_step=selected, alarms=[a["kind"] for a in guard_summary["alarms"]])
-    metrics = {"final_step": state.step, "selected_step": selected, "best_step": state.best_step,
-               "stopped_by_guard": guard.should_stop}
-    if guard.history:
-        chosen = next((o for o in guard.history if o.step == selected), guard.history[-1])
-        metrics |= {"val_proxy_reward": chosen.proxy_reward, "val_gold": chosen.gold, "val_kl": chosen.kl}
-        metrics["guard"] = guard_summary
-    summary = monitor.summary()
-    rollout_cost = {"generation_seconds": round(state.generation_seconds, 2),
-                    "generated_tokens": state.generated_tokens, "scoring_seconds": round(state.score_seconds, 2)}
-    busy = state.generation_seconds + state.score_seconds + summary["train_seconds"]
-    rollout_cost["generation_share"] = round(state.generation_seconds / busy, 4) if busy > 0 else None
+    metrics, summary, rollout_cost = _results(state, guard, selected, monitor)
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": world,
             "precision": precision.name, "device": device.type, **summary, **rollout_cost}
     artifact = Artifact.create(name=f"{task.name}-{method.name}", method=method.name, kind="adapter",
@@ -422,6 +398,45 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return artifact
+
+
+def _results(state: OnlineState, guard: RewardHackingGuard, selected: int, monitor) -> tuple[dict, dict, dict]:
+    """The artifact's metrics (steps, the guard's verdict and the selected check's scores), the monitor's summary
+    and the rollouts' cost."""
+    metrics = {"final_step": state.step, "selected_step": selected, "best_step": state.best_step,
+               "stopped_by_guard": guard.should_stop}
+    if guard.history:
+        chosen = next((o for o in guard.history if o.step == selected), guard.history[-1])
+        metrics |= {"val_proxy_reward": chosen.proxy_reward, "val_gold": chosen.gold, "val_kl": chosen.kl}
+        metrics["guard"] = guard.summary()
+    summary = monitor.summary()
+    rollout_cost = {"generation_seconds": round(state.generation_seconds, 2),
+                    "generated_tokens": state.generated_tokens, "scoring_seconds": round(state.score_seconds, 2)}
+    busy = state.generation_seconds + state.score_seconds + summary["train_seconds"]
+    rollout_cost["generation_share"] = round(state.generation_seconds / busy, 4) if busy > 0 else None
+    return metrics, summary, rollout_cost
+
+
+def _train_line(stats: dict, scores, rollouts, step_result: StepResult, *, score_seconds: float,
+                prepare_seconds: float, updates: int) -> dict:
+    """The fields of a step's `kind: train` line every online method logs: rewards, completions, where the time
+    went (generation, scoring, reference and old log-probs, updates) and the two speeds."""
+    train_seconds = step_result.seconds
+    step_seconds = rollouts.seconds + score_seconds + train_seconds
+    return {
+        "kind": "train", **stats,
+        **{f"rewards/{k}": nan_mean(v) for k, v in scores.per_function.items()},
+        "completion_length": float(np.mean(rollouts.lengths)),
+        "truncated": float(np.mean(rollouts.truncated)),
+        "generation_seconds": round(rollouts.seconds, 3),
+        "scoring_seconds": round(score_seconds, 3),
+        "training_seconds": round(train_seconds, 3),
+        "reference_seconds": round(prepare_seconds, 3),  # reference (and old) log-probs, before the updates
+        "generation_share": round(rollouts.seconds / step_seconds, 4) if step_seconds > 0 else None,
+        "generation_tokens_per_second": round(rollouts.generated_tokens / max(rollouts.seconds, 1e-9), 1),
+        "training_tokens_per_second": round(step_result.tokens / max(train_seconds, 1e-9), 1),
+        "updates": updates,
+    }
 
 
 def _sequence_advantages(method: PolicyGradientMethod, config, policy, batches, rollouts, rewards, ref, *,
