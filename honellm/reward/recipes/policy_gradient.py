@@ -253,8 +253,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     correct = tools is None and (generator.backend == "vllm" if correct is None else bool(correct))
     if is_main:
         run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step,
-                        total_steps=total_steps, updates_per_step=config.updates_per_step, processes=world, precision=precision.name,
-                        trainable_params=trainable_params, total_params=total_params,
+                        total_steps=total_steps, updates_per_step=config.updates_per_step, processes=world,
+                        precision=precision.name, trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, proxy_reward=proxy.names,
                         gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
