@@ -118,10 +118,13 @@ def _write_adapter(art: Artifact, folder: Path, dtype: str, notes: list[str]) ->
 
 
 def _require_mergeable(art: Artifact) -> None:
-    from honellm.tuning import all_methods
+    # The one registry of methods; imported here, not at the top: it imports every recipe (start-up time of the
+    # other export paths).
+    from honellm.methods.catalog import all_methods
 
     method = all_methods().get(art.manifest.method)
-    if method is not None and not method.merges:
+    adapter = method.details if method is not None and method.family == "tuning" else None  # its PEFT spec
+    if adapter is not None and not adapter.merges:
         raise HoneError(f"a {art.manifest.method} adapter cannot be merged into the weights (it adds virtual tokens, "
                         "not weight updates)", where=str(art.path),
                         fix="export it with --format adapter and load it with PEFT")

@@ -1,6 +1,7 @@
 """Rollouts for online RL (GRPO, RLOO, PPO, rejection sampling, best-of-n): what the recipes share.
 
-- `OnlineRLConfig`: the settings every online recipe takes (the adapter, sampling, the reward, the guard).
+- `PolicyConfig`: the settings every recipe that samples from its policy takes (the adapter, sampling, the
+  reward); the online loop's `OnlineRLConfig` is beside it in `honellm.reward.recipes.policy_gradient`.
 - `PromptSet` / `encode_prompts`: a split's prompts rendered through the task's prompt program and tokenized once.
 - `generate_rollouts`: `group_size` completions per prompt, batched through the `Generator` (groups consecutive).
 - `RewardSource` / `proxy_reward` / `gold_reward`: reward functions and/or a reward model on completions.
@@ -30,11 +31,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from honellm.errors import HoneError
 from honellm.reward.functions import task_reward
-from honellm.reward.guard import Alarm, GuardConfig, RewardHackingGuard, distinct_n
+from honellm.reward.guard import Alarm, RewardHackingGuard, distinct_n
 from honellm.runtime.rewards import RewardScores, RewardSource, load_reward_model_artifact  # noqa: F401 - re-exported
 from honellm.training.batching import IGNORE, Batch
 from honellm.training.config import TrainingConfig
@@ -78,54 +79,6 @@ class PolicyConfig(TrainingConfig):
     reward_model: str | None = Field(None, description="a reward-model artifact folder whose score is added to the "
                                                        "reward (hone align --method reward_model makes one)")
     reward_model_weight: float = Field(1.0, description="weight of the reward model's score in the reward")
-
-
-class OnlineRLConfig(PolicyConfig):
-    """What the online RL recipes share (GRPO, RLOO, PPO): steps of sampling and updating, and the guard.
-
-    One `step` is one iteration of the loop: sample `group_size` completions for each of `prompts_per_step`
-    prompts, score them, then take `ppo_epochs x mini_batches` optimizer updates on them.
-    """
-
-    prompts_per_step: int = Field(8, ge=1, description="training prompts per step (on each process)")
-    group_size: int = Field(8, ge=1, description="completions sampled per prompt (GRPO's G, TRL's num_generations)")
-    # --- updates
-    ppo_epochs: int = Field(1, ge=1, description="passes over each step's completions (GRPO's mu, TRL's num_iterations)")
-    mini_batches: int = Field(1, ge=1, description="optimizer updates per pass (the completions are split this "
-                                                   "many ways)")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="clip range of the probability ratio")
-    mask_truncated: bool = Field(False, description="give completions cut at max_new_tokens no loss (DAPO)")
-    # --- the held-out check and the reward-hacking guard
-    guard: GuardConfig = Field(default_factory=lambda: GuardConfig(every=10),
-                               description="the reward-hacking guard (every, thresholds, action: warn or stop)")
-    eval_every: int | None = Field(None, ge=0, description="steps between held-out checks (None: guard.every; "
-                                                           "0: never)")
-    guard_prompts: int = Field(64, ge=2, description="validation prompts generated at each held-out check")
-    guard_temperature: float | None = Field(None, ge=0, description="sampling temperature of held-out checks "
-                                                                    "(None: the rollouts'; 0: greedy)")
-    gold_reward_model: str | None = Field(None, description="a reward-model artifact the guard watches as gold "
-                                                            "(never trained on); default: the task's gold_rewards, "
-                                                            "else the task's metric")
-    select_best: bool = Field(False, description="keep the weights of the held-out check with the best gold signal "
-                                                 "(always done when the guard stops the run)")
-
-    @model_validator(mode="after")
-    def _online_sizes(self):
-        if self.grad_accum != 1:
-            raise ValueError("grad_accum is not used by online RL: each update accumulates over its micro-batches; "
-                             "size updates with prompts_per_step, group_size and mini_batches")
-        if self.mini_batches > self.prompts_per_step * self.group_size:
-            raise ValueError(f"mini_batches ({self.mini_batches}) exceeds the completions per step "
-                             f"({self.prompts_per_step * self.group_size})")
-        return self
-
-    @property
-    def updates_per_step(self) -> int:
-        return self.ppo_epochs * self.mini_batches
-
-    @property
-    def check_every(self) -> int:
-        return self.guard.every if self.eval_every is None else self.eval_every
 
 
 def sampling_params(config: PolicyConfig, task, *, seed: int, temperature: float | None = None):
@@ -557,23 +510,3 @@ def merge_results(results: list[StepResult], *, seconds: float = 0.0) -> StepRes
         seconds=seconds + sum(r.seconds for r in results),
         metrics={k: sum(w * r.metrics.get(k, 0.0) for w, r in zip(weight, results, strict=True)) for k in keys},
     )
-
-
-@dataclass
-class OnlineState:
-    """What the loop carries from step to step, saved in each checkpoint's state.json."""
-
-    step: int = 0
-    best_step: int | None = None
-    guard_history: list[dict] = field(default_factory=list)
-    generation_seconds: float = 0.0
-    generated_tokens: int = 0
-    score_seconds: float = 0.0
-    monitor: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> OnlineState:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

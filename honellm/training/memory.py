@@ -397,6 +397,46 @@ def fit_memory(model, sampler, *, loss_tokens, batch_size: int, grad_accum: int,
         fix="try " + "; or ".join(fixes) + " (set HONE_SKIP_MEMORY_CHECK=1 to train anyway)")
 
 
+def fit_micro_batch(estimate_for: Callable[[int, int, bool], MemoryEstimate], *, batch_size: int, seq_len: int,
+                    grad_accum: int, gradient_checkpointing: bool, device: torch.device | str,
+                    limit_gb: float | None = None, trains_all_weights: bool = False,
+                    accumulate: bool = True) -> MemoryPlan:
+    """`fit_memory` for recipes whose micro-batches are not known before training (online RL's completions, RFT's
+    kept samples): the worst micro-batch is `batch_size` sequences of `seq_len` tokens. When it does not fit, the
+    largest smaller micro-batch that does is chosen, then gradient checkpointing, and said in one line
+    (`MemoryPlan.apply`); when nothing fits, `check_memory`'s error names what to change.
+
+    `accumulate`: a smaller micro-batch takes more accumulation (`grad_accum` scaled: the same global batch, as
+    `fit_memory`); without it (online RL, whose updates are split into as many micro-batches as they need),
+    `grad_accum` stays as it is and each update keeps its completions.
+    """
+    first = estimate_for(batch_size, seq_len, gradient_checkpointing)
+    if os.environ.get("HONE_SKIP_MEMORY_CHECK") == "1":
+        return MemoryPlan(batch_size, grad_accum, gradient_checkpointing, first, 0, first)
+    capacity = int(limit_gb * GiB) if limit_gb is not None else available_memory(device)[0]
+    if first.total <= capacity:
+        return MemoryPlan(batch_size, grad_accum, gradient_checkpointing, first, capacity, first)
+    smaller = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
+    for checkpointing in ([False, True] if not gradient_checkpointing else [True]):
+        for b in smaller:
+            if (b, checkpointing) == (batch_size, gradient_checkpointing):
+                continue
+            estimate = estimate_for(b, seq_len, checkpointing)
+            if estimate.total <= capacity:
+                accum = grad_accum * batch_size // b if accumulate else grad_accum
+                settings = f"batch_size={b}" + (f" grad_accum={accum}" if accumulate else "") + (
+                    " gradient_checkpointing=true" if checkpointing and not gradient_checkpointing else "")
+                same = "the same global batch" if accumulate else "the same updates, in more micro-batches"
+                note = (f"memory: batch_size={batch_size} would need about {first.total / GiB:.2f} GiB of "
+                        f"{capacity / GiB:.2f} GiB; training with {settings} ({same}), about "
+                        f"{estimate.total / GiB:.2f} GiB")
+                return MemoryPlan(b, accum, checkpointing, estimate, capacity, first, note)
+    check_memory(estimate_for, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                 gradient_checkpointing=gradient_checkpointing, device=device, limit_gb=limit_gb,
+                 trains_all_weights=trains_all_weights)  # raises: nothing fits
+    raise AssertionError("unreachable: check_memory accepted what fit_micro_batch could not fit")
+
+
 def check_memory(estimate_for: Callable[[int, int, bool], MemoryEstimate], *, batch_size: int, seq_len: int,
                  grad_accum: int, gradient_checkpointing: bool, device: torch.device | str,
                  limit_gb: float | None = None, trains_all_weights: bool = False) -> MemoryEstimate:

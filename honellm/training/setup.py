@@ -12,9 +12,15 @@ import os
 
 import torch
 
+from honellm.errors import HoneError
+from honellm.training.checkpoint import is_fsdp
+
 
 def setup_accelerator():
-    """An `accelerate.Accelerator` for this process: CUDA where present, else CPU (gloo between processes)."""
+    """An `accelerate.Accelerator` for this process: CUDA where present, else CPU (gloo between processes).
+
+    FSDP1 is refused here, before any run folder exists, for every recipe: Hone trains under FSDP2 only.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -23,6 +29,9 @@ def setup_accelerator():
     # unused trainable ones (every trainable parameter is used in every step).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     accelerator = Accelerator(cpu=cpu, mixed_precision="no", kwargs_handlers=[ddp])
+    if is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise HoneError("Hone trains under FSDP2 only (per-parameter sharding keeps frozen bf16 and trainable fp32 "
+                        "weights apart)", where="accelerate config", fix="set fsdp_version: 2 in your accelerate config")
     if cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         # N processes on one CPU: share the cores instead of each one using all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))

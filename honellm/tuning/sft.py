@@ -17,10 +17,9 @@ metrics, and the validation loss always. The best evaluation's weights are kept 
 from __future__ import annotations
 
 import functools
-import math
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +32,19 @@ from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
 from honellm.training.batching import (
-    LengthGroupedBatches,
     TokenSequence,
     collate,
     encode_conversation,
     pack,
     token_budget_micro_batches,
 )
-from honellm.training.checkpoint import Checkpointer, gather_trainable, is_fsdp, load_gathered, save_trainable
+from honellm.training.checkpoint import is_fsdp
 from honellm.training.logprobs import sft_loss
+from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import check_memory, estimate_training_memory, fit_memory, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.run_folder import every, open_run
+from honellm.training.run_folder import open_run
 from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import NonFiniteLoss, TrainStep
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.catalog import all_methods as all_adapters
 from honellm.tuning.catalog import get_method
@@ -75,9 +71,6 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     precision = Precision.resolve(config.precision, device)
-    if is_fsdp(accelerator) and not accelerator.is_fsdp2:
-        raise HoneError("Hone trains under FSDP2 only (per-parameter sharding keeps frozen bf16 and trainable fp32 "
-                        "weights apart)", where="accelerate config", fix="set fsdp_version: 2 in your accelerate config")
     run = open_run(task, spec.name, config, out=out, resume=resume, force=force, accelerator=accelerator)
 
     # --- model: load, make trainable, cast (frozen in the compute dtype, trainable in fp32)
@@ -110,15 +103,9 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                                kind="full" if spec.trains_base else "adapter", base_model=task.config.model,
                                program=program, task=task, run_dir=str(run.path))
     validation = _validation_set(task, artifact, tokenizer, config) if task.has_split("validation") else None
-    slots = world * config.grad_accum
-    if len(train) < slots:
-        raise HoneError(f"{len(train)} training examples cannot fill {slots} micro-batches", where=task.source,
-                        fix="add training data, or lower grad_accum / the number of processes")
-    sampler = LengthGroupedBatches([len(s) for s in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([len(s) for s in train], config, world=world, validating=validation is not None,
+                       where=task.source)
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
@@ -152,34 +139,30 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    best_file = run.path / "checkpoints" / "best.safetensors"
-    state = TrainState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = TrainState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{spec.name} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{spec.name} {task.name}")
+    model, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
-                        steps_per_epoch=per_epoch, processes=world, precision=precision.name, attention=attention,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step,
+                        total_steps=total_steps, steps_per_epoch=per_epoch, processes=world,
+                        precision=precision.name, attention=attention,
                         packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
+
+    def evaluate(step: int) -> dict:
+        return _named(_evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
+                                config=config, accelerator=accelerator), validation)
+
+    best = Best(f"val_{validation.metric_name}", validation.higher_is_better) if validation is not None else None
+    tail = training.tail(per_epoch=per_epoch, evaluate=evaluate if validation is not None else None,
+                         eval_every=steps.eval_every, best=best, select_best=config.select_best,
+                         patience=config.early_stopping_patience, save_every=steps.save_every)
 
     # --- the loop
     pad_id = tokenizer.pad_token_id
-    last_scores: dict | None = None
-    while state.step < total_steps:
+    while tail.running():
         if packing:  # the same global batch, cut by the token budget instead of an example count
             micro_batches = [pack([train[i] for i in index]) for index in token_budget_micro_batches(
                 sampler.global_batch(state.step), sampler.lengths, budget, parts=world, part=rank)]
@@ -187,65 +170,21 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
             micro_batches = [collate([train[i] for i in index], pad_id)
                              for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                                 grad_accum=config.grad_accum)]
-        try:
-            result = train_step(micro_batches, sft_loss, step=state.step)
-        except NonFiniteLoss as err:
-            monitor.close()
-            monitor.log(state.step + 1, event="non_finite_loss", message=err.what)
-            kept = checkpoints.latest()
-            raise HoneError(err.what, where=str(run.path),
-                            fix=f"{err.fix}; the last good checkpoint is {kept}" if kept else
-                            f"{err.fix}; no checkpoint was written yet (set save_every to keep some)") from None
-        state.step += 1
-        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
-            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
-        log = state.step % config.log_every == 0 or state.step == total_steps
-        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
-
-        stop = False
-        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-            scores = _evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
-                               config=config, accelerator=accelerator)
-            last_scores = scores
-            if state.improves(scores, validation):
-                state.best_score, state.best_loss, state.best_step = scores.get("val_score"), scores["val_loss"], state.step
-                state.bad_evals = 0
-                if config.select_best:
-                    best = gather_trainable(accelerator, model)  # every process takes part under FSDP
-                    if is_main:
-                        save_trainable(best_file, best)
-                    accelerator.wait_for_everyone()
-            else:
-                state.bad_evals += 1
-            monitor.log(state.step, event="eval", **_named(scores, validation), best_step=state.best_step)
-            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in _named(scores, validation).items()))
-            stop = bool(config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience)
-            if stop:
-                monitor.log(state.step, event="early_stop", evals_without_improvement=state.bad_evals)
-        if save_every and state.step < total_steps and not stop and state.step % save_every == 0:
-            state.monitor = monitor.state_dict()
-            checkpoints.save(state.step, model=model, optimizer=optimizer, schedule=schedule, state=state.to_dict())
-        if stop:
+        result = tail.step(training.step, micro_batches, sft_loss)
+        if tail.end_step(result):
             break
-    monitor.close()
-    accelerator.wait_for_everyone()
 
     # --- keep the best weights, then save the artifact
-    if config.select_best and state.best_step is not None and state.best_step != state.step and best_file.exists():
-        from safetensors.torch import load_file
-
-        best = load_file(best_file) if is_main or not is_fsdp(accelerator) else None
-        load_gathered(accelerator, model, best, where=str(best_file))
+    selected = tail.finish(keep_best=config.select_best)
     final = accelerator.unwrap_model(model)
     # Under FSDP the weights are sharded: gather them whole (every process) for the main process to save.
     whole = _gather_model(model) if is_fsdp(accelerator) else None
     summary = monitor.summary()
-    metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": (
-        state.best_step if config.select_best and state.best_step is not None else state.step)}
+    metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": selected}
     # The scores of the weights the artifact holds: the best evaluation's, or the last one's without select_best.
-    kept = {"val_loss": state.best_loss, "val_score": state.best_score} if config.select_best else (last_scores or {})
-    if validation is not None and kept.get("val_loss") is not None:
-        metrics.update(_named({k: v for k, v in kept.items() if v is not None}, validation))
+    kept = (best.kept(state) if config.select_best else tail.last_scores or {}) if best is not None else {}
+    if kept.get("val_loss") is not None:
+        metrics.update(kept)
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": world,
             "precision": precision.name, "device": device.type, **summary}
     artifact.manifest.config = {"method": spec.name, **config.model_dump(mode="json")}
@@ -272,34 +211,6 @@ def _packing(config: SFTConfig, model, device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ state
-
-
-@dataclass
-class TrainState:
-    """What the loop carries from step to step, saved in each checkpoint's state.json."""
-
-    step: int = 0
-    best_score: float | None = None
-    best_loss: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    monitor: dict = field(default_factory=dict)
-
-    def improves(self, scores: dict, validation: ValidationSet) -> bool:
-        """Better task score (ties broken by lower validation loss), or lower loss where there is no score."""
-        if self.best_step is None:
-            return True
-        score, loss = scores.get("val_score"), scores["val_loss"]
-        if score is not None and self.best_score is not None and score != self.best_score:
-            return score > self.best_score if validation.higher_is_better else score < self.best_score
-        return loss < self.best_loss
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainState:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def _named(scores: dict, validation: ValidationSet) -> dict:

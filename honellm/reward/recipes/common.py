@@ -8,15 +8,15 @@
 - `pair_logps`: summed answer log-probs of a `PairBatch`, LM head at answer positions only;
 - `reference_scores`: log-probs under the reference (the model with its adapter disabled), computed once, for
   the examples the run will visit (`visited`);
-- `AlignState`: the loop's state in each checkpoint (step, best validation, monitor totals);
-- `finish_artifact`: best weights back in, the cost figures, and the Artifact written into the run folder.
+- `finish_artifact`: the cost figures and the Artifact written into the run folder (the loop's end,
+  `honellm.training.loop.TrainingTail.finish`, has put the best weights back in).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,7 @@ from honellm.training.batching import Batch, TokenSequence, collate, encode_conv
 from honellm.training.checkpoint import load_plain
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
+from honellm.training.loop import LoopState
 from honellm.training.precision import Precision
 from honellm.training.validation import score_sequences
 
@@ -359,59 +360,19 @@ def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
 # ------------------------------------------------------------------------------------------------ state
 
 
-@dataclass
-class AlignState:
-    """What the loop carries from step to step, saved in each checkpoint's state.json."""
-
-    step: int = 0
-    best_accuracy: float | None = None
-    best_loss: float | None = None
-    best_step: int | None = None
-    monitor: dict = field(default_factory=dict)
-
-    def improves(self, accuracy: float, loss: float) -> bool:
-        """Higher validation accuracy, ties broken by lower validation loss."""
-        if self.best_step is None:
-            return True
-        if accuracy != self.best_accuracy:
-            return accuracy > self.best_accuracy
-        return loss < self.best_loss
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AlignState:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
-def check_enough(n: int, slots: int, task, what: str = "training pairs") -> None:
-    if n < slots:
-        raise HoneError(f"{n} {what} cannot fill {slots} micro-batches", where=task.source,
-                        fix="add training data, or lower grad_accum / the number of processes")
-
-
 # ------------------------------------------------------------------------------------------------ artifact
 
 
 def finish_artifact(*, task, method: str, kind: str, config: AlignConfig, program, run, accelerator, model,
-                    state: AlignState, best_file: Path, monitor, precision: Precision, trainable_params: int,
+                    state: LoopState, selected: int, monitor, precision: Precision, trainable_params: int,
                     total_params: int, extra_metrics: dict, save) -> Artifact:
-    """Load the best weights (when `select_best`), build the manifest, and write the artifact with `save`.
+    """Build the manifest (`selected`: the step whose weights the model holds) and write the artifact with `save`.
 
     `save(artifact, path)` writes the method's files (adapter, full weights, a reward head) on the main process.
     """
-    from safetensors.torch import load_file
-
-    from honellm.training.checkpoint import load_trainable_state
-
     final = accelerator.unwrap_model(model)
-    if config.select_best and state.best_step is not None and state.best_step != state.step and best_file.exists():
-        load_trainable_state(final, load_file(best_file), where=str(best_file))
     summary = monitor.summary()
-    metrics = {"best_step": state.best_step, "final_step": state.step,
-               "selected_step": state.best_step if config.select_best and state.best_step is not None else state.step,
-               **extra_metrics}
+    metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": selected, **extra_metrics}
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": accelerator.num_processes,
             "precision": precision.name, "device": accelerator.device.type, **summary}
     artifact = Artifact.create(name=f"{task.name}-{method}", method=method, kind=kind, base_model=task.config.model,
@@ -425,13 +386,3 @@ def finish_artifact(*, task, method: str, kind: str, config: AlignConfig, progra
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return artifact
-
-
-def stop_on_non_finite(err, *, monitor, checkpoints, run, step: int) -> HoneError:
-    """The user error for a non-finite loss: what happened and the last good checkpoint."""
-    monitor.close()
-    monitor.log(step + 1, event="non_finite_loss", message=err.what)
-    kept = checkpoints.latest()
-    return HoneError(err.what, where=str(run.path),
-                     fix=f"{err.fix}; the last good checkpoint is {kept}" if kept else
-                     f"{err.fix}; no checkpoint was written yet (set save_every to keep some)")

@@ -5,7 +5,7 @@ Guo et al., "Direct Language Model Alignment from Online AI Feedback", https://a
 TRL's `OnlineDPOTrainer`. Offline DPO learns from pairs someone else's model wrote; online DPO's pairs come from the
 policy itself at every step, so the preference signal stays on the policy's own distribution.
 
-It is the online RL loop of `honellm.reward.recipes.grpo.train_policy_gradient` with two differences, declared in
+It is the online RL loop of `honellm.reward.recipes.policy_gradient.train_policy_gradient` with two differences, declared in
 its `PolicyGradientMethod`: every step samples pairs (`group_size=2`) kept together in one micro-batch, and the
 "advantage" of each answer says which of its pair won (+1) or lost (-1); pairs whose two rewards are equal carry
 no preference and are left out of the update (dynamic sampling). The loss is a registered preference loss
@@ -31,8 +31,14 @@ from pydantic import Field, model_validator
 from honellm.artifact import Artifact
 from honellm.methods.registry import Method, register_method
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
-from honellm.reward.recipes.grpo import ONLINE_NEEDS, Advantages, PolicyGradientMethod, train_policy_gradient
-from honellm.reward.rollout import OnlineRLConfig, RolloutBatch, completion_logprobs
+from honellm.reward.recipes.policy_gradient import (
+    ONLINE_NEEDS,
+    Advantages,
+    OnlineRLConfig,
+    PolicyGradientMethod,
+    train_policy_gradient,
+)
+from honellm.reward.rollout import RolloutBatch, completion_logprobs
 from honellm.training.logprobs import LossOutput
 
 
@@ -77,9 +83,14 @@ def online_dpo_loss(model, batch: RolloutBatch, *, config: OnlineDPOConfig) -> L
     return LossOutput(loss * pairs, pairs, {k: float(v) * pairs for k, v in metrics.items()})
 
 
+def pair_units(config: OnlineDPOConfig, batch: RolloutBatch, max_new_tokens: int) -> int:
+    """Online DPO's loss averages over pairs."""
+    return len(batch.rows) // 2
+
+
 ONLINE_DPO = PolicyGradientMethod("online_dpo", OnlineDPOConfig, pair_advantages, online_dpo_loss,
                                   kl_in_reward=False, sequence_units=True, needs_reference=True, together=2,
-                                  drop_ties=True)
+                                  drop_ties=True, units=pair_units)
 
 
 def online_dpo(task, config: OnlineDPOConfig | None = None, *, out: str | Path | None = None, resume: bool = False,

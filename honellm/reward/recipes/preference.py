@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import random
 import time
 
@@ -54,10 +53,8 @@ from honellm.program import PromptProgram
 from honellm.reward.losses import PreferenceLogps, get_preference_loss
 from honellm.reward.recipes.common import (
     AlignConfig,
-    AlignState,
     PairBatch,
     cached_reference,
-    check_enough,
     collate_pairs,
     encode_pairs,
     fingerprint,
@@ -69,19 +66,15 @@ from honellm.reward.recipes.common import (
     reference_scores,
     score_all,
     score_pairs,
-    stop_on_non_finite,
     visited,
 )
-from honellm.training.batching import Batch, LengthGroupedBatches, TokenSequence, collate, encode_conversation
-from honellm.training.checkpoint import Checkpointer, save_trainable
+from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
 from honellm.training.logprobs import LossOutput, token_logprobs
+from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.run_folder import every, open_run
+from honellm.training.run_folder import open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import NonFiniteLoss, TrainStep
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -195,13 +188,9 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
     validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
                                limit=config.eval_limit) if task.has_split("validation") else None)
-    slots = world * config.grad_accum
-    check_enough(len(train), slots, task)
-    sampler = LengthGroupedBatches([p.length for p in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([p.length for p in train], config, world=world, validating=validation is not None,
+                       where=task.source, what="training pairs")
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(p.truncated for p in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
@@ -249,27 +238,14 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
             run.log_metrics(event="reference", pairs=len(seen), seconds=round(time.perf_counter() - started, 2))
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    best_file = run.path / "checkpoints" / "best.safetensors"
-    state = AlignState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = AlignState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method} {task.name}")
+    model, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
     loss_fn = preference_loss_fn(method, hparams)
 
     def evaluate() -> dict:
@@ -283,43 +259,24 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                 "val_margin": float(metrics["rewards/margins"]), "val_rewards_chosen": float(metrics["rewards/chosen"]),
                 "val_rewards_rejected": float(metrics["rewards/rejected"])}
 
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=steps.eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best,
+                         save_every=steps.save_every)
+
     # --- the loop
-    while state.step < total_steps:
+    while tail.running():
         micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"])
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
-        try:
-            result = train_step(micro_batches, loss_fn, step=state.step)
-        except NonFiniteLoss as err:
-            raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
-        state.step += 1
-        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
-            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
-        log = state.step % config.log_every == 0 or state.step == total_steps
-        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
-
-        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-            scores = evaluate()
-            if state.improves(scores["val_accuracy"], scores["val_loss"]):
-                state.best_accuracy, state.best_loss, state.best_step = (scores["val_accuracy"], scores["val_loss"],
-                                                                         state.step)
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(model))
-            monitor.log(state.step, event="eval", **scores, best_step=state.best_step)
-            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if save_every and state.step < total_steps and state.step % save_every == 0:
-            state.monitor = monitor.state_dict()
-            checkpoints.save(state.step, model=model, optimizer=optimizer, schedule=schedule, state=state.to_dict())
-    monitor.close()
-    accelerator.wait_for_everyone()
+        tail.end_step(tail.step(training.step, micro_batches, loss_fn))
 
     # --- keep the best weights, then save the artifact
-    extra = ({"val_accuracy": state.best_accuracy, "val_loss": state.best_loss}
-             if state.best_step is not None else {})
+    selected = tail.finish(keep_best=config.select_best)
     return finish_artifact(task=task, method=method, kind="full" if config.adapter == "full" else "adapter",
                            config=config, program=program, run=run, accelerator=accelerator, model=model, state=state,
-                           best_file=best_file, monitor=monitor, precision=precision,
-                           trainable_params=trainable_params, total_params=total_params, extra_metrics=extra,
+                           selected=selected, monitor=monitor, precision=precision,
+                           trainable_params=trainable_params, total_params=total_params,
+                           extra_metrics=Best("val_accuracy").kept(state),
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
                                                   tokenizer=tokenizer, full=config.adapter == "full"))
 
@@ -425,8 +382,6 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
     program = PromptProgram.from_task(task)
     per_record = 2 if task.kind == "preference" else 1  # a pair gives a desirable and an undesirable completion
     examples = task.unpaired("train")[: per_record * config.train_limit if config.train_limit else None]
-    slots = world * config.grad_accum
-    check_enough(len(examples), slots, task, "training completions")
 
     def encode(messages, completion) -> TokenSequence:
         return encode_conversation(tokenizer, program.chat_messages(messages), completion, max_length=config.max_length)
@@ -443,12 +398,10 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         val_examples = task.unpaired("validation")[: config.eval_limit]
         val_unpaired = ([encode(e.prompt, e.completion) for e in val_examples],
                         torch.tensor([e.desirable for e in val_examples]))
-    sampler = LengthGroupedBatches([len(s) for s in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    has_validation = validation is not None or val_unpaired is not None
-    eval_every = every(config.eval_every, per_epoch) if has_validation else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([len(s) for s in train], config, world=world,
+                       validating=validation is not None or val_unpaired is not None, where=task.source,
+                       what="training completions")
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(s.truncated for s in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", examples=truncated, max_length=config.max_length)
@@ -505,27 +458,14 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         run.log_metrics(event="reference", completions=len(seen), seconds=round(time.perf_counter() - started, 2))
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    best_file = run.path / "checkpoints" / "best.safetensors"
-    state = AlignState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = AlignState.from_dict(checkpoints.restore(latest, model=model, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method} {task.name}")
+    model, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, completions=len(train),
                         desirable=int(desirable.sum()), trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
-    train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
     loss_fn = kto_loss_fn(hparams)
     beta = hparams["beta"]
 
@@ -552,9 +492,13 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                 "val_margin": float(chosen.mean() - rejected.mean()), "val_rewards_chosen": float(chosen.mean()),
                 "val_rewards_rejected": float(rejected.mean())}
 
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=steps.eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best,
+                         save_every=steps.save_every)
+
     # --- the loop
     ref_train, ref_mismatched = reference["train"], reference["mismatched"]
-    while state.step < total_steps:
+    while tail.running():
         local = sampler.micro_batches(state.step, rank=rank, world_size=world, grad_accum=config.grad_accum)
         # z, KTO's reference point: mean log-ratio of mismatched pairs over the whole global batch (no gradient).
         mine = np.concatenate(local)
@@ -568,10 +512,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         kl_ref = torch.tensor([float(kl_sums[1] / kl_sums[2])])
         micro_batches = [UnpairedBatch(collate([train[i] for i in index], pad_id), torch.as_tensor(index),
                                        desirable[index], ref_train[index], kl_policy, kl_ref) for index in local]
-        try:
-            result = train_step(micro_batches, loss_fn, step=state.step)
-        except NonFiniteLoss as err:
-            raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
+        result = tail.step(training.step, micro_batches, loss_fn)
         # The step averaged the reward sums over all completions; make them means over each kind.
         everyone = sampler.global_batch(state.step)
         n_good = int(desirable[everyone].sum())
@@ -581,33 +522,14 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         result.metrics["rewards/rejected"] = (result.metrics["rewards/rejected"] * units / n_bad if n_bad
                                               else float("nan"))
         result.metrics["rewards/margins"] = result.metrics["rewards/chosen"] - result.metrics["rewards/rejected"]
-        state.step += 1
-        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
-            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
-        log = state.step % config.log_every == 0 or state.step == total_steps
-        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
+        tail.end_step(result)
 
-        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-            scores = evaluate()
-            if state.improves(scores["val_accuracy"], scores["val_loss"]):
-                state.best_accuracy, state.best_loss, state.best_step = (scores["val_accuracy"], scores["val_loss"],
-                                                                         state.step)
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(model))
-            monitor.log(state.step, event="eval", **scores, best_step=state.best_step)
-            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if save_every and state.step < total_steps and state.step % save_every == 0:
-            state.monitor = monitor.state_dict()
-            checkpoints.save(state.step, model=model, optimizer=optimizer, schedule=schedule, state=state.to_dict())
-    monitor.close()
-    accelerator.wait_for_everyone()
-
-    extra = ({"val_accuracy": state.best_accuracy, "val_loss": state.best_loss}
-             if state.best_step is not None else {})
+    selected = tail.finish(keep_best=config.select_best)
     return finish_artifact(task=task, method=method, kind="full" if config.adapter == "full" else "adapter",
                            config=config, program=program, run=run, accelerator=accelerator, model=model, state=state,
-                           best_file=best_file, monitor=monitor, precision=precision,
-                           trainable_params=trainable_params, total_params=total_params, extra_metrics=extra,
+                           selected=selected, monitor=monitor, precision=precision,
+                           trainable_params=trainable_params, total_params=total_params,
+                           extra_metrics=Best("val_accuracy").kept(state),
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
                                                   tokenizer=tokenizer, full=config.adapter == "full"))
 

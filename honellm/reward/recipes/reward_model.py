@@ -18,8 +18,6 @@ initialised with std 1/sqrt(hidden + 1) (Stiennon et al. 2020) where TRL uses th
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from pydantic import Field
@@ -29,27 +27,20 @@ from honellm.program import PromptProgram
 from honellm.reward.losses import bradley_terry_loss, preference_metrics
 from honellm.reward.recipes.common import (
     AlignConfig,
-    AlignState,
     PairBatch,
-    check_enough,
     collate_pairs,
     encode_pairs,
     finish_artifact,
     flat_pairs,
     load_trainable,
-    stop_on_non_finite,
 )
 from honellm.reward.reward_model import RewardModel
-from honellm.training.batching import LengthGroupedBatches
-from honellm.training.checkpoint import Checkpointer, save_trainable
 from honellm.training.logprobs import LossOutput
+from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
-from honellm.training.monitor import TrainingMonitor
-from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
-from honellm.training.run_folder import every, open_run
+from honellm.training.run_folder import open_run
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import NonFiniteLoss, TrainStep
 
 
 class RewardModelConfig(AlignConfig):
@@ -98,13 +89,9 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     train = encode_pairs(task, program, tokenizer, "train", max_length=config.max_length, limit=config.train_limit)
     validation = (encode_pairs(task, program, tokenizer, "validation", max_length=config.max_length,
                                limit=config.eval_limit) if task.has_split("validation") else None)
-    slots = world * config.grad_accum
-    check_enough(len(train), slots, task)
-    sampler = LengthGroupedBatches([p.length for p in train], config.batch_size * slots, seed=config.seed, slots=slots)
-    per_epoch = sampler.steps_per_epoch
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = every(config.eval_every, per_epoch) if validation is not None else 0
-    save_every = every(config.save_every, per_epoch) if config.save_every is not None else (eval_every or every(None, per_epoch))
+    steps = plan_steps([p.length for p in train], config, world=world, validating=validation is not None,
+                       where=task.source, what="training pairs")
+    sampler, per_epoch, total_steps = steps.sampler, steps.per_epoch, steps.total_steps
     truncated = sum(p.truncated for p in train)
     if truncated and is_main:
         run.log_metrics(event="truncated", pairs=truncated, max_length=config.max_length)
@@ -120,27 +107,14 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
     config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, schedule, accelerator, resume
-    optimizer = build_optimizer(reward_model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
-    warmup = warmup_steps_for(total_steps, warmup_ratio=config.warmup_ratio, warmup_steps=config.warmup_steps)
-    schedule = build_schedule(optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=config.schedule,
-                              min_ratio=config.min_lr_ratio)
-    module, optimizer = accelerator.prepare(reward_model, optimizer)
-    checkpoints = Checkpointer(run.path / "checkpoints", keep=config.keep_checkpoints, accelerator=accelerator)
-    best_file = run.path / "checkpoints" / "best.safetensors"
-    state = AlignState()
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = AlignState.from_dict(checkpoints.restore(latest, model=module, optimizer=optimizer, schedule=schedule))
-    monitor = TrainingMonitor(run, total_steps=total_steps, start_step=state.step, is_main=is_main, device=device,
-                              desc=f"{method} {task.name}")
-    monitor.load_state_dict(state.monitor)
+    training = start_training(accelerator, reward_model, config, run, total_steps=total_steps, resume=resume,
+                              precision=precision, desc=f"{method} {task.name}")
+    module, state, monitor = training.model, training.state, training.monitor
     if is_main:
-        run.log_metrics(event="start" if latest is None else "resume", step=state.step, total_steps=total_steps,
+        run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
-    train_step = TrainStep(accelerator, module, optimizer, schedule, precision=precision,
-                           max_grad_norm=config.max_grad_norm)
 
     def loss_fn(module, batch: PairBatch) -> LossOutput:
         return reward_model_loss(module, batch, center_coefficient=config.center_coefficient)
@@ -153,35 +127,17 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
         return {"val_loss": float(value), "val_accuracy": float(metrics["accuracy"]),
                 "val_margin": float(metrics["margin"]), "val_mean_reward": float(metrics["mean_reward"])}
 
+    tail = training.tail(per_epoch=per_epoch, evaluate=lambda step: evaluate(), eval_every=steps.eval_every,
+                         best=Best("val_accuracy"), select_best=config.select_best,
+                         save_every=steps.save_every)
+
     # --- the loop
-    while state.step < total_steps:
+    while tail.running():
         micro_batches = [collate_pairs([train[i] for i in index], index, pad_id)
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
-        try:
-            result = train_step(micro_batches, loss_fn, step=state.step)
-        except NonFiniteLoss as err:
-            raise stop_on_non_finite(err, monitor=monitor, checkpoints=checkpoints, run=run, step=state.step) from None
-        state.step += 1
-        if monitor.out_of_time(config.max_seconds, state.step, accelerator):
-            total_steps = state.step  # the budget is spent: this step is the last (evaluate and save as at the end)
-        log = state.step % config.log_every == 0 or state.step == total_steps
-        monitor.log_step(state.step, result, log=log, epoch=round(state.step / per_epoch, 4))
-
-        if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-            scores = evaluate()
-            if state.improves(scores["val_accuracy"], scores["val_loss"]):
-                state.best_accuracy, state.best_loss, state.best_step = (scores["val_accuracy"], scores["val_loss"],
-                                                                         state.step)
-                if is_main and config.select_best:
-                    save_trainable(best_file, accelerator.unwrap_model(module))
-            monitor.log(state.step, event="eval", **scores, best_step=state.best_step)
-            monitor.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if save_every and state.step < total_steps and state.step % save_every == 0:
-            state.monitor = monitor.state_dict()
-            checkpoints.save(state.step, model=module, optimizer=optimizer, schedule=schedule, state=state.to_dict())
-    monitor.close()
-    accelerator.wait_for_everyone()
+        tail.end_step(tail.step(training.step, micro_batches, loss_fn))
+    selected = tail.finish(keep_best=config.select_best)
 
     # --- keep the best weights, measure the score statistics, save
     def save(artifact, path) -> None:
@@ -196,12 +152,10 @@ def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: boo
         artifact.save(path, force=True, model=reward_model.model, tokenizer=tokenizer if full else None,
                       extra_files=reward_model.head_files())
 
-    extra = ({"val_accuracy": state.best_accuracy, "val_loss": state.best_loss}
-             if state.best_step is not None else {})
     return finish_artifact(task=task, method=method, kind="reward_model", config=config, program=program, run=run,
-                           accelerator=accelerator, model=module, state=state, best_file=best_file, monitor=monitor,
+                           accelerator=accelerator, model=module, state=state, selected=selected, monitor=monitor,
                            precision=precision, trainable_params=trainable_params, total_params=total_params,
-                           extra_metrics=extra, save=save)
+                           extra_metrics=Best("val_accuracy").kept(state), save=save)
 
 
 def score_pairs_sharded(reward_model: RewardModel, pairs, *, batch_size: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:

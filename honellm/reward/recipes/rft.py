@@ -43,12 +43,13 @@ from honellm.reward.rollout import (
 )
 from honellm.training.batching import LengthGroupedBatches, collate, encode_conversation
 from honellm.training.logprobs import sft_loss
-from honellm.training.memory import check_memory, estimate_training_memory, parameter_bytes
+from honellm.training.loop import LoopState, TrainingTail
+from honellm.training.memory import estimate_training_memory, fit_micro_batch, parameter_bytes
 from honellm.training.monitor import TrainingMonitor
 from honellm.training.optim import build_optimizer, build_schedule, warmup_steps_for
 from honellm.training.precision import Precision
 from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
-from honellm.training.step import NonFiniteLoss, TrainStep
+from honellm.training.step import TrainStep
 
 
 class RFTConfig(PolicyConfig):
@@ -99,13 +100,14 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
     # chat template adds after an answer (end of turn)
     longest = max(map(len, train.ids)) + max_new_tokens + 8
     attention = pick_attention(model, config.attention, device=device, longest=longest)
-    memory = check_memory(
+    plan = fit_micro_batch(
         lambda b, length, ckpt: estimate_training_memory(
             model, micro_batch_size=b, seq_len=length, gradient_checkpointing=ckpt, loss_tokens=b * max_new_tokens,
             compute_dtype=precision.compute_dtype, distributed=world > 1, device_type=device.type,
             attention=attention),
         batch_size=config.batch_size, seq_len=longest, grad_accum=config.grad_accum,
         gradient_checkpointing=config.gradient_checkpointing, device=device, limit_gb=config.memory_limit_gb)
+    config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- optimizer, accelerator, generator
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
@@ -143,7 +145,6 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
         return stats
 
     check(0, 0)
-    out_of_time = False
     for round_index in range(1, config.rounds + 1):
         # 1. sample n completions per prompt (this process's share), score, keep each prompt's best
         order = np.random.default_rng([config.seed, round_index]).permutation(len(train))[:per_round]
@@ -191,21 +192,19 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
         train_step = TrainStep(accelerator, model, optimizer, schedule, precision=precision,
                                max_grad_norm=config.max_grad_norm)
         mean_kept = float(np.mean([k["reward"] for k in kept]))
+        # the shared tail counts, logs and watches the budget (no checkpoints: a round is cheap to redo)
+        tail = TrainingTail(accelerator=accelerator, run=run, monitor=monitor, state=LoopState(step=step),
+                            total_steps=step + steps, log_every=config.log_every, max_seconds=config.max_seconds)
         for s in range(steps):
             micro = [collate([sequences[i] for i in index], tokenizer.pad_token_id)
                      for index in sampler.micro_batches(s, rank=rank, world_size=world, grad_accum=config.grad_accum)]
-            try:
-                result = train_step(micro, sft_loss, step=step)
-            except NonFiniteLoss as err:
-                monitor.close()
-                raise HoneError(err.what, where=str(run.path), fix=err.fix) from None
-            step += 1
-            monitor.log_step(step, result, log=step % config.log_every == 0 or s == steps - 1,
-                             postfix={"round": round_index}, kind="train", round=round_index, reward=mean_kept)
-            if out_of_time := monitor.out_of_time(config.max_seconds, step, accelerator):
+            result = tail.step(train_step, micro, sft_loss)
+            tail.end_step(result, postfix={"round": round_index}, kind="train", round=round_index, reward=mean_kept)
+            if tail.out_of_time:
                 break
+        step = tail.state.step
         check(step, round_index)
-        if out_of_time:
+        if tail.out_of_time:
             break
     monitor.close()
     accelerator.wait_for_everyone()
