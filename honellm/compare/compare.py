@@ -12,6 +12,7 @@ method is judged on the same examples whatever its budget.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from pathlib import Path
@@ -129,8 +130,9 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
         try:
             from honellm.search.spaces import SPACES
 
+            others = None
             if search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
-                artifact = _run_search(task, out, budget, overrides, progress, method=spec.name,
+                artifact, others = _run_search(task, out, budget, overrides, progress, method=spec.name,
                                        trials=search_trials, seeds=seeds, split=split, limit=limit)
             else:
                 _, config = method_config(spec.name, None, _settings(spec, overrides, budget))
@@ -160,10 +162,23 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
     result.prompt_tokens = evaluation.cost.prompt_tokens_per_example
     result.latency_ms = measure_latency(art, task, model, tokenizer)
     result.extra = {"eval_mode": evaluation.mode, "extras": evaluation.extras}
-    others = (art.manifest.metrics or {}).get("other_seed_scores")
-    if others:  # compare --search --seeds N: this row's score and the best settings' other seeds
-        result.extra["seed_scores"] = [result.score, *others]
+    if others is not None:  # compare --search --seeds N: this row's score and the best settings' other seeds
+        result.extra["seed_scores"] = [result.score, *others.scores]
+        result.extra["seeds"] = seeds_row(evaluation, others)
     return result
+
+
+def seeds_row(evaluation, others) -> dict:
+    """The leaderboard's seed figures: the row's own run (seed 0) and the other seeds' `SeedSummary`, together:
+    their mean, spread (min-max, std) and the bootstrap interval of the seed-averaged per-example scores."""
+    from honellm.search.seeds import summarize_seeds
+
+    per_example = [[float(e.score) for e in evaluation.records], *others.per_example]
+    both = summarize_seeds(others.method, [0, *others.seeds], [evaluation.score, *others.scores], per_example,
+                           split=evaluation.split, metric=evaluation.metric)
+    row = {k: v for k, v in both.to_dict().items() if k in ("seeds", "scores", "mean", "std", "low", "high", "ci95")}
+    row["ci95"] = [None if math.isnan(v) else v for v in row["ci95"]]  # compare.json stays strict JSON
+    return row
 
 
 def _run_search(task, out: Path, budget, overrides, progress, *, method: str, trials: int, seeds: int = 1,
@@ -183,11 +198,13 @@ def _run_search(task, out: Path, budget, overrides, progress, *, method: str, tr
         others = run_seeds(task, method, result.best_overrides, seeds=tuple(range(1, extra + 1)), out=out / "seeds",
                            split=split, limit=limit, progress=progress)
         artifact.manifest.metrics = {**(artifact.manifest.metrics or {}), "other_seed_scores": others.scores}
+    else:
+        others = None
     # The cost of making it is the whole search (every trial), as the user pays it.
     artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": round(result.seconds, 2),
                               "best_trial_train_seconds": (artifact.manifest.cost or {}).get("train_seconds"),
                               "search_trials": len(result.trials), "search_pruned": result.pruned}
-    return artifact
+    return artifact, others
 
 
 def measure_latency(artifact, task, model, tokenizer, requests: int = LATENCY_REQUESTS) -> float | None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from honellm.atomic import atomic_write_text
-from honellm.compare.results import CompareRun, MethodResult
+from honellm.compare.results import SEED_COLUMNS, CompareRun, MethodResult, has_seeds, seed_cells, tied_note
 from honellm.runs import read_metrics
 
 GUARD_KEYS = ("proxy", "gold", "kl", "mean_length", "distinct_n", "entropy")
@@ -165,20 +165,24 @@ def disagreements(results: list[MethodResult], limit: int = 12) -> tuple[list[st
     return methods, rows
 
 
-def _table(results: list[MethodResult]) -> str:
-    head = ("method", "family", "score", "95% CI", "n", "train time", "train tokens", "trainable params",
-            "peak memory", "prompt tokens/req", "latency/req", "status")
+def _table(results: list[MethodResult], tied: list[str] | None = None) -> str:
+    """The leaderboard; with the seed columns where some method ran several seeds; methods tied with the best
+    (the recommendation's `tied`) marked."""
+    seeds = has_seeds(results)
+    head = ("method", "family", "score", "95% CI", *(SEED_COLUMNS if seeds else ()), "n", "train time",
+            "train tokens", "trainable params", "peak memory", "prompt tokens/req", "latency/req", "status")
     lines = ["<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in results:
         if r.done:
-            cells = [r.method, r.family, f"{r.score:.3f}",
-                     f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-", str(r.n),
+            cells = [r.method + (" (tied)" if tied and len(tied) > 1 and r.method in tied else ""), r.family,
+                     f"{r.score:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-",
+                     *(seed_cells(r) if seeds else ()), str(r.n),
                      f"{r.train_seconds:.0f} s", f"{r.train_tokens:,}", f"{r.trainable_params:,}",
                      f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-",
                      f"{r.prompt_tokens:.0f}" if r.prompt_tokens is not None else "-",
                      f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-", "done"]
         else:
-            cells = [r.method, r.family] + ["-"] * 9 + [f"{r.status}: {r.reason or ''}"]
+            cells = [r.method, r.family] + ["-"] * (len(head) - 3) + [f"{r.status}: {r.reason or ''}"]
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
@@ -254,7 +258,10 @@ def render_sections(run: CompareRun) -> list[str]:
     else:
         parts.append("<p>No method finished, so there is nothing to recommend.</p>")
     parts.append("<h2>Leaderboard</h2>")
-    parts.append(_table(results))
+    parts.append(_table(results, (rec or {}).get("tied")))
+    note = tied_note(run)
+    if note:
+        parts.append(f"<p class='meta'>{html.escape(note)}; the recommendation picks the cheapest of them.</p>")
     figure = quality_cost_figure(results)
     if figure:
         parts.append("<h2>Quality against cost</h2>")

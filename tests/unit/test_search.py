@@ -186,6 +186,37 @@ def test_overlapping_seed_spreads_are_tied_and_the_cheaper_method_wins():
     assert recommend([big, apart])["method"] == "dora"
 
 
+def test_the_leaderboards_show_the_seed_mean_range_and_interval_and_name_the_tied(tmp_path):
+    from honellm.compare.report import render_report
+    from honellm.compare.results import CompareRun, leaderboard_text, summary_text
+
+    def row(method, family, score, seeds, latency):
+        summary = summarize_seeds(method, list(range(len(seeds))), seeds, [[1, 0, 1, 1]] * len(seeds))
+        return MethodResult(method, family, "done", metric="accuracy", score=score, ci_low=score - 0.01,
+                            ci_high=score + 0.01, n=4, latency_ms=latency, prompt_tokens=50,
+                            extra={"seed_scores": seeds, "seeds": summary.to_dict()})
+
+    run = CompareRun(tmp_path, {"name": "t", "model": "m", "metric": "accuracy"}, ["dora", "prompt-search", "ia3"],
+                     "test", None, None)
+    run.results = {"dora": row("dora", "tuning", 0.90, [0.90, 0.86, 0.93], 300.0),
+                   "prompt-search": row("prompt-search", "prompting", 0.87, [0.87, 0.84, 0.88], 100.0),
+                   "ia3": MethodResult("ia3", "tuning", "failed", reason="the loss became NaN")}
+    run.recommendation = recommend(list(run.results.values()))
+    text = leaderboard_text(run)
+    header = text.splitlines()[0]
+    assert "seed mean" in header and "seed range" in header and "seeds 95% CI" in header
+    dora = next(line for line in text.splitlines() if line.startswith("dora"))
+    ci = run.results["dora"].extra["seeds"]["ci95"]
+    assert "0.897" in dora and "0.860-0.930 (sd 0.035)" in dora and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in dora
+    assert "ia3" in text and "NaN" in text
+    assert "tied (95% intervals or seed ranges overlap the best's): dora, prompt-search" in summary_text(run)
+    page = render_report(run)
+    assert "<th>seed range</th>" in page and "dora (tied)" in page and "0.860-0.930" in page
+    alone = CompareRun(tmp_path, run.task, ["dora"], "test", None, None)
+    alone.results = {"dora": MethodResult("dora", "tuning", "done", metric="accuracy", score=0.9, n=4)}
+    assert "seed mean" not in leaderboard_text(alone) and "seed range" not in render_report(alone)
+
+
 # ------------------------------------------------------------------------------------------------ data.test
 
 
@@ -282,6 +313,10 @@ def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(
     assert row.status == "done", row.reason
     assert len(calls) == 3 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()  # 2 trials, 1 seed
     assert len(row.extra["seed_scores"]) == 2 and row.extra["seed_scores"][0] == row.score
+    seeds = row.extra["seeds"]  # the leaderboard's seed figures: the row's run and the other seed, together
+    assert seeds["seeds"] == [0, 1] and seeds["scores"] == row.extra["seed_scores"]
+    assert seeds["low"] <= seeds["mean"] <= seeds["high"] and len(seeds["ci95"]) == 2
+    assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "eval.json").exists()
     assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "artifact" / "hone.json").exists()
     assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
     assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
