@@ -1,8 +1,9 @@
-"""`hone report RUN_DIR`: one self-contained HTML file (figures embedded as PNG) for a compare run.
+"""`hone report RUN_DIR`: one self-contained HTML file (figures embedded as PNG or inline SVG) for a compare run.
 
-Sections: the recommendation with its reasons; the leaderboard; quality against cost with the Pareto front;
-learning curves from each method's metrics.jsonl; the reward-hacking guard's panels where online RL ran;
-examples where the methods disagree.
+Sections: the recommendation with its reasons; the leaderboard (with each method's seeds where it ran several);
+quality against cost with the Pareto front; learning curves from each method's metrics.jsonl; where methods
+searched their settings (`compare --search`), the validation score of every trial against each searched
+setting (inline SVG); the reward-hacking guard's panels where online RL ran; examples where the methods disagree.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def _png(fig) -> str:
 
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _svg(fig) -> str:
+    """The figure as an inline <svg> element (text kept as text; no network, no external file)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
 
 
 def _plt():
@@ -109,6 +122,70 @@ def learning_curves_figure(results: list[MethodResult]) -> str | None:
         ax.legend(fontsize=8)
     fig.suptitle("Learning curves (metrics.jsonl)", fontsize=10)
     return _png(fig)
+
+
+def search_trials(run_dir: str | Path) -> tuple[list[dict], list[dict], int | None]:
+    """A method's settings search in a compare folder (`<method>/search/`): its trials (the last `event: trial`
+    line of each), the searched space (from its config.yaml; empty when unknown) and the best trial's number."""
+    import yaml
+
+    folder = Path(run_dir) / "search"
+    rows = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+    trials = {r["trial"]: r for r in rows if r.get("event") == "trial" and isinstance(r.get("params"), dict)}
+    config = folder / "config.yaml"
+    space = (yaml.safe_load(config.read_text()) or {}).get("space") or [] if config.exists() else []
+    best = folder / "best.json"
+    best_trial = json.loads(best.read_text()).get("best_trial") if best.exists() else None
+    return [trials[k] for k in sorted(trials)], space, best_trial
+
+
+def search_figures(results: list[MethodResult]) -> list[tuple[str, str, str]]:
+    """(method, inline SVG, caption) for every method that searched its settings: one small chart per searched
+    setting, the validation score of each trial against that setting's value (the best trial ringed, pruned
+    trials as crosses along the bottom: they were stopped before they had a final score)."""
+    out = []
+    for r in results:
+        if not r.run_dir:
+            continue
+        trials, space, best_trial = search_trials(r.run_dir)
+        trials = [t for t in trials if t.get("state") in ("complete", "pruned")]
+        names = [p["name"] for p in space] or sorted({k for t in trials for k in t["params"]})
+        if not trials or not names:
+            continue
+        kinds = {p["name"]: p for p in space}
+        scored = [t["score"] for t in trials if isinstance(t.get("score"), (int, float))]
+        floor = min(scored) if scored else 0.0
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(names), figsize=(2.9 * len(names), 2.5), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            spec = kinds.get(name, {})
+            values = [t["params"].get(name) for t in trials]
+            categorical = spec.get("type") == "choice" or any(not isinstance(v, (int, float)) for v in values)
+            if categorical:
+                order = [str(c) for c in spec.get("choices", [])] or sorted({str(v) for v in values})
+                xs = [order.index(str(v)) if str(v) in order else len(order) for v in values]
+                ax.set_xticks(range(len(order)), order, fontsize=7)
+            else:
+                xs = [float(v) if v is not None else float("nan") for v in values]
+                if spec.get("log") and all(x > 0 for x in xs):
+                    ax.set_xscale("log")
+            for t, x in zip(trials, xs, strict=True):
+                if t.get("state") == "pruned" or not isinstance(t.get("score"), (int, float)):
+                    ax.scatter([x], [floor], marker="x", color="gray", s=25, zorder=2)
+                else:
+                    best = t["trial"] == best_trial
+                    ax.scatter([x], [t["score"]], color="#2ca02c" if best else "#1f77b4", s=45 if best else 25,
+                               edgecolor="black" if best else "none", zorder=3)
+            ax.set_title(name, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"validation {r.metric or 'score'}", fontsize=8)
+        complete = sum(t.get("state") == "complete" for t in trials)
+        caption = (f"{r.method}: {len(trials)} trials ({complete} complete, {len(trials) - complete} pruned); "
+                   f"green ringed: the best trial" + (f" (trial {best_trial})" if best_trial is not None else "")
+                   + "; grey crosses: pruned trials")
+        out.append((r.method, _svg(fig), caption))
+    return out
 
 
 def guard_figures(results: list[MethodResult]) -> list[tuple[str, str, list[dict], int | None]]:
@@ -194,7 +271,7 @@ h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;bor
 table{border-collapse:collapse;font-size:.85rem;width:100%} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
 th{background:#f5f5f5} .meta{color:#666;font-size:.9rem} img{max-width:100%}
 .rec{background:#eef7ee;border:1px solid #9c9;border-radius:6px;padding:.8rem 1rem} .rec b{font-size:1.1rem}
-.ok{color:#2a7} .bad{color:#c33} .alarm{color:#c33;font-size:.85rem}
+.svg svg{max-width:100%;height:auto} .ok{color:#2a7} .bad{color:#c33} .alarm{color:#c33;font-size:.85rem}
 """
 
 
@@ -270,6 +347,12 @@ def render_sections(run: CompareRun) -> list[str]:
     if curves:
         parts.append("<h2>Learning curves</h2>")
         parts.append(f"<img alt='learning curves' src='{curves}'>")
+    searches = search_figures(results)
+    if searches:
+        parts.append("<h2>Settings searched: validation score against each setting</h2>")
+        for method, svg, caption in searches:
+            parts.append(f"<h3>{html.escape(method)}</h3><div class='svg'>{svg}</div>"
+                         f"<p class='meta'>{html.escape(caption)}</p>")
     guards = guard_figures(results)
     if guards:
         parts.append("<h2>Reward-hacking guard</h2>")

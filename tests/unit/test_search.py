@@ -217,6 +217,38 @@ def test_the_leaderboards_show_the_seed_mean_range_and_interval_and_name_the_tie
     assert "seed mean" not in leaderboard_text(alone) and "seed range" not in render_report(alone)
 
 
+def test_the_report_plots_each_trial_s_score_against_every_searched_setting(tmp_path):
+    import yaml
+
+    from honellm.compare.report import render_report, search_trials
+    from honellm.compare.results import CompareRun
+
+    folder = tmp_path / "lora" / "search"
+    folder.mkdir(parents=True)
+    space = [{"type": "float", "name": "lr", "low": 1e-5, "high": 1e-2, "log": True},
+             {"type": "choice", "name": "r", "choices": [4, 8, 16]}]
+    (folder / "config.yaml").write_text(yaml.safe_dump({"method": "lora", "space": space}))
+    trials = [{"event": "trial", "trial": 0, "params": {"lr": 2e-4, "r": 16}, "state": "complete", "score": 0.8},
+              {"event": "trial", "trial": 1, "params": {"lr": 0.009, "r": 4}, "state": "pruned", "score": None},
+              {"event": "trial", "trial": 2, "params": {"lr": 1e-3, "r": 8}, "state": "complete", "score": 0.9},
+              {"event": "trial", "trial": 3, "params": {"lr": 1e-3, "r": 8}, "state": "failed", "score": None}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    (folder / "best.json").write_text(json.dumps({"best_trial": 2}))
+    found, found_space, best = search_trials(tmp_path / "lora")
+    assert [t["trial"] for t in found] == [0, 1, 2, 3] and found_space == space and best == 2
+    run = CompareRun(tmp_path, {"name": "t", "model": "m", "metric": "accuracy"}, ["lora", "ia3"], "test", None, None)
+    run.results = {"lora": MethodResult("lora", "tuning", "done", metric="accuracy", score=0.9, n=4,
+                                        run_dir=str(tmp_path / "lora")),
+                   "ia3": MethodResult("ia3", "tuning", "done", metric="accuracy", score=0.7, n=4,
+                                       run_dir=str(tmp_path / "ia3"))}
+    page = render_report(run)
+    section = page[page.index("Settings searched"):]
+    assert section.count("<svg") == 1 and "<h3>ia3</h3>" not in section  # ia3 did not search: no chart
+    assert "lora: 3 trials (2 complete, 1 pruned)" in section and "(trial 2)" in section
+    svg = section[section.index("<svg"):section.index("</svg>")]
+    assert ">lr<" in svg and ">r<" in svg and 'href="http' not in svg and "<image" not in svg  # nothing fetched
+
+
 # ------------------------------------------------------------------------------------------------ data.test
 
 
