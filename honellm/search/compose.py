@@ -3,6 +3,11 @@
 - `sft_then_dpo(task, ...)`: supervised tuning on the task's answers (the chosen ones of preference pairs), its
   adapter folded into the base weights (kept in the composition's folder), then DPO from there: the SFT model is
   both the starting policy and DPO's reference, as in the DPO paper's recipe.
+- `grpo_from_sft(task, ...)`: the same SFT model, then GRPO from it (the SFT model is the policy's starting point
+  and its KL reference).
+- `rft_from_best_of_n(task, artifact, ...)`: rejection-sampling fine-tuning with a best-of-n artifact's own
+  sampling and reward (n, temperature, reward), from the model it samples from: best-of-n distilled into the
+  weights, one sample per request instead of n.
 - `prompt_on_adapter(task, artifact, ...)`: the prompt search (instruction, demonstrations, calibration) run
   on the tuned model, so the prompt is chosen for the adapter (in the spirit of DSPy's BetterTogether); the
   artifact keeps the adapter and carries the program found.
@@ -38,23 +43,93 @@ def sft_then_dpo(task, *, sft_method: str = "lora", sft_overrides: list[str] | N
                  dpo_method: str = "dpo", dpo_overrides: list[str] | None = None, out: str | Path,
                  force: bool = False) -> Artifact:
     """SFT (`sft_method`) on `task`'s answers, folded into the weights, then `dpo_method` from it -> Artifact."""
+    return _after_sft(task, sft_method, sft_overrides, dpo_method, dpo_overrides, Path(out), "dpo", force)
+
+
+def grpo_from_sft(task, *, sft_method: str = "lora", sft_overrides: list[str] | None = None,
+                  rl_method: str = "grpo", rl_overrides: list[str] | None = None, out: str | Path,
+                  force: bool = False) -> Artifact:
+    """SFT (`sft_method`) on `task`'s answers, folded into the weights (`out/sft-merged/`), then `rl_method`
+    (GRPO) from that model -> Artifact.
+
+    Online RL starts from the SFT model as DeepSeek-R1's and InstructGPT's pipelines do: its fresh LoRA policy
+    sits on the merged SFT weights, and its reference (the policy with the adapter disabled) is the SFT model, so
+    the KL term keeps the policy near what SFT learned rather than near the base.
+    """
+    return _after_sft(task, sft_method, sft_overrides, rl_method, rl_overrides, Path(out), rl_method, force)
+
+
+def _after_sft(task, sft_method: str, sft_overrides, then_method: str, then_overrides, out: Path, folder: str,
+               force: bool) -> Artifact:
+    """SFT, its adapter folded into the weights, then `then_method` (a reward-family method) on the task's model
+    replaced by the folded one; the artifact's method reads `lora+dpo`, its cost adds up both parts."""
     from honellm.methods.catalog import method_config, run_method
 
-    out = Path(out)
     spec, config = method_config(sft_method, None, sft_overrides or [], family="tuning")
     sft = run_method(task, spec, config, out=out / "sft", force=force)
     started = time.perf_counter()
     merged = out / "sft-merged"
     _fold_adapter(sft, merged)
     fold_seconds = time.perf_counter() - started
-    from_sft = copy.copy(task)
-    from_sft.config = task.config.model_copy(update={"model": str(merged.resolve())})
-    spec, config = method_config(dpo_method, None, dpo_overrides or [], family="reward")
-    dpo = run_method(from_sft, spec, config, out=out / "dpo", force=force)
-    dpo.manifest.method = f"{sft.manifest.method}+{spec.name}"
-    dpo.manifest.cost = {**(dpo.manifest.cost or {}), **total_cost({"sft": sft, spec.name: dpo}, fold_seconds)}
-    dpo.update_manifest(method=dpo.manifest.method, cost=dpo.manifest.cost)
-    return dpo
+    spec, config = method_config(then_method, None, then_overrides or [], family="reward")
+    then = run_method(_on_model(task, merged), spec, config, out=out / folder, force=force)
+    then.manifest.method = f"{sft.manifest.method}+{spec.name}"
+    then.manifest.cost = {**(then.manifest.cost or {}), **total_cost({"sft": sft, spec.name: then}, fold_seconds)}
+    then.update_manifest(method=then.manifest.method, cost=then.manifest.cost)
+    return then
+
+
+def _on_model(task, model: str | Path):
+    """A shallow copy of `task` whose model is `model` (a folder or a name): what the recipes start from."""
+    moved = copy.copy(task)
+    moved.config = task.config.model_copy(update={"model": str(Path(model).resolve()) if Path(model).exists()
+                                                  else str(model)})
+    return moved
+
+
+def rft_from_best_of_n(task, best_of_n: Artifact, *, rft_overrides: list[str] | None = None, out: str | Path,
+                       force: bool = False) -> Artifact:
+    """Rejection-sampling fine-tuning seeded by a best-of-n artifact: distil what it serves into the weights.
+
+    A best-of-n artifact answers each request by sampling n answers from its policy and serving the one its
+    reward scores highest: good answers, at n times the generation plus the reward's scoring per request. RFT
+    trains on exactly that choice: it samples n answers per training prompt, keeps the best by the reward, and
+    fine-tunes on the kept ones. So this composition runs RFT with the best-of-n artifact's own inference
+    settings (n, temperature, top_p, the task's rewards and/or its reward model with its weight) starting from
+    the model best-of-n samples from (its adapter, if any, folded into the weights in `out/policy-merged/`;
+    else its base model). The result answers with one greedy sample per request, the cost best-of-n paid at
+    every request moved into training once. `rft_overrides` set RFT's other settings (and win over the ones
+    taken from the artifact); the prompt is the task's own (RFT's recipe builds it), not the artifact's program.
+    The cost adds the best-of-n artifact's (its making: no training) and RFT's.
+    """
+    from honellm.methods.catalog import method_config, run_method
+
+    settings = best_of_n.manifest.inference.best_of_n if best_of_n.manifest.inference else None
+    if settings is None:
+        raise HoneError("rft_from_best_of_n needs a best-of-n artifact (its manifest has no best_of_n settings)",
+                        where=str(best_of_n.path), fix="pass the artifact of `hone align --method best_of_n`")
+    out = Path(out)
+    started = time.perf_counter()
+    if best_of_n.adapter_dir is not None:
+        start = out / "policy-merged"
+        _fold_adapter(best_of_n, start)
+    else:
+        start = best_of_n.weights_dir or best_of_n.base_model
+    fold_seconds = time.perf_counter() - started
+    taken = [f"n={settings.n}", f"temperature={settings.temperature}", f"top_p={settings.top_p}",
+             f"task_rewards={str(settings.task_rewards).lower()}",
+             f"reward_model_weight={settings.reward_model_weight}"]
+    if settings.reward_model:
+        taken.append(f"reward_model={settings.reward_model}")
+    spec, config = method_config("rft", None, [*taken, *(rft_overrides or [])], family="reward")
+    rft = run_method(_on_model(task, start), spec, config, out=out / "rft", force=force)
+    rft.manifest.method = "best_of_n+rft"
+    rft.manifest.config = {**(rft.manifest.config or {}), "from_best_of_n": str(best_of_n.path),
+                           "best_of_n": settings.model_dump(mode="json")}
+    rft.manifest.cost = {**(rft.manifest.cost or {}), **total_cost({"best_of_n": best_of_n, "rft": rft},
+                                                                     fold_seconds)}
+    rft.update_manifest(method=rft.manifest.method, config=rft.manifest.config, cost=rft.manifest.cost)
+    return rft
 
 
 def _fold_adapter(artifact: Artifact, folder: Path) -> None:

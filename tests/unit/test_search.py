@@ -335,6 +335,59 @@ def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model
     assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
 
 
+GRPO_FAST = ["max_steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_every=0",
+             "save_every=0", "r=4"]
+RFT_FAST = ["max_steps=1", "max_new_tokens=4", "eval_prompts=0", "min_reward=null", "prompts_per_round=4", "r=4"]
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tiny_model_dir, tmp_path_factory):
+    from honellm.testing import make_tiny_reward_task
+
+    return Task.load(str(make_tiny_reward_task(tmp_path_factory.mktemp("arith"), tiny_model_dir, n_train=8,
+                                               n_validation=4, max_new_tokens=4)))
+
+
+def test_grpo_from_sft_starts_grpo_from_the_folded_sft_weights_and_counts_both(arithmetic, tmp_path):
+    from honellm.search.compose import grpo_from_sft
+
+    art = grpo_from_sft(arithmetic, sft_overrides=["max_steps=1", "r=4", "eval_every=0"], rl_overrides=GRPO_FAST,
+                        out=tmp_path / "c")
+    assert art.manifest.method == "lora+grpo" and art.kind == "adapter"
+    # the policy's base (and GRPO's reference) is the SFT model, not the task's base
+    assert Path(art.base_model).resolve() == (tmp_path / "c" / "sft-merged").resolve()
+    assert (tmp_path / "c" / "sft-merged" / "model.safetensors").exists()
+    sft_cost = Artifact.load(tmp_path / "c" / "sft" / "artifact").manifest.cost
+    assert set(art.manifest.cost["parts"]) == {"sft", "grpo"}
+    assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
+    assert art.manifest.cost["train_tokens"] >= sft_cost["train_tokens"] > 0
+    assert Artifact.load(tmp_path / "c" / "grpo" / "artifact").manifest.method == "lora+grpo"
+
+
+def test_rft_from_best_of_n_samples_as_the_artifact_does_from_its_policy(arithmetic, tiny_model_dir, tmp_path):
+    import yaml
+
+    from honellm.methods.catalog import method_config, run_method
+    from honellm.search.compose import rft_from_best_of_n
+
+    adapter, _ = _lora_artifact(arithmetic, tiny_model_dir, tmp_path / "policy", 0, 6.0)
+    spec, config = method_config("best_of_n", None, [f"policy={adapter.path}", "n=3", "temperature=0.7",
+                                                     "eval_limit=0"], family="reward")
+    bon = run_method(arithmetic, spec, config, out=tmp_path / "bon")
+    art = rft_from_best_of_n(arithmetic, bon, rft_overrides=RFT_FAST, out=tmp_path / "c")
+    assert art.manifest.method == "best_of_n+rft" and art.kind == "adapter"
+    assert art.manifest.inference is None or art.manifest.inference.best_of_n is None  # one sample per request
+    # RFT sampled as the best-of-n artifact serves (its n and temperature), from its policy (the adapter folded in)
+    used = yaml.safe_load((tmp_path / "c" / "rft" / "config.yaml").read_text())
+    used = used["config"]
+    assert used["n"] == 3 and used["temperature"] == 0.7 and used["min_reward"] is None
+    assert Path(art.base_model).resolve() == (tmp_path / "c" / "policy-merged").resolve()
+    assert art.manifest.config["from_best_of_n"] == str(bon.path) and art.manifest.config["best_of_n"]["n"] == 3
+    assert set(art.manifest.cost["parts"]) == {"best_of_n", "rft"} and art.manifest.cost["train_seconds"] > 0
+    with pytest.raises(HoneError, match="needs a best-of-n artifact"):
+        rft_from_best_of_n(arithmetic, adapter, out=tmp_path / "x")
+
+
 def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(task_yaml, tiny_model_dir, tmp_path,
                                                                                 monkeypatch):
     from honellm.compare.compare import compare
