@@ -59,8 +59,10 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
     with `seeds` > 1 its best settings are then re-run with seeds 1, 2, ... (as many as the budget left allows) and
     judged on the same split, and the recommendation treats methods whose seed spreads overlap as tied.
     """
+    from honellm.search.compose import COMPOSITIONS
+
     task = load_task(task_path, overrides or [])
-    available = all_methods()  # the one registry of methods: every family
+    available = {**all_methods(), **COMPOSITIONS}  # the one registry of methods (every family), and compositions
     names = list(methods or DEFAULT_METHODS)
     unknown = [m for m in names if m not in available]
     if unknown:
@@ -93,7 +95,8 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
         run.results = {k: v for k, v in previous.results.items() if v.done and v.artifact and Path(v.artifact).exists()}
     run.save()
 
-    for name in names:
+    # Compositions run after the methods, so they can build on their rows (lora+prompt-search on the lora row).
+    for name in [m for m in names if m not in COMPOSITIONS] + [m for m in names if m in COMPOSITIONS]:
         if name in run.results:
             log.info("compare: %s already done, reused", name)
             continue
@@ -103,9 +106,11 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             run.results[name] = MethodResult(name, spec.family, "skipped", reason=missing[0])
             run.save()
             continue
+        parts = _composition_inputs(spec, run, method_overrides or {}, budget_seconds) \
+            if name in COMPOSITIONS else None
         run.results[name] = _run_one(task, spec, run_dir / name, budget_seconds, split, limit,
                                      (method_overrides or {}).get(name, []), progress, search_trials=search_trials,
-                                     seeds=seeds)
+                                     seeds=seeds, parts=parts)
         run.save()
 
     run.recommendation = recommend(list(run.results.values()))
@@ -113,8 +118,26 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
     return run
 
 
+def _composition_inputs(spec, run: CompareRun, method_overrides: dict[str, list[str]], budget) -> tuple[dict, dict]:
+    """(each part's settings, the finished rows it reuses) for a composition's row: a part runs with its method's
+    settings in this comparison and an equal share of the budget; a reused row is charged at its row's cost."""
+    from honellm.artifact import Artifact
+
+    methods = all_methods()
+    reused = {}
+    for part in spec.reuses:
+        row = run.results.get(part)
+        if row is not None and row.done and row.artifact and Path(row.artifact).exists():
+            artifact = Artifact.load(row.artifact, verify_base=False)
+            artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": row.train_seconds}
+            reused[part] = artifact
+    share = None if budget is None else budget / max(1, len(spec.parts) - len(reused))
+    settings = {p: _settings(methods[p], method_overrides.get(p, []), share) for p in spec.parts}
+    return settings, reused
+
+
 def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, progress, *, search_trials: int = 0,
-             seeds: int = 1) -> MethodResult:
+             seeds: int = 1, parts: tuple[dict, dict] | None = None) -> MethodResult:
     import torch
 
     from honellm.artifact import Artifact
@@ -131,7 +154,9 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
             from honellm.search.spaces import SPACES
 
             others = None
-            if search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
+            if parts is not None:  # a composition (honellm.search.compose.COMPOSITIONS): its parts, then it
+                artifact = spec.make(task, *parts, out)
+            elif search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
                 artifact, others = _run_search(task, out, budget, overrides, progress, method=spec.name,
                                        trials=search_trials, seeds=seeds, split=split, limit=limit)
             else:

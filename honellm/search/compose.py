@@ -15,19 +15,90 @@
   (linear, TIES, DARE-linear, DARE-TIES) into one adapter.
 
 The cost in each manifest (`train_seconds`, `train_tokens`) adds up every part's, so a composition's row in a
-comparison is charged for all the work it did; `cost["parts"]` lists the parts.
+comparison is charged for all the work it did; `cost["parts"]` lists the parts. `COMPOSITIONS` offers them as
+rows of `hone compare` (`--methods ...,grpo-from-sft`; docs/search.md).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from honellm.artifact import Artifact
 from honellm.errors import HoneError
 
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+# ----------------------------------------------------------------------------------------- compare's rows
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A composition offered as one more row of `hone compare` (`--methods lora,grpo,grpo-from-sft`).
+
+    `parts`: the registered methods it is made of: the task must have the data each needs, and each part runs
+    with that method's settings in the comparison (`--set lora:r=8`, the budget shared among the parts it runs).
+    `reuses`: parts whose finished row of the same comparison it builds on (their artifact, charged at that row's
+    cost) instead of making them again. `make(task, settings, reused, out)` -> Artifact, whose cost is the total.
+    """
+
+    name: str
+    family: str
+    parts: tuple[str, ...]
+    make: Callable[..., Artifact]
+    summary: str
+    reuses: tuple[str, ...] = ()
+
+    def missing(self, task, config=None) -> tuple[str, str] | None:
+        from honellm.methods.catalog import all_methods
+
+        methods = all_methods()
+        return next((m for m in (methods[p].missing(task) for p in self.parts) if m is not None), None)
+
+
+def _make_part(task, method: str, settings: list[str], out: Path) -> Artifact:
+    from honellm.methods.catalog import method_config, run_method
+
+    spec, config = method_config(method, None, settings)
+    return run_method(task, spec, config, out=out, force=True)
+
+
+def _sft_then_dpo_row(task, settings, reused, out):
+    return sft_then_dpo(task, sft_overrides=settings["lora"], dpo_overrides=settings["dpo"], out=out, force=True)
+
+
+def _grpo_from_sft_row(task, settings, reused, out):
+    return grpo_from_sft(task, sft_overrides=settings["lora"], rl_overrides=settings["grpo"], out=out, force=True)
+
+
+def _rft_from_best_of_n_row(task, settings, reused, out):
+    bon = reused.get("best_of_n") or _make_part(task, "best_of_n", settings["best_of_n"], out / "best_of_n")
+    return rft_from_best_of_n(task, bon, rft_overrides=settings["rft"], out=out, force=True)
+
+
+def _prompt_on_adapter_row(task, settings, reused, out):
+    from honellm.methods.catalog import method_config
+
+    adapter = reused.get("lora") or _make_part(task, "lora", settings["lora"], out / "lora")
+    _, config = method_config("prompt-search", None, settings["prompt-search"])
+    return prompt_on_adapter(task, adapter, config=config, out=out / "prompt", progress=False)
+
+
+COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
+    Composition("sft-then-dpo", "reward", ("lora", "dpo"), _sft_then_dpo_row,
+                "SFT on the chosen answers, folded into the weights, then DPO from that model"),
+    Composition("grpo-from-sft", "reward", ("lora", "grpo"), _grpo_from_sft_row,
+                "SFT on the answers, folded into the weights, then GRPO from that model"),
+    Composition("rft-from-best-of-n", "reward", ("best_of_n", "rft"), _rft_from_best_of_n_row,
+                "RFT sampling as the best-of-n row does (its n, temperature, reward): best-of-n in the weights",
+                reuses=("best_of_n",)),
+    Composition("lora+prompt-search", "tuning", ("lora", "prompt-search"), _prompt_on_adapter_row,
+                "the prompt search run on the LoRA row's adapter (as DSPy's BetterTogether)", reuses=("lora",)),
+)}
 
 
 def total_cost(parts: dict[str, Artifact | dict], seconds: float = 0.0) -> dict:

@@ -388,6 +388,36 @@ def test_rft_from_best_of_n_samples_as_the_artifact_does_from_its_policy(arithme
         rft_from_best_of_n(arithmetic, adapter, out=tmp_path / "x")
 
 
+def test_compositions_are_rows_of_compare_that_reuse_rows_and_charge_every_part(tiny_model_dir, tmp_path):
+    from honellm.compare.compare import compare
+    from honellm.compare.results import leaderboard_text
+    from honellm.testing import make_tiny_task
+
+    task = make_tiny_task(tmp_path / "task", tiny_model_dir, n_train=16, n_validation=4)
+    fast = {"lora": ["max_steps=1", "batch_size=8", "eval_every=0", "save_every=0", "r=4"], "grpo": GRPO_FAST,
+            "prompt-search": ["candidates=1", "max_examples=4", "propose=0", "shots=[2]", "per_query_selectors=[]",
+                              "calibrations=[]"]}
+    run = compare(str(task), ["grpo-from-sft", "lora+prompt-search", "lora", "sft-then-dpo"], out=tmp_path / "cmp",
+                  method_overrides=fast, progress=False, limit=4)
+    rows = run.results
+    assert list(rows) == ["lora", "grpo-from-sft", "lora+prompt-search", "sft-then-dpo"]  # methods first
+    assert all(rows[m].status == "done" for m in ("lora", "grpo-from-sft", "lora+prompt-search")), \
+        {m: r.reason for m, r in rows.items()}
+    assert rows["sft-then-dpo"].status == "skipped" and "preference" in rows["sft-then-dpo"].reason
+    lora = rows["lora"]
+    composed = rows["lora+prompt-search"]  # on the lora row's adapter, charged at that row's cost
+    assert not (tmp_path / "cmp" / "lora+prompt-search" / "lora").exists()
+    art = Artifact.load(composed.artifact, verify_base=False)
+    assert art.manifest.method == "lora+prompt-search" and art.manifest.config["adapter_from"] == lora.artifact
+    assert composed.train_seconds >= lora.train_seconds > 0 and composed.family == "tuning"
+    grpo = rows["grpo-from-sft"]
+    assert grpo.family == "reward" and Artifact.load(grpo.artifact, verify_base=False).manifest.method == "lora+grpo"
+    assert grpo.train_tokens > 0 and grpo.latency_ms > 0 and grpo.n == lora.n == composed.n  # same examples
+    assert "grpo-from-sft" in leaderboard_text(run)
+    with pytest.raises(HoneError, match="unknown method"):
+        compare(str(task), ["grpo-from-sfft"], out=tmp_path / "x", progress=False)
+
+
 def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(task_yaml, tiny_model_dir, tmp_path,
                                                                                 monkeypatch):
     from honellm.compare.compare import compare
