@@ -251,13 +251,13 @@ def _table(results: list[MethodResult], tied: list[str] | None = None) -> str:
     lines = ["<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in results:
         if r.done:
-            cells = [r.method + (" (tied)" if tied and len(tied) > 1 and r.method in tied else ""), r.family,
-                     f"{r.score:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-",
+            cells = [r.method, r.family, f"{r.score:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-",
                      *(seed_cells(r) if seeds else ()), str(r.n),
                      f"{r.train_seconds:.0f} s", f"{r.train_tokens:,}", f"{r.trainable_params:,}",
                      f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-",
                      f"{r.prompt_tokens:.0f}" if r.prompt_tokens is not None else "-",
-                     f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-", "done"]
+                     f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-",
+                     "done, tied with the best" if tied and len(tied) > 1 and r.method in tied else "done"]
         else:
             cells = [r.method, r.family] + ["-"] * (len(head) - 3) + [f"{r.status}: {r.reason or ''}"]
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -211,7 +211,7 @@ def test_the_leaderboards_show_the_seed_mean_range_and_interval_and_name_the_tie
     assert "ia3" in text and "NaN" in text
     assert "tied (95% intervals or seed ranges overlap the best's): dora, prompt-search" in summary_text(run)
     page = render_report(run)
-    assert "<th>seed range</th>" in page and "dora (tied)" in page and "0.860-0.930" in page
+    assert "<th>seed range</th>" in page and "<td>done, tied with the best</td>" in page and "0.860-0.930" in page
     alone = CompareRun(tmp_path, run.task, ["dora"], "test", None, None)
     alone.results = {"dora": MethodResult("dora", "tuning", "done", metric="accuracy", score=0.9, n=4)}
     assert "seed mean" not in leaderboard_text(alone) and "seed range" not in render_report(alone)
