@@ -97,12 +97,20 @@ def quality_cost_figure(results: list[MethodResult]) -> str | None:
     return _png(fig)
 
 
+def method_metrics(r: MethodResult) -> list[dict]:
+    """The metrics.jsonl rows of the run that made a row's artifact: the method's folder in the compare run, or,
+    where that holds none (a searched method, a composition), the run folder its artifact was saved in (the best
+    trial's, the composition's last part's)."""
+    for folder in (r.run_dir, str(Path(r.artifact).parent) if r.artifact else None):
+        if folder and (Path(folder) / "metrics.jsonl").exists():
+            return read_metrics(Path(folder) / "metrics.jsonl")
+    return []
+
+
 def learning_curves_figure(results: list[MethodResult]) -> str | None:
     series = {}
     for r in results:
-        if not r.run_dir:
-            continue
-        rows = [m for m in read_metrics(Path(r.run_dir) / "metrics.jsonl") if m.get("kind", "train") in ("train", "eval")]
+        rows = [m for m in method_metrics(r) if m.get("kind", "train") in ("train", "eval")]
         scores = sorted({k for m in rows for k in m if k.startswith("val_") and k not in CURVE_KEYS})
         for key in (*CURVE_KEYS, *scores):
             points = [(m["step"], m[key]) for m in rows if "step" in m and isinstance(m.get(key), (int, float))]
@@ -192,9 +200,7 @@ def guard_figures(results: list[MethodResult]) -> list[tuple[str, str, list[dict
     """(method, figure, alarms, kept step) for every method whose metrics.jsonl has reward-hacking guard records."""
     out = []
     for r in results:
-        if not r.run_dir:
-            continue
-        rows = read_metrics(Path(r.run_dir) / "metrics.jsonl")
+        rows = method_metrics(r)
         guard = [m for m in rows if m.get("kind") == "guard"]
         if not guard:
             continue

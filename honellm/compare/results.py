@@ -129,8 +129,8 @@ def tied_note(run: CompareRun) -> str | None:
     tied = (run.recommendation or {}).get("tied") or []
     if len(tied) < 2:
         return None
-    how = " or seed ranges" if has_seeds(list(run.results.values())) else ""
-    return f"tied (95% intervals{how} overlap the best's): {', '.join(tied)}"
+    how = ", or its seed range overlaps the best's" if has_seeds(list(run.results.values())) else ""
+    return f"tied with the best (its 95% interval reaches the best score{how}): {', '.join(tied)}"
 
 
 def leaderboard_rows(run: CompareRun) -> list[list[str]]:

@@ -209,7 +209,8 @@ def test_the_leaderboards_show_the_seed_mean_range_and_interval_and_name_the_tie
     ci = run.results["dora"].extra["seeds"]["ci95"]
     assert "0.897" in dora and "0.860-0.930 (sd 0.035)" in dora and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in dora
     assert "ia3" in text and "NaN" in text
-    assert "tied (95% intervals or seed ranges overlap the best's): dora, prompt-search" in summary_text(run)
+    assert ("tied with the best (its 95% interval reaches the best score, or its seed range overlaps the best's): "
+            "dora, prompt-search") in summary_text(run)
     page = render_report(run)
     assert "<th>seed range</th>" in page and "<td>done, tied with the best</td>" in page and "0.860-0.930" in page
     alone = CompareRun(tmp_path, run.task, ["dora"], "test", None, None)
@@ -414,6 +415,9 @@ def test_compositions_are_rows_of_compare_that_reuse_rows_and_charge_every_part(
     assert grpo.family == "reward" and Artifact.load(grpo.artifact, verify_base=False).manifest.method == "lora+grpo"
     assert grpo.train_tokens > 0 and grpo.latency_ms > 0 and grpo.n == lora.n == composed.n  # same examples
     assert "grpo-from-sft" in leaderboard_text(run)
+    from honellm.compare.report import method_metrics
+
+    assert any(m.get("event") == "done" or "loss" in m for m in method_metrics(grpo))  # its GRPO part's run
     with pytest.raises(HoneError, match="unknown method"):
         compare(str(task), ["grpo-from-sfft"], out=tmp_path / "x", progress=False)
 
