@@ -170,13 +170,18 @@ def search_figures(results: list[MethodResult]) -> list[tuple[str, str, str]]:
             values = [t["params"].get(name) for t in trials]
             categorical = spec.get("type") == "choice" or any(not isinstance(v, (int, float)) for v in values)
             if categorical:
-                order = [str(c) for c in spec.get("choices", [])] or sorted({str(v) for v in values})
-                xs = [order.index(str(v)) if str(v) in order else len(order) for v in values]
-                ax.set_xticks(range(len(order)), order, fontsize=7)
+                order = list(spec.get("choices") or sorted({str(v) for v in values}))
+                for v in values:  # a value outside the listed choices (given by hand) gets a place too
+                    if not any(_same(c, v) for c in order):
+                        order.append(v)
+                xs = [next(i for i, c in enumerate(order) if _same(c, v)) for v in values]
+                ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+                ax.set_xlim(-0.5, len(order) - 0.5)
             else:
                 xs = [float(v) if v is not None else float("nan") for v in values]
                 if spec.get("log") and all(x > 0 for x in xs):
-                    ax.set_xscale("log")
+                    _log_axis(ax, xs)
+            ax.yaxis.get_major_formatter().set_useOffset(False)
             for t, x in zip(trials, xs, strict=True):
                 if t.get("state") == "pruned" or not isinstance(t.get("score"), (int, float)):
                     ax.scatter([x], [floor], marker="x", color="gray", s=25, zorder=2)
@@ -194,6 +199,28 @@ def search_figures(results: list[MethodResult]) -> list[tuple[str, str, str]]:
                    + "; grey crosses: pruned trials")
         out.append((r.method, _svg(fig), caption))
     return out
+
+
+def _same(choice, value) -> bool:
+    """A searched value is one of the listed choices (3.0 is the choice 3: defaults may come back as floats)."""
+    return choice == value or str(choice) == str(value)
+
+
+def _log_axis(ax, xs: list[float]) -> None:
+    """A log x axis with a few readable labels: the decades in range, or the ends when it spans less."""
+    import math
+
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    low, high = min(xs), max(xs)
+    decades = [10.0 ** e for e in range(math.ceil(math.log10(low)), math.floor(math.log10(high)) + 1)]
+    ticks = decades if len(decades) >= 2 else ([low, high] if high > low else [low])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, [f"{t:.0e}" if t in decades else f"{t:.1e}" for t in ticks])
+    if high > low:
+        pad = (high / low) ** 0.08
+        ax.set_xlim(low / pad, high * pad)
 
 
 def guard_figures(results: list[MethodResult]) -> list[tuple[str, str, list[dict], int | None]]:
