@@ -121,6 +121,8 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
 def _composition_inputs(spec, run: CompareRun, method_overrides: dict[str, list[str]], budget) -> tuple[dict, dict]:
     """(each part's settings, the finished rows it reuses) for a composition's row: a part runs with its method's
     settings in this comparison and an equal share of the budget; a reused row is charged at its row's cost."""
+    import json
+
     from honellm.artifact import Artifact
 
     methods = all_methods()
@@ -131,7 +133,15 @@ def _composition_inputs(spec, run: CompareRun, method_overrides: dict[str, list[
             artifact = Artifact.load(row.artifact, verify_base=False)
             artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": row.train_seconds}
             reused[part] = artifact
-    share = None if budget is None else budget / max(1, len(spec.parts) - len(reused))
+            folder = Path(row.run_dir or "")
+            if (folder / "seeds" / "seeds.json").exists():  # its best settings' other seeds (--search --seeds)
+                seeds = json.loads((folder / "seeds" / "seeds.json").read_text())
+                reused[f"{part}:seeds"] = {s: Artifact.load(a, verify_base=False) for s, a in
+                                           zip(seeds["seeds"], seeds["artifacts"], strict=True) if Path(a).exists()}
+            if (folder / "search" / "best.json").exists():  # the settings its search found
+                reused[f"{part}:overrides"] = json.loads((folder / "search" / "best.json").read_text())[
+                    "best_overrides"]
+    share = None if budget is None else budget / max(1, sum(p not in reused for p in spec.parts))
     settings = {p: _settings(methods[p], method_overrides.get(p, []), share) for p in spec.parts}
     return settings, reused
 

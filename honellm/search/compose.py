@@ -12,7 +12,9 @@
   on the tuned model, so the prompt is chosen for the adapter (in the spirit of DSPy's BetterTogether); the
   artifact keeps the adapter and carries the program found.
 - `merge_adapters(task, artifacts, combination=...)`: LoRA adapters combined by peft's `add_weighted_adapter`
-  (linear, TIES, DARE-linear, DARE-TIES) into one adapter.
+  (linear, TIES, DARE-linear, DARE-TIES) into one adapter. As a row of `hone compare` (`merge-ties`, ...), it
+  merges LoRA adapters of the same settings trained with MERGE_SEEDS seeds (a soup of seeds, as in Wortsman et
+  al.'s model soups, https://arxiv.org/abs/2203.05482), reusing the lora row and its seeds where they ran.
 
 The cost in each manifest (`train_seconds`, `train_tokens`) adds up every part's, so a composition's row in a
 comparison is charged for all the work it did; `cost["parts"]` lists the parts. `COMPOSITIONS` offers them as
@@ -43,7 +45,9 @@ class Composition:
     `parts`: the registered methods it is made of: the task must have the data each needs, and each part runs
     with that method's settings in the comparison (`--set lora:r=8`, the budget shared among the parts it runs).
     `reuses`: parts whose finished row of the same comparison it builds on (their artifact, charged at that row's
-    cost) instead of making them again. `make(task, settings, reused, out)` -> Artifact, whose cost is the total.
+    cost) instead of making them again. `make(task, settings, reused, out)` -> Artifact, whose cost is the total;
+    `reused` holds those rows' artifacts by method name, and for a row that ran them, `NAME:seeds` (its other
+    seeds' artifacts by seed) and `NAME:overrides` (the settings its search found).
     """
 
     name: str
@@ -88,7 +92,32 @@ def _prompt_on_adapter_row(task, settings, reused, out):
     return prompt_on_adapter(task, adapter, config=config, out=out / "prompt", progress=False)
 
 
+MERGE_SEEDS = 3  # LoRA adapters a merge row combines
+
+
+def _merge_row(combination: str) -> Callable[..., Artifact]:
+    def make(task, settings, reused, out):
+        """LoRA adapters of MERGE_SEEDS seeds (the same settings), merged: the lora row's and its seeds' where
+        this comparison ran them, the others trained here with the lora row's settings (its best trial's
+        settings when it searched)."""
+        adapters = {0: reused["lora"]} if "lora" in reused else {}
+        adapters.update(reused.get("lora:seeds", {}))
+        base = reused.get("lora:overrides") or settings["lora"]
+        base = [o for o in base if o.split("=", 1)[0].strip() != "seed"]
+        for seed in range(MERGE_SEEDS):
+            if seed not in adapters:
+                adapters[seed] = _make_part(task, "lora", [*base, f"seed={seed}"], out / f"seed-{seed}")
+        chosen = [adapters[k] for k in sorted(adapters)[:MERGE_SEEDS]]
+        merged = merge_adapters(task, chosen, combination=combination, out=out / "artifact")
+        merged.update_manifest(method=f"lora-merge-{combination}")
+        return merged
+    return make
+
+
 COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
+    *(Composition(f"merge-{c.replace('_', '-')}", "tuning", ("lora",), _merge_row(c),
+                  f"LoRA adapters of {MERGE_SEEDS} seeds merged by peft's {c} combination (a soup of seeds)",
+                  reuses=("lora",)) for c in COMBINATIONS),
     Composition("sft-then-dpo", "reward", ("lora", "dpo"), _sft_then_dpo_row,
                 "SFT on the chosen answers, folded into the weights, then DPO from that model"),
     Composition("grpo-from-sft", "reward", ("lora", "grpo"), _grpo_from_sft_row,
@@ -256,7 +285,9 @@ def merge_adapters(task, artifacts: list[Artifact], *, combination: str = "linea
     """One adapter from several LoRA adapters of the same base (peft's `add_weighted_adapter`) -> Artifact.
 
     `combination`: linear, ties, dare_linear or dare_ties; `density`: the share of weights TIES/DARE keep;
-    `weights`: one per adapter (default equal). The program is the first artifact's.
+    `weights`: one per adapter. By default they average the adapters: 1/k each for linear and dare_linear (peft
+    sums the weighted adapters), 1 each for ties and dare_ties (peft already takes the mean of the entries
+    whose sign agrees, so 1/k would shrink the update k times). The program is the first artifact's.
     """
     from peft import PeftModel
 
@@ -268,7 +299,8 @@ def merge_adapters(task, artifacts: list[Artifact], *, combination: str = "linea
     if len(bases) > 1 or any(a.adapter_dir is None for a in artifacts):
         raise HoneError("merging needs adapter artifacts of the same base model",
                         fix="merge artifacts made by hone tune/align on one base model")
-    weights = list(weights) if weights is not None else [1.0 / len(artifacts)] * len(artifacts)
+    mean = combination in ("ties", "dare_ties")  # peft's disjoint merge averages by itself
+    weights = list(weights) if weights is not None else [1.0 if mean else 1.0 / len(artifacts)] * len(artifacts)
     if len(weights) != len(artifacts):
         raise HoneError(f"{len(weights)} weights for {len(artifacts)} adapters", fix="give one weight per adapter")
     from honellm.models import load

@@ -398,10 +398,10 @@ def test_compositions_are_rows_of_compare_that_reuse_rows_and_charge_every_part(
     fast = {"lora": ["max_steps=1", "batch_size=8", "eval_every=0", "save_every=0", "r=4"], "grpo": GRPO_FAST,
             "prompt-search": ["candidates=1", "max_examples=4", "propose=0", "shots=[2]", "per_query_selectors=[]",
                               "calibrations=[]"]}
-    run = compare(str(task), ["grpo-from-sft", "lora+prompt-search", "lora", "sft-then-dpo"], out=tmp_path / "cmp",
-                  method_overrides=fast, progress=False, limit=4)
+    run = compare(str(task), ["grpo-from-sft", "lora+prompt-search", "lora", "sft-then-dpo", "merge-ties"],
+                  out=tmp_path / "cmp", method_overrides=fast, progress=False, limit=4)
     rows = run.results
-    assert list(rows) == ["lora", "grpo-from-sft", "lora+prompt-search", "sft-then-dpo"]  # methods first
+    assert list(rows) == ["lora", "grpo-from-sft", "lora+prompt-search", "sft-then-dpo", "merge-ties"]  # methods first
     assert all(rows[m].status == "done" for m in ("lora", "grpo-from-sft", "lora+prompt-search")), \
         {m: r.reason for m, r in rows.items()}
     assert rows["sft-then-dpo"].status == "skipped" and "preference" in rows["sft-then-dpo"].reason
@@ -414,12 +414,40 @@ def test_compositions_are_rows_of_compare_that_reuse_rows_and_charge_every_part(
     grpo = rows["grpo-from-sft"]
     assert grpo.family == "reward" and Artifact.load(grpo.artifact, verify_base=False).manifest.method == "lora+grpo"
     assert grpo.train_tokens > 0 and grpo.latency_ms > 0 and grpo.n == lora.n == composed.n  # same examples
+    merged = rows["merge-ties"]  # the lora row (seed 0) and two more seeds with its settings, merged by TIES
+    assert merged.status == "done", merged.reason
+    art = Artifact.load(merged.artifact, verify_base=False)
+    assert art.manifest.method == "lora-merge-ties" and art.manifest.config["adapters"][0] == lora.artifact
+    assert [Path(a).parent.name for a in art.manifest.config["adapters"][1:]] == ["seed-1", "seed-2"]
+    assert art.manifest.config["weights"] == [1.0, 1.0, 1.0]  # TIES averages by itself
+    assert set(art.manifest.cost["parts"]) == {"a0", "a1", "a2"} and merged.train_seconds > lora.train_seconds
     assert "grpo-from-sft" in leaderboard_text(run)
     from honellm.compare.report import method_metrics
 
     assert any(m.get("event") == "done" or "loss" in m for m in method_metrics(grpo))  # its GRPO part's run
     with pytest.raises(HoneError, match="unknown method"):
         compare(str(task), ["grpo-from-sfft"], out=tmp_path / "x", progress=False)
+
+
+def test_a_merge_row_reuses_the_lora_row_its_seeds_and_its_searched_settings(task_yaml, tiny_model_dir, tmp_path):
+    from honellm.compare.compare import _composition_inputs
+    from honellm.compare.results import CompareRun
+    from honellm.search.compose import COMPOSITIONS
+
+    task = Task.load(str(task_yaml))
+    folder = tmp_path / "cmp" / "lora"
+    best, _ = _lora_artifact(task, tiny_model_dir, folder / "search" / "trials" / "trial-002" / "artifact", 0, 2.0)
+    seed1, _ = _lora_artifact(task, tiny_model_dir, folder / "seeds" / "seed-1" / "artifact", 1, 3.0)
+    (folder / "search" / "best.json").write_text(json.dumps({"best_overrides": ["lr=0.001", "r=4"]}))
+    (folder / "seeds" / "seeds.json").write_text(json.dumps({"seeds": [1], "artifacts": [str(seed1.path)]}))
+    run = CompareRun(tmp_path / "cmp", {"name": "t"}, ["lora", "merge-linear"], "test", 60.0, None)
+    run.results = {"lora": MethodResult("lora", "tuning", "done", score=0.5, artifact=str(best.path),
+                                        run_dir=str(folder), train_seconds=40.0)}
+    settings, reused = _composition_inputs(COMPOSITIONS["merge-linear"], run, {"lora": ["r=8"]}, 60.0)
+    assert reused["lora"].path == best.path and reused["lora"].manifest.cost["train_seconds"] == 40.0  # the row's
+    assert list(reused["lora:seeds"]) == [1] and reused["lora:seeds"][1].path == seed1.path
+    assert reused["lora:overrides"] == ["lr=0.001", "r=4"]
+    assert settings["lora"][0] == "r=8" and "max_seconds=60.0" in settings["lora"]  # nothing else to share with
 
 
 def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(task_yaml, tiny_model_dir, tmp_path,
