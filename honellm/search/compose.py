@@ -35,101 +35,6 @@ from honellm.errors import HoneError
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties")
 
 
-# ----------------------------------------------------------------------------------------- compare's rows
-
-
-@dataclass(frozen=True)
-class Composition:
-    """A composition offered as one more row of `hone compare` (`--methods lora,grpo,grpo-from-sft`).
-
-    `parts`: the registered methods it is made of: the task must have the data each needs, and each part runs
-    with that method's settings in the comparison (`--set lora:r=8`, the budget shared among the parts it runs).
-    `reuses`: parts whose finished row of the same comparison it builds on (their artifact, charged at that row's
-    cost) instead of making them again. `make(task, settings, reused, out)` -> Artifact, whose cost is the total;
-    `reused` holds those rows' artifacts by method name, and for a row that ran them, `NAME:seeds` (its other
-    seeds' artifacts by seed) and `NAME:overrides` (the settings its search found).
-    """
-
-    name: str
-    family: str
-    parts: tuple[str, ...]
-    make: Callable[..., Artifact]
-    summary: str
-    reuses: tuple[str, ...] = ()
-
-    def missing(self, task, config=None) -> tuple[str, str] | None:
-        from honellm.methods.catalog import all_methods
-
-        methods = all_methods()
-        return next((m for m in (methods[p].missing(task) for p in self.parts) if m is not None), None)
-
-
-def _make_part(task, method: str, settings: list[str], out: Path) -> Artifact:
-    from honellm.methods.catalog import method_config, run_method
-
-    spec, config = method_config(method, None, settings)
-    return run_method(task, spec, config, out=out, force=True)
-
-
-def _sft_then_dpo_row(task, settings, reused, out):
-    return sft_then_dpo(task, sft_overrides=settings["lora"], dpo_overrides=settings["dpo"], out=out, force=True)
-
-
-def _grpo_from_sft_row(task, settings, reused, out):
-    return grpo_from_sft(task, sft_overrides=settings["lora"], rl_overrides=settings["grpo"], out=out, force=True)
-
-
-def _rft_from_best_of_n_row(task, settings, reused, out):
-    bon = reused.get("best_of_n") or _make_part(task, "best_of_n", settings["best_of_n"], out / "best_of_n")
-    return rft_from_best_of_n(task, bon, rft_overrides=settings["rft"], out=out, force=True)
-
-
-def _prompt_on_adapter_row(task, settings, reused, out):
-    from honellm.methods.catalog import method_config
-
-    adapter = reused.get("lora") or _make_part(task, "lora", settings["lora"], out / "lora")
-    _, config = method_config("prompt-search", None, settings["prompt-search"])
-    return prompt_on_adapter(task, adapter, config=config, out=out / "prompt", progress=False)
-
-
-MERGE_SEEDS = 3  # LoRA adapters a merge row combines
-
-
-def _merge_row(combination: str) -> Callable[..., Artifact]:
-    def make(task, settings, reused, out):
-        """LoRA adapters of MERGE_SEEDS seeds (the same settings), merged: the lora row's and its seeds' where
-        this comparison ran them, the others trained here with the lora row's settings (its best trial's
-        settings when it searched)."""
-        adapters = {0: reused["lora"]} if "lora" in reused else {}
-        adapters.update(reused.get("lora:seeds", {}))
-        base = reused.get("lora:overrides") or settings["lora"]
-        base = [o for o in base if o.split("=", 1)[0].strip() != "seed"]
-        for seed in range(MERGE_SEEDS):
-            if seed not in adapters:
-                adapters[seed] = _make_part(task, "lora", [*base, f"seed={seed}"], out / f"seed-{seed}")
-        chosen = [adapters[k] for k in sorted(adapters)[:MERGE_SEEDS]]
-        merged = merge_adapters(task, chosen, combination=combination, out=out / "artifact")
-        merged.update_manifest(method=f"lora-merge-{combination}")
-        return merged
-    return make
-
-
-COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
-    *(Composition(f"merge-{c.replace('_', '-')}", "tuning", ("lora",), _merge_row(c),
-                  f"LoRA adapters of {MERGE_SEEDS} seeds merged by peft's {c} combination (a soup of seeds)",
-                  reuses=("lora",)) for c in COMBINATIONS),
-    Composition("sft-then-dpo", "reward", ("lora", "dpo"), _sft_then_dpo_row,
-                "SFT on the chosen answers, folded into the weights, then DPO from that model"),
-    Composition("grpo-from-sft", "reward", ("lora", "grpo"), _grpo_from_sft_row,
-                "SFT on the answers, folded into the weights, then GRPO from that model"),
-    Composition("rft-from-best-of-n", "reward", ("best_of_n", "rft"), _rft_from_best_of_n_row,
-                "RFT sampling as the best-of-n row does (its n, temperature, reward): best-of-n in the weights",
-                reuses=("best_of_n",)),
-    Composition("lora+prompt-search", "tuning", ("lora", "prompt-search"), _prompt_on_adapter_row,
-                "the prompt search run on the LoRA row's adapter (as DSPy's BetterTogether)", reuses=("lora",)),
-)}
-
-
 def total_cost(parts: dict[str, Artifact | dict], seconds: float = 0.0) -> dict:
     """Train seconds and tokens of all `parts` (artifacts, or cost dicts) plus `seconds` of the composition's own."""
     costs = {name: (p.manifest.cost if isinstance(p, Artifact) else p) or {} for name, p in parts.items()}
@@ -336,3 +241,100 @@ def merge_adapters(task, artifacts: list[Artifact], *, combination: str = "linea
         folder = Path(tmp) / "merged" if (Path(tmp) / "merged").is_dir() else Path(tmp)
         merged.save(out, force=True, extra_files={"adapter": folder})
     return Artifact.load(out, verify_base=False)
+
+
+# ----------------------------------------------------------------------------------------- compare's rows
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A composition offered as one more row of `hone compare` (`--methods lora,grpo,grpo-from-sft`).
+
+    `parts`: the registered methods it is made of: the task must have the data each needs, and each part runs
+    with that method's settings in the comparison (`--set lora:r=8`, the budget shared among the parts it runs).
+    `reuses`: parts whose finished row of the same comparison it builds on (their artifact, charged at that row's
+    cost) instead of making them again. `make(task, settings, reused, out)` -> Artifact, whose cost is the total;
+    `reused` holds those rows' artifacts by method name, and for a row that ran them, `NAME:seeds` (its other
+    seeds' artifacts by seed) and `NAME:overrides` (the settings its search found).
+    """
+
+    name: str
+    family: str
+    parts: tuple[str, ...]
+    make: Callable[..., Artifact]
+    summary: str
+    reuses: tuple[str, ...] = ()
+
+    def missing(self, task, config=None) -> tuple[str, str] | None:
+        from honellm.methods.catalog import all_methods
+
+        methods = all_methods()
+        return next((m for m in (methods[p].missing(task) for p in self.parts) if m is not None), None)
+
+
+def _make_part(task, method: str, settings: list[str], out: Path) -> Artifact:
+    from honellm.methods.catalog import method_config, run_method
+
+    spec, config = method_config(method, None, settings)
+    return run_method(task, spec, config, out=out, force=True)
+
+
+def _sft_then_dpo_row(task, settings, reused, out):
+    return sft_then_dpo(task, sft_overrides=settings["lora"], dpo_overrides=settings["dpo"], out=out, force=True)
+
+
+def _grpo_from_sft_row(task, settings, reused, out):
+    return grpo_from_sft(task, sft_overrides=settings["lora"], rl_overrides=settings["grpo"], out=out, force=True)
+
+
+def _rft_from_best_of_n_row(task, settings, reused, out):
+    bon = reused.get("best_of_n") or _make_part(task, "best_of_n", settings["best_of_n"], out / "best_of_n")
+    return rft_from_best_of_n(task, bon, rft_overrides=settings["rft"], out=out, force=True)
+
+
+def _prompt_on_adapter_row(task, settings, reused, out):
+    from honellm.methods.catalog import method_config
+
+    adapter = reused.get("lora") or _make_part(task, "lora", settings["lora"], out / "lora")
+    _, config = method_config("prompt-search", None, settings["prompt-search"])
+    return prompt_on_adapter(task, adapter, config=config, out=out / "prompt", progress=False)
+
+
+MERGE_SEEDS = 3  # LoRA adapters a merge row combines
+
+
+def _merge_row(combination: str) -> Callable[..., Artifact]:
+    def make(task, settings, reused, out):
+        """LoRA adapters of MERGE_SEEDS seeds (the same settings), merged: the lora row's and its seeds' where
+        this comparison ran them, the others trained here with the lora row's settings (its best trial's
+        settings when it searched)."""
+        adapters = {0: reused["lora"]} if "lora" in reused else {}
+        adapters.update(reused.get("lora:seeds", {}))
+        base = settings["lora"]
+        if reused.get("lora:overrides"):  # the searched settings, within this row's share of the budget
+            base = [*reused["lora:overrides"], *(o for o in base if o.startswith("max_seconds="))]
+        base = [o for o in base if o.split("=", 1)[0].strip() != "seed"]
+        for seed in range(MERGE_SEEDS):
+            if seed not in adapters:
+                adapters[seed] = _make_part(task, "lora", [*base, f"seed={seed}"], out / f"seed-{seed}")
+        chosen = [adapters[k] for k in sorted(adapters)[:MERGE_SEEDS]]
+        merged = merge_adapters(task, chosen, combination=combination, out=out / "artifact")
+        merged.update_manifest(method=f"lora-merge-{combination}")
+        return merged
+    return make
+
+
+COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
+    *(Composition(f"merge-{c.replace('_', '-')}", "tuning", ("lora",), _merge_row(c),
+                  f"LoRA adapters of {MERGE_SEEDS} seeds merged by peft's {c} combination (a soup of seeds)",
+                  reuses=("lora",)) for c in COMBINATIONS),
+    Composition("sft-then-dpo", "reward", ("lora", "dpo"), _sft_then_dpo_row,
+                "SFT on the chosen answers, folded into the weights, then DPO from that model"),
+    Composition("grpo-from-sft", "reward", ("lora", "grpo"), _grpo_from_sft_row,
+                "SFT on the answers, folded into the weights, then GRPO from that model"),
+    Composition("rft-from-best-of-n", "reward", ("best_of_n", "rft"), _rft_from_best_of_n_row,
+                "RFT sampling as the best-of-n row does (its n, temperature, reward): best-of-n in the weights",
+                reuses=("best_of_n",)),
+    Composition("lora+prompt-search", "tuning", ("lora", "prompt-search"), _prompt_on_adapter_row,
+                "the prompt search run on the LoRA row's adapter (as DSPy's BetterTogether)", reuses=("lora",)),
+)}
