@@ -429,6 +429,28 @@ def test_compositions_are_rows_of_compare_that_reuse_rows_and_charge_every_part(
         compare(str(task), ["grpo-from-sfft"], out=tmp_path / "x", progress=False)
 
 
+def test_rft_from_best_of_n_and_sft_then_dpo_rows(tiny_model_dir, tmp_path):
+    from honellm.compare.compare import compare
+    from honellm.testing import make_tiny_preference_task, make_tiny_reward_task
+
+    arithmetic = make_tiny_reward_task(tmp_path / "arith", tiny_model_dir, n_train=10, n_validation=4,
+                                       max_new_tokens=4)
+    run = compare(str(arithmetic), ["rft-from-best-of-n", "best_of_n"], out=tmp_path / "a", progress=False, limit=2,
+                  method_overrides={"best_of_n": ["n=2", "eval_limit=0"], "rft": RFT_FAST})
+    bon, rft = run.results["best_of_n"], run.results["rft-from-best-of-n"]
+    assert bon.status == "done" and rft.status == "done", rft.reason
+    art = Artifact.load(rft.artifact, verify_base=False)
+    assert art.manifest.method == "best_of_n+rft" and art.manifest.config["from_best_of_n"] == bon.artifact
+    assert art.manifest.config["n"] == 2 and rft.train_seconds > 0 and rft.family == "reward"
+    prefs = make_tiny_preference_task(tmp_path / "prefs", tiny_model_dir, n_train=10, n_validation=4)
+    run = compare(str(prefs), ["sft-then-dpo"], out=tmp_path / "p", progress=False, limit=2,
+                  method_overrides={"lora": ["max_steps=1", "r=4", "eval_every=0"],
+                                    "dpo": ["max_steps=1", "r=4", "batch_size=4", "eval_every=0"]})
+    row = run.results["sft-then-dpo"]
+    assert row.status == "done", row.reason
+    assert Artifact.load(row.artifact, verify_base=False).manifest.method == "lora+dpo" and row.train_seconds > 0
+
+
 def test_a_merge_row_reuses_the_lora_row_its_seeds_and_its_searched_settings(task_yaml, tiny_model_dir, tmp_path):
     from honellm.compare.compare import _composition_inputs
     from honellm.compare.results import CompareRun
