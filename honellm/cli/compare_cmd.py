@@ -49,7 +49,9 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = OverridesArg,
         methods: str = typer.Option(None, "--methods", "-m",
                                     help="comma-separated methods (default: zero-shot,few-shot,prompt-search,lora,"
-                                         "dora,ia3,dpo,grpo); those the task's data cannot support are skipped"),
+                                         "dora,ia3,dpo,grpo); those the task's data cannot support are skipped. "
+                                         "Compositions too: sft-then-dpo, grpo-from-sft, rft-from-best-of-n, "
+                                         "lora+prompt-search, merge-ties (docs/search.md)"),
         budget: str = typer.Option(None, "--budget", "-b",
                                    help="wall-clock training or search time per method (20m, 90s, 1h)"),
         split: str = typer.Option(None, "--split", help="the split every method is judged on (default: test; a "

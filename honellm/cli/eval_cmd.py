@@ -19,6 +19,10 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(None, "--task", "-t", help="task YAML or built-in task name "
                                                            "(default: the task the artifact was made for)"),
         split: str = typer.Option("test", "--split", help="train, validation or test"),
+        data: Path = typer.Option(None, "--data", help="a held-out JSONL file in the task's format, evaluated as "
+                                                      "its test split (writes eval-<name>.json)"),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip (and count) records that do not "
+                                                                       "fit the task instead of stopping"),
         limit: int = typer.Option(None, "--limit", min=1, help="evaluate only the first N records of the split"),
         out: Path = typer.Option(None, "--out", help="folder for eval.json (default: the artifact's folder, or "
                                                     "runs/<task>/eval-<timestamp>/ for a model)"),
@@ -31,11 +35,14 @@ def register(app: typer.Typer) -> None:
 
         Tasks with label choices are scored by log-likelihood over the choices; text metrics by generating;
         preference tasks by comparing chosen and rejected answers. Writes eval.json with every example.
+        `--data FILE` scores your own held-out file instead of the task's test split (a bad record is an
+        error naming file:line).
         """
         from honellm.evaluation.evaluate import evaluate_to_folder
 
         result, path = evaluate_to_folder(artifact, task, overrides or [], split=split, limit=limit, out=out,
-                                          force=force, batch_size=batch_size, seed=seed)
+                                          force=force, batch_size=batch_size, seed=seed, data=data,
+                                          skip_invalid=skip_invalid)
         if as_json:
             json_out(result.summary() | {"eval_json": str(path)})
             return
@@ -46,7 +53,9 @@ def register(app: typer.Typer) -> None:
 def print_result(result) -> None:
     """The one-row table every evaluation prints, with the extras below it."""
     cost = result.cost
-    table = Table(title=f"{result.artifact.get('name')} on {result.task}/{result.split} ({result.mode})")
+    where = f"{result.task}, file {result.config['data']}" if result.config.get("data") else \
+        f"{result.task}/{result.split}"
+    table = Table(title=f"{result.artifact.get('name')} on {where} ({result.mode})")
     for column in ("metric", "score", "95% CI", "n", "prompt tok/ex", "ex/s", "wall s", "peak MB"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     arrow = "" if result.higher_is_better else " (lower is better)"

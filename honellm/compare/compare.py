@@ -12,6 +12,7 @@ method is judged on the same examples whatever its budget.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from pathlib import Path
@@ -58,8 +59,10 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
     with `seeds` > 1 its best settings are then re-run with seeds 1, 2, ... (as many as the budget left allows) and
     judged on the same split, and the recommendation treats methods whose seed spreads overlap as tied.
     """
+    from honellm.search.compose import COMPOSITIONS
+
     task = load_task(task_path, overrides or [])
-    available = all_methods()  # the one registry of methods: every family
+    available = {**all_methods(), **COMPOSITIONS}  # the one registry of methods (every family), and compositions
     names = list(methods or DEFAULT_METHODS)
     unknown = [m for m in names if m not in available]
     if unknown:
@@ -92,7 +95,8 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
         run.results = {k: v for k, v in previous.results.items() if v.done and v.artifact and Path(v.artifact).exists()}
     run.save()
 
-    for name in names:
+    # Compositions run after the methods, so they can build on their rows (lora+prompt-search on the lora row).
+    for name in [m for m in names if m not in COMPOSITIONS] + [m for m in names if m in COMPOSITIONS]:
         if name in run.results:
             log.info("compare: %s already done, reused", name)
             continue
@@ -102,9 +106,11 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
             run.results[name] = MethodResult(name, spec.family, "skipped", reason=missing[0])
             run.save()
             continue
+        parts = _composition_inputs(spec, run, method_overrides or {}, budget_seconds) \
+            if name in COMPOSITIONS else None
         run.results[name] = _run_one(task, spec, run_dir / name, budget_seconds, split, limit,
                                      (method_overrides or {}).get(name, []), progress, search_trials=search_trials,
-                                     seeds=seeds)
+                                     seeds=seeds, parts=parts)
         run.save()
 
     run.recommendation = recommend(list(run.results.values()))
@@ -112,8 +118,36 @@ def compare(task_path: str, methods: list[str] | None = None, overrides: list[st
     return run
 
 
+def _composition_inputs(spec, run: CompareRun, method_overrides: dict[str, list[str]], budget) -> tuple[dict, dict]:
+    """(each part's settings, the finished rows it reuses) for a composition's row: a part runs with its method's
+    settings in this comparison and an equal share of the budget; a reused row is charged at its row's cost."""
+    import json
+
+    from honellm.artifact import Artifact
+
+    methods = all_methods()
+    reused = {}
+    for part in spec.reuses:
+        row = run.results.get(part)
+        if row is not None and row.done and row.artifact and Path(row.artifact).exists():
+            artifact = Artifact.load(row.artifact, verify_base=False)
+            artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": row.train_seconds}
+            reused[part] = artifact
+            folder = Path(row.run_dir or "")
+            if (folder / "seeds" / "seeds.json").exists():  # its best settings' other seeds (--search --seeds)
+                seeds = json.loads((folder / "seeds" / "seeds.json").read_text())
+                reused[f"{part}:seeds"] = {s: Artifact.load(a, verify_base=False) for s, a in
+                                           zip(seeds["seeds"], seeds["artifacts"], strict=True) if Path(a).exists()}
+            if (folder / "search" / "best.json").exists():  # the settings its search found
+                reused[f"{part}:overrides"] = json.loads((folder / "search" / "best.json").read_text())[
+                    "best_overrides"]
+    share = None if budget is None else budget / max(1, sum(p not in reused for p in spec.parts))
+    settings = {p: _settings(methods[p], method_overrides.get(p, []), share) for p in spec.parts}
+    return settings, reused
+
+
 def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, progress, *, search_trials: int = 0,
-             seeds: int = 1) -> MethodResult:
+             seeds: int = 1, parts: tuple[dict, dict] | None = None) -> MethodResult:
     import torch
 
     from honellm.artifact import Artifact
@@ -129,8 +163,11 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
         try:
             from honellm.search.spaces import SPACES
 
-            if search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
-                artifact = _run_search(task, out, budget, overrides, progress, method=spec.name,
+            others = None
+            if parts is not None:  # a composition (honellm.search.compose.COMPOSITIONS): its parts, then it
+                artifact = spec.make(task, *parts, out)
+            elif search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
+                artifact, others = _run_search(task, out, budget, overrides, progress, method=spec.name,
                                        trials=search_trials, seeds=seeds, split=split, limit=limit)
             else:
                 _, config = method_config(spec.name, None, _settings(spec, overrides, budget))
@@ -160,10 +197,23 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
     result.prompt_tokens = evaluation.cost.prompt_tokens_per_example
     result.latency_ms = measure_latency(art, task, model, tokenizer)
     result.extra = {"eval_mode": evaluation.mode, "extras": evaluation.extras}
-    others = (art.manifest.metrics or {}).get("other_seed_scores")
-    if others:  # compare --search --seeds N: this row's score and the best settings' other seeds
-        result.extra["seed_scores"] = [result.score, *others]
+    if others is not None:  # compare --search --seeds N: this row's score and the best settings' other seeds
+        result.extra["seed_scores"] = [result.score, *others.scores]
+        result.extra["seeds"] = seeds_row(evaluation, others)
     return result
+
+
+def seeds_row(evaluation, others) -> dict:
+    """The leaderboard's seed figures: the row's own run (seed 0) and the other seeds' `SeedSummary`, together:
+    their mean, spread (min-max, std) and the bootstrap interval of the seed-averaged per-example scores."""
+    from honellm.search.seeds import summarize_seeds
+
+    per_example = [[float(e.score) for e in evaluation.records], *others.per_example]
+    both = summarize_seeds(others.method, [0, *others.seeds], [evaluation.score, *others.scores], per_example,
+                           split=evaluation.split, metric=evaluation.metric)
+    row = {k: v for k, v in both.to_dict().items() if k in ("seeds", "scores", "mean", "std", "low", "high", "ci95")}
+    row["ci95"] = [None if math.isnan(v) else v for v in row["ci95"]]  # compare.json stays strict JSON
+    return row
 
 
 def _run_search(task, out: Path, budget, overrides, progress, *, method: str, trials: int, seeds: int = 1,
@@ -183,11 +233,13 @@ def _run_search(task, out: Path, budget, overrides, progress, *, method: str, tr
         others = run_seeds(task, method, result.best_overrides, seeds=tuple(range(1, extra + 1)), out=out / "seeds",
                            split=split, limit=limit, progress=progress)
         artifact.manifest.metrics = {**(artifact.manifest.metrics or {}), "other_seed_scores": others.scores}
+    else:
+        others = None
     # The cost of making it is the whole search (every trial), as the user pays it.
     artifact.manifest.cost = {**(artifact.manifest.cost or {}), "train_seconds": round(result.seconds, 2),
                               "best_trial_train_seconds": (artifact.manifest.cost or {}).get("train_seconds"),
                               "search_trials": len(result.trials), "search_pruned": result.pruned}
-    return artifact
+    return artifact, others
 
 
 def measure_latency(artifact, task, model, tokenizer, requests: int = LATENCY_REQUESTS) -> float | None:

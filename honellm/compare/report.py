@@ -1,8 +1,9 @@
-"""`hone report RUN_DIR`: one self-contained HTML file (figures embedded as PNG) for a compare run.
+"""`hone report RUN_DIR`: one self-contained HTML file (figures embedded as PNG or inline SVG) for a compare run.
 
-Sections: the recommendation with its reasons; the leaderboard; quality against cost with the Pareto front;
-learning curves from each method's metrics.jsonl; the reward-hacking guard's panels where online RL ran;
-examples where the methods disagree.
+Sections: the recommendation with its reasons; the leaderboard (with each method's seeds where it ran several);
+quality against cost with the Pareto front; learning curves from each method's metrics.jsonl; where methods
+searched their settings (`compare --search`), the validation score of every trial against each searched
+setting (inline SVG); the reward-hacking guard's panels where online RL ran; examples where the methods disagree.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from honellm.atomic import atomic_write_text
-from honellm.compare.results import CompareRun, MethodResult
+from honellm.compare.results import SEED_COLUMNS, CompareRun, MethodResult, has_seeds, seed_cells, tied_note
 from honellm.runs import read_metrics
 
 GUARD_KEYS = ("proxy", "gold", "kl", "mean_length", "distinct_n", "entropy")
@@ -40,6 +41,18 @@ def _png(fig) -> str:
 
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _svg(fig) -> str:
+    """The figure as an inline <svg> element (text kept as text; no network, no external file)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
 
 
 def _plt():
@@ -84,12 +97,20 @@ def quality_cost_figure(results: list[MethodResult]) -> str | None:
     return _png(fig)
 
 
+def method_metrics(r: MethodResult) -> list[dict]:
+    """The metrics.jsonl rows of the run that made a row's artifact: the method's folder in the compare run, or,
+    where that holds none (a searched method, a composition), the run folder its artifact was saved in (the best
+    trial's, the composition's last part's)."""
+    for folder in (r.run_dir, str(Path(r.artifact).parent) if r.artifact else None):
+        if folder and (Path(folder) / "metrics.jsonl").exists():
+            return read_metrics(Path(folder) / "metrics.jsonl")
+    return []
+
+
 def learning_curves_figure(results: list[MethodResult]) -> str | None:
     series = {}
     for r in results:
-        if not r.run_dir:
-            continue
-        rows = [m for m in read_metrics(Path(r.run_dir) / "metrics.jsonl") if m.get("kind", "train") in ("train", "eval")]
+        rows = [m for m in method_metrics(r) if m.get("kind", "train") in ("train", "eval")]
         scores = sorted({k for m in rows for k in m if k.startswith("val_") and k not in CURVE_KEYS})
         for key in (*CURVE_KEYS, *scores):
             points = [(m["step"], m[key]) for m in rows if "step" in m and isinstance(m.get(key), (int, float))]
@@ -111,13 +132,102 @@ def learning_curves_figure(results: list[MethodResult]) -> str | None:
     return _png(fig)
 
 
-def guard_figures(results: list[MethodResult]) -> list[tuple[str, str, list[dict], int | None]]:
-    """(method, figure, alarms, kept step) for every method whose metrics.jsonl has reward-hacking guard records."""
+def search_trials(run_dir: str | Path) -> tuple[list[dict], list[dict], int | None]:
+    """A method's settings search in a compare folder (`<method>/search/`): its trials (the last `event: trial`
+    line of each), the searched space (from its config.yaml; empty when unknown) and the best trial's number."""
+    import yaml
+
+    folder = Path(run_dir) / "search"
+    rows = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+    trials = {r["trial"]: r for r in rows if r.get("event") == "trial" and isinstance(r.get("params"), dict)}
+    config = folder / "config.yaml"
+    space = (yaml.safe_load(config.read_text()) or {}).get("space") or [] if config.exists() else []
+    best = folder / "best.json"
+    best_trial = json.loads(best.read_text()).get("best_trial") if best.exists() else None
+    return [trials[k] for k in sorted(trials)], space, best_trial
+
+
+def search_figures(results: list[MethodResult]) -> list[tuple[str, str, str]]:
+    """(method, inline SVG, caption) for every method that searched its settings: one small chart per searched
+    setting, the validation score of each trial against that setting's value (the best trial ringed, pruned
+    trials as crosses along the bottom: they were stopped before they had a final score)."""
     out = []
     for r in results:
         if not r.run_dir:
             continue
-        rows = read_metrics(Path(r.run_dir) / "metrics.jsonl")
+        trials, space, best_trial = search_trials(r.run_dir)
+        trials = [t for t in trials if t.get("state") in ("complete", "pruned")]
+        names = [p["name"] for p in space] or sorted({k for t in trials for k in t["params"]})
+        if not trials or not names:
+            continue
+        kinds = {p["name"]: p for p in space}
+        scored = [t["score"] for t in trials if isinstance(t.get("score"), (int, float))]
+        floor = min(scored) if scored else 0.0
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(names), figsize=(2.9 * len(names), 2.5), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            spec = kinds.get(name, {})
+            values = [t["params"].get(name) for t in trials]
+            categorical = spec.get("type") == "choice" or any(not isinstance(v, (int, float)) for v in values)
+            if categorical:
+                order = list(spec.get("choices") or sorted({str(v) for v in values}))
+                for v in values:  # a value outside the listed choices (given by hand) gets a place too
+                    if not any(_same(c, v) for c in order):
+                        order.append(v)
+                xs = [next(i for i, c in enumerate(order) if _same(c, v)) for v in values]
+                ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+                ax.set_xlim(-0.5, len(order) - 0.5)
+            else:
+                xs = [float(v) if v is not None else float("nan") for v in values]
+                if spec.get("log") and all(x > 0 for x in xs):
+                    _log_axis(ax, xs)
+            ax.yaxis.get_major_formatter().set_useOffset(False)
+            for t, x in zip(trials, xs, strict=True):
+                if t.get("state") == "pruned" or not isinstance(t.get("score"), (int, float)):
+                    ax.scatter([x], [floor], marker="x", color="gray", s=25, zorder=2)
+                else:
+                    best = t["trial"] == best_trial
+                    ax.scatter([x], [t["score"]], color="#2ca02c" if best else "#1f77b4", s=45 if best else 25,
+                               edgecolor="black" if best else "none", zorder=3)
+            ax.set_title(name, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"validation {r.metric or 'score'}", fontsize=8)
+        complete = sum(t.get("state") == "complete" for t in trials)
+        caption = (f"{r.method}: {len(trials)} trials ({complete} complete, {len(trials) - complete} pruned); "
+                   f"green ringed: the best trial" + (f" (trial {best_trial})" if best_trial is not None else "")
+                   + "; grey crosses: pruned trials")
+        out.append((r.method, _svg(fig), caption))
+    return out
+
+
+def _same(choice, value) -> bool:
+    """A searched value is one of the listed choices (3.0 is the choice 3: defaults may come back as floats)."""
+    return choice == value or str(choice) == str(value)
+
+
+def _log_axis(ax, xs: list[float]) -> None:
+    """A log x axis with a few readable labels: the decades in range, or the ends when it spans less."""
+    import math
+
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    low, high = min(xs), max(xs)
+    decades = [10.0 ** e for e in range(math.ceil(math.log10(low)), math.floor(math.log10(high)) + 1)]
+    ticks = decades if len(decades) >= 2 else ([low, high] if high > low else [low])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, [f"{t:.0e}" if t in decades else f"{t:.1e}" for t in ticks])
+    if high > low:
+        pad = (high / low) ** 0.08
+        ax.set_xlim(low / pad, high * pad)
+
+
+def guard_figures(results: list[MethodResult]) -> list[tuple[str, str, list[dict], int | None]]:
+    """(method, figure, alarms, kept step) for every method whose metrics.jsonl has reward-hacking guard records."""
+    out = []
+    for r in results:
+        rows = method_metrics(r)
         guard = [m for m in rows if m.get("kind") == "guard"]
         if not guard:
             continue
@@ -165,20 +275,24 @@ def disagreements(results: list[MethodResult], limit: int = 12) -> tuple[list[st
     return methods, rows
 
 
-def _table(results: list[MethodResult]) -> str:
-    head = ("method", "family", "score", "95% CI", "n", "train time", "train tokens", "trainable params",
-            "peak memory", "prompt tokens/req", "latency/req", "status")
+def _table(results: list[MethodResult], tied: list[str] | None = None) -> str:
+    """The leaderboard; with the seed columns where some method ran several seeds; methods tied with the best
+    (the recommendation's `tied`) marked."""
+    seeds = has_seeds(results)
+    head = ("method", "family", "score", "95% CI", *(SEED_COLUMNS if seeds else ()), "n", "train time",
+            "train tokens", "trainable params", "peak memory", "prompt tokens/req", "latency/req", "status")
     lines = ["<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in results:
         if r.done:
-            cells = [r.method, r.family, f"{r.score:.3f}",
-                     f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-", str(r.n),
+            cells = [r.method, r.family, f"{r.score:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-",
+                     *(seed_cells(r) if seeds else ()), str(r.n),
                      f"{r.train_seconds:.0f} s", f"{r.train_tokens:,}", f"{r.trainable_params:,}",
                      f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-",
                      f"{r.prompt_tokens:.0f}" if r.prompt_tokens is not None else "-",
-                     f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-", "done"]
+                     f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-",
+                     "done, tied with the best" if tied and len(tied) > 1 and r.method in tied else "done"]
         else:
-            cells = [r.method, r.family] + ["-"] * 9 + [f"{r.status}: {r.reason or ''}"]
+            cells = [r.method, r.family] + ["-"] * (len(head) - 3) + [f"{r.status}: {r.reason or ''}"]
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
@@ -190,7 +304,7 @@ h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;bor
 table{border-collapse:collapse;font-size:.85rem;width:100%} th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
 th{background:#f5f5f5} .meta{color:#666;font-size:.9rem} img{max-width:100%}
 .rec{background:#eef7ee;border:1px solid #9c9;border-radius:6px;padding:.8rem 1rem} .rec b{font-size:1.1rem}
-.ok{color:#2a7} .bad{color:#c33} .alarm{color:#c33;font-size:.85rem}
+.svg svg{max-width:100%;height:auto} .ok{color:#2a7} .bad{color:#c33} .alarm{color:#c33;font-size:.85rem}
 """
 
 
@@ -254,7 +368,10 @@ def render_sections(run: CompareRun) -> list[str]:
     else:
         parts.append("<p>No method finished, so there is nothing to recommend.</p>")
     parts.append("<h2>Leaderboard</h2>")
-    parts.append(_table(results))
+    parts.append(_table(results, (rec or {}).get("tied")))
+    note = tied_note(run)
+    if note:
+        parts.append(f"<p class='meta'>{html.escape(note)}; the recommendation picks the cheapest of them.</p>")
     figure = quality_cost_figure(results)
     if figure:
         parts.append("<h2>Quality against cost</h2>")
@@ -263,6 +380,12 @@ def render_sections(run: CompareRun) -> list[str]:
     if curves:
         parts.append("<h2>Learning curves</h2>")
         parts.append(f"<img alt='learning curves' src='{curves}'>")
+    searches = search_figures(results)
+    if searches:
+        parts.append("<h2>Settings searched: validation score against each setting</h2>")
+        for method, svg, caption in searches:
+            parts.append(f"<h3>{html.escape(method)}</h3><div class='svg'>{svg}</div>"
+                         f"<p class='meta'>{html.escape(caption)}</p>")
     guards = guard_figures(results)
     if guards:
         parts.append("<h2>Reward-hacking guard</h2>")

@@ -100,20 +100,56 @@ class CompareRun:
         return done + rest
 
 
+SEED_COLUMNS = ("seeds", "seed mean", "seed range", "seeds 95% CI")
+
+
+def seed_cells(r: MethodResult) -> list[str]:
+    """A row's seed figures as text (`extra["seeds"]`, from compare --search --seeds): how many seeds, their
+    mean score, the range across seeds (min-max) with the standard deviation, and the bootstrap interval of the
+    seed-averaged per-example scores; dashes for a method run with one seed."""
+    seeds = r.extra.get("seeds") if r.done else None
+    if not seeds:
+        scores = r.extra.get("seed_scores") if r.done else None
+        if not scores or len(scores) < 2:
+            return ["1" if r.done else "", "-", "-", "-"]
+        seeds = {"scores": scores, "mean": sum(scores) / len(scores), "low": min(scores), "high": max(scores)}
+    ci = seeds.get("ci95") or [None, None]
+    std = f" (sd {seeds['std']:.3f})" if seeds.get("std") is not None else ""
+    return [str(len(seeds["scores"])), f"{seeds['mean']:.3f}", f"{seeds['low']:.3f}-{seeds['high']:.3f}{std}",
+            f"[{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else "-"]
+
+
+def has_seeds(results: list[MethodResult]) -> bool:
+    """Whether any finished method was run with several seeds (then the leaderboards show the seed columns)."""
+    return any(r.done and len(r.extra.get("seed_scores") or []) > 1 for r in results)
+
+
+def tied_note(run: CompareRun) -> str | None:
+    """Which methods the recommendation counts as tied with the best (intervals or seed spreads overlap)."""
+    tied = (run.recommendation or {}).get("tied") or []
+    if len(tied) < 2:
+        return None
+    how = ", or its seed range overlaps the best's" if has_seeds(list(run.results.values())) else ""
+    return f"tied with the best (its 95% interval reaches the best score{how}): {', '.join(tied)}"
+
+
 def leaderboard_rows(run: CompareRun) -> list[list[str]]:
-    """The leaderboard as text cells, best first: a header row, then one row per method."""
-    rows = [["method", "family", run.task.get("metric") or "score", "95% CI", "train time", "train tokens",
-             "trainable", "peak mem", "prompt tok/req", "latency/req"]]
+    """The leaderboard as text cells, best first: a header row, then one row per method (with the seed columns
+    after the interval when some method ran several seeds)."""
+    seeds = has_seeds(list(run.results.values()))
+    rows = [["method", "family", run.task.get("metric") or "score", "95% CI", *(SEED_COLUMNS if seeds else ()),
+             "train time", "train tokens", "trainable", "peak mem", "prompt tok/req", "latency/req"]]
     for r in run.ordered():
         if r.done:
             rows.append([r.method, r.family, f"{r.score:.3f}",
                          f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if r.ci_low is not None else "-",
+                         *(seed_cells(r) if seeds else ()),
                          _seconds(r.train_seconds), f"{r.train_tokens:,}" if r.train_tokens else "-",
                          _count(r.trainable_params), f"{r.peak_memory_mb / 1024:.2f} GiB" if r.peak_memory_mb else "-",
                          f"{r.prompt_tokens:.0f}" if r.prompt_tokens is not None else "-",
                          f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-"])
         else:
-            rows.append([r.method, r.family, r.status, (r.reason or "")[:110], *([""] * 6)])
+            rows.append([r.method, r.family, r.status, (r.reason or "")[:110], *([""] * (len(rows[0]) - 4))])
     return rows
 
 
@@ -139,6 +175,9 @@ def summary_text(run: CompareRun) -> str:
              f"{next((r.n for r in run.results.values() if r.done), 0)} examples) · model {task['model']}"
              + (f" · budget {run.budget_seconds:.0f} s per method" if run.budget_seconds else ""),
              leaderboard_text(run)]
+    note = tied_note(run)
+    if note:
+        lines.append(note)
     rec = run.recommendation
     if rec:
         lines.append(f"recommended: {rec['method']} ({rec['family']})")

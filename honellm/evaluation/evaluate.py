@@ -115,18 +115,35 @@ def _device_of(model):
 def evaluate_to_folder(artifact_text: str, task_text: str | None = None, overrides: list[str] | None = None, *,
                        split: str = "test", limit: int | None = None, out: str | Path | None = None,
                        force: bool = False, batch_size: int = 16, seed: int = 0,
-                       progress: bool = True) -> tuple[EvalResult, Path]:
+                       progress: bool = True, data: str | Path | None = None,
+                       skip_invalid: bool = False) -> tuple[EvalResult, Path]:
     """What `hone eval` does: evaluate, write eval.json, and record the score in the artifact's manifest.
 
     eval.json goes to `out`, else into the artifact's folder, else into a new run folder
     `runs/<task>/eval-<timestamp>/`; an existing eval.json is kept unless `force` (checked before any work).
+
+    `data`: a held-out JSONL (or CSV, Parquet) file in the task's format, evaluated as the task's test split
+    (`data.test=FILE`, on any task, including one that splits a single `file:`); its records are checked as the
+    task's are (a bad record is an error naming file:line; `skip_invalid` skips and counts them). The result is
+    `eval-<file stem>.json` and the manifest keeps it under `file:<file name>`, so the task's own test score stays.
     """
     from honellm.evaluation.result import EVAL_FILE
 
     artifact_path = Path(artifact_text)
     saved = (artifact_path / "hone.json").exists()
     artifact = Artifact.load(artifact_path) if saved else None
-    task = _resolve_task(task_text, overrides or [], artifact)
+    eval_file = EVAL_FILE
+    if data is not None:
+        data = Path(data).expanduser().resolve()
+        if not data.is_file():
+            raise HoneError("the held-out data file does not exist", where=f"--data {data}",
+                            fix="give a JSONL file with records in the task's format")
+        if split != "test":
+            raise HoneError(f"--data is evaluated as the test split, not {split!r}", where="--split",
+                            fix="leave --split out when you pass --data")
+        overrides = [*(overrides or []), f"data.test={data}"]
+        eval_file = f"eval-{data.stem}.json"
+    task = _resolve_task(task_text, overrides or [], artifact, skip_invalid=skip_invalid)
     if artifact is None:
         artifact = Artifact.resolve(artifact_text, task)
     if out is not None:
@@ -135,40 +152,45 @@ def evaluate_to_folder(artifact_text: str, task_text: str | None = None, overrid
         folder = Path(artifact.path)
     else:
         folder = None
-    if folder is not None and (folder / EVAL_FILE).exists() and not force:
-        raise HoneError(f"{EVAL_FILE} already exists", where=str(folder / EVAL_FILE),
+    if folder is not None and (folder / eval_file).exists() and not force:
+        raise HoneError(f"{eval_file} already exists", where=str(folder / eval_file),
                         fix="pass --force to replace it, or --out DIR to write elsewhere")
     result = evaluate(artifact, task, split, limit, batch_size=batch_size, progress=progress, seed=seed)
+    if data is not None:
+        result.config["data"] = str(data)
     if folder is None:
         with RunDir.create(task.name, "eval") as run:
             run.write_config({"artifact": artifact_text, "task": task.source, "overrides": overrides or [],
-                              "split": split, "limit": limit, "batch_size": batch_size, "seed": seed})
+                              "split": split, "limit": limit, "batch_size": batch_size, "seed": seed,
+                              "data": str(data) if data is not None else None})
             run.log_metrics(**{result.metric: result.score, "ci_low": result.ci95[0], "ci_high": result.ci95[1],
                                "n": result.n})
             folder = run.path
-    target = result.save(folder)
+    target = result.save(Path(folder) / eval_file)
     if artifact.path is not None:
-        record_in_manifest(artifact, result)
+        record_in_manifest(artifact, result, key=f"file:{data.name}" if data is not None else None)
     return result, target
 
 
-def record_in_manifest(artifact, result: EvalResult) -> None:
-    """Keep the score in hone.json under its split (what `hone show` and compare read)."""
+def record_in_manifest(artifact, result: EvalResult, key: str | None = None) -> None:
+    """Keep the score in hone.json under its split, or `key` (what `hone show` and compare read)."""
     metrics = dict(artifact.manifest.metrics)
     summary = result.summary()
-    metrics[result.split] = {"task": result.task, "metric": result.metric, "score": summary["score"],
-                             "ci95": summary["ci95"], "n": result.n, "limit": result.config.get("limit")}
+    metrics[key or result.split] = {"task": result.task, "metric": result.metric, "score": summary["score"],
+                                    "ci95": summary["ci95"], "n": result.n, "limit": result.config.get("limit")}
+    if result.config.get("data"):
+        metrics[key or result.split]["data"] = result.config["data"]
     artifact.update_manifest(metrics=metrics)
 
 
-def _resolve_task(task_text: str | None, overrides: list[str], artifact):
+def _resolve_task(task_text: str | None, overrides: list[str], artifact, *, skip_invalid: bool = False):
     """The task named on the command line, else the one the artifact was made for."""
 
     if task_text:
-        return load_task(task_text, overrides)
+        return load_task(task_text, overrides, skip_invalid=skip_invalid)
     reference = (artifact.manifest.task or {}) if artifact is not None else {}
     source = reference.get("source")
     if source and Path(source).exists():
-        return load_task(source, overrides)
+        return load_task(source, overrides, skip_invalid=skip_invalid)
     raise HoneError("no task given" + (" and the artifact records none that can be found" if artifact else ""),
                     fix="pass --task TASK (a task YAML or a built-in task name)")

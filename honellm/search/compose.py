@@ -3,20 +3,30 @@
 - `sft_then_dpo(task, ...)`: supervised tuning on the task's answers (the chosen ones of preference pairs), its
   adapter folded into the base weights (kept in the composition's folder), then DPO from there: the SFT model is
   both the starting policy and DPO's reference, as in the DPO paper's recipe.
+- `grpo_from_sft(task, ...)`: the same SFT model, then GRPO from it (the SFT model is the policy's starting point
+  and its KL reference).
+- `rft_from_best_of_n(task, artifact, ...)`: rejection-sampling fine-tuning with a best-of-n artifact's own
+  sampling and reward (n, temperature, reward), from the model it samples from: best-of-n distilled into the
+  weights, one sample per request instead of n.
 - `prompt_on_adapter(task, artifact, ...)`: the prompt search (instruction, demonstrations, calibration) run
   on the tuned model, so the prompt is chosen for the adapter (in the spirit of DSPy's BetterTogether); the
   artifact keeps the adapter and carries the program found.
 - `merge_adapters(task, artifacts, combination=...)`: LoRA adapters combined by peft's `add_weighted_adapter`
-  (linear, TIES, DARE-linear, DARE-TIES) into one adapter.
+  (linear, TIES, DARE-linear, DARE-TIES) into one adapter. As a row of `hone compare` (`merge-ties`, ...), it
+  merges LoRA adapters of the same settings trained with MERGE_SEEDS seeds (a soup of seeds, as in Wortsman et
+  al.'s model soups, https://arxiv.org/abs/2203.05482), reusing the lora row and its seeds where they ran.
 
 The cost in each manifest (`train_seconds`, `train_tokens`) adds up every part's, so a composition's row in a
-comparison is charged for all the work it did; `cost["parts"]` lists the parts.
+comparison is charged for all the work it did; `cost["parts"]` lists the parts. `COMPOSITIONS` offers them as
+rows of `hone compare` (`--methods ...,grpo-from-sft`; docs/search.md).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from honellm.artifact import Artifact
@@ -38,23 +48,93 @@ def sft_then_dpo(task, *, sft_method: str = "lora", sft_overrides: list[str] | N
                  dpo_method: str = "dpo", dpo_overrides: list[str] | None = None, out: str | Path,
                  force: bool = False) -> Artifact:
     """SFT (`sft_method`) on `task`'s answers, folded into the weights, then `dpo_method` from it -> Artifact."""
+    return _after_sft(task, sft_method, sft_overrides, dpo_method, dpo_overrides, Path(out), "dpo", force)
+
+
+def grpo_from_sft(task, *, sft_method: str = "lora", sft_overrides: list[str] | None = None,
+                  rl_method: str = "grpo", rl_overrides: list[str] | None = None, out: str | Path,
+                  force: bool = False) -> Artifact:
+    """SFT (`sft_method`) on `task`'s answers, folded into the weights (`out/sft-merged/`), then `rl_method`
+    (GRPO) from that model -> Artifact.
+
+    Online RL starts from the SFT model as DeepSeek-R1's and InstructGPT's pipelines do: its fresh LoRA policy
+    sits on the merged SFT weights, and its reference (the policy with the adapter disabled) is the SFT model, so
+    the KL term keeps the policy near what SFT learned rather than near the base.
+    """
+    return _after_sft(task, sft_method, sft_overrides, rl_method, rl_overrides, Path(out), rl_method, force)
+
+
+def _after_sft(task, sft_method: str, sft_overrides, then_method: str, then_overrides, out: Path, folder: str,
+               force: bool) -> Artifact:
+    """SFT, its adapter folded into the weights, then `then_method` (a reward-family method) on the task's model
+    replaced by the folded one; the artifact's method reads `lora+dpo`, its cost adds up both parts."""
     from honellm.methods.catalog import method_config, run_method
 
-    out = Path(out)
     spec, config = method_config(sft_method, None, sft_overrides or [], family="tuning")
     sft = run_method(task, spec, config, out=out / "sft", force=force)
     started = time.perf_counter()
     merged = out / "sft-merged"
     _fold_adapter(sft, merged)
     fold_seconds = time.perf_counter() - started
-    from_sft = copy.copy(task)
-    from_sft.config = task.config.model_copy(update={"model": str(merged.resolve())})
-    spec, config = method_config(dpo_method, None, dpo_overrides or [], family="reward")
-    dpo = run_method(from_sft, spec, config, out=out / "dpo", force=force)
-    dpo.manifest.method = f"{sft.manifest.method}+{spec.name}"
-    dpo.manifest.cost = {**(dpo.manifest.cost or {}), **total_cost({"sft": sft, spec.name: dpo}, fold_seconds)}
-    dpo.update_manifest(method=dpo.manifest.method, cost=dpo.manifest.cost)
-    return dpo
+    spec, config = method_config(then_method, None, then_overrides or [], family="reward")
+    then = run_method(_on_model(task, merged), spec, config, out=out / folder, force=force)
+    then.manifest.method = f"{sft.manifest.method}+{spec.name}"
+    then.manifest.cost = {**(then.manifest.cost or {}), **total_cost({"sft": sft, spec.name: then}, fold_seconds)}
+    then.update_manifest(method=then.manifest.method, cost=then.manifest.cost)
+    return then
+
+
+def _on_model(task, model: str | Path):
+    """A shallow copy of `task` whose model is `model` (a folder or a name): what the recipes start from."""
+    moved = copy.copy(task)
+    moved.config = task.config.model_copy(update={"model": str(Path(model).resolve()) if Path(model).exists()
+                                                  else str(model)})
+    return moved
+
+
+def rft_from_best_of_n(task, best_of_n: Artifact, *, rft_overrides: list[str] | None = None, out: str | Path,
+                       force: bool = False) -> Artifact:
+    """Rejection-sampling fine-tuning seeded by a best-of-n artifact: distil what it serves into the weights.
+
+    A best-of-n artifact answers each request by sampling n answers from its policy and serving the one its
+    reward scores highest: good answers, at n times the generation plus the reward's scoring per request. RFT
+    trains on exactly that choice: it samples n answers per training prompt, keeps the best by the reward, and
+    fine-tunes on the kept ones. So this composition runs RFT with the best-of-n artifact's own inference
+    settings (n, temperature, top_p, the task's rewards and/or its reward model with its weight) starting from
+    the model best-of-n samples from (its adapter, if any, folded into the weights in `out/policy-merged/`;
+    else its base model). The result answers with one greedy sample per request, the cost best-of-n paid at
+    every request moved into training once. `rft_overrides` set RFT's other settings (and win over the ones
+    taken from the artifact); the prompt is the task's own (RFT's recipe builds it), not the artifact's program.
+    The cost adds the best-of-n artifact's (its making: no training) and RFT's.
+    """
+    from honellm.methods.catalog import method_config, run_method
+
+    settings = best_of_n.manifest.inference.best_of_n if best_of_n.manifest.inference else None
+    if settings is None:
+        raise HoneError("rft_from_best_of_n needs a best-of-n artifact (its manifest has no best_of_n settings)",
+                        where=str(best_of_n.path), fix="pass the artifact of `hone align --method best_of_n`")
+    out = Path(out)
+    started = time.perf_counter()
+    if best_of_n.adapter_dir is not None:
+        start = out / "policy-merged"
+        _fold_adapter(best_of_n, start)
+    else:
+        start = best_of_n.weights_dir or best_of_n.base_model
+    fold_seconds = time.perf_counter() - started
+    taken = [f"n={settings.n}", f"temperature={settings.temperature}", f"top_p={settings.top_p}",
+             f"task_rewards={str(settings.task_rewards).lower()}",
+             f"reward_model_weight={settings.reward_model_weight}"]
+    if settings.reward_model:
+        taken.append(f"reward_model={settings.reward_model}")
+    spec, config = method_config("rft", None, [*taken, *(rft_overrides or [])], family="reward")
+    rft = run_method(_on_model(task, start), spec, config, out=out / "rft", force=force)
+    rft.manifest.method = "best_of_n+rft"
+    rft.manifest.config = {**(rft.manifest.config or {}), "from_best_of_n": str(best_of_n.path),
+                           "best_of_n": settings.model_dump(mode="json")}
+    rft.manifest.cost = {**(rft.manifest.cost or {}), **total_cost({"best_of_n": best_of_n, "rft": rft},
+                                                                     fold_seconds)}
+    rft.update_manifest(method=rft.manifest.method, config=rft.manifest.config, cost=rft.manifest.cost)
+    return rft
 
 
 def _fold_adapter(artifact: Artifact, folder: Path) -> None:
@@ -110,7 +190,9 @@ def merge_adapters(task, artifacts: list[Artifact], *, combination: str = "linea
     """One adapter from several LoRA adapters of the same base (peft's `add_weighted_adapter`) -> Artifact.
 
     `combination`: linear, ties, dare_linear or dare_ties; `density`: the share of weights TIES/DARE keep;
-    `weights`: one per adapter (default equal). The program is the first artifact's.
+    `weights`: one per adapter. By default they average the adapters: 1/k each for linear and dare_linear (peft
+    sums the weighted adapters), 1 each for ties and dare_ties (peft already takes the mean of the entries
+    whose sign agrees, so 1/k would shrink the update k times). The program is the first artifact's.
     """
     from peft import PeftModel
 
@@ -122,7 +204,8 @@ def merge_adapters(task, artifacts: list[Artifact], *, combination: str = "linea
     if len(bases) > 1 or any(a.adapter_dir is None for a in artifacts):
         raise HoneError("merging needs adapter artifacts of the same base model",
                         fix="merge artifacts made by hone tune/align on one base model")
-    weights = list(weights) if weights is not None else [1.0 / len(artifacts)] * len(artifacts)
+    mean = combination in ("ties", "dare_ties")  # peft's disjoint merge averages by itself
+    weights = list(weights) if weights is not None else [1.0 if mean else 1.0 / len(artifacts)] * len(artifacts)
     if len(weights) != len(artifacts):
         raise HoneError(f"{len(weights)} weights for {len(artifacts)} adapters", fix="give one weight per adapter")
     from honellm.models import load
@@ -158,3 +241,100 @@ def merge_adapters(task, artifacts: list[Artifact], *, combination: str = "linea
         folder = Path(tmp) / "merged" if (Path(tmp) / "merged").is_dir() else Path(tmp)
         merged.save(out, force=True, extra_files={"adapter": folder})
     return Artifact.load(out, verify_base=False)
+
+
+# ----------------------------------------------------------------------------------------- compare's rows
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A composition offered as one more row of `hone compare` (`--methods lora,grpo,grpo-from-sft`).
+
+    `parts`: the registered methods it is made of: the task must have the data each needs, and each part runs
+    with that method's settings in the comparison (`--set lora:r=8`, the budget shared among the parts it runs).
+    `reuses`: parts whose finished row of the same comparison it builds on (their artifact, charged at that row's
+    cost) instead of making them again. `make(task, settings, reused, out)` -> Artifact, whose cost is the total;
+    `reused` holds those rows' artifacts by method name, and for a row that ran them, `NAME:seeds` (its other
+    seeds' artifacts by seed) and `NAME:overrides` (the settings its search found).
+    """
+
+    name: str
+    family: str
+    parts: tuple[str, ...]
+    make: Callable[..., Artifact]
+    summary: str
+    reuses: tuple[str, ...] = ()
+
+    def missing(self, task, config=None) -> tuple[str, str] | None:
+        from honellm.methods.catalog import all_methods
+
+        methods = all_methods()
+        return next((m for m in (methods[p].missing(task) for p in self.parts) if m is not None), None)
+
+
+def _make_part(task, method: str, settings: list[str], out: Path) -> Artifact:
+    from honellm.methods.catalog import method_config, run_method
+
+    spec, config = method_config(method, None, settings)
+    return run_method(task, spec, config, out=out, force=True)
+
+
+def _sft_then_dpo_row(task, settings, reused, out):
+    return sft_then_dpo(task, sft_overrides=settings["lora"], dpo_overrides=settings["dpo"], out=out, force=True)
+
+
+def _grpo_from_sft_row(task, settings, reused, out):
+    return grpo_from_sft(task, sft_overrides=settings["lora"], rl_overrides=settings["grpo"], out=out, force=True)
+
+
+def _rft_from_best_of_n_row(task, settings, reused, out):
+    bon = reused.get("best_of_n") or _make_part(task, "best_of_n", settings["best_of_n"], out / "best_of_n")
+    return rft_from_best_of_n(task, bon, rft_overrides=settings["rft"], out=out, force=True)
+
+
+def _prompt_on_adapter_row(task, settings, reused, out):
+    from honellm.methods.catalog import method_config
+
+    adapter = reused.get("lora") or _make_part(task, "lora", settings["lora"], out / "lora")
+    _, config = method_config("prompt-search", None, settings["prompt-search"])
+    return prompt_on_adapter(task, adapter, config=config, out=out / "prompt", progress=False)
+
+
+MERGE_SEEDS = 3  # LoRA adapters a merge row combines
+
+
+def _merge_row(combination: str) -> Callable[..., Artifact]:
+    def make(task, settings, reused, out):
+        """LoRA adapters of MERGE_SEEDS seeds (the same settings), merged: the lora row's and its seeds' where
+        this comparison ran them, the others trained here with the lora row's settings (its best trial's
+        settings when it searched)."""
+        adapters = {0: reused["lora"]} if "lora" in reused else {}
+        adapters.update(reused.get("lora:seeds", {}))
+        base = settings["lora"]
+        if reused.get("lora:overrides"):  # the searched settings, within this row's share of the budget
+            base = [*reused["lora:overrides"], *(o for o in base if o.startswith("max_seconds="))]
+        base = [o for o in base if o.split("=", 1)[0].strip() != "seed"]
+        for seed in range(MERGE_SEEDS):
+            if seed not in adapters:
+                adapters[seed] = _make_part(task, "lora", [*base, f"seed={seed}"], out / f"seed-{seed}")
+        chosen = [adapters[k] for k in sorted(adapters)[:MERGE_SEEDS]]
+        merged = merge_adapters(task, chosen, combination=combination, out=out / "artifact")
+        merged.update_manifest(method=f"lora-merge-{combination}")
+        return merged
+    return make
+
+
+COMPOSITIONS: dict[str, Composition] = {c.name: c for c in (
+    *(Composition(f"merge-{c.replace('_', '-')}", "tuning", ("lora",), _merge_row(c),
+                  f"LoRA adapters of {MERGE_SEEDS} seeds merged by peft's {c} combination (a soup of seeds)",
+                  reuses=("lora",)) for c in COMBINATIONS),
+    Composition("sft-then-dpo", "reward", ("lora", "dpo"), _sft_then_dpo_row,
+                "SFT on the chosen answers, folded into the weights, then DPO from that model"),
+    Composition("grpo-from-sft", "reward", ("lora", "grpo"), _grpo_from_sft_row,
+                "SFT on the answers, folded into the weights, then GRPO from that model"),
+    Composition("rft-from-best-of-n", "reward", ("best_of_n", "rft"), _rft_from_best_of_n_row,
+                "RFT sampling as the best-of-n row does (its n, temperature, reward): best-of-n in the weights",
+                reuses=("best_of_n",)),
+    Composition("lora+prompt-search", "tuning", ("lora", "prompt-search"), _prompt_on_adapter_row,
+                "the prompt search run on the LoRA row's adapter (as DSPy's BetterTogether)", reuses=("lora",)),
+)}

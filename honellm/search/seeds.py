@@ -2,8 +2,8 @@
 
 `run_seeds(task, method, overrides, seeds=(0, 1, 2), out=...)` makes the method's artifact once per seed (the
 seed sets adapter init, data order and dropout; for prompting, the demonstrations drawn) into `out/seed-N/`,
-scores each on `split` with the evaluator, and returns a `SeedSummary`: every seed's score, their mean, the
-spread (min-max and standard deviation) and a 95% bootstrap interval of the mean over examples of the
+scores each on `split` with the evaluator (`out/seed-N/eval.json`), and returns a `SeedSummary`: every seed's
+score, their mean, the spread (min-max and standard deviation) and a 95% bootstrap interval of the mean over examples of the
 seed-averaged per-example scores. `seeds.json` in `out` keeps it. `compare.recommend.spreads_overlap` treats two
 methods whose seed spreads overlap as tied.
 
@@ -39,13 +39,16 @@ class SeedSummary:
     ci95: tuple[float, float]
     artifacts: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    per_example: list[list[float]] = field(default_factory=list, repr=False)  # each seed's, not in seeds.json
 
     @property
     def spread(self) -> tuple[float, float]:
         return (self.low, self.high)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ci95": list(self.ci95)}
+        data = asdict(self)
+        data.pop("per_example")
+        return {**data, "ci95": list(self.ci95)}
 
 
 def summarize_seeds(method: str, seeds: list[int], scores: list[float], per_example: list[list[float]] | None = None,
@@ -65,7 +68,8 @@ def summarize_seeds(method: str, seeds: list[int], scores: list[float], per_exam
     else:
         ci = (math.nan, math.nan)
     return SeedSummary(method, split, metric, list(seeds), [float(s) for s in scores], mean, std, min(scores),
-                       max(scores), ci, list(artifacts or []), list(seconds or []))
+                       max(scores), ci, list(artifacts or []), list(seconds or []),
+                       [list(p) for p in per_example or []])
 
 
 def seeds_for_budget(left: float | None, seconds_per_run: float, wanted: int = DEFAULT_SEEDS) -> int:
@@ -100,6 +104,7 @@ def run_seeds(task, method: str, overrides: list[str] | None = None, *, seeds: l
 
         artifact = Artifact.load(folder / "artifact", verify_base=False)
         result = evaluate(artifact, task, split, limit, progress=progress)
+        result.save(folder / "eval.json")
         metric = result.metric
         scores.append(float(result.score))
         per_example.append([float(s) for s in result.scores])

@@ -74,3 +74,32 @@ def test_eval_user_errors_have_no_traceback(tiny_model_dir, tmp_path):
     (tmp_path / "o" / "eval.json").write_text("{}")
     exists = hone("eval", tiny_model_dir, "--task", "intents", "--out", tmp_path / "o")
     assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+def test_eval_data_scores_a_held_out_file_and_names_the_line_of_a_bad_record(tiny_model_dir, tmp_path, needs_engine):
+    from honellm.artifact import Artifact
+    from honellm.task import Task
+
+    art_dir = Artifact.zero_shot(str(tiny_model_dir), Task.load("intents")).save(tmp_path / "art")
+    mine = [{"text": "my card was charged twice", "label": "billing"},
+            {"text": "the parcel never came", "label": "shipping"},
+            {"text": "please close my account", "label": "cancel"}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    run = hone("eval", art_dir, "--data", tmp_path / "mine.jsonl", "--json")  # the task from the manifest
+    assert run.returncode == 0, run.stderr
+    data = json.loads((art_dir / "eval-mine.json").read_text())
+    assert data["n"] == 3 and data["config"]["data"] == str(tmp_path / "mine.jsonl")
+    assert [r["reference"] for r in data["records"]] == ["billing", "shipping", "cancel"]
+    assert not (art_dir / "eval.json").exists()  # the task's own test score is not replaced
+    manifest = json.loads((art_dir / "hone.json").read_text())
+    assert manifest["metrics"]["file:mine.jsonl"]["n"] == 3 and "test" not in manifest["metrics"]
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps(mine[0]) + "\n" + json.dumps({"text": "hi", "label": "x"}) + "\n")
+    bad = hone("eval", art_dir, "--data", tmp_path / "bad.jsonl")
+    assert bad.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2" in bad.stderr and "not one of the choices" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    skipped = hone("eval", art_dir, "--data", tmp_path / "bad.jsonl", "--skip-invalid", "--json")
+    assert skipped.returncode == 0, skipped.stderr
+    assert json.loads(skipped.stdout)["n"] == 1
+    missing = hone("eval", art_dir, "--data", tmp_path / "nope.jsonl")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

@@ -281,3 +281,30 @@ def test_errors_are_user_errors(tiny_model_dir, intents, tiny_model):
     task = Task.load("arithmetic", ["metric=reward_mean", "rewards=[]"])
     with pytest.raises(HoneError, match="needs reward functions"):
         evaluate(str(tiny_model_dir), task, "validation", limit=1, model=model, tokenizer=tok, progress=False)
+
+
+def test_evaluate_to_folder_scores_a_held_out_file_on_a_task_that_splits_one_file(tiny_model_dir, tmp_path):
+    from honellm.artifact import Artifact
+    from honellm.errors import HoneError
+    from honellm.evaluation.evaluate import evaluate_to_folder
+
+    records = [{"text": f"review {i}", "label": "positive" if i % 2 else "negative"} for i in range(20)]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "task.yaml").write_text(
+        f"model: {tiny_model_dir}\ndata: {{file: all.jsonl, split: {{validation: 0.2, test: 0.2}}}}\n"
+        "prompt: {template: 'Review: {text}'}\ntarget: label\nchoices: [positive, negative]\n")
+    task = Task.load(str(tmp_path / "task.yaml"))
+    art = Artifact.zero_shot(str(tiny_model_dir), task).save(tmp_path / "art")
+    mine = [{"text": "held out", "label": "positive"}, {"text": "another", "label": "negative"}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+    result, path = evaluate_to_folder(str(art), data=tmp_path / "mine.jsonl", progress=False)
+    assert result.n == 2 and path == art / "eval-mine.json" and path.exists()
+    assert [e.reference for e in result.records] == ["positive", "negative"]
+    with pytest.raises(HoneError, match="already exists"):
+        evaluate_to_folder(str(art), data=tmp_path / "mine.jsonl", progress=False)
+    with pytest.raises(HoneError, match="evaluated as the test split"):
+        evaluate_to_folder(str(art), data=tmp_path / "mine.jsonl", split="validation", progress=False, force=True)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine", "label": "positive"}\n{"text": "cut off"\n')
+    with pytest.raises(HoneError) as err:
+        evaluate_to_folder(str(art), data=tmp_path / "bad.jsonl", progress=False)
+    assert f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in err.value.render()

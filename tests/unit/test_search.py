@@ -186,6 +186,70 @@ def test_overlapping_seed_spreads_are_tied_and_the_cheaper_method_wins():
     assert recommend([big, apart])["method"] == "dora"
 
 
+def test_the_leaderboards_show_the_seed_mean_range_and_interval_and_name_the_tied(tmp_path):
+    from honellm.compare.report import render_report
+    from honellm.compare.results import CompareRun, leaderboard_text, summary_text
+
+    def row(method, family, score, seeds, latency):
+        summary = summarize_seeds(method, list(range(len(seeds))), seeds, [[1, 0, 1, 1]] * len(seeds))
+        return MethodResult(method, family, "done", metric="accuracy", score=score, ci_low=score - 0.01,
+                            ci_high=score + 0.01, n=4, latency_ms=latency, prompt_tokens=50,
+                            extra={"seed_scores": seeds, "seeds": summary.to_dict()})
+
+    run = CompareRun(tmp_path, {"name": "t", "model": "m", "metric": "accuracy"}, ["dora", "prompt-search", "ia3"],
+                     "test", None, None)
+    run.results = {"dora": row("dora", "tuning", 0.90, [0.90, 0.86, 0.93], 300.0),
+                   "prompt-search": row("prompt-search", "prompting", 0.87, [0.87, 0.84, 0.88], 100.0),
+                   "ia3": MethodResult("ia3", "tuning", "failed", reason="the loss became NaN")}
+    run.recommendation = recommend(list(run.results.values()))
+    text = leaderboard_text(run)
+    header = text.splitlines()[0]
+    assert "seed mean" in header and "seed range" in header and "seeds 95% CI" in header
+    dora = next(line for line in text.splitlines() if line.startswith("dora"))
+    ci = run.results["dora"].extra["seeds"]["ci95"]
+    assert "0.897" in dora and "0.860-0.930 (sd 0.035)" in dora and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in dora
+    assert "ia3" in text and "NaN" in text
+    assert ("tied with the best (its 95% interval reaches the best score, or its seed range overlaps the best's): "
+            "dora, prompt-search") in summary_text(run)
+    page = render_report(run)
+    assert "<th>seed range</th>" in page and "<td>done, tied with the best</td>" in page and "0.860-0.930" in page
+    alone = CompareRun(tmp_path, run.task, ["dora"], "test", None, None)
+    alone.results = {"dora": MethodResult("dora", "tuning", "done", metric="accuracy", score=0.9, n=4)}
+    assert "seed mean" not in leaderboard_text(alone) and "seed range" not in render_report(alone)
+
+
+def test_the_report_plots_each_trial_s_score_against_every_searched_setting(tmp_path):
+    import yaml
+
+    from honellm.compare.report import render_report, search_trials
+    from honellm.compare.results import CompareRun
+
+    folder = tmp_path / "lora" / "search"
+    folder.mkdir(parents=True)
+    space = [{"type": "float", "name": "lr", "low": 1e-5, "high": 1e-2, "log": True},
+             {"type": "choice", "name": "r", "choices": [4, 8, 16]}]
+    (folder / "config.yaml").write_text(yaml.safe_dump({"method": "lora", "space": space}))
+    trials = [{"event": "trial", "trial": 0, "params": {"lr": 2e-4, "r": 16}, "state": "complete", "score": 0.8},
+              {"event": "trial", "trial": 1, "params": {"lr": 0.009, "r": 4}, "state": "pruned", "score": None},
+              {"event": "trial", "trial": 2, "params": {"lr": 1e-3, "r": 8}, "state": "complete", "score": 0.9},
+              {"event": "trial", "trial": 3, "params": {"lr": 1e-3, "r": 8}, "state": "failed", "score": None}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    (folder / "best.json").write_text(json.dumps({"best_trial": 2}))
+    found, found_space, best = search_trials(tmp_path / "lora")
+    assert [t["trial"] for t in found] == [0, 1, 2, 3] and found_space == space and best == 2
+    run = CompareRun(tmp_path, {"name": "t", "model": "m", "metric": "accuracy"}, ["lora", "ia3"], "test", None, None)
+    run.results = {"lora": MethodResult("lora", "tuning", "done", metric="accuracy", score=0.9, n=4,
+                                        run_dir=str(tmp_path / "lora")),
+                   "ia3": MethodResult("ia3", "tuning", "done", metric="accuracy", score=0.7, n=4,
+                                       run_dir=str(tmp_path / "ia3"))}
+    page = render_report(run)
+    section = page[page.index("Settings searched"):]
+    assert section.count("<svg") == 1 and "<h3>ia3</h3>" not in section  # ia3 did not search: no chart
+    assert "lora: 3 trials (2 complete, 1 pruned)" in section and "(trial 2)" in section
+    svg = section[section.index("<svg"):section.index("</svg>")]
+    assert ">lr<" in svg and ">r<" in svg and 'href="http' not in svg and "<image" not in svg  # nothing fetched
+
+
 # ------------------------------------------------------------------------------------------------ data.test
 
 
@@ -272,6 +336,142 @@ def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model
     assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
 
 
+GRPO_FAST = ["max_steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_every=0",
+             "save_every=0", "r=4"]
+RFT_FAST = ["max_steps=1", "max_new_tokens=4", "eval_prompts=0", "min_reward=null", "prompts_per_round=4", "r=4"]
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tiny_model_dir, tmp_path_factory):
+    from honellm.testing import make_tiny_reward_task
+
+    return Task.load(str(make_tiny_reward_task(tmp_path_factory.mktemp("arith"), tiny_model_dir, n_train=8,
+                                               n_validation=4, max_new_tokens=4)))
+
+
+def test_grpo_from_sft_starts_grpo_from_the_folded_sft_weights_and_counts_both(arithmetic, tmp_path):
+    from honellm.search.compose import grpo_from_sft
+
+    art = grpo_from_sft(arithmetic, sft_overrides=["max_steps=1", "r=4", "eval_every=0"], rl_overrides=GRPO_FAST,
+                        out=tmp_path / "c")
+    assert art.manifest.method == "lora+grpo" and art.kind == "adapter"
+    # the policy's base (and GRPO's reference) is the SFT model, not the task's base
+    assert Path(art.base_model).resolve() == (tmp_path / "c" / "sft-merged").resolve()
+    assert (tmp_path / "c" / "sft-merged" / "model.safetensors").exists()
+    sft_cost = Artifact.load(tmp_path / "c" / "sft" / "artifact").manifest.cost
+    assert set(art.manifest.cost["parts"]) == {"sft", "grpo"}
+    assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
+    assert art.manifest.cost["train_tokens"] >= sft_cost["train_tokens"] > 0
+    assert Artifact.load(tmp_path / "c" / "grpo" / "artifact").manifest.method == "lora+grpo"
+
+
+def test_rft_from_best_of_n_samples_as_the_artifact_does_from_its_policy(arithmetic, tiny_model_dir, tmp_path):
+    import yaml
+
+    from honellm.methods.catalog import method_config, run_method
+    from honellm.search.compose import rft_from_best_of_n
+
+    adapter, _ = _lora_artifact(arithmetic, tiny_model_dir, tmp_path / "policy", 0, 6.0)
+    spec, config = method_config("best_of_n", None, [f"policy={adapter.path}", "n=3", "temperature=0.7",
+                                                     "eval_limit=0"], family="reward")
+    bon = run_method(arithmetic, spec, config, out=tmp_path / "bon")
+    art = rft_from_best_of_n(arithmetic, bon, rft_overrides=RFT_FAST, out=tmp_path / "c")
+    assert art.manifest.method == "best_of_n+rft" and art.kind == "adapter"
+    assert art.manifest.inference is None or art.manifest.inference.best_of_n is None  # one sample per request
+    # RFT sampled as the best-of-n artifact serves (its n and temperature), from its policy (the adapter folded in)
+    used = yaml.safe_load((tmp_path / "c" / "rft" / "config.yaml").read_text())
+    used = used["config"]
+    assert used["n"] == 3 and used["temperature"] == 0.7 and used["min_reward"] is None
+    assert Path(art.base_model).resolve() == (tmp_path / "c" / "policy-merged").resolve()
+    assert art.manifest.config["from_best_of_n"] == str(bon.path) and art.manifest.config["best_of_n"]["n"] == 3
+    assert set(art.manifest.cost["parts"]) == {"best_of_n", "rft"} and art.manifest.cost["train_seconds"] > 0
+    with pytest.raises(HoneError, match="needs a best-of-n artifact"):
+        rft_from_best_of_n(arithmetic, adapter, out=tmp_path / "x")
+
+
+def test_compositions_are_rows_of_compare_that_reuse_rows_and_charge_every_part(tiny_model_dir, tmp_path):
+    from honellm.compare.compare import compare
+    from honellm.compare.results import leaderboard_text
+    from honellm.testing import make_tiny_task
+
+    task = make_tiny_task(tmp_path / "task", tiny_model_dir, n_train=16, n_validation=4)
+    fast = {"lora": ["max_steps=1", "batch_size=8", "eval_every=0", "save_every=0", "r=4"], "grpo": GRPO_FAST,
+            "prompt-search": ["candidates=1", "max_examples=4", "propose=0", "shots=[2]", "per_query_selectors=[]",
+                              "calibrations=[]"]}
+    run = compare(str(task), ["grpo-from-sft", "lora+prompt-search", "lora", "sft-then-dpo", "merge-ties"],
+                  out=tmp_path / "cmp", method_overrides=fast, progress=False, limit=4)
+    rows = run.results
+    assert list(rows) == ["lora", "grpo-from-sft", "lora+prompt-search", "sft-then-dpo", "merge-ties"]  # methods first
+    assert all(rows[m].status == "done" for m in ("lora", "grpo-from-sft", "lora+prompt-search")), \
+        {m: r.reason for m, r in rows.items()}
+    assert rows["sft-then-dpo"].status == "skipped" and "preference" in rows["sft-then-dpo"].reason
+    lora = rows["lora"]
+    composed = rows["lora+prompt-search"]  # on the lora row's adapter, charged at that row's cost
+    assert not (tmp_path / "cmp" / "lora+prompt-search" / "lora").exists()
+    art = Artifact.load(composed.artifact, verify_base=False)
+    assert art.manifest.method == "lora+prompt-search" and art.manifest.config["adapter_from"] == lora.artifact
+    assert composed.train_seconds >= lora.train_seconds > 0 and composed.family == "tuning"
+    grpo = rows["grpo-from-sft"]
+    assert grpo.family == "reward" and Artifact.load(grpo.artifact, verify_base=False).manifest.method == "lora+grpo"
+    assert grpo.train_tokens > 0 and grpo.latency_ms > 0 and grpo.n == lora.n == composed.n  # same examples
+    merged = rows["merge-ties"]  # the lora row (seed 0) and two more seeds with its settings, merged by TIES
+    assert merged.status == "done", merged.reason
+    art = Artifact.load(merged.artifact, verify_base=False)
+    assert art.manifest.method == "lora-merge-ties" and art.manifest.config["adapters"][0] == lora.artifact
+    assert [Path(a).parent.name for a in art.manifest.config["adapters"][1:]] == ["seed-1", "seed-2"]
+    assert art.manifest.config["weights"] == [1.0, 1.0, 1.0]  # TIES averages by itself
+    assert set(art.manifest.cost["parts"]) == {"a0", "a1", "a2"} and merged.train_seconds > lora.train_seconds
+    assert "grpo-from-sft" in leaderboard_text(run)
+    from honellm.compare.report import method_metrics
+
+    assert any(m.get("event") == "done" or "loss" in m for m in method_metrics(grpo))  # its GRPO part's run
+    with pytest.raises(HoneError, match="unknown method"):
+        compare(str(task), ["grpo-from-sfft"], out=tmp_path / "x", progress=False)
+
+
+def test_rft_from_best_of_n_and_sft_then_dpo_rows(tiny_model_dir, tmp_path):
+    from honellm.compare.compare import compare
+    from honellm.testing import make_tiny_preference_task, make_tiny_reward_task
+
+    arithmetic = make_tiny_reward_task(tmp_path / "arith", tiny_model_dir, n_train=10, n_validation=4,
+                                       max_new_tokens=4)
+    run = compare(str(arithmetic), ["rft-from-best-of-n", "best_of_n"], out=tmp_path / "a", progress=False, limit=2,
+                  method_overrides={"best_of_n": ["n=2", "eval_limit=0"], "rft": RFT_FAST})
+    bon, rft = run.results["best_of_n"], run.results["rft-from-best-of-n"]
+    assert bon.status == "done" and rft.status == "done", rft.reason
+    art = Artifact.load(rft.artifact, verify_base=False)
+    assert art.manifest.method == "best_of_n+rft" and art.manifest.config["from_best_of_n"] == bon.artifact
+    assert art.manifest.config["n"] == 2 and rft.train_seconds > 0 and rft.family == "reward"
+    prefs = make_tiny_preference_task(tmp_path / "prefs", tiny_model_dir, n_train=10, n_validation=4)
+    run = compare(str(prefs), ["sft-then-dpo"], out=tmp_path / "p", progress=False, limit=2,
+                  method_overrides={"lora": ["max_steps=1", "r=4", "eval_every=0"],
+                                    "dpo": ["max_steps=1", "r=4", "batch_size=4", "eval_every=0"]})
+    row = run.results["sft-then-dpo"]
+    assert row.status == "done", row.reason
+    assert Artifact.load(row.artifact, verify_base=False).manifest.method == "lora+dpo" and row.train_seconds > 0
+
+
+def test_a_merge_row_reuses_the_lora_row_its_seeds_and_its_searched_settings(task_yaml, tiny_model_dir, tmp_path):
+    from honellm.compare.compare import _composition_inputs
+    from honellm.compare.results import CompareRun
+    from honellm.search.compose import COMPOSITIONS
+
+    task = Task.load(str(task_yaml))
+    folder = tmp_path / "cmp" / "lora"
+    best, _ = _lora_artifact(task, tiny_model_dir, folder / "search" / "trials" / "trial-002" / "artifact", 0, 2.0)
+    seed1, _ = _lora_artifact(task, tiny_model_dir, folder / "seeds" / "seed-1" / "artifact", 1, 3.0)
+    (folder / "search" / "best.json").write_text(json.dumps({"best_overrides": ["lr=0.001", "r=4"]}))
+    (folder / "seeds" / "seeds.json").write_text(json.dumps({"seeds": [1], "artifacts": [str(seed1.path)]}))
+    run = CompareRun(tmp_path / "cmp", {"name": "t"}, ["lora", "merge-linear"], "test", 60.0, None)
+    run.results = {"lora": MethodResult("lora", "tuning", "done", score=0.5, artifact=str(best.path),
+                                        run_dir=str(folder), train_seconds=40.0)}
+    settings, reused = _composition_inputs(COMPOSITIONS["merge-linear"], run, {"lora": ["r=8"]}, 60.0)
+    assert reused["lora"].path == best.path and reused["lora"].manifest.cost["train_seconds"] == 40.0  # the row's
+    assert list(reused["lora:seeds"]) == [1] and reused["lora:seeds"][1].path == seed1.path
+    assert reused["lora:overrides"] == ["lr=0.001", "r=4"]
+    assert settings["lora"][0] == "r=8" and "max_seconds=60.0" in settings["lora"]  # nothing else to share with
+
+
 def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(task_yaml, tiny_model_dir, tmp_path,
                                                                                 monkeypatch):
     from honellm.compare.compare import compare
@@ -282,6 +482,10 @@ def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(
     assert row.status == "done", row.reason
     assert len(calls) == 3 and (tmp_path / "cmp" / "lora" / "search" / "best.json").exists()  # 2 trials, 1 seed
     assert len(row.extra["seed_scores"]) == 2 and row.extra["seed_scores"][0] == row.score
+    seeds = row.extra["seeds"]  # the leaderboard's seed figures: the row's run and the other seed, together
+    assert seeds["seeds"] == [0, 1] and seeds["scores"] == row.extra["seed_scores"]
+    assert seeds["low"] <= seeds["mean"] <= seeds["high"] and len(seeds["ci95"]) == 2
+    assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "eval.json").exists()
     assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "artifact" / "hone.json").exists()
     assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
     assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
