@@ -100,9 +100,9 @@ def run_side(command: list[str], side: str) -> dict:
 
 
 def peak_memory(device: str) -> int:
-    from honellm.hardware import peak_rss_bytes
-
     import torch
+
+    from honellm.hardware import peak_rss_bytes
 
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())

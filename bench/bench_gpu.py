@@ -228,9 +228,9 @@ def sft_trl(args) -> dict:
 
 
 def _peak() -> int:
-    from honellm.hardware import peak_rss_bytes
-
     import torch
+
+    from honellm.hardware import peak_rss_bytes
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
