@@ -775,9 +775,11 @@ def product_path(request, monkeypatch):
     return request.param
 
 
-def test_derived_weights_in_bf16_give_the_module_outputs(lively, product_path):
+def test_derived_weights_in_bf16_give_the_module_outputs(lively, product_path, monkeypatch):
     """Fused and packed bf16 weights (AMX tiles, or oneDNN's blocked layout) compute what the model's own modules
-    compute."""
+    compute; with tiles, every product of the many-row forward is counted going through the native kernel."""
+    import honellm.core.runners as runners
+
     model, tok = lively
     model = copy.deepcopy(model).to(torch.bfloat16)
     runner = DecoderRunner(model)
@@ -789,8 +791,13 @@ def test_derived_weights_in_bf16_give_the_module_outputs(lively, product_path):
         runner.prepare()
         assert runner.derived.layers is not None and runner.derived.layers[0].qkv is not None
         assert (runner.derived.layers[0].qkv.tiles is not None) == (product_path == "tiles")
+        tiles = []
+        real_matmul = runners.native.matmul
+        monkeypatch.setattr(runners.native, "matmul", lambda *a: tiles.append(1) or real_matmul(*a))
         derived = runner.forward(runner.new_state(4, 12), ids, positions, valid, keep=12)
         reference = model(ids).logits
+    # 4 products a layer (qkv, o, gate-up, down) and the head: all through the tiles, or none
+    assert len(tiles) == (4 * model.config.num_hidden_layers + 1 if product_path == "tiles" else 0)
     assert torch.allclose(derived.float(), plain.float(), atol=0.05, rtol=0.02)
     assert torch.allclose(derived.float(), reference.float(), atol=0.05, rtol=0.02)
     assert (derived.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
