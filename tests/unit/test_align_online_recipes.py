@@ -178,6 +178,8 @@ def test_ppo_trains_its_value_head_and_adapter_and_logs_the_curves(tiny_model_di
         assert r["rewards/varied"] == pytest.approx(r["reward"])
     guard = [r for r in rows if r.get("kind") == "guard"]
     assert [r["step"] for r in guard] == [0, 1, 2]
+    paths = next(r for r in rows if r.get("event") == "model_paths")  # the policy's paths, not the wrapper's
+    assert paths["model_type"] == "llama" and paths["training"] and paths["decoding"], paths
     assert all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for r in guard for k in UI_GUARD_KEYS)
     head = load_file(tmp_path / "run" / "artifact" / "value_head.safetensors")
     assert set(head) == {"weight", "bias"} and all(torch.isfinite(v).all() for v in head.values())
