@@ -65,8 +65,8 @@ def reference_greedy(model, tok, prompt: str, max_new_tokens: int) -> list[int]:
 def nontrivial(completions, at_least: int, varied: int | None = None) -> list[list[int]]:
     """The token ids of `completions` (outputs or id lists), checked to be real completions before a test compares
     them with others (two empty, one-token or one-token-repeated completions are equal whatever the engine
-    computes): each at least `at_least` tokens long, and `varied` of them (all by default) more than one token
-    repeated. The random `lively` model repeats one token on some prompts ("hi"); the session's tiny model, left
+    computes): each at least `at_least` tokens long, and `varied` of them (all by default) made of at least two
+    different tokens. The random `lively` model repeats one token on some prompts ("hi"); the session's tiny model, left
     at its initialisation, on every prompt."""
     lists = [list(getattr(c, "token_ids", c)) for c in completions]
     assert lists and all(len(ids) >= at_least for ids in lists), lists
@@ -120,7 +120,7 @@ def test_greedy_on_the_session_tiny_model(tiny_model):
 
 def test_token_id_prompts_equal_string_prompts(lively):
     model, tok = lively
-    prompts = chat(tok)[1:4]  # prompts on which `lively` answers with more than one token repeated
+    prompts = chat(tok)[1:4]  # prompts `lively` answers with at least two different tokens
     gen = Generator(model, tok)
     as_text = gen.generate(prompts, SamplingParams(max_new_tokens=10))
     as_ids = gen.generate([tok(p, add_special_tokens=False).input_ids for p in prompts], SamplingParams(max_new_tokens=10))
