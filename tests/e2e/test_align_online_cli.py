@@ -4,6 +4,7 @@ through the built-in arithmetic task (`model=<dir>` overrides the task's model).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -48,8 +49,14 @@ def test_each_online_method_runs_from_the_cli(tiny_model_dir, tmp_path, method):
         assert [r["step"] for r in rows if r.get("kind") == "guard"] == [0, 1, 2]
         assert [r for r in rows if r.get("kind") == "guard_summary"]
         assert {"generation_share", "generation_tokens_per_second", "training_tokens_per_second"} <= set(train[0])
-    if method == "ppo":
-        assert (out / "artifact" / "value_head.safetensors").exists()
+    if method == "ppo":  # the value head beside the adapter: one output over the tiny model's hidden states
+        from safetensors.torch import load_file
+
+        head = load_file(out / "artifact" / "value_head.safetensors")
+        hidden = json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"]
+        assert head["weight"].shape == (1, hidden) and head["bias"].shape == (1,)
+        assert all(bool(v.isfinite().all()) for v in head.values())
+        assert all(math.isfinite(r["value_loss"]) and math.isfinite(r["policy_loss"]) for r in train)
 
 
 def test_a_best_of_n_artifact_samples_n_when_evaluated(tiny_model_dir, tmp_path):

@@ -7,7 +7,11 @@ docs/reward.md (a longer run; see its command).
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from honellm.reward.recipes.grpo import GRPOConfig, grpo
 from honellm.reward.recipes.ppo import PPOConfig, ppo
@@ -43,5 +47,11 @@ def test_ppo_runs_on_the_embedded_model(task, tmp_path):
     config = PPOConfig(max_steps=1, prompts_per_step=4, max_new_tokens=16, ppo_epochs=2, eval_every=0)
     artifact = ppo(task, config, out=tmp_path / "run")
     train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "train"][0]
-    assert train["updates"] == 2 and "value_loss" in train and "clip_fraction" in train
-    assert (tmp_path / "run" / "artifact" / "value_head.safetensors").exists() and artifact.kind == "adapter"
+    assert train["updates"] == 2 and 0 <= train["clip_fraction"] <= 1
+    for key in ("loss", "policy_loss", "value_loss", "approx_kl", "reward"):
+        assert math.isfinite(train[key]), (key, train)
+    # the value head sits on SmolLM2's hidden states (576 wide) and is saved finite; whether it moves from zero
+    # depends on the rewards this short run draws (tests/unit/test_align_online_recipes.py checks that it trains)
+    head = load_file(tmp_path / "run" / "artifact" / "value_head.safetensors")
+    assert head["weight"].shape == (1, 576) and all(torch.isfinite(v).all() for v in head.values())
+    assert artifact.kind == "adapter" and artifact.manifest.method == "ppo"

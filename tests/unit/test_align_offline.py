@@ -221,9 +221,18 @@ def test_training_moves_the_policy_towards_the_chosen_answers(tiny_model_dir, tm
     assert art.manifest.metrics["val_accuracy"] == 1.0
 
 
-def test_eval_of_a_dpo_artifact_reports_implicit_reward_accuracy(task_yaml, task, tmp_path):
+def test_eval_of_a_dpo_artifact_reports_implicit_reward_accuracy(task_yaml, task, tmp_path, monkeypatch):
+    from honellm.core.runners import DecoderRunner, HFRunner
+
     art = align_task(str(task_yaml), "dpo", [*QUICK, "eval_every=0", "lr=1e-2", "beta=0.3"], out=str(tmp_path / "run"))
+    runs = {"decoder": [], "transformers": []}  # which runner scored, and in which dtype
+    for name, runner in (("decoder", DecoderRunner), ("transformers", HFRunner)):
+        original = runner.forward
+        monkeypatch.setattr(runner, "forward", lambda self, *a, _f=original, _n=name, **k: runs[_n].append(
+            next(self.model.parameters()).dtype) or _f(self, *a, **k))
     result = evaluate(tmp_path / "run" / "artifact", task, "validation", progress=False)
+    # the fast decoding runner scored (policy and reference), in bf16: the comparison below is bf16 against fp32
+    assert runs["decoder"] and not runs["transformers"] and set(runs["decoder"]) == {torch.bfloat16}
     assert result.metric == "preference_accuracy" and result.n == 16 and 0 <= result.score <= 1
     assert result.extras["preference_scorer"] == "implicit_reward_margins"
     assert result.ci95[0] <= result.score <= result.ci95[1]

@@ -163,13 +163,19 @@ def test_grpo_advantages_and_loss_are_the_pure_functions(policy, rollouts, loss)
 
 def test_rloo_advantages_and_loss_follow_trl(policy, rollouts):
     """RLOO: the sequence KL comes off the reward before the leave-one-out baseline; the ratio is per sequence,
-    the loss a mean over sequences (TRL's RLOOTrainer)."""
+    the loss a mean over sequences. The oracle is TRL's own `RLOOTrainer._compute_loss`, called on each
+    micro-batch with the policy's per-token log-probs, and TRL's advantage lines (replayed in
+    test_reward_losses.py: they sit inside its generation method) on the KL-penalised rewards."""
+    from trl import RLOOTrainer
+
+    from tests.unit.test_reward_losses import trainer_namespace, trl_rloo_advantages
+
     model, tokenizer = policy
     config = RLOOConfig(kl_coef=0.05, group_size=4)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.2, 0.2, 0.7, 0.2, 1.0, 0.0, 0.0, 1.0])
     seq_kl = torch.linspace(0.0, 1.1, 12)
     adv = rloo_step_advantages(rewards, config=config, seq_kl=seq_kl)
-    torch.testing.assert_close(adv.values, losses.rloo_advantages(rewards - 0.05 * seq_kl, 4))
+    torch.testing.assert_close(adv.values, trl_rloo_advantages(rewards - 0.05 * seq_kl, 4))
     batches = _batches(rollouts, tokenizer.pad_token_id)
     for b in batches:
         b.data["advantages"] = adv.values[b.rows]
@@ -177,15 +183,25 @@ def test_rloo_advantages_and_loss_follow_trl(policy, rollouts):
         b.num_loss_units = int(b.mask.sum(-1).gt(0).sum())
     outs = [rloo_loss(model, b, config=config) for b in batches]
     recipe = sum(o.total for o in outs) / sum(o.count for o in outs)
-    per_sequence = []
+    trl_losses, sizes, clipped = [], [], 0
     with torch.no_grad():
         for b in batches:
-            seq = (completion_logprobs(model, b) * b.mask).sum(-1)
-            old = (b.data["old_logps"] * b.mask).sum(-1)
-            ratio = torch.exp(seq - old)
-            a = b.data["advantages"]
-            per_sequence.append(-torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a))
-    torch.testing.assert_close(recipe.detach(), torch.cat(per_sequence).mean(), atol=1e-5, rtol=1e-5)
+            logps = completion_logprobs(model, b)
+            trainer = trainer_namespace(
+                _get_per_token_logps_and_entropies=lambda *a, _l=logps, **k: (_l, torch.zeros_like(_l), None),
+                epsilon_low=config.clip_eps, epsilon_high=config.clip_eps)  # RLOO's clip is symmetric
+            rows, width = b.mask.shape
+            inputs = {"prompt_ids": torch.ones(rows, 1, dtype=torch.long),
+                      "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+                      "completion_ids": torch.ones(rows, width, dtype=torch.long), "completion_mask": b.mask,
+                      "old_logps": (b.data["old_logps"] * b.mask).sum(-1), "advantages": b.data["advantages"]}
+            trl_losses.append(RLOOTrainer._compute_loss(trainer, None, inputs))
+            sizes.append(rows)
+            clipped += trainer._metrics["train"]["clip_ratio/region_mean"][-1] * rows
+    expected = sum(loss * n for loss, n in zip(trl_losses, sizes, strict=True)) / sum(sizes)
+    torch.testing.assert_close(recipe.detach(), expected, atol=1e-5, rtol=1e-5)
+    assert 0 < clipped < sum(sizes)  # the clip is exercised: some sequences clipped, some not
+    assert recipe.requires_grad
 
 
 def test_ppo_forward_and_loss_are_the_pure_functions(policy, rollouts):

@@ -149,3 +149,42 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model_dir, tmp_
     for name in a:
         torch.testing.assert_close(a[name], b[name])
     assert resumed.manifest.metrics["final_step"] == whole.manifest.metrics["final_step"] == 3
+
+
+VARIED = ("def varied(prompts, completions, completion_ids, **kw):\n"
+          "    return [0.1 * (sum(ids) % 11) for ids in completion_ids]\n")
+# What the UI's curves read (honellm/ui/static/app.js): GUARD_KEYS on `kind: guard` lines, and the reward.
+UI_GUARD_KEYS = ("proxy", "gold", "kl", "mean_length", "distinct_n", "entropy")
+
+
+def test_ppo_trains_its_value_head_and_adapter_and_logs_the_curves(tiny_model_dir, tmp_path):
+    """PPO, beyond its files: with rewards that vary, the value head (zero at the start) and the adapter (B zero
+    at the start) both move, every loss is finite, and the reward and guard curves are logged with the fields the
+    UI draws."""
+    from honellm.reward.recipes.ppo import PPOConfig, ppo
+
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=VARIED,
+                                           rewards=[{"python": "rewards.py:varied"}]))
+    config = PPOConfig(max_steps=2, prompts_per_step=4, max_new_tokens=6, ppo_epochs=2, eval_every=1,
+                       guard_prompts=4, r=4, precision="fp32", lr=1e-3)
+    artifact = ppo(task, config, out=tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in rows if r.get("kind") == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["updates"] == 2 for r in train)
+    for r in train:
+        for key in ("loss", "policy_loss", "value_loss", "approx_kl", "grad_norm", "reward", "reward_std"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["reward_std"] > 0 and r["value_loss"] > 0 and r["grad_norm"] > 0
+        assert r["rewards/varied"] == pytest.approx(r["reward"])
+    guard = [r for r in rows if r.get("kind") == "guard"]
+    assert [r["step"] for r in guard] == [0, 1, 2]
+    paths = next(r for r in rows if r.get("event") == "model_paths")  # the policy's paths, not the wrapper's
+    assert paths["model_type"] == "llama" and paths["training"] and paths["decoding"], paths
+    assert all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for r in guard for k in UI_GUARD_KEYS)
+    head = load_file(tmp_path / "run" / "artifact" / "value_head.safetensors")
+    assert set(head) == {"weight", "bias"} and all(torch.isfinite(v).all() for v in head.values())
+    assert head["weight"].abs().sum() > 0  # trained away from its zero initialisation
+    adapter = load_file(tmp_path / "run" / "artifact" / "adapter" / "adapter_model.safetensors")
+    b_matrices = [v for k, v in adapter.items() if "lora_B" in k]
+    assert b_matrices and any(v.abs().sum() > 0 for v in b_matrices)  # PEFT starts every B at zero
+    assert artifact.kind == "adapter" and artifact.manifest.method == "ppo"

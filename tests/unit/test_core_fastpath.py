@@ -84,10 +84,21 @@ def _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, batch_of, *, refe
     monkeypatch.setenv("HONE_SHARED_PREFIX", "0")
     expected, expected_grads = _loss_and_grads(model, batch, monkeypatch, fast=reference_fast, autocast=True)
     monkeypatch.delenv("HONE_SHARED_PREFIX")
+    layers = []
+    original = fastpath._layer
+    monkeypatch.setattr(fastpath, "_layer", lambda *a: layers.append(1) or original(*a))
+    fused_calls = []
+    apply = fused.LoraLinearFunction.apply
+    monkeypatch.setattr(fused.LoraLinearFunction, "apply", lambda *a: fused_calls.append(1) or apply(*a))
     for checkpointing in (False, True):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers.clear()
+        fused_calls.clear()
         got, got_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)
+        # the direct forward and the fused LoRA layers ran (a silent fallback would compare a path with itself)
+        assert len(layers) == model.config.num_hidden_layers * (2 if checkpointing else 1)  # recomputed: twice
+        assert fused_calls  # (the direct forward computes some adapted products itself)
         torch.testing.assert_close(got, expected, rtol=loss_tol, atol=loss_tol)
         for name, grad in expected_grads.items():
             assert got_grads[name].dtype == torch.float32

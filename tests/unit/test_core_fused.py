@@ -65,16 +65,21 @@ def test_fused_matches_peft_in_fp32(tiny_model_dir, monkeypatch, use_rslora):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_matches_peft_under_bf16_autocast(tiny_model_dir):
-    """The recipes' setting: frozen weights in bf16, adapters in fp32, autocast; gradients come back in fp32."""
+def test_fused_matches_peft_under_bf16_autocast(tiny_model_dir, monkeypatch):
+    """The recipes' setting: frozen weights in bf16, adapters in fp32, autocast; gradients come back in fp32.
+    Every adapted layer is checked to take the fused path (a silent fallback to PEFT's forward would pass the
+    comparison trivially)."""
     from honellm.training.precision import Precision
 
     model = _lora_model(tiny_model_dir)
     Precision.resolve("bf16", "cpu").cast_model(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    calls = _count_fused_calls(monkeypatch)
     loss, _, grads = _run(model, ids, autocast=True)
-    fused.install(model)
+    assert calls == []  # the reference: PEFT's own forward
+    assert fused.install(model) == len(TARGETS) * model.config.num_hidden_layers
     fused_loss, _, fused_grads = _run(model, ids, autocast=True)
+    assert len(calls) == len(TARGETS) * model.config.num_hidden_layers  # every adapted layer took the fused path
     torch.testing.assert_close(fused_loss, loss, rtol=2e-2, atol=2e-2)  # both round activations to bf16
     for name, grad in grads.items():
         assert fused_grads[name].dtype == torch.float32
@@ -82,14 +87,19 @@ def test_fused_matches_peft_under_bf16_autocast(tiny_model_dir):
         assert (fused_grads[name] - grad).abs().max().item() <= 0.05 * scale, name
 
 
-def test_fused_forward_under_inference_mode_and_no_autocast(tiny_model_dir):
-    """The generation engine calls adapted layers in bf16 without autocast, under inference mode."""
+def test_fused_forward_under_inference_mode_and_no_autocast(tiny_model_dir, monkeypatch):
+    """The generation engine calls adapted layers in bf16 without autocast, under inference mode; each of them
+    through the fused path (counted), its output in bf16."""
     model = _lora_model(tiny_model_dir).to(torch.bfloat16).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    calls = _count_fused_calls(monkeypatch)
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
-        fused.install(model)
+        assert calls == []
+        assert fused.install(model) == len(TARGETS) * model.config.num_hidden_layers
         got = model(input_ids=ids).logits
+    assert len(calls) == len(TARGETS) * model.config.num_hidden_layers
+    assert got.dtype == expected.dtype == torch.bfloat16 and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 

@@ -4,11 +4,13 @@ follows it, that HONE_FAST=0 turns everything off, and that users see it (`hone 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import transformers
 from typer.testing import CliRunner
 
+from honellm import hardware
 from honellm.core import fastpath, fused, support
 from honellm.core.runners import DecoderRunner, HFRunner, attention_windows, make_runner
 from honellm.core.support import fast_path_support
@@ -105,3 +107,45 @@ def test_hone_models_check(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["models", "--check", str(gemma)])
     assert result.exit_code == 0, result.output
     assert "transformers" in result.output and "gemma2" in result.output
+
+
+@pytest.fixture
+def fresh_kernels():
+    """The native kernels resolved anew in the test (and again after it, so that later tests see the real ones)."""
+    from honellm.core import native
+
+    native._reset()
+    yield native
+    native._reset()
+
+
+@pytest.mark.parametrize("cause", ["HONE_NATIVE=0", "self-check"])
+def test_a_run_whose_kernels_fall_back_to_torch_says_so(tiny_model_dir, tmp_path, monkeypatch, capsys, fresh_kernels,
+                                                        cause):
+    """The native kernels step aside silently at run time (torch's operations compute the same thing), so the run
+    log is where it shows: the `model_paths` line beside the start line of metrics.jsonl, and the note the user
+    sees, say that torch's operations run and why."""
+    from honellm.runs import read_metrics
+    from honellm.testing import make_tiny_task
+    from honellm.tuning import tune_task
+
+    native = fresh_kernels
+    if cause == "HONE_NATIVE=0":
+        monkeypatch.setenv("HONE_NATIVE", "0")
+        reason = "(HONE_NATIVE=0)"
+    else:  # kernels that build and load here, then disagree with torch: as a miscompiled kernel would
+        if sys.platform != "linux" or not all(f in hardware.cpu_flags() for f in ("avx512f", "avx512bw", "avx512_bf16")):
+            pytest.skip("the native kernels do not build on this machine: nothing to check itself")
+        monkeypatch.setattr(native, "_self_check", lambda kernels: "rms_norm differs by 0.5")
+        reason = "(a native kernel disagreed with torch: rms_norm differs by 0.5)"
+    monkeypatch.delenv("HONE_QUIET", raising=False)
+    task_yaml = make_tiny_task(tmp_path / "task", tiny_model_dir, n_train=4, n_validation=2)
+    tune_task(str(task_yaml), "lora", ["max_steps=1", "eval_every=0", "batch_size=4", "r=4", "precision=bf16"],
+              out=str(tmp_path / "run"))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r.get("event") for r in rows[:2]] == ["start", "model_paths"]
+    paths = rows[1]
+    assert paths["training"] is True and paths["kernels"] is False  # the fast forward runs, on torch's operations
+    assert reason in paths["reasons"]["kernels"] and paths["reasons"]["kernels"].startswith("torch.mv and oneDNN")
+    err = capsys.readouterr().err
+    assert "hone: model paths:" in err and f"kernels torch (torch.mv and oneDNN {reason}" in err

@@ -257,7 +257,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                         precision=precision.name, trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, proxy_reward=proxy.names,
                         gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total)
-        note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
+        # which paths the policy takes, once (honellm.core.support); PPO's value-head wrapper has no config to check
+        note_paths(policy, run, monitor.note)
     pad_id = generator.pad_id
     bar = {"postfix": {}, "loss": math.nan, "alarm": None}  # what the progress bar shows after a check
 
