@@ -42,7 +42,7 @@ def write_guarded_run(folder):
     (folder / "config.yaml").write_text("method: grpo\ntask: arithmetic\ntask_source: arithmetic\nconfig: {}\n")
     rows = [{"step": 0, "event": "start", "total_steps": 6}]
     for step in range(1, 7):
-        rows.append({"step": step, "loss": 1.0 / step, "reward": 0.1 * step, "kl": 0.01 * step})
+        rows.append({"step": step, "kind": "train", "loss": 1.0 / step, "reward": 0.1 * step, "kl": 0.01 * step})
         if step % 2 == 0:
             rows.append({"step": step, "kind": "guard", "proxy": 0.2 * step, "gold": 0.5 - 0.05 * step,
                          "kl": 0.02 * step})

@@ -313,7 +313,8 @@ function artifactHtml(a) {
 const GUARD_KEYS = ["proxy", "gold", "kl", "mean_length", "distinct_n", "entropy"];
 
 function chartsHtml(rows) {
-  const train = rows.filter(r => typeof r.step === "number" && !r.event && !r.kind);
+  // training lines: no event; online RL and RFT mark theirs kind "train" (guard checks and alarms have their own kinds)
+  const train = rows.filter(r => typeof r.step === "number" && !r.event && (!r.kind || r.kind === "train"));
   const evals = rows.filter(r => r.event === "eval" && typeof r.step === "number");
   const guard = rows.filter(r => r.kind === "guard" && typeof r.step === "number");
   const alarms = rows.filter(r => r.kind === "alarm");
