@@ -11,6 +11,7 @@ import functools
 import time
 from dataclasses import asdict, dataclass, field
 
+from honellm.methods.catalog import get_method
 from honellm.task import Task
 
 # Training FLOPs per token: forward 2N, backward 4N for full fine-tuning (Kaplan et al. 2020); with frozen weights
@@ -222,23 +223,30 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
     if probe:
         advice.probe = _probe(task)
 
-    def add(method, family, rules, why, **kw):
-        advice.steps.append(Step(method, family, rules, why, **kw))
+    def add(method, rules, why, **kw):
+        """A step of the playbook for a registered method: its family from the registry, and, where the task lacks
+        the data the method declares it needs, a line of why not instead."""
+        spec = get_method(method)
+        missing = spec.missing(task)
+        if missing is not None:
+            advice.not_applicable.append((method, f"{missing[0]}; {missing[1]}"))
+            return
+        advice.steps.append(Step(method, spec.family, rules, why, **kw))
 
     # R1 / R2: prompting first.
-    add("zero-shot", "prompting", ["R1"], "no training; the baseline every other method must beat",
+    add("zero-shot", ["R1"], "no training; the baseline every other method must beat",
         est_train_seconds=0.0, est_memory_gb=round(inference_memory, 2), est_prompt_tokens=round(prompt_len, 1))
     if n and facts["has_targets"]:
         few_tokens = prompt_len + shots * (example_len - 10)
         note = None
         if max_latency_ms is not None:
             note = f"{few_tokens:.0f} prompt tokens per request; check against the {max_latency_ms:.0f} ms budget (R4)"
-        add("few-shot", "prompting", ["R1", "R2"],
+        add("few-shot", ["R1", "R2"],
             f"{shots} demonstrations chosen by similarity (BM25) from {n} training examples"
             + ("; contextual calibration for the label choices" if facts["has_choices"] else ""),
             est_train_seconds=0.0, est_memory_gb=round(inference_memory, 2), est_prompt_tokens=round(few_tokens, 1), note=note)
         if "validation" in facts["splits"]:
-            add("prompt-search", "prompting", ["R2"],
+            add("prompt-search", ["R2"],
                 "search instructions, shots, selector and calibration on the validation split",
                 est_train_seconds=round(12 * facts["splits"]["validation"] * prompt_len * 2 * params / (peak * EFFICIENCY), 1),
                 est_memory_gb=round(inference_memory, 2), est_prompt_tokens=round(few_tokens, 1))
@@ -251,20 +259,20 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         rules, why = ["R3"], f"{n} training examples: enough for parameter-efficient tuning"
         if n < 200:
             why += " (few: keep epochs low, watch validation)"
-        add("lora", "tuning", rules + (["R4"] if max_latency_ms else []), why,
+        add("lora", rules + (["R4"] if max_latency_ms else []), why,
             est_train_seconds=round(_train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", evaluation=validating), 2),
             est_prompt_tokens=round(prompt_len, 1))
-        add("dora", "tuning", ["R3"], "LoRA with weight decomposition: often a little better at the same rank, slower per step",
+        add("dora", ["R3"], "LoRA with weight decomposition: often a little better at the same rank, slower per step",
             est_train_seconds=round(1.4 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("dora", evaluation=validating), 2),
             est_prompt_tokens=round(prompt_len, 1))
-        add("ia3", "tuning", ["R3"], "the fewest trainable parameters; strong with little data",
+        add("ia3", ["R3"], "the fewest trainable parameters; strong with little data",
             est_train_seconds=round(0.9 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("ia3", evaluation=validating), 2),
             est_prompt_tokens=round(prompt_len, 1))
         if full_memory <= memory_gb * 0.8 and n >= 1000:
-            add("full", "tuning", ["R3", "R8"], f"full fine-tuning fits in memory ({full_memory:.1f} GB of {memory_gb:.0f})",
+            add("full", ["R3", "R8"], f"full fine-tuning fits in memory ({full_memory:.1f} GB of {memory_gb:.0f})",
                 est_train_seconds=round(_train_seconds(train_tokens, params, peak, "full"), 1),
                 est_memory_gb=round(full_memory, 2), est_prompt_tokens=round(prompt_len, 1))
         elif n >= 1000:
@@ -277,19 +285,19 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
     # R5 / R7: preference data.
     if facts["has_pairs"]:
         pair_tokens = n * (prompt_len + 2 * answer_len) * epochs
-        add("dpo", "reward", ["R5"], f"{n} preference pairs: optimise the preference directly, no reward model",
+        add("dpo", ["R5"], f"{n} preference pairs: optimise the preference directly, no reward model",
             est_train_seconds=round(1.5 * _train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2), 2),
             est_prompt_tokens=round(prompt_len, 1))
-        add("simpo", "reward", ["R5", "R8"], "reference-free: no reference pass, less memory and time",
+        add("simpo", ["R5", "R8"], "reference-free: no reference pass, less memory and time",
             est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2), 2),
             est_prompt_tokens=round(prompt_len, 1))
-        add("reward-model", "reward", ["R7"], "a reward model for RLHF (PPO/GRPO) and best-of-n at inference",
+        add("reward_model", ["R7"], "a reward model for RLHF (PPO/GRPO) and best-of-n at inference",
             est_train_seconds=round(_train_seconds(pair_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora", sequences_per_example=2, logits=False), 2))
     elif facts["has_unpaired"]:
-        add("kto", "reward", ["R5"], "thumbs-up/down labels without pairs: KTO",
+        add("kto", ["R5"], "thumbs-up/down labels without pairs: KTO",
             est_train_seconds=round(1.5 * _train_seconds(train_tokens, params, peak, "peft", costs.shape), 1),
             est_memory_gb=round(costs.memory_gb("lora"), 2), est_prompt_tokens=round(prompt_len, 1))
     else:
@@ -309,7 +317,7 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
         note = None
         if advice.probe and advice.probe.get("zero_shot_score") == 0.0:
             note = "the zero-shot score is 0: groups of samples that all score 0 teach nothing; tune or prompt first (R6)"
-        add("grpo", "reward", ["R6"], why,
+        add("grpo", ["R6"], why,
             est_train_seconds=round(_train_seconds(rollout_tokens, params, peak, "inference") * 4, 1),
             est_memory_gb=round(costs.memory_gb("lora", answer_tokens=64), 2), est_prompt_tokens=round(prompt_len, 1),
             note=note)

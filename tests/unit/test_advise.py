@@ -31,6 +31,12 @@ def test_preference_pairs_get_the_dpo_family(tiny_model_dir, tmp_path):
     advice = advise(Task.load(make_tiny_preference_task(tmp_path / "p", tiny_model_dir, n_train=64)))
     assert "dpo" in methods(advice) and "simpo" in methods(advice) and "few-shot" not in methods(advice)
     assert methods(advice)[0] == "zero-shot"
+    # every step names a registered method (what `hone align --method` takes) with the registry's family
+    from honellm.methods.catalog import get_method
+
+    assert "reward_model" in methods(advice)
+    for step in advice.steps:
+        assert step.family == get_method(step.method).family
 
 
 def test_reward_functions_get_online_rl_and_a_budget_moves_slow_methods_last(tiny_model_dir, tmp_path):
