@@ -100,13 +100,9 @@ def run_side(command: list[str], side: str) -> dict:
 
 
 def peak_memory(device: str) -> int:
-    import torch
+    from honellm.training.monitor import peak_memory_bytes
 
-    from honellm.hardware import peak_rss_bytes
-
-    if device == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    return peak_rss_bytes()
+    return peak_memory_bytes(device)
 
 
 # ------------------------------------------------------------------------------------------------ the two sides

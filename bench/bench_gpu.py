@@ -230,11 +230,9 @@ def sft_trl(args) -> dict:
 def _peak() -> int:
     import torch
 
-    from honellm.hardware import peak_rss_bytes
+    from honellm.training.monitor import peak_memory_bytes
 
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return peak_rss_bytes()
+    return peak_memory_bytes("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -95,13 +95,9 @@ def messages(record: dict) -> list[dict]:
 
 
 def peak_memory(device: str) -> int:
-    if device == "cuda":
-        import torch
+    from honellm.training.monitor import peak_memory_bytes
 
-        return int(torch.cuda.max_memory_allocated())
-    from honellm.hardware import peak_rss_bytes
-
-    return peak_rss_bytes()
+    return peak_memory_bytes(device)
 
 
 def run_hone(args) -> dict:
