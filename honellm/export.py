@@ -190,8 +190,9 @@ def export_gguf(artifact: str | Path | Artifact, out: str | Path, *, quants: lis
             gguf_file = tmp / f"{stem}-{quant}.gguf"
             fallbacks = write_gguf(merged, gguf_file, quant, name=art.name)
             if fallbacks:
+                kinds = sorted({f.rsplit(" ", 1)[1].strip("()") for f in fallbacks})
                 notes.append(f"{quant}: {len(fallbacks)} tensors whose rows are not a multiple of the block size "
-                             f"were stored F16 (as llama.cpp's converter does): {', '.join(fallbacks[:4])}"
+                             f"were stored {'/'.join(kinds)} instead (as llama.cpp does): {', '.join(fallbacks[:4])}"
                              + (" ..." if len(fallbacks) > 4 else ""))
             modelfile = "Modelfile" if i == 0 else f"Modelfile.{quant}"
             (tmp / modelfile).write_text(modelfile_text(art, gguf_file.name, _chat_template(merged), notes))

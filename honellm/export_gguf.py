@@ -7,8 +7,10 @@ special token ids and chat template. What this module adds is what the converter
 (hyperparameter keys, the rotary q/k permutation, the tokenizer's token list and types, which tensors stay F32),
 for the architectures listed in `ARCHITECTURES` only, so every file it writes is one llama.cpp loads.
 
-Quantisations are the ones `gguf.quants` can write in Python (`QUANTS`). The k-quants (Q4_K_M, Q5_K_M, Q6_K...)
-are implemented there for reading only; for them Hone writes f16 and names llama.cpp's `llama-quantize`.
+Quantisations (`QUANTS`): the legacy block types through `gguf.quants.quantize`, and the k-quant mixtures
+q4_k_m, q4_k_s, q5_k_m, q5_k_s and q6_k through `honellm.gguf_quants` (the `gguf` package reads k-quants but does
+not write them), with the per-tensor types llama.cpp's `llama-quantize` picks (`k_quant_tensor_type`). Q2_K and
+Q3_K mixtures are refused with the way to make them (llama.cpp's `llama-quantize`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "qwen2": GGUFArch("qwen2", permute_qk=False),
 }
 
-# --quant -> (type of the large matrices, llama.cpp's file type). The k-quants have no Python writer in `gguf`.
+# --quant -> (type of the large matrices, llama.cpp's file type). For the k-quant mixtures the type is llama.cpp's
+# default for the file type, and `k_quant_tensor_type` says which tensors get another.
 QUANTS: dict[str, tuple[str, str]] = {
     "f32": ("F32", "ALL_F32"),
     "f16": ("F16", "MOSTLY_F16"),
@@ -47,8 +50,18 @@ QUANTS: dict[str, tuple[str, str]] = {
     "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
+    "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
+    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
 }
-K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+K_MIXTURES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")
+# The k-quant mixtures Hone does not write (their Q2_K/Q3_K quantisers are not transcribed): llama-quantize's.
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l")
+# llama.cpp's `tensor_type_fallback`: a row length that is not a multiple of the 256-value super-block takes a
+# 32-block type of about the same size (F16 where the row does not split into 32-blocks either).
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # Below 8 bits the embedding and output matrices stay Q8_0, as in the embedded model's own Q4_1 file: they are
 # the most sensitive to rounding (llama-quantize keeps them at a higher type too).
 _KEEP_Q8_0 = ("token_embd.weight", "output.weight")
@@ -67,7 +80,7 @@ def check_quants(quants: list[str]) -> list[str]:
     for quant in quants:
         if quant in K_QUANTS:
             raise HoneError(
-                f"--quant {quant}: the gguf package writes k-quants only in llama.cpp's C++ tools, not in Python",
+                f"--quant {quant}: Hone writes the k-quants {', '.join(K_MIXTURES)}, not the 2- and 3-bit ones",
                 where="--quant",
                 fix=f"use one of {', '.join(QUANTS)}; or export f16 and run llama.cpp's "
                     f"`llama-quantize MODEL-f16.gguf MODEL-{quant}.gguf {quant.upper()}`")
@@ -76,6 +89,47 @@ def check_quants(quants: list[str]) -> list[str]:
     if len(set(quants)) != len(quants):
         raise HoneError("a quantisation is named twice", where="--quant", fix="name each once")
     return quants
+
+
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def k_quant_tensor_type(quant: str, name: str, n_cols: int, n_layers: int, tied: bool) -> tuple[str, bool]:
+    """The GGML type llama.cpp's `llama_tensor_get_type` gives the 2-D tensor `name` (GGUF naming) with rows of
+    `n_cols` values in a `quant` file (one of `K_MIXTURES`), and whether that is a fallback for rows that do not
+    split into its blocks.
+
+    Transcribed for the llama-family architectures Hone exports (no Falcon, no experts, no fused qkv): the output
+    matrix (or the token embedding when it is tied to it) is Q6_K, or Q8_0 if its rows are not a multiple of 256;
+    attn_v and ffn_down are Q6_K on the `use_more_bits` layers for q4_k_m and q5_k_m; q4_k_s gives attn_v of
+    layers 0-3 and ffn_down of the first eighth of the layers Q5_K; everything else is the file type's default.
+    llama.cpp counts attn_v and ffn_down tensors in the order of its loader (by layer), so its counters are the
+    layer numbers here.
+    """
+    import gguf
+
+    qtype = QUANTS[quant][0]
+    match = re.match(r"blk\.(\d+)\.", name)
+    layer = int(match.group(1)) if match else -1
+    more_bits = quant in ("q4_k_m", "q5_k_m") and layer >= 0 and _use_more_bits(layer, n_layers)
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        qtype = "Q8_0" if n_cols % gguf.QK_K else "Q6_K"
+    elif "attn_v.weight" in name:
+        if more_bits:
+            qtype = "Q6_K"
+        elif quant == "q4_k_s" and layer < 4:
+            qtype = "Q5_K"
+    elif "ffn_down" in name:
+        if more_bits:
+            qtype = "Q6_K"
+        elif quant == "q4_k_s" and layer < n_layers // 8:
+            qtype = "Q5_K"
+    if n_cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0] == 0:
+        return qtype, False
+    qtype = _K_FALLBACK.get(qtype, "F16")  # llama.cpp has no fallback for Q8_0 and stops; Hone writes F16
+    return (qtype if n_cols % 32 == 0 else "F16"), True
 
 
 def supported_architecture(config: dict, *, where: str) -> GGUFArch:
@@ -95,11 +149,15 @@ def supported_architecture(config: dict, *, where: str) -> GGUFArch:
 def write_gguf(folder: str | Path, path: str | Path, quant: str, *, name: str | None = None) -> list[str]:
     """Write the merged transformers model in `folder` to the GGUF file `path` at `quant`.
 
-    Returns the names of tensors that fell back to F16 because their rows do not split into quantisation blocks.
+    Returns the tensors that fell back to another type because their rows do not split into the quantisation's
+    blocks, as "name (TYPE)".
     """
     import gguf
     import numpy as np
     from safetensors import safe_open
+
+    from honellm.gguf_quants import quantize
+    from honellm.progress import progress
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -137,9 +195,16 @@ def write_gguf(folder: str | Path, path: str | Path, quant: str, *, name: str | 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], layers)
     fallbacks: list[str] = []
     tied = config.get("tie_word_embeddings", False)
-    for weights in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    n_tensors = 0
+    for weights in files:
+        with safe_open(weights, framework="np") as f:
+            n_tensors += len(f.keys())
+    bar = progress(total=n_tensors, desc=f"GGUF {quant}", unit="tensor")
+    for weights in files:
         with safe_open(weights, framework="np") as f:
             for hf_name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
+                bar.update(1)
                 if tied and hf_name == "lm_head.weight":
                     continue
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -154,15 +219,21 @@ def write_gguf(folder: str | Path, path: str | Path, quant: str, *, name: str | 
                 qtype = gguf.GGMLQuantizationType[tensor_type]
                 if data.ndim <= 1:
                     qtype = gguf.GGMLQuantizationType.F32  # norms and biases stay F32, as in llama.cpp's files
+                elif quant in K_MIXTURES:
+                    name, fell_back = k_quant_tensor_type(quant, gguf_name, data.shape[-1], layers, tied)
+                    qtype = gguf.GGMLQuantizationType[name]
+                    if fell_back:
+                        fallbacks.append(f"{gguf_name} ({name})")
                 elif gguf_name in _KEEP_Q8_0 and quant.startswith(("q4", "q5")):
                     qtype = gguf.GGMLQuantizationType.Q8_0
                 try:
-                    stored = gguf.quants.quantize(data, qtype)
+                    stored = quantize(data, qtype)
                 except gguf.QuantError:
                     qtype = gguf.GGMLQuantizationType.F16
-                    stored = gguf.quants.quantize(data, qtype)
-                    fallbacks.append(gguf_name)
+                    stored = quantize(data, qtype)
+                    fallbacks.append(f"{gguf_name} (F16)")
                 writer.add_tensor(gguf_name, stored, raw_dtype=qtype)
+    bar.close()
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
                                                                "adapter: a PEFT adapter folder (vLLM --enable-lora); "
                                                                "gguf: GGUF files + an Ollama Modelfile"),
         quant: list[str] = typer.Option(None, "--quant", help="GGUF quantisation, repeatable: f16, q8_0 (default), "
-                                                              "bf16, f32, q5_1, q5_0, q4_1, q4_0"),
+                                                              "bf16, f32, q6_k, q5_k_m, q5_k_s, q4_k_m (Ollama's "
+                                                              "default), q4_k_s, q5_1, q5_0, q4_1, q4_0"),
         dtype: str = typer.Option("auto", "--dtype", help="merged weights' dtype: auto (the base's), bf16 or fp32"),
         force: bool = typer.Option(False, "--force", help="replace an existing folder"),
     ):

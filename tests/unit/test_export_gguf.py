@@ -121,11 +121,12 @@ def test_unsupported_architectures_and_quants_are_refused(tmp_path):
         supported_architecture({"model_type": "gpt2"}, where="x")
     assert "llama, mistral, qwen2" in info.value.fix
     with pytest.raises(HoneError, match="k-quants") as info:
-        check_quants(["q4_k_m"])
+        check_quants(["q3_k_m"])
     assert "llama-quantize" in info.value.fix and "q8_0" in info.value.fix
     with pytest.raises(HoneError, match="unknown quantisation"):
         check_quants(["q3"])
     assert check_quants([]) == ["q8_0"] and check_quants(["F16", "Q8_0"]) == ["f16", "q8_0"]
+    assert check_quants(["Q4_K_M", "q6_k"]) == ["q4_k_m", "q6_k"]
     model_dir = make_tiny_arch_model(tmp_path / "gpt2", "gpt2")
     art = Artifact.create(name="tiny-gpt2", method="zero-shot", base_model=str(model_dir), program=PromptProgram())
     with pytest.raises(HoneError, match="does not support"):
@@ -154,3 +155,63 @@ def test_a_quant_block_that_does_not_fit_falls_back_to_f16(tmp_path):
     assert types["blk.0.ffn_down.weight"] == "F16" and types["output.weight"] == "F16"  # 48 is not a 32-multiple
     diffs = _compare(out, model_dir, ["q8_0"])
     assert diffs["q8_0"] <= TOLERANCE["q8_0"]
+
+
+def test_k_quant_mixtures_give_each_tensor_llama_cpps_type(tmp_path):
+    """q4_k_m of a tiny 8-layer llama: the types llama.cpp's llama_tensor_get_type gives (attn_v and ffn_down Q6_K
+    on the use_more_bits layers 0, 3, 6 and 7, output Q6_K, the rest Q4_K), the 256-fallbacks for ffn_down's rows
+    of 288 (Q4_K -> Q5_0, Q6_K -> Q8_0), MOSTLY_Q4_K_M, and logits near the model's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from honellm.testing import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=288, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "k"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    art = Artifact.create(name="k", method="zero-shot", base_model=str(model_dir), program=PromptProgram())
+    out = export_gguf(art, tmp_path / "gguf", quants=["q4_k_m", "q6_k", "q8_0"])
+    info = json.loads((out / "hone-export.json").read_text())
+    reader = gguf.GGUFReader(out / info["files"]["q4_k_m"]["file"])
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    more_bits = {0, 3, 6, 7}
+    for layer in range(8):
+        assert types[f"blk.{layer}.attn_v.weight"] == ("Q6_K" if layer in more_bits else "Q4_K")
+        assert types[f"blk.{layer}.ffn_down.weight"] == ("Q8_0" if layer in more_bits else "Q5_0")  # 288 columns
+        for name in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            assert types[f"blk.{layer}.{name}.weight"] == "Q4_K"
+        assert types[f"blk.{layer}.attn_norm.weight"] == "F32"
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert any("q4_k_m: 8 tensors" in n and "Q5_0/Q8_0" in n and "blk.0.ffn_down.weight (Q8_0)" in n for n in info["notes"])
+    q6 = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / info["files"]["q6_k"]["file"]).tensors}
+    assert q6["blk.1.attn_q.weight"] == "Q6_K" and q6["blk.1.ffn_down.weight"] == "Q8_0"
+    diffs = _compare(out, model_dir, ["q4_k_m", "q6_k", "q8_0"])
+    # measured max abs logit differences: q8_0 0.013, q6_k 0.052, q4_k_m 0.18 (Q6_K's RMS error is ~3x Q8_0's)
+    assert diffs["q8_0"] < diffs["q6_k"] < diffs["q4_k_m"] <= 0.4 and diffs["q6_k"] <= 0.1, diffs
+
+
+def test_k_quant_types_for_tied_embeddings_and_odd_rows():
+    from honellm.export_gguf import k_quant_tensor_type
+
+    # SmolLM2-135M: hidden 576 is not a multiple of 256; its token embedding is tied to the output
+    assert k_quant_tensor_type("q4_k_m", "token_embd.weight", 576, 30, tied=True) == ("Q8_0", False)
+    assert k_quant_tensor_type("q4_k_m", "token_embd.weight", 576, 30, tied=False) == ("Q5_0", True)
+    assert k_quant_tensor_type("q4_k_m", "token_embd.weight", 512, 30, tied=True) == ("Q6_K", False)
+    assert k_quant_tensor_type("q4_k_m", "blk.0.attn_q.weight", 576, 30, tied=True) == ("Q5_0", True)
+    assert k_quant_tensor_type("q5_k_m", "blk.0.attn_q.weight", 576, 30, tied=True) == ("Q5_1", True)
+    assert k_quant_tensor_type("q4_k_m", "blk.2.attn_v.weight", 576, 30, tied=True) == ("Q8_0", True)  # 2 < 30 // 8
+    assert k_quant_tensor_type("q4_k_m", "blk.4.attn_v.weight", 512, 30, tied=True) == ("Q4_K", False)
+    assert k_quant_tensor_type("q4_k_m", "blk.5.ffn_down.weight", 1536, 30, tied=True) == ("Q6_K", False)
+    assert k_quant_tensor_type("q5_k_s", "blk.5.ffn_down.weight", 1536, 30, tied=True) == ("Q5_K", False)
+    # q4_k_s: attn_v of layers 0-3 and ffn_down of the first eighth (30 // 8 = 3 layers) get Q5_K
+    assert k_quant_tensor_type("q4_k_s", "blk.3.attn_v.weight", 512, 30, tied=True) == ("Q5_K", False)
+    assert k_quant_tensor_type("q4_k_s", "blk.4.attn_v.weight", 512, 30, tied=True) == ("Q4_K", False)
+    assert k_quant_tensor_type("q4_k_s", "blk.2.ffn_down.weight", 512, 30, tied=True) == ("Q5_K", False)
+    assert k_quant_tensor_type("q4_k_s", "blk.3.ffn_down.weight", 512, 30, tied=True) == ("Q4_K", False)
+    # rows of 80 split into neither 256- nor 32-blocks: F16, as llama.cpp does
+    assert k_quant_tensor_type("q6_k", "blk.0.ffn_down.weight", 80, 30, tied=True) == ("F16", True)
+    assert k_quant_tensor_type("q6_k", "output.weight", 48, 30, tied=False) == ("F16", True)
