@@ -21,7 +21,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "validation.jsonl"
 
-QUANTS = ["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+QUANTS = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0"]
 REVIEWS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés from start to finish,",
            "it's a charming and often affecting journey.", "unflinchingly bleak and desperate"]
 SYSTEM = "Classify the sentiment of the movie review as positive or negative. Answer with one word."

@@ -24,7 +24,7 @@ import numpy as np
 
 QK_K = 256  # values per k-quant super-block
 K_QUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-_CHUNK = 4096  # super-blocks per vectorised step: keeps the temporaries a few MB (cache-sized)
+_CHUNK = 512  # super-blocks per vectorised step: temporaries of 512 KB stay in cache (4096 measured 2x slower)
 _GROUP_MAX_EPS = np.float32(1e-15)
 
 
