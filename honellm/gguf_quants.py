@@ -11,7 +11,7 @@ and over the search steps remain Python loops.
 Exactness: all arithmetic is float32 as in the C code, the sums run in the C code's order (element 0, then 1...:
 numpy's own `sum` adds pairwise and would round differently), `nearest_int` is the same magic-number rounding, and
 fp16 conversions round to nearest even as ggml's do. `tests/unit/test_gguf_quants.py` checks the bytes against a
-per-element Python transcription of the C functions. A llama.cpp build that lets the C compiler fuse
+per-element Python transcription of the C functions and against ggml's compiled `ggml_quantize_chunk`. A llama.cpp build that lets the C compiler fuse
 multiply-adds (`-march=native` with FMA) may round differently in the last bit and, rarely, pick another level.
 
 `quantize(data, qtype)` writes the k-quants here and hands every other type to `gguf.quants.quantize`; the block

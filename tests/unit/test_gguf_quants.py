@@ -1,10 +1,12 @@
 """The k-quant writers of `honellm.gguf_quants`: bit for bit what llama.cpp's C reference writes, and, read back by
 the `gguf` package's own (independent) dequantiser, within the formats' error and better than a naive quantiser.
 
-The exactness test compares the vectorised quantisers with `_C`, a direct per-element transcription of
+The exactness tests compare the vectorised quantisers with `_C`, a direct per-element transcription of
 `ggml/src/ggml-quants.c` (`nearest_int`, `make_qkx2_quants`, `make_qx_quants`, `quantize_row_q{4,5,6}_K_ref`)
 written here in scalar float32, loop for loop, on blocks chosen to reach every branch (all-zero and constant
-sub-blocks, all-positive and all-negative blocks, outliers, values below GROUP_MAX_EPS).
+sub-blocks, all-positive and all-negative blocks, outliers, values below GROUP_MAX_EPS); and, where the
+`libggml-python` package (prebuilt ggml libraries, a dev dependency) is installed, with ggml's own compiled
+`ggml_quantize_chunk`, which is what llama-quantize calls.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import numpy as np
 import pytest
 
 from honellm.gguf_quants import QK_K, quantize
+
+try:
+    import libggml
+except ImportError:
+    libggml = None
 
 F = np.float32
 TYPES = {"Q4_K": gguf.GGMLQuantizationType.Q4_K, "Q5_K": gguf.GGMLQuantizationType.Q5_K,
@@ -363,3 +370,29 @@ def test_rows_that_do_not_split_into_super_blocks_are_refused_and_other_types_fa
     x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
     q8 = gguf.GGMLQuantizationType.Q8_0
     assert np.array_equal(quantize(x, q8), gguf.quants.quantize(x, q8))
+
+
+def ggml_quantize_chunk(data: np.ndarray, qtype) -> np.ndarray:
+    """The bytes ggml's compiled `ggml_quantize_chunk` writes (no importance matrix: the `_ref` quantisers)."""
+    import ctypes
+    from pathlib import Path
+
+    lib = ctypes.CDLL(str(Path(libggml.__file__).parent / "lib64" / "libggml-base.so"))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.zeros((data.shape[0], data.shape[1] // block * size), np.uint8)
+    written = fn(int(qtype), data.ctypes.data, out.ctypes.data, 0, data.shape[0], data.shape[1], None)
+    assert written == out.size
+    return out
+
+
+@pytest.mark.skipif(libggml is None, reason="libggml-python (prebuilt ggml, a dev dependency) is not installed")
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_the_bytes_equal_ggmls_compiled_quantiser(name):
+    rng = np.random.default_rng(4)
+    for data in (_blocks(300, seed=5), (rng.standard_normal((32, 1536)) * 0.02).astype(np.float32)):
+        assert np.array_equal(quantize(data, TYPES[name]), ggml_quantize_chunk(data, TYPES[name])), name
