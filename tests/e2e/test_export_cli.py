@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import torch
 
 from honellm.testing import make_tiny_task
@@ -63,7 +64,12 @@ def test_export_gguf_with_a_modelfile_and_tracked_tuning(tiny_model_dir, tmp_pat
     assert (got - expected).abs().max().item() < 5e-3
 
     k_quant = hone("export", artifact, tmp_path / "k", "--format", "gguf", "--quant", "q4_k_m")
-    assert k_quant.returncode == 2 and "llama-quantize" in k_quant.stderr and "Traceback" not in k_quant.stderr
-    assert not (tmp_path / "k").exists()
+    assert k_quant.returncode == 0, k_quant.stderr
+    k_info = json.loads((tmp_path / "k" / "hone-export.json").read_text())
+    reader = gguf.GGUFReader(tmp_path / "k" / k_info["files"]["q4_k_m"]["file"])
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    low_bits = hone("export", artifact, tmp_path / "k3", "--format", "gguf", "--quant", "q3_k_m")
+    assert low_bits.returncode == 2 and "llama-quantize" in low_bits.stderr and "Traceback" not in low_bits.stderr
+    assert not (tmp_path / "k3").exists()
     stray = hone("export", artifact, tmp_path / "m2", "--quant", "q8_0")
     assert stray.returncode == 2 and "--format gguf" in stray.stderr
