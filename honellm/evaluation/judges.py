@@ -440,7 +440,13 @@ def resolve_judge_model(model: str, base_dir: str | Path = ".") -> str:
     if model.startswith(("http://", "https://")) or Path(model).is_absolute():
         return model
     found = Path(base_dir) / model
-    return str(found.resolve()) if found.is_dir() else model
+    if found.is_dir():
+        return str(found.resolve())
+    if model.startswith(("./", "../")) and not Path(model).is_dir():
+        raise HoneError(f"the judge {model} is not there (looked in {found.resolve()} and {Path(model).resolve()})",
+                        fix="train one first (`hone align TASK --method judge --out DIR` writes DIR/artifact), or "
+                            "set judge.model to a model name, folder or endpoint")
+    return model
 
 
 def calibrated_judge(config: JudgeConfig | dict | str, *, base_dir: str | Path = ".", where: str | None = None,
@@ -458,6 +464,27 @@ def calibrated_judge(config: JudgeConfig | dict | str, *, base_dir: str | Path =
     calibration = calibrate(judge, pairs)
     calibration.check(config, where=where)
     return judge, calibration
+
+
+_LAST_JUDGE: dict[tuple, tuple[Judge, Calibration | None]] = {}
+
+
+def reused_judge(config: JudgeConfig | dict | str, *, base_dir: str | Path = ".",
+                 where: str | None = None) -> tuple[Judge, Calibration | None]:
+    """`calibrated_judge`, kept for the next call with the same config and folder (the last one only): a metric
+    asks the same judge again for every method of a compare and at every evaluation of a training run, and
+    loading and calibrating it each time would cost more than judging. A judge folder rewritten since (its
+    hone.json's time) is loaded anew."""
+    block = judge_config(config, where=where).model_dump(mode="json", exclude_unset=True)
+    model = resolve_judge_model(block["model"], base_dir)
+    manifest = Path(model) / "hone.json"
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    key = (json.dumps(block, sort_keys=True), str(Path(base_dir).resolve()), stamp)
+    if key not in _LAST_JUDGE:
+        found = calibrated_judge(config, base_dir=base_dir, where=where)
+        _LAST_JUDGE.clear()
+        _LAST_JUDGE[key] = found
+    return _LAST_JUDGE[key]
 
 
 def text_of(value: Any) -> str:

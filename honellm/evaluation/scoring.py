@@ -378,7 +378,7 @@ def score_with_judge(ctx: EvalContext, metric: Metric) -> Scored:
     reference answer, both orders averaged. A judge whose block names `calibration` pairs is calibrated on them
     first and refused below its bars (its agreement and position bias go into the result's extras); relative
     paths in the block resolve from the task's folder."""
-    from honellm.evaluation.judges import calibrated_judge, text_of
+    from honellm.evaluation.judges import reused_judge, text_of
 
     block = getattr(ctx.task.config, "judge", None)
     if not block:
@@ -390,7 +390,7 @@ def score_with_judge(ctx: EvalContext, metric: Metric) -> Scored:
         raise HoneError("judge_win_rate compares with a reference answer, and some records have none",
                         where=ctx.task.source, fix="give every record the task's target field")
     # The judge first: one that fails its calibration is refused before any answer is generated.
-    judge, calibration = calibrated_judge(block, base_dir=ctx.task.base_dir, where=ctx.task.where("judge"))
+    judge, calibration = reused_judge(block, base_dir=ctx.task.base_dir, where=ctx.task.where("judge"))
     prompts = ctx.prompts()
     prefix = shared_prefix_text(ctx.tokenizer, ctx.program, prompts)
     completions = generate_answers(ctx, prompts, prefix)
