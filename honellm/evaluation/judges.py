@@ -33,6 +33,7 @@ option probabilities, and feed Hone's reward and metric registries.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -146,6 +147,8 @@ class LocalBackend:
             model, tokenizer = Artifact.resolve(model_text).load_model()
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_tokens, self.batch_size = max_prompt_tokens, batch_size
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def encode(self, messages: list[dict]) -> list[int]:
         """The token ids of a judge conversation up to where the judge's answer starts (the chat template's
@@ -187,9 +190,12 @@ class LocalBackend:
                 ids[i, width - len(row):] = torch.tensor(row)
                 mask[i, width - len(row):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            # Only the last column's logits are read: transformers' `logits_to_keep` skips the LM head elsewhere
+            # (a batch of 16 x 250 tokens would otherwise make 16 x 250 x vocabulary logits).
+            keep = {"logits_to_keep": 1} if self._keeps_logits else {}
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device), use_cache=False).logits[:, -1].float()
+                                    position_ids=positions.to(device), use_cache=False, **keep).logits[:, -1].float()
             out.append(logits.log_softmax(-1)[:, wanted.to(device)].cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(options)))
 

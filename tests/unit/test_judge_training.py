@@ -194,3 +194,13 @@ def test_judge_win_rate_calibrates_its_judge_first(tiny_model_dir, tmp_path):
     assert result.metric == "judge_win_rate" and result.n == 4
     assert result.extras["judge_calibration_pairs"] == 4 and 0 <= result.extras["judge_agreement"] <= 1
     assert 0 <= result.extras["judge_position_bias"] <= 1
+
+
+def test_the_local_judge_reads_the_last_logits_only_and_the_same_numbers(tiny_model):
+    judge = _judge(tiny_model)
+    assert judge.backend._keeps_logits
+    conversations = judge.pairwise_conversations(["What is 2 + 3?", "Say hi."], ["5", "hi there"], ["seven", "no"])
+    fast = judge.backend.option_logprobs(conversations, ["A", "B"])
+    judge.backend._keeps_logits = False  # every position's logits, the last one read
+    full = judge.backend.option_logprobs(conversations, ["A", "B"])
+    assert fast == pytest.approx(full, abs=1e-5)
