@@ -15,6 +15,12 @@ Both modes rest on one primitive, the log-probabilities of a few option tokens (
 token of the judge's answer: a local model gives them from one forward (no sampling, no answer to parse); an endpoint
 gives them through `logprobs`/`top_logprobs`, and where it returns none, the option its greedy answer starts with.
 
+A small model is a poor judge as it comes; `hone align TASK --method judge` (honellm.reward.recipes.judge) trains one
+on the task's preference pairs, asked exactly as `Judge` asks (`pairwise_conversations`, `LocalBackend.encode`,
+`option_ids`). Its artifact records the prompt it was trained with (`trained_prompt`), and `Judge.load` uses it
+unless the judge config sets those fields. An artifact's prompt program is never applied to a judge's conversation
+(`LocalBackend`).
+
 Before a judge becomes a reward, `calibrate` measures it on labelled preference pairs the user gives: agreement
 with the labels, the position-bias rate (the share of pairs whose verdict flips with the order of the answers,
 i.e. the judge picked a position, not an answer) and the length bias (how much more often it prefers the longer
@@ -78,8 +84,9 @@ class JudgeConfig(Config):
     pairwise_prompt: str = Field(DEFAULT_PAIRWISE, description="pairwise template: {rubric} {prompt} {a} {b}")
     pointwise_prompt: str = Field(DEFAULT_POINTWISE, description="pointwise template: {rubric} {scale} {prompt} "
                                                                  "{answer}")
-    calibration: str | None = Field(None, description="labelled preference pairs (prompt/chosen/rejected JSONL) to "
-                                                      "calibrate the judge on before it is used as a reward")
+    calibration: str | None = Field(None, description="labelled preference pairs to calibrate the judge on before "
+                                                      "it is used: a prompt/chosen/rejected JSONL file, "
+                                                      "builtin:NAME/SPLIT or TASK@SPLIT")
     calibration_limit: int | None = Field(200, ge=1, description="pairs of `calibration` used at most")
     min_agreement: float = Field(0.6, ge=0, le=1, description="refuse a judge agreeing less with the labels")
     max_position_bias: float = Field(0.5, ge=0, le=1, description="refuse a judge whose verdict flips with the "

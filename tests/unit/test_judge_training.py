@@ -126,8 +126,11 @@ def test_a_judge_trained_a_few_steps_agrees_more_and_loads_with_its_prompt(tiny_
     after = calibrate(loaded, validation)
     assert after.agreement > before.agreement
     # the prompt is not doubled: the judge's system turn comes once (the artifact's program is not applied too)
-    ids = loaded.backend.encode(loaded.pairwise_conversations(["q"], ["x"], ["y"])[0])
-    assert loaded.backend.tokenizer.decode(ids).count(SYSTEM) == 1
+    conversation = loaded.pairwise_conversations(["q"], ["x"], ["y"])[0]
+    assert loaded.backend.tokenizer.decode(loaded.backend.encode(conversation)).count(SYSTEM) == 1
+    # served (`hone serve ARTIFACT`, an endpoint judge): the program's system message replaces the request's
+    served = art.program.chat_messages(conversation)
+    assert [m["role"] for m in served] == ["system", "user"] and served[0]["content"] == SYSTEM
 
     # fields the user's judge config sets win over the trained ones; the others stay trained
     explicit = Judge.load({"model": str(out / "artifact"), "system": "Be fair.", "rubric": "politeness"})
@@ -204,3 +207,20 @@ def test_the_local_judge_reads_the_last_logits_only_and_the_same_numbers(tiny_mo
     judge.backend._keeps_logits = False  # every position's logits, the last one read
     full = judge.backend.option_logprobs(conversations, ["A", "B"])
     assert fast == pytest.approx(full, abs=1e-5)
+
+
+def test_the_support_replies_example_is_an_open_ended_task_judged_against_the_chosen_reply():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "support_replies.yaml"
+    task = Task.load(example)
+    assert task.format == "fields" and task.kind == "sft" and task.metric == "judge_win_rate"
+    record = task.split("train")[0]
+    assert task.messages(record) == [{"role": "user", "content": record["prompt"]}]  # SFT on prompt -> chosen
+    assert task.target(record) == record["chosen"]
+    assert {s: len(task.split(s)) for s in ("train", "validation", "test")} == {"train": 300, "validation": 100,
+                                                                                "test": 100}
+    judge = task.config.judge
+    pairs = calibration_pairs(judge["calibration"], base_dir=task.base_dir, limit=judge["calibration_limit"])
+    assert len(pairs) == 100 and pairs[0]["chosen"] == task.split("test")[0]["chosen"]
+    assert judge["model"].startswith("../runs/")  # the judge trained with --out runs/support-judge
