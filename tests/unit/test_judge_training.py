@@ -224,3 +224,28 @@ def test_the_support_replies_example_is_an_open_ended_task_judged_against_the_ch
     pairs = calibration_pairs(judge["calibration"], base_dir=task.base_dir, limit=judge["calibration_limit"])
     assert len(pairs) == 100 and pairs[0]["chosen"] == task.split("test")[0]["chosen"]
     assert judge["model"].startswith("../runs/")  # the judge trained with --out runs/support-judge
+
+
+def test_resume_ends_at_the_same_weights(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    task_yaml = make_tiny_preference_task(tmp_path / "task", tiny_model_dir, n_train=8, n_validation=4)
+    args = ["max_steps=4", "save_every=2", "eval_every=2", "batch_size=4", "lr=1e-2", "r=4", "precision=fp32",
+            "select_best=false", f"pairwise_prompt={SHORT}"]
+    out = tmp_path / "run"
+    align_task(str(task_yaml), "judge", args, out=str(out))
+    straight = load_file(next((out / "artifact" / "adapter").glob("*.safetensors")))
+    # Pretend the run stopped after the checkpoint of step 2, then resume it.
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000002"]
+    shutil.rmtree(out / "artifact")
+    art = align_task(str(task_yaml), "judge", args, out=str(out), resume=True)
+    resumed = load_file(next((out / "artifact" / "adapter").glob("*.safetensors")))
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert next(r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "resume")["step"] == 2
+    assert art.manifest.metrics["selected_step"] == 4 and "val_agreement" in art.manifest.metrics
+    assert json.loads((out / "artifact" / "hone.json").read_text())["judge"]["pairwise_prompt"] == SHORT
