@@ -86,7 +86,9 @@ def print_methods(family: str, as_json: bool) -> None:
              + (f" (data: {', '.join(row['data'])})" if row.get("data") else "")
              + (f"  {row['paper']}" if row["paper"] else ""))
         for name, setting in row["settings"].items():
-            echo(f"    {name}={setting['default']}  {setting['help']}")
+            default = setting["default"]  # a multi-line default (a prompt template) on one line, quoted
+            shown = repr(default) if isinstance(default, str) and "\n" in default else default
+            echo(f"    {name}={shown}  {setting['help']}")
     echo("shared settings (every method): " + ", ".join(shared.model_fields))
 
 

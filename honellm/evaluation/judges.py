@@ -15,6 +15,12 @@ Both modes rest on one primitive, the log-probabilities of a few option tokens (
 token of the judge's answer: a local model gives them from one forward (no sampling, no answer to parse); an endpoint
 gives them through `logprobs`/`top_logprobs`, and where it returns none, the option its greedy answer starts with.
 
+A small model is a poor judge as it comes; `hone align TASK --method judge` (honellm.reward.recipes.judge) trains one
+on the task's preference pairs, asked exactly as `Judge` asks (`pairwise_conversations`, `LocalBackend.encode`,
+`option_ids`). Its artifact records the prompt it was trained with (`trained_prompt`), and `Judge.load` uses it
+unless the judge config sets those fields. An artifact's prompt program is never applied to a judge's conversation
+(`LocalBackend`).
+
 Before a judge becomes a reward, `calibrate` measures it on labelled preference pairs the user gives: agreement
 with the labels, the position-bias rate (the share of pairs whose verdict flips with the order of the answers,
 i.e. the judge picked a position, not an answer) and the length bias (how much more often it prefers the longer
@@ -33,6 +39,7 @@ option probabilities, and feed Hone's reward and metric registries.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -77,8 +84,9 @@ class JudgeConfig(Config):
     pairwise_prompt: str = Field(DEFAULT_PAIRWISE, description="pairwise template: {rubric} {prompt} {a} {b}")
     pointwise_prompt: str = Field(DEFAULT_POINTWISE, description="pointwise template: {rubric} {scale} {prompt} "
                                                                  "{answer}")
-    calibration: str | None = Field(None, description="labelled preference pairs (prompt/chosen/rejected JSONL) to "
-                                                      "calibrate the judge on before it is used as a reward")
+    calibration: str | None = Field(None, description="labelled preference pairs to calibrate the judge on before "
+                                                      "it is used: a prompt/chosen/rejected JSONL file, "
+                                                      "builtin:NAME/SPLIT or TASK@SPLIT")
     calibration_limit: int | None = Field(200, ge=1, description="pairs of `calibration` used at most")
     min_agreement: float = Field(0.6, ge=0, le=1, description="refuse a judge agreeing less with the labels")
     max_position_bias: float = Field(0.5, ge=0, le=1, description="refuse a judge whose verdict flips with the "
@@ -87,6 +95,31 @@ class JudgeConfig(Config):
     batch_size: int = Field(8, ge=1, description="judge prompts per forward (local) or concurrent requests")
     max_prompt_tokens: int = Field(2048, ge=16, description="judge prompts are cut from the left to this length")
     timeout: float = Field(60.0, gt=0, description="seconds per endpoint request")
+
+
+PAIRWISE_OPTIONS = ("A", "B")  # the pairwise judge's answers: the first answer shown is better, or the second
+TRAINED_FIELDS = ("mode", "rubric", "system", "pairwise_prompt")  # what a judge artifact's manifest fixes
+
+
+def trained_prompt(model: str) -> dict[str, Any]:
+    """The `judge` block of a judge artifact's manifest (`hone.json`): the prompt it was trained with (`mode`,
+    `rubric`, `system`, `pairwise_prompt`) and its calibration on the validation pairs; {} for any other model."""
+    manifest = Path(model) / "hone.json"
+    if model.startswith(("http://", "https://")) or not manifest.is_file():
+        return {}
+    try:
+        block = json.loads(manifest.read_text(encoding="utf-8")).get("judge")
+    except (OSError, ValueError):
+        return {}  # a damaged manifest is reported where the artifact loads
+    return dict(block) if isinstance(block, dict) else {}
+
+
+def with_trained_prompt(config: JudgeConfig) -> JudgeConfig:
+    """`config` with the trained prompt of its judge artifact in every field of `TRAINED_FIELDS` it leaves unset
+    (pydantic's `model_fields_set`): a judge is asked as it was trained, unless the user says otherwise."""
+    block = trained_prompt(config.model)
+    update = {k: block[k] for k in TRAINED_FIELDS if k in block and k not in config.model_fields_set}
+    return config.model_copy(update=update) if update else config
 
 
 def judge_config(value: JudgeConfig | dict | str, *, where: str | None = None) -> JudgeConfig:
@@ -103,27 +136,38 @@ def judge_config(value: JudgeConfig | dict | str, *, where: str | None = None) -
 
 
 class LocalBackend:
-    """A model Hone loads (name, folder or artifact): one forward per batch, the next-token log-softmax."""
+    """A model Hone loads (name, folder or artifact): one forward per batch, the next-token log-softmax.
+
+    An artifact's adapter or weights apply; its prompt program does not. The judge's conversation is complete as
+    `Judge` builds it (its own system turn, then the pairwise or pointwise prompt): an artifact's program is the
+    program of the task it was made for (another system message, demonstrations of that task), and putting it in
+    front would give the judge two instructions (a judge artifact's program holds the judge's own system turn, which
+    would then come twice). A judge artifact (`hone align TASK --method judge`) carries the prompt it was trained
+    with in its manifest instead (`trained_prompt`), and `Judge.load` uses that.
+    """
 
     def __init__(self, model_text: str, *, model=None, tokenizer=None, max_prompt_tokens: int = 2048,
                  batch_size: int = 8):
         if model is None:
             from honellm.artifact import Artifact
 
-            artifact = Artifact.resolve(model_text)
-            model, tokenizer = artifact.load_model()
-            self.program = artifact.program
-        else:
-            self.program = None
+            model, tokenizer = Artifact.resolve(model_text).load_model()
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_tokens, self.batch_size = max_prompt_tokens, batch_size
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
-    def _render(self, messages: list[dict]) -> list[int]:
+    def encode(self, messages: list[dict]) -> list[int]:
+        """The token ids of a judge conversation up to where the judge's answer starts (the chat template's
+        generation prompt), uncut: what the option tokens are read after (the judge recipe trains on exactly
+        these, `honellm.reward.recipes.judge`)."""
         from honellm.data.chat import render_prompt
 
         text = render_prompt(self.tokenizer, messages)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[-self.max_prompt_tokens:]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        return self.encode(messages)[-self.max_prompt_tokens:]
 
     def option_ids(self, options: Sequence[str]) -> list[int]:
         ids = []
@@ -153,9 +197,12 @@ class LocalBackend:
                 ids[i, width - len(row):] = torch.tensor(row)
                 mask[i, width - len(row):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            # Only the last column's logits are read: transformers' `logits_to_keep` skips the LM head elsewhere
+            # (a batch of 16 x 250 tokens would otherwise make 16 x 250 x vocabulary logits).
+            keep = {"logits_to_keep": 1} if self._keeps_logits else {}
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device), use_cache=False).logits[:, -1].float()
+                                    position_ids=positions.to(device), use_cache=False, **keep).logits[:, -1].float()
             out.append(logits.log_softmax(-1)[:, wanted.to(device)].cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(options)))
 
@@ -238,7 +285,9 @@ class Judge:
 
     @classmethod
     def load(cls, config: JudgeConfig | dict | str, *, model=None, tokenizer=None, transport=None) -> Judge:
-        config = judge_config(config)
+        """The judge of `config`. A judge artifact (`hone align TASK --method judge`) is asked with the prompt it
+        was trained with (its manifest's `judge` block), except for the fields `config` sets itself."""
+        config = with_trained_prompt(judge_config(config))
         if config.model.startswith(("http://", "https://")):
             backend = EndpointBackend(config.model, model=config.endpoint_model, api_key_env=config.api_key_env,
                                       timeout=config.timeout, concurrency=config.batch_size, transport=transport)
@@ -251,12 +300,17 @@ class Judge:
         system = [{"role": "system", "content": self.config.system}] if self.config.system else []
         return system + [{"role": "user", "content": text}]
 
+    def pairwise_conversations(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[list[dict]]:
+        """The judge's conversations asking whether `a` (shown first) or `b` is the better answer: its system turn
+        (when set), then `pairwise_prompt` over the rubric, the request and the two answers."""
+        c = self.config
+        return [self._conversation(c.pairwise_prompt.format(rubric=c.rubric, prompt=p, a=x, b=y))
+                for p, x, y in zip(prompts, a, b, strict=True)]
+
     def first_wins(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         """P(answer A is better) with `a` shown first, one order only. Shapes: n -> (n,)."""
-        c = self.config
-        conversations = [self._conversation(c.pairwise_prompt.format(rubric=c.rubric, prompt=p, a=x, b=y))
-                         for p, x, y in zip(prompts, a, b, strict=True)]
-        return _normalised(self.backend.option_logprobs(conversations, ["A", "B"]))[:, 0]
+        conversations = self.pairwise_conversations(prompts, a, b)
+        return _normalised(self.backend.option_logprobs(conversations, PAIRWISE_OPTIONS))[:, 0]
 
     def prefer(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> np.ndarray:
         """P(`first` is better than `second`), averaged over both orders (position bias cancels). (n,)."""
@@ -362,18 +416,88 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     return pairs
 
 
+def calibration_pairs(spec: str, *, base_dir: str | Path = ".", limit: int | None = None,
+                      where: str | None = None) -> list[dict]:
+    """The labelled pairs `spec` names (a judge config's `calibration`), as prompt/chosen/rejected dicts of text:
+
+    - a JSONL file of prompt/chosen/rejected records (relative paths from `base_dir`, the task's folder);
+    - `builtin:NAME/SPLIT`, Hone's built-in pairs (`builtin:support_prefs/validation`);
+    - `TASK@SPLIT`, the preference pairs of a split of a task (a built-in task name or a task YAML, relative from
+      `base_dir`): `support_prefs@validation`, `hh_rlhf.yaml@validation`.
+    """
+    if spec.startswith("builtin:"):
+        from honellm.builtin import builtin_records
+
+        records = builtin_records(spec[len("builtin:"):], where=where or "judge.calibration")
+        for record in records[:1]:
+            missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+            if missing:
+                raise HoneError(f"the built-in data {spec} are not preference pairs (no {', '.join(missing)})",
+                                where=where, fix="name built-in pairs, e.g. builtin:support_prefs/validation")
+        return [dict(r) for r in records[:limit]]
+    if "@" in spec and not Path(base_dir, spec).is_file():
+        from honellm.task import Task
+
+        name, _, split = spec.rpartition("@")
+        task_path = Path(base_dir) / name if (Path(base_dir) / name).is_file() else name
+        pairs = Task.load(task_path).pairs(split)[:limit]
+        return [{"prompt": text_of(p.prompt), "chosen": text_of(p.chosen), "rejected": text_of(p.rejected)}
+                for p in pairs]
+    path = Path(spec)
+    return read_pairs(path if path.is_absolute() else Path(base_dir) / path, limit)
+
+
+def resolve_judge_model(model: str, base_dir: str | Path = ".") -> str:
+    """A relative judge folder (an artifact, a model folder) from `base_dir`, the task's folder, where it is there
+    (as the task's data paths resolve); a model name, an endpoint URL or a path found only from here unchanged."""
+    if model.startswith(("http://", "https://")) or Path(model).is_absolute():
+        return model
+    found = Path(base_dir) / model
+    if found.is_dir():
+        return str(found.resolve())
+    if model.startswith(("./", "../")) and not Path(model).is_dir():
+        raise HoneError(f"the judge {model} is not there (looked in {found.resolve()} and {Path(model).resolve()})",
+                        fix="train one first (`hone align TASK --method judge --out DIR` writes DIR/artifact), or "
+                            "set judge.model to a model name, folder or endpoint")
+    return model
+
+
 def calibrated_judge(config: JudgeConfig | dict | str, *, base_dir: str | Path = ".", where: str | None = None,
                      **load) -> tuple[Judge, Calibration | None]:
-    """Load a judge and, when its config names calibration pairs, calibrate it and apply the bars."""
+    """Load a judge and, when its config names calibration pairs (`calibration_pairs`), calibrate it and apply
+    the bars. Relative paths (the judge's folder, the pairs) resolve from `base_dir`."""
     config = judge_config(config, where=where)
+    resolved = resolve_judge_model(config.model, base_dir)
+    if resolved != config.model:  # keep which fields the user set (the trained prompt fills the others)
+        config = config.model_copy(update={"model": resolved})
     judge = Judge.load(config, **load)
     if config.calibration is None:
         return judge, None
-    path = Path(config.calibration)
-    path = path if path.is_absolute() else Path(base_dir) / path
-    calibration = calibrate(judge, read_pairs(path, config.calibration_limit))
+    pairs = calibration_pairs(config.calibration, base_dir=base_dir, limit=config.calibration_limit, where=where)
+    calibration = calibrate(judge, pairs)
     calibration.check(config, where=where)
     return judge, calibration
+
+
+_LAST_JUDGE: dict[tuple, tuple[Judge, Calibration | None]] = {}
+
+
+def reused_judge(config: JudgeConfig | dict | str, *, base_dir: str | Path = ".",
+                 where: str | None = None) -> tuple[Judge, Calibration | None]:
+    """`calibrated_judge`, kept for the next call with the same config and folder (the last one only): a metric
+    asks the same judge again for every method of a compare and at every evaluation of a training run, and
+    loading and calibrating it each time would cost more than judging. A judge folder rewritten since (its
+    hone.json's time) is loaded anew."""
+    block = judge_config(config, where=where).model_dump(mode="json", exclude_unset=True)
+    model = resolve_judge_model(block["model"], base_dir)
+    manifest = Path(model) / "hone.json"
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    key = (json.dumps(block, sort_keys=True), str(Path(base_dir).resolve()), stamp)
+    if key not in _LAST_JUDGE:
+        found = calibrated_judge(config, base_dir=base_dir, where=where)
+        _LAST_JUDGE.clear()
+        _LAST_JUDGE[key] = found
+    return _LAST_JUDGE[key]
 
 
 def text_of(value: Any) -> str:

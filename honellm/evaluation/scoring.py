@@ -375,27 +375,35 @@ def reward_extras(totals: list[float], parts: dict[str, list[float]], threshold:
 @register_scoring_mode("judge")
 def score_with_judge(ctx: EvalContext, metric: Metric) -> Scored:
     """Generate the answers, then ask the task's judge (honellm.evaluation.judges) to compare each with the record's
-    reference answer, both orders averaged."""
-    from honellm.evaluation.judges import Judge, judge_config, text_of
+    reference answer, both orders averaged. A judge whose block names `calibration` pairs is calibrated on them
+    first and refused below its bars (its agreement and position bias go into the result's extras); relative
+    paths in the block resolve from the task's folder."""
+    from honellm.evaluation.judges import reused_judge, text_of
 
     block = getattr(ctx.task.config, "judge", None)
     if not block:
         raise HoneError(f"metric {metric.name!r} needs a judge, and task {ctx.task.name!r} has none",
                         where=ctx.task.source, fix="add a `judge:` block to the task, e.g. `judge: {model: "
                                                     "smollm2-135m-instruct}`")
-    prompts = ctx.prompts()
-    prefix = shared_prefix_text(ctx.tokenizer, ctx.program, prompts)
-    completions = generate_answers(ctx, prompts, prefix)
-    predictions = [c.text for c in completions]
     references = [ctx.task.target(r) for r in ctx.records]
     if any(r is None for r in references):
         raise HoneError("judge_win_rate compares with a reference answer, and some records have none",
                         where=ctx.task.source, fix="give every record the task's target field")
-    judge = Judge.load(judge_config(block, where=str(ctx.task.source)))
+    # The judge first: one that fails its calibration is refused before any answer is generated.
+    judge, calibration = reused_judge(block, base_dir=ctx.task.base_dir, where=ctx.task.where("judge"))
+    prompts = ctx.prompts()
+    prefix = shared_prefix_text(ctx.tokenizer, ctx.program, prompts)
+    completions = generate_answers(ctx, prompts, prefix)
+    predictions = [c.text for c in completions]
     requests = [text_of(ctx.messages(i)[-1]) for i in range(len(prompts))]
     preferences = judge.prefer(requests, predictions, [str(r) for r in references])
     scores = metric.fn(preferences=preferences.tolist())
     details = [{"judge_preference": round(float(p), 4), "finish_reason": c.finish_reason}
                for p, c in zip(preferences, completions, strict=True)]
-    return Scored(prompts, predictions, references, scores, details, {"judge": judge.config.model},
+    extras: dict[str, Any] = {"judge": judge.config.model}
+    if calibration is not None:
+        extras.update(judge_calibration_pairs=calibration.pairs, judge_agreement=calibration.agreement,
+                      judge_agreement_ci=[round(x, 4) for x in calibration.agreement_ci],
+                      judge_position_bias=calibration.position_bias)
+    return Scored(prompts, predictions, references, scores, details, extras,
                   completion_tokens=[c.completion_tokens for c in completions], shared_prefix=prefix)

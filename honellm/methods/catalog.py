@@ -16,6 +16,7 @@ from honellm.methods.registry import FAMILIES, METHODS, VERBS, Method
 from honellm.prompting import methods as _prompting  # noqa: F401 - zero-shot, few-shot, prompt-search
 from honellm.reward.recipes import best_of_n as _best_of_n  # noqa: F401
 from honellm.reward.recipes import grpo as _grpo  # noqa: F401 - grpo, rloo
+from honellm.reward.recipes import judge as _judge  # noqa: F401
 from honellm.reward.recipes import online_dpo as _online_dpo  # noqa: F401
 from honellm.reward.recipes import ppo as _ppo  # noqa: F401
 from honellm.reward.recipes import preference as _preference  # noqa: F401 - dpo, ipo, cdpo, orpo, simpo, kto

@@ -9,7 +9,8 @@ bottom; its config derives from `honellm.training.config.TrainingConfig` to shar
 `hone tune`. Adding a method: docs/adding-a-method.md.
 
 Built in: `reward_model` (`reward_model.py`), `dpo`, `ipo`, `cdpo`, `kto`, `orpo`, `simpo` (`preference.py`),
-`grpo`, `rloo` (`grpo.py`), `ppo` (`ppo.py`), `rft` (`rft.py`), `best_of_n` (`best_of_n.py`); what the offline ones
+`grpo`, `rloo` (`grpo.py`), `ppo` (`ppo.py`), `rft` (`rft.py`), `best_of_n` (`best_of_n.py`), `judge` (`judge.py`:
+a pairwise judge trained on the pairs); what the offline ones
 share (adapter settings, run folder, pair encoding) is in `common.py`.
 """
 
