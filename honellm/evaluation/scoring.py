@@ -242,6 +242,12 @@ def score_text(ctx: EvalContext, metric: Metric) -> Scored:
     scores = metric.fn(predictions=predictions, references=[r or "" for r in references])
     details = [{"finish_reason": c.finish_reason} for c in completions]
     extras: dict[str, Any] = {}
+    if any(c.episode is not None for c in completions):  # tool episodes: what the model called, and the turns
+        for d, c in zip(details, completions, strict=True):
+            d["tool_calls"], d["episode"] = c.tool_calls or 0, c.episode
+        calls = [c.tool_calls or 0 for c in completions]
+        extras["tool_calls_per_example"] = round(sum(calls) / len(calls), 3)
+        extras["examples_with_tool_calls"] = sum(n > 0 for n in calls)
     if ctx.task.config.rewards:
         totals, parts = task_rewards(ctx, prompts, completions)
         extras.update(reward_extras(totals, parts))

@@ -97,7 +97,9 @@ class Completion:
     `token_ids` are the generated tokens, including the EOS token when the model ended its turn, and the token
     that completed a stop string (as vLLM does); `text` excludes both (a stop string is trimmed with whatever
     followed it). `logprobs[i]` belongs to `token_ids[i]` when requested; `top_logprobs[i]` then lists the
-    `(token id, log-probability)` pairs of the most likely tokens at that step, most likely first.
+    `(token id, log-probability)` pairs of the most likely tokens at that step, most likely first. A tool
+    episode's completion (`honellm.generation.tools`) also carries `episode`, the turns after the prompt (the
+    model's and the tools'), and `tool_calls`, how many calls the model made; `text` is then its final answer.
     """
 
     text: str
@@ -107,6 +109,8 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    episode: list[dict] | None = None
+    tool_calls: int | None = None
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ class Trajectory:
         """A `Completion` whose text is the final answer and whose tokens are the whole trajectory."""
         return Completion(text=self.final_text, token_ids=list(self.token_ids), finish_reason=self.finish_reason,
                           prompt_tokens=prompt_tokens, completion_tokens=len(self.token_ids),
-                          logprobs=list(self.logprobs) or None)
+                          logprobs=list(self.logprobs) or None, episode=list(self.messages),
+                          tool_calls=self.tool_calls)
 
 
 TOOL_SYSTEM_FALLBACK = (

@@ -132,6 +132,7 @@ def test_tool_generator_answers_with_the_final_text(tiny_model_dir):
     tool_generator = ToolGenerator(ScriptedGenerator(tokenizer, [[CALL, "14"]]), env)
     (completion,) = tool_generator.generate(["ignored"], messages=[[{"role": "user", "content": "q"}]])
     assert completion.text == "14" and completion.completion_tokens > 2
+    assert completion.tool_calls == 1 and [m["role"] for m in completion.episode] == ["assistant", "tool", "assistant"]
     assert tool_generator.eos_ids == [tokenizer.eos_token_id]  # the rest is the wrapped generator's
     with pytest.raises(ValueError, match="messages"):
         tool_generator.generate(["x"])
@@ -142,6 +143,10 @@ def test_tools_in_evaluation_and_grpo_on_the_tiny_model(tiny_model_dir, tmp_path
                      ["tools=[{name: calculator}]", "tool_turns=2"])
     result = evaluate(str(tiny_model_dir), task, "validation")
     assert result.n == 4 and 0 <= result.score <= 1
+    # eval.json shows each episode (its turns, the calls made) and how often the model called a tool
+    assert all(r.details["episode"][0]["role"] == "assistant" and r.details["tool_calls"] >= 0
+               for r in result.records)
+    assert result.extras["tool_calls_per_example"] == sum(r.details["tool_calls"] for r in result.records) / 4
     config = GRPOConfig(max_steps=1, prompts_per_step=2, group_size=2, batch_size=4, r=4, precision="fp32",
                         eval_every=0, dynamic_sampling=False, max_new_tokens=6)
     grpo(task, config, out=tmp_path / "run")
