@@ -9,9 +9,12 @@ import pytest
 from honellm.artifact import Artifact
 from honellm.builtin import builtin_records
 from honellm.builtin.generators import SIZES, arithmetic
+from honellm.evaluation.evaluate import evaluate
+from honellm.export import export_artifact
 from honellm.generation.tools import ToolEnvironment, calculator, load_tools, parse_tool_calls
 from honellm.models import load_tokenizer
 from honellm.program import PromptProgram
+from honellm.reward.recipes import align_task
 from honellm.runs import read_metrics
 from honellm.task import Task
 from honellm.training.batching import IGNORE, encode_conversation, encode_turns
@@ -124,3 +127,23 @@ def test_tune_on_the_tool_demonstrations_writes_an_artifact_and_validates_by_epi
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     (evaluation,) = [r for r in rows if r.get("event") == "eval"]
     assert evaluation["val_loss"] > 0 and 0 <= evaluation["val_numeric_match"] <= 1
+
+
+def test_the_documented_cold_start_path_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """tune arithmetic_tools_sft -> eval on arithmetic_tools (episodes) -> export merged -> GRPO from it -> eval."""
+    small = [f"model={tiny_model_dir}", "generation.max_new_tokens=4", "tool_turns=2"]
+    tune_task("arithmetic_tools_sft", "lora", [*small, "max_steps=1", "eval_every=0", "batch_size=2", "r=4",
+                                               "precision=fp32"], out=str(tmp_path / "sft"))
+    tools_task = Task.load("arithmetic_tools", small)
+    result = evaluate(str(tmp_path / "sft" / "artifact"), tools_task, "test", limit=2)
+    assert result.n == 2 and all(r.details["episode"][0]["role"] == "assistant" for r in result.records)
+    assert "tool_calls_per_example" in result.extras
+    export_artifact(tmp_path / "sft" / "artifact", tmp_path / "merged")
+    align_task("arithmetic_tools", "grpo", [*small, f"model={tmp_path / 'merged'}", "max_steps=1",
+                                            "prompts_per_step=2", "group_size=2", "batch_size=4", "r=4",
+                                            "precision=fp32", "eval_every=0", "max_new_tokens=4", "dynamic_sampling=false"],
+               out=str(tmp_path / "grpo"))
+    (train,) = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert train["tool_calls"] >= 0
+    after = evaluate(str(tmp_path / "grpo" / "artifact"), Task.load("arithmetic_tools", small), "test", limit=2)
+    assert after.n == 2 and 0 <= after.score <= 1
