@@ -147,3 +147,19 @@ def test_the_documented_cold_start_path_runs_on_the_tiny_model(tiny_model_dir, t
     assert train["tool_calls"] >= 0
     after = evaluate(str(tmp_path / "grpo" / "artifact"), Task.load("arithmetic_tools", small), "test", limit=2)
     assert after.n == 2 and 0 <= after.score <= 1
+
+
+def test_grpo_from_sft_on_the_demonstrations_runs_episodes_from_the_questions(tiny_model_dir, tmp_path):
+    """The one-command composition: SFT on the demonstrations, then GRPO on the same task, whose chat records give
+    GRPO the questions as prompts (an episode starts before the first assistant turn) and the answers as references."""
+    from honellm.search.compose import grpo_from_sft
+
+    task = Task.load("arithmetic_tools_sft", [f"model={tiny_model_dir}", "generation.max_new_tokens=4",
+                                              "tool_turns=2"])
+    art = grpo_from_sft(task, sft_overrides=["max_steps=1", "r=4", "eval_every=0", "batch_size=2"],
+                        rl_overrides=["max_steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=4",
+                                      "eval_every=0", "save_every=0", "r=4", "dynamic_sampling=false"],
+                        out=tmp_path / "c")
+    assert art.manifest.method == "lora+grpo"
+    (train,) = [r for r in read_metrics(tmp_path / "c" / "grpo" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert train["tool_calls"] >= 0 and train["updates"] == 1
