@@ -220,6 +220,6 @@ SIZES = {
     "arithmetic": {"train": 400, "validation": 100, "test": 100},
     "support_prefs": {"train": 300, "validation": 100, "test": 100},
 }
-SIZES["arithmetic_tools"] = SIZES["arithmetic"]  # the same problems, split the same way
+SIZES["arithmetic_tools"] = dict(SIZES["arithmetic"])  # the same problems, split the same way
 GENERATORS = {"intents": intents, "arithmetic": arithmetic, "support_prefs": support_prefs,
               "arithmetic_tools": arithmetic_tools}
