@@ -362,8 +362,10 @@ def _task_score(model, tokenizer, validation: ValidationSet, *, precision: Preci
         return float(result.score)
     metric = METRICS[validation.metric_name]
     choices = validation.task.config.choices
-    if metric.needs != "text":
-        return None  # a reward or preference metric: the validation loss decides
+    if metric.needs != "text" or validation.task.config.tools:
+        # a reward or preference metric, or a task with tools (its answers are whole episodes, which the engine
+        # does not run for virtual-token models): the validation loss decides
+        return None
     kwargs = {"precision": precision, "batch_size": config.eval_batch_size, "device": device}
     if choices:
         flat = [seq for row in validation.choice_sequences for seq in row]
