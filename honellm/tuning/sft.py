@@ -5,12 +5,15 @@ check memory; loop (one optimizer step, log, evaluate on validation, checkpoint)
 
 The loss is the mean negative log-likelihood of the answer tokens over each global batch: the answer is the
 assistant turn exactly as the chat template writes it after the prompt, end-of-turn token included (so the model
-learns to stop), and the prompt takes no loss unless `completion_only_loss=false`. The LM head runs only at the
-positions that predict answer tokens (`honellm.training.logprobs`).
+learns to stop), and the prompt takes no loss unless `completion_only_loss=false`. A chat record trains every
+assistant turn of its conversation (the other turns masked); a task with `tools:` renders its conversations with the
+tools exactly as a tool episode does (`_encoder`). The LM head runs only at the positions that predict answer tokens
+(`honellm.training.logprobs`).
 
 Evaluation during training scores the validation split with the task's metric on the in-memory model: the most
 likely label for tasks with `choices` (the same log-likelihood scoring `hone eval` uses), greedy answers for text
-metrics, and the validation loss always. The best evaluation's weights are kept (`select_best`), and
+metrics (whole tool episodes for a task with tools, through the runtime as `hone eval` runs them), and the
+validation loss always. The best evaluation's weights are kept (`select_best`), and
 `early_stopping_patience` evaluations without improvement end the run.
 """
 

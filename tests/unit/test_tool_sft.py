@@ -163,3 +163,13 @@ def test_grpo_from_sft_on_the_demonstrations_runs_episodes_from_the_questions(ti
     assert art.manifest.method == "lora+grpo"
     (train,) = [r for r in read_metrics(tmp_path / "c" / "grpo" / "metrics.jsonl") if r.get("kind") == "train"]
     assert train["tool_calls"] >= 0 and train["updates"] == 1
+
+
+def test_prompt_tuning_on_a_tool_task_validates_by_loss_only(tiny_model_dir, tmp_path):
+    """Virtual-token models do not run in the generation engine, so no episodes: the validation loss decides."""
+    out = tmp_path / "run"
+    tune_task("arithmetic_tools_sft", "prompt_tuning",
+              [f"model={tiny_model_dir}", "generation.max_new_tokens=4", "max_steps=1", "eval_every=1",
+               "eval_limit=2", "batch_size=2", "precision=fp32"], out=str(out))
+    (evaluation,) = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "eval"]
+    assert evaluation["val_loss"] > 0 and "val_numeric_match" not in evaluation
