@@ -380,6 +380,11 @@ class Task:
         fmt = self.format
         if fmt == "chat":
             messages = list(record["messages"])
+            if self.config.tools:
+                # A chat record of a task with tools is a whole episode (calls, tool results, the final answer):
+                # the model is asked what comes before its first turn and runs the episode itself.
+                first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+                return messages[:first]
             return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
         if fmt == "preference-implicit":
             return split_implicit_pair(record["chosen"], record["rejected"])[0]

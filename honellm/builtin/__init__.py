@@ -5,6 +5,8 @@
 - `support_prefs`: pairs of replies to customer messages, the helpful one preferred (reward models, DPO family).
 - `arithmetic_hackable`: `arithmetic` with a deliberately hackable proxy reward, to show the reward-hacking guard.
 - `arithmetic_tools`: `arithmetic` with a calculator tool the model may call in multi-turn episodes.
+- `arithmetic_tools_sft`: the same problems as demonstrated calculator episodes (chat records), to fine-tune a
+  model into calling the tool before GRPO (the cold start).
 
 Task YAMLs for them ship in this folder and are copied to examples/; data paths use `builtin:NAME/SPLIT`.
 """
@@ -18,7 +20,8 @@ from honellm.data.readers import Record
 from honellm.errors import HoneError
 
 HERE = Path(__file__).parent
-BUILTIN_TASKS = ("intents", "arithmetic", "support_prefs", "arithmetic_hackable", "arithmetic_tools")
+BUILTIN_TASKS = ("intents", "arithmetic", "support_prefs", "arithmetic_hackable", "arithmetic_tools",
+                 "arithmetic_tools_sft")
 _CACHE: dict[str, list[dict]] = {}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 INTENTS = {
@@ -129,27 +130,57 @@ def _problem(rng: random.Random) -> dict:
     if kind == 0:
         a, b = rng.randint(2, 30), rng.randint(2, 30)
         q, ans = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+        expression = f"{a} + {b}"
     elif kind == 1:
         a = rng.randint(10, 40)
         b = rng.randint(1, a - 1)
         q, ans = f"{name} had {a} {item} and gave away {b}. How many {item} are left?", a - b
+        expression = f"{a} - {b}"
     elif kind == 2:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         q, ans = f"{name} has {a} bags with {b} {item} in each bag. How many {item} are there in total?", a * b
+        expression = f"{a} * {b}"
     elif kind == 3:
         b = rng.randint(2, 6)
         ans = rng.randint(2, 9)
         a = b * ans
         q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
+        expression = f"{a} / {b}"
     else:
         a, b = rng.randint(5, 20), rng.randint(2, 9)
         c = rng.randint(1, a + b - 1)
         q, ans = f"{name} has {a} {item}, buys {b} more, then loses {c}. How many {item} does {name} have?", a + b - c
-    return {"question": q, "answer": str(ans)}
+        expression = f"{a} + {b} - {c}"
+    # `expression` is the computation that answers the question (the calculator's result of it is `answer`):
+    # what a tool-use demonstration calls the calculator with (`arithmetic_tools` below).
+    return {"question": q, "answer": str(ans), "expression": expression}
 
 
 def arithmetic() -> list[dict]:
     return _unique(_problem, sum(SIZES["arithmetic"].values()), random.Random(7), key=lambda r: r["question"])
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """An assistant turn that calls a tool, in the Hermes/Qwen format `parse_tool_calls` reads first."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def arithmetic_tools() -> list[dict]:
+    """The arithmetic problems as demonstrations of a calculator episode (chat records, same splits): the user's
+    question, the assistant's call of the calculator with the problem's expression, the tool's result, and the
+    assistant's final answer (the number). SFT on them is the cold start before GRPO with tools: a model that
+    never calls the tool gives RL no call to reinforce (see docs/reward.md, "Multi-turn tool use")."""
+    # The tool turn's content is what the calculator returns for the expression: the answer (a test checks it on
+    # every record; this foundation module does not import the tools themselves, which live a layer up).
+    out = []
+    for r in arithmetic():
+        out.append({"messages": [
+            {"role": "user", "content": r["question"]},
+            {"role": "assistant", "content": tool_call_text("calculator", {"expression": r["expression"]})},
+            {"role": "tool", "name": "calculator", "content": r["answer"]},
+            {"role": "assistant", "content": r["answer"]},
+        ], "question": r["question"], "answer": r["answer"], "expression": r["expression"]})
+    return out
 
 
 TEAMS = {"billing": "billing team", "technical": "technical support team", "shipping": "delivery team",
@@ -189,4 +220,6 @@ SIZES = {
     "arithmetic": {"train": 400, "validation": 100, "test": 100},
     "support_prefs": {"train": 300, "validation": 100, "test": 100},
 }
-GENERATORS = {"intents": intents, "arithmetic": arithmetic, "support_prefs": support_prefs}
+SIZES["arithmetic_tools"] = dict(SIZES["arithmetic"])  # the same problems, split the same way
+GENERATORS = {"intents": intents, "arithmetic": arithmetic, "support_prefs": support_prefs,
+              "arithmetic_tools": arithmetic_tools}

@@ -108,6 +108,16 @@ def render_answer(tokenizer, messages: list[dict], answer: str) -> str:
     return full[len(prompt):].rstrip("\n") if full.endswith("\n") and not answer.endswith("\n") else full[len(prompt):]
 
 
+def render_conversation(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
+    """The whole conversation's text: with `generation_prompt`, `render_prompt`; without, every turn as written
+    (the layout `render_answer` cuts an answer from)."""
+    if generation_prompt:
+        return render_prompt(tokenizer, messages)
+    if has_chat_template(tokenizer):
+        return render_messages(tokenizer, messages, add_generation_prompt=False)
+    return _plain(messages, tokenizer)
+
+
 def end_of_turn(tokenizer) -> str:
     """The text that ends an assistant turn ('<|im_end|>' for ChatML models; the eos token otherwise)."""
     if has_chat_template(tokenizer):

@@ -2,6 +2,9 @@
 
 - `encode_conversation` turns messages + answer into token ids and labels (-100 where no loss is taken:
   the prompt, by default), through the model's chat template (`honellm.data.chat`).
+- `encode_turns` does the same for a whole conversation with several assistant turns (a tool episode's call, then
+  its final answer): every assistant turn takes the loss, the other turns (system, user, tool results) take none,
+  as TRL's `assistant_only_loss` does.
 - `LengthGroupedBatches` orders examples so that each micro-batch holds examples of similar length (padding is a
   few percent instead of half), in an order that depends only on the seed and the epoch, so that a resumed run
   sees exactly the batches the uninterrupted run would have seen, and so that one process and N processes with
@@ -19,12 +22,14 @@ Preference recipes encode chosen and rejected answers with `encode_conversation`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from honellm.data.chat import has_chat_template, render_answer, render_prompt
+from honellm.data.chat import has_chat_template, render_answer, render_conversation, render_prompt
+from honellm.errors import HoneError
 
 IGNORE = -100  # label of a position that takes no loss (PyTorch's cross-entropy convention)
 
@@ -67,6 +72,62 @@ def encode_conversation(tokenizer, messages: list[dict], answer: str, *, max_len
         prompt_ids = prompt_ids[len(prompt_ids) - keep:]
     labels = ([IGNORE] * len(prompt_ids) if completion_only else list(prompt_ids)) + list(answer_ids)
     return TokenSequence(list(prompt_ids) + list(answer_ids), labels, truncated)
+
+
+Render = Callable[[list[dict], bool], str]  # (messages, generation_prompt) -> the text the model sees
+
+
+def encode_turns(tokenizer, messages: list[dict], *, max_length: int, completion_only: bool = True,
+                 render: Render | None = None, add_special_tokens: bool | None = None) -> TokenSequence:
+    """Token ids of a whole conversation, labels on every assistant turn (end-of-turn included) by default.
+
+    The text is cut at each assistant turn: the text before it (`render(messages[:i], True)`, the prompt the model
+    answers from) and the turn as the template writes it after that prompt. Each piece is tokenized on its own, as
+    `encode_conversation` does with one prompt and one answer (a conversation whose last turn is the only assistant
+    turn gives exactly its ids and labels), and as a tool episode does (`ToolEnvironment.run` tokenizes the tool
+    turns between the model's turns on their own), so the ids trained on are the ids an episode shows the model.
+    `render` is how messages become text (default: the chat template; a task with tools passes
+    `ToolEnvironment.render`). Too long a sequence loses the start first; a last answer longer than `max_length`
+    keeps its start, as in `encode_conversation`.
+    """
+    if render is None:
+        def render(turns: list[dict], generation_prompt: bool) -> str:
+            return render_conversation(tokenizer, turns, generation_prompt=generation_prompt)
+    special = not has_chat_template(tokenizer) if add_special_tokens is None else add_special_tokens
+    pieces: list[tuple[str, bool]] = []  # (text, trained)
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[:i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise HoneError("the model's chat template renders a conversation differently from its prefix (it edits "
+                            "earlier turns), so every assistant turn of it cannot be trained at once",
+                            fix="use a model whose template renders earlier turns verbatim (ChatML, Llama 3, Qwen2)")
+        answer = full[len(prompt):]
+        if full.endswith("\n") and not message["content"].endswith("\n"):
+            answer = answer.rstrip("\n")  # the separator after the turn belongs to the next turn (render_answer)
+        pieces += [(prompt[len(done):], False), (answer, True)]
+        done = prompt + answer
+    if not pieces:
+        raise ValueError("a conversation to train needs an assistant turn after the first message")
+    ids: list[int] = []
+    labels: list[int] = []
+    last = 0
+    for k, (text, trained) in enumerate(pieces):
+        piece = tokenizer(text, add_special_tokens=special and k == 0)["input_ids"]
+        ids += piece
+        labels += list(piece) if trained or not completion_only else [IGNORE] * len(piece)
+        last = len(piece)
+    truncated = len(ids) > max_length
+    if truncated:  # keep the end (the last answer and the context nearest to it); a too-long last answer its start
+        head_ids, head_labels = ids[: len(ids) - last], labels[: len(labels) - last]
+        tail_ids, tail_labels = ids[len(ids) - last:][: max_length - 1], labels[len(labels) - last:][: max_length - 1]
+        keep = max_length - len(tail_ids)
+        ids = head_ids[len(head_ids) - keep:] + tail_ids
+        labels = head_labels[len(head_labels) - keep:] + tail_labels
+    return TokenSequence(ids, labels, truncated)
 
 
 @dataclass

@@ -5,12 +5,15 @@ check memory; loop (one optimizer step, log, evaluate on validation, checkpoint)
 
 The loss is the mean negative log-likelihood of the answer tokens over each global batch: the answer is the
 assistant turn exactly as the chat template writes it after the prompt, end-of-turn token included (so the model
-learns to stop), and the prompt takes no loss unless `completion_only_loss=false`. The LM head runs only at the
-positions that predict answer tokens (`honellm.training.logprobs`).
+learns to stop), and the prompt takes no loss unless `completion_only_loss=false`. A chat record trains every
+assistant turn of its conversation (the other turns masked); a task with `tools:` renders its conversations with the
+tools exactly as a tool episode does (`_encoder`). The LM head runs only at the positions that predict answer tokens
+(`honellm.training.logprobs`).
 
 Evaluation during training scores the validation split with the task's metric on the in-memory model: the most
 likely label for tasks with `choices` (the same log-likelihood scoring `hone eval` uses), greedy answers for text
-metrics, and the validation loss always. The best evaluation's weights are kept (`select_best`), and
+metrics (whole tool episodes for a task with tools, through the runtime as `hone eval` runs them), and the
+validation loss always. The best evaluation's weights are kept (`select_best`), and
 `early_stopping_patience` evaluations without improvement end the run.
 """
 
@@ -35,6 +38,7 @@ from honellm.training.batching import (
     TokenSequence,
     collate,
     encode_conversation,
+    encode_turns,
     pack,
     token_budget_micro_batches,
 )
@@ -226,14 +230,61 @@ def _encode_split(task, program: PromptProgram, tokenizer, split: str, config: S
     if not records:
         raise HoneError(f"the {split} split is empty", where=task.source, fix=f"add records to data.{split}")
     out = []
+    encode = _encoder(task, program, tokenizer, config)
     for record in records:
         target = task.target(record)
         if target is None or target == "":
             raise HoneError(f"record has no answer to learn ({task.target_field() or 'target'} is empty)",
                             where=getattr(record, "where", task.source), fix="fill in the answer, or drop the record")
-        out.append(encode_conversation(tokenizer, program.messages(task, record), target,
-                                       max_length=config.max_length, completion_only=config.completion_only_loss))
+        out.append(encode(record, target))
     return out
+
+
+def _encoder(task, program: PromptProgram, tokenizer, config: SFTConfig, *, completion_only: bool | None = None):
+    """How a record becomes a training sequence: `(record, target) -> TokenSequence`.
+
+    - A chat record (no prompt template) trains every assistant turn of its conversation, the other turns
+      masked (`encode_turns`, as TRL's `assistant_only_loss`): a tool episode's call and its final answer alike.
+      A template that edits earlier turns cannot train them all at once: those records train their last turn.
+    - A task with `tools:` renders its conversations with the tools exactly as an episode does
+      (`ToolEnvironment.render`: the template's `tools=`, or the tools described in the system turn), so that
+      what SFT teaches is what an episode shows the model.
+    - Other records: the prompt, then the answer (`encode_conversation`).
+    """
+    from honellm.data.chat import build_messages
+
+    completion_only = config.completion_only_loss if completion_only is None else completion_only
+    chat = task.format == "chat" and not program.template
+    render = None
+    if task.config.tools:
+        from honellm.generation.tools import ToolEnvironment, load_tools
+
+        tools = load_tools(task.config.tools, task.base_dir, where=f"{task.source} (tools)")
+        environment = ToolEnvironment(tools, tokenizer, max_turns=task.config.tool_turns)
+
+        def render(messages: list[dict], generation_prompt: bool) -> str:
+            return environment.render(messages, generation_prompt=generation_prompt)
+
+    def encode(record, target: str) -> TokenSequence:
+        if chat:
+            demos = [(d.query, d.answer) for d in program.demonstrations]
+            conversation = build_messages(program.system, demos, list(record["messages"]))
+        else:
+            conversation = [*program.messages(task, record), {"role": "assistant", "content": target}]
+        if render is None and not chat:
+            return encode_conversation(tokenizer, conversation[:-1], target, max_length=config.max_length,
+                                       completion_only=completion_only)
+        try:
+            return encode_turns(tokenizer, conversation, max_length=config.max_length,
+                                completion_only=completion_only, render=render,
+                                add_special_tokens=False if render is not None else None)
+        except HoneError:
+            if render is not None:
+                raise
+            return encode_conversation(tokenizer, program.messages(task, record), target,
+                                       max_length=config.max_length, completion_only=completion_only)
+
+    return encode
 
 
 @dataclass
@@ -263,8 +314,8 @@ def _validation_set(task, artifact: Artifact, tokenizer, config: SFTConfig) -> V
     records = task.split("validation")[: config.eval_limit]
     messages = [artifact.program.messages(task, r) for r in records]
     references = [task.target(r) for r in records]
-    gold = [encode_conversation(tokenizer, m, ref, max_length=config.max_length)
-            for m, ref in zip(messages, references, strict=True)]
+    encode = _encoder(task, artifact.program, tokenizer, config, completion_only=True)
+    gold = [encode(r, ref) for r, ref in zip(records, references, strict=True)]
     choices = task.config.choices or []
     choice_sequences = [[encode_conversation(tokenizer, m, c, max_length=config.max_length) for c in choices]
                         for m in messages] if choices else []
@@ -314,8 +365,10 @@ def _task_score(model, tokenizer, validation: ValidationSet, *, precision: Preci
         return float(result.score)
     metric = METRICS[validation.metric_name]
     choices = validation.task.config.choices
-    if metric.needs != "text":
-        return None  # a reward or preference metric: the validation loss decides
+    if metric.needs != "text" or validation.task.config.tools:
+        # a reward or preference metric, or a task with tools (its answers are whole episodes, which the engine
+        # does not run for virtual-token models): the validation loss decides
+        return None
     kwargs = {"precision": precision, "batch_size": config.eval_batch_size, "device": device}
     if choices:
         flat = [seq for row in validation.choice_sequences for seq in row]
