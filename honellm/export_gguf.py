@@ -220,10 +220,10 @@ def write_gguf(folder: str | Path, path: str | Path, quant: str, *, name: str | 
                 if data.ndim <= 1:
                     qtype = gguf.GGMLQuantizationType.F32  # norms and biases stay F32, as in llama.cpp's files
                 elif quant in K_MIXTURES:
-                    name, fell_back = k_quant_tensor_type(quant, gguf_name, data.shape[-1], layers, tied)
-                    qtype = gguf.GGMLQuantizationType[name]
+                    type_name, fell_back = k_quant_tensor_type(quant, gguf_name, data.shape[-1], layers, tied)
+                    qtype = gguf.GGMLQuantizationType[type_name]
                     if fell_back:
-                        fallbacks.append(f"{gguf_name} ({name})")
+                        fallbacks.append(f"{gguf_name} ({type_name})")
                 elif gguf_name in _KEEP_Q8_0 and quant.startswith(("q4", "q5")):
                     qtype = gguf.GGMLQuantizationType.Q8_0
                 try:

@@ -416,6 +416,13 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     return pairs
 
 
+def pairs_as_text(pairs: Sequence) -> list[dict]:
+    """A task's `PreferencePair`s as the prompt/chosen/rejected dicts of text a judge is given (a chat prompt or
+    answer: its turns' contents, `text_of`)."""
+    return [{"prompt": text_of(p.prompt), "chosen": text_of(p.chosen), "rejected": text_of(p.rejected)}
+            for p in pairs]
+
+
 def calibration_pairs(spec: str, *, base_dir: str | Path = ".", limit: int | None = None,
                       where: str | None = None) -> list[dict]:
     """The labelled pairs `spec` names (a judge config's `calibration`), as prompt/chosen/rejected dicts of text:
@@ -440,9 +447,7 @@ def calibration_pairs(spec: str, *, base_dir: str | Path = ".", limit: int | Non
 
         name, _, split = spec.rpartition("@")
         task_path = Path(base_dir) / name if (Path(base_dir) / name).is_file() else name
-        pairs = Task.load(task_path).pairs(split)[:limit]
-        return [{"prompt": text_of(p.prompt), "chosen": text_of(p.chosen), "rejected": text_of(p.rejected)}
-                for p in pairs]
+        return pairs_as_text(Task.load(task_path).pairs(split)[:limit])
     path = Path(spec)
     return read_pairs(path if path.is_absolute() else Path(base_dir) / path, limit)
 

@@ -251,8 +251,6 @@ def _encoder(task, program: PromptProgram, tokenizer, config: SFTConfig, *, comp
       what SFT teaches is what an episode shows the model.
     - Other records: the prompt, then the answer (`encode_conversation`).
     """
-    from honellm.data.chat import build_messages
-
     completion_only = config.completion_only_loss if completion_only is None else completion_only
     chat = task.format == "chat" and not program.template
     render = None
@@ -267,8 +265,7 @@ def _encoder(task, program: PromptProgram, tokenizer, config: SFTConfig, *, comp
 
     def encode(record, target: str) -> TokenSequence:
         if chat:
-            demos = [(d.query, d.answer) for d in program.demonstrations]
-            conversation = build_messages(program.system, demos, list(record["messages"]))
+            conversation = program.chat_messages(list(record["messages"]))
         else:
             conversation = [*program.messages(task, record), {"role": "assistant", "content": target}]
         if render is None and not chat:

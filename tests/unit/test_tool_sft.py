@@ -81,14 +81,21 @@ def test_encode_turns_trains_every_assistant_turn_and_masks_the_rest(tiny_model_
     assert every.labels == every.input_ids
 
 
-def test_sft_examples_of_a_tool_task_are_the_episode_s_tokens(tiny_model_dir):
-    task = Task.load("arithmetic_tools_sft", [f"model={tiny_model_dir}"])
-    tokenizer = load_tokenizer(tiny_model_dir)
+def _first_example(task_name: str, model_dir):
+    """The first training record of a built-in tool task, its SFT sequence, and the prompt ids an episode of it
+    starts from: (task, tokenizer, program, record, sequence, environment, prompt ids)."""
+    task = Task.load(task_name, [f"model={model_dir}"])
+    tokenizer = load_tokenizer(model_dir)
     program = PromptProgram.from_task(task)
     record = task.split("train")[0]
     seq = _encoder(task, program, tokenizer, SFTConfig(max_length=1024))(record, task.target(record))
     environment = ToolEnvironment(load_tools(task.config.tools), tokenizer)
-    prompt_ids = environment.prompt_ids(program.messages(task, record))
+    return task, tokenizer, program, record, seq, environment, environment.prompt_ids(program.messages(task, record))
+
+
+def test_sft_examples_of_a_tool_task_are_the_episode_s_tokens(tiny_model_dir):
+    task, tokenizer, program, record, seq, environment, prompt_ids = _first_example("arithmetic_tools_sft",
+                                                                                    tiny_model_dir)
     assert "calculator" in environment.render(program.messages(task, record))  # described in the system turn
     first = next(i for i, label in enumerate(seq.labels) if label != IGNORE)
     assert seq.input_ids[:first] == prompt_ids  # the prompt SFT trains on is the prompt an episode shows
@@ -105,13 +112,7 @@ def test_sft_examples_of_a_tool_task_are_the_episode_s_tokens(tiny_model_dir):
 
 
 def test_sft_of_a_fields_task_with_tools_renders_the_tools_too(tiny_model_dir):
-    task = Task.load("arithmetic_tools", [f"model={tiny_model_dir}"])
-    tokenizer = load_tokenizer(tiny_model_dir)
-    program = PromptProgram.from_task(task)
-    record = task.split("train")[0]
-    seq = _encoder(task, program, tokenizer, SFTConfig(max_length=1024))(record, task.target(record))
-    environment = ToolEnvironment(load_tools(task.config.tools), tokenizer)
-    prompt_ids = environment.prompt_ids(program.messages(task, record))
+    _, tokenizer, _, record, seq, _, prompt_ids = _first_example("arithmetic_tools", tiny_model_dir)
     assert seq.input_ids[:len(prompt_ids)] == prompt_ids
     assert tokenizer.decode(seq.input_ids[len(prompt_ids):]) == f"{record['answer']}<|im_end|>"
 

@@ -49,7 +49,7 @@ from honellm.evaluation.judges import (
     JudgeConfig,
     LocalBackend,
     calibrate,
-    text_of,
+    pairs_as_text,
 )
 from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
@@ -117,8 +117,7 @@ def pair_texts(task, split: str, limit: int | None = None) -> list[dict]:
     if not pairs:
         raise HoneError(f"the {split} split has no preference pairs", where=task.source,
                         fix=f"add prompt/chosen/rejected records to data.{split}")
-    return [{"prompt": text_of(p.prompt), "chosen": text_of(p.chosen), "rejected": text_of(p.rejected)}
-            for p in pairs]
+    return pairs_as_text(pairs)
 
 
 def judge_examples(judge: Judge, pairs: list[dict], *, max_length: int, swap: bool = True,
