@@ -6,7 +6,8 @@ done or `budget_seconds` is spent: Optuna's TPE sampler proposes the settings (t
 first trial, so a search never ends below them), the method's recipe runs into `trials/trial-NNN/`, every
 validation row it logs is reported to the trial (`honellm.runs.observe_metrics`), and a successive-halving
 pruner stops a trial whose intermediate validation score is poor. The trial's score is the validation score of
-the artifact it made. Every trial (settings, score, state, seconds, the step it was pruned at) is a line of the
+the artifact it made. Trials of a preference method share their reference log-probs (`reference-cache/`: the
+reference does not depend on the searched beta or learning rate), so only the first computes them. Every trial (settings, score, state, seconds, the step it was pruned at) is a line of the
 search's `metrics.jsonl`; `best.json` names the best one and its artifact.
 
 The test split is never read: while the search runs, reading it raises (`_no_test`).
@@ -198,6 +199,8 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
     import optuna
     from optuna.trial import TrialState
 
+    from honellm.reward.recipes.common import share_reference_logps
+
     out = _trial_dir(root, trial.number)
     trial.set_user_attr("run_dir", str(out))
     seen: dict[str, Any] = {"run": None, "step": None}
@@ -223,7 +226,7 @@ def _run_trial(study, trial, task, method: str, family: str, params: dict, base_
 
     started = time.perf_counter()
     try:
-        with observe_metrics(report):
+        with observe_metrics(report), share_reference_logps(root / "reference-cache"):
             score = run_method(task, method, family, params, base_overrides, out, max_seconds=left, seed=seed,
                                progress=progress)
     except optuna.TrialPruned:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from honellm.artifact import Artifact
 from honellm.compare.recommend import recommend, spreads_overlap
@@ -334,6 +335,30 @@ def test_sft_then_dpo_starts_dpo_from_the_sft_weights_and_counts_both(tiny_model
     assert set(art.manifest.cost["parts"]) == {"sft", "dpo"}
     assert art.manifest.cost["train_seconds"] >= sft_cost["train_seconds"] > 0
     assert Artifact.load(tmp_path / "c" / "dpo" / "artifact").manifest.method == "lora+dpo"
+
+
+def test_dpo_trials_share_one_reference_pass(tiny_model_dir, tmp_path, monkeypatch):
+    from honellm.reward.recipes import common
+    from honellm.testing import make_tiny_preference_task
+
+    task = Task.load(str(make_tiny_preference_task(tmp_path / "prefs", tiny_model_dir, n_train=8, n_validation=4)))
+    passes = []
+    original = common.reference_scores
+    monkeypatch.setattr(common, "reference_scores", lambda *a, **k: passes.append(1) or original(*a, **k))
+    from honellm.reward.recipes import preference
+
+    monkeypatch.setattr(preference, "reference_scores", common.reference_scores)
+    out = tmp_path / "search"
+    search(task, "dpo", n_trials=2, out=out, progress=False,
+           base_overrides=["max_steps=1", "r=4", "batch_size=4", "eval_every=1"],
+           space=[Choice("beta", (0.1, 0.3))], enqueue=[{"beta": 0.1}, {"beta": 0.3}])
+    assert len(passes) == 1  # the second trial read the first one's reference log-probs
+    first, second = (torch.load(out / "trials" / f"trial-00{i}" / "reference_logps.pt") for i in (0, 1))
+    assert first["key"] == second["key"]
+    # (pairs the one step does not visit are NaN in both)
+    torch.testing.assert_close(first["values"]["train"]["chosen"], second["values"]["train"]["chosen"], rtol=0,
+                               atol=0, equal_nan=True)
+    assert len(list((out / "reference-cache").glob("reference-*.pt"))) == 1
 
 
 GRPO_FAST = ["max_steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_every=0",

@@ -330,9 +330,39 @@ def fingerprint(sequences: list[TokenSequence], *extra) -> str:
     return digest.hexdigest()
 
 
+_SHARED_REFERENCES: list[Path] = []
+
+
+@contextlib.contextmanager
+def share_reference_logps(folder: str | Path):
+    """Inside the block, runs also look for (and leave) their reference log-probs in `folder`, keyed by their
+    fingerprint: the trials of a settings search differ in beta and the learning rate, not in the reference,
+    so only the first trial computes it. Each run still keeps its own copy (its resume reads it there)."""
+    _SHARED_REFERENCES.append(Path(folder))
+    try:
+        yield
+    finally:
+        _SHARED_REFERENCES.remove(Path(folder))
+
+
+def _saved_values(path: Path, key: str):
+    if not path.exists():
+        return None
+    saved = load_plain(path)  # tensors and numbers only: nothing in a run folder is unpickled
+    return saved["values"] if saved.get("key") == key else None
+
+
+def _save_values(path: Path, key: str, values) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"key": key, "values": values}, tmp)
+    tmp.replace(path)
+
+
 def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
     """Reference log-probs from `path` when they were written for the same `key` (see `fingerprint`), else
-    `compute()` them (all processes together) and write them there (main process).
+    from a folder shared by `share_reference_logps` (copied into `path`), else `compute()` them (all processes
+    together) and write them there (main process).
 
     They are computed once per run, before the first step: a resumed run reads them back (a fully fine-tuned
     model has moved away from its reference by then, so this is also what makes its resume exact).
@@ -340,19 +370,22 @@ def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
     from accelerate.utils import broadcast_object_list
 
     accelerator.wait_for_everyone()
+    shared = [folder / f"reference-{key[:24]}.pt" for folder in _SHARED_REFERENCES[-1:]]
     found = [None]
-    if accelerator.is_main_process and path.exists():
-        saved = load_plain(path)  # tensors and numbers only: nothing in a run folder is unpickled
-        found = [saved["values"] if saved.get("key") == key else None]
+    if accelerator.is_main_process:
+        found = [_saved_values(path, key)]
+        for candidate in shared:
+            if found[0] is None and (values := _saved_values(candidate, key)) is not None:
+                _save_values(path, key, values)
+                found = [values]
     if accelerator.num_processes > 1:
         broadcast_object_list(found)
     if found[0] is not None:
         return found[0]
     values = compute()
     if accelerator.is_main_process:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"key": key, "values": values}, tmp)
-        tmp.replace(path)
+        for target in [path, *shared]:
+            _save_values(target, key, values)
     accelerator.wait_for_everyone()
     return values
 
