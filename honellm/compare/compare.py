@@ -34,10 +34,16 @@ LATENCY_REQUESTS = 5
 DEFAULT_SETTINGS = {"prompt-search": ["candidates=12"]}
 
 
-def _settings(spec: Method, overrides: list[str], budget: float | None) -> list[str]:
+def _settings(spec: Method, overrides: list[str], budget: float | None, search_trials: int = 0) -> list[str]:
     """The method's settings: compare's defaults, the user's --set, and the budget as max_seconds where the
-    method's config has it (training and search; zero- and few-shot take no time to make)."""
-    settings = [*DEFAULT_SETTINGS.get(spec.name, []), *overrides]
+    method's config has it (training and search; zero- and few-shot take no time to make).
+
+    Under `--search N` the prompt search is prompting's own search (instructions, then demonstrations, each
+    candidate scored with every calibration from one pass: a structured search that a sampler over the same
+    choices does worse at, measured on SST-2), given 3N candidates: a candidate costs one validation pass,
+    a tuning trial a training run, and the budget bounds both."""
+    search = [f"candidates={max(12, 3 * search_trials)}"] if search_trials and spec.name == "prompt-search" else []
+    settings = [*DEFAULT_SETTINGS.get(spec.name, []), *search, *overrides]
     if budget is not None and "max_seconds" in spec.config.model_fields \
             and not any(o.startswith("max_seconds=") for o in overrides):
         settings.append(f"max_seconds={budget}")
@@ -166,11 +172,11 @@ def _run_one(task, spec: Method, out: Path, budget, split, limit, overrides, pro
             others = None
             if parts is not None:  # a composition (honellm.search.compose.COMPOSITIONS): its parts, then it
                 artifact = spec.make(task, *parts, out)
-            elif search_trials and spec.name in SPACES:  # the best of a settings search (docs/search.md)
+            elif search_trials and spec.name in SPACES and spec.family != "prompting":  # a settings search
                 artifact, others = _run_search(task, out, budget, overrides, progress, method=spec.name,
                                        trials=search_trials, seeds=seeds, split=split, limit=limit)
             else:
-                _, config = method_config(spec.name, None, _settings(spec, overrides, budget))
+                _, config = method_config(spec.name, None, _settings(spec, overrides, budget, search_trials))
                 artifact = run_method(task, spec, config, out=out, force=True)
         except HoneError as err:
             result.reason = err.render().split("\n")[0]
@@ -221,8 +227,9 @@ def _run_search(task, out: Path, budget, overrides, progress, *, method: str, tr
     from honellm.search import search
     from honellm.search.seeds import run_seeds, seeds_for_budget
 
+    # The budget covers the search and the seeds: the search leaves room for seeds - 1 runs of its longest trial.
     result = search(task, method, n_trials=trials, budget_seconds=budget, base_overrides=overrides,
-                    out=out / "search", force=True, progress=progress)
+                    out=out / "search", force=True, reserve_runs=max(0, seeds - 1), progress=progress)
     artifact = result.artifact
     best_seconds = next((t.seconds for t in result.trials
                          if artifact.path is not None and Path(t.run_dir) == artifact.path.parent), result.seconds)

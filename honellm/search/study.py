@@ -78,13 +78,16 @@ class SearchResult:
 def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None = None,
            base_overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False,
            force: bool = False, space: list | None = None, seed: int = 0, pruner=None,
-           enqueue: list[dict] | None = None, enqueue_defaults: bool = True, progress: bool = True) -> SearchResult:
+           enqueue: list[dict] | None = None, enqueue_defaults: bool = True, reserve_runs: int = 0,
+           progress: bool = True) -> SearchResult:
     """Search `method`'s settings on `task` (a loaded Task) by validation score; return the best and its artifact.
 
     `base_overrides` set the method's other options for every trial (`max_steps=100`, `batch_size=4`); `space`
     replaces the method's search space (`honellm.search.spaces.SPACES`). `budget_seconds`: no trial starts
     after it, and each trial may use only what is left of it (its recipe's `max_seconds`). `enqueue`: settings
     to try first (then the method's defaults, when `enqueue_defaults` and they lie in the space).
+    `reserve_runs`: keep that many runs of the longest finished trial out of the budget (the seeds that re-run
+    the best settings afterwards): no trial starts, nor runs, into that reserve.
     """
     import optuna
     from optuna.storages import JournalStorage
@@ -142,9 +145,11 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
         with _no_test(task):
             failed = 0
             while len(finished) < n_trials and failed < n_trials:  # every trial failing ends the search too
-                left = None if budget_seconds is None else budget_seconds - (time.perf_counter() - started)
+                reserve = reserve_runs * max((r.seconds for r in records if r.state == "complete"), default=0.0)
+                left = None if budget_seconds is None else budget_seconds - (time.perf_counter() - started) - reserve
                 if left is not None and left <= 0:
-                    run.log_metrics(event="time_budget", budget_seconds=budget_seconds, trials=len(finished))
+                    run.log_metrics(event="time_budget", budget_seconds=budget_seconds, trials=len(finished),
+                                    reserved_seconds=round(reserve, 1))
                     break
                 trial = study.ask()
                 params = {p.name: p.suggest(trial) for p in space}

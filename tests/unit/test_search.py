@@ -116,6 +116,31 @@ def test_a_budget_stops_starting_trials(task_yaml, tiny_model_dir, tmp_path, mon
     assert any(r.get("event") == "time_budget" for r in read_metrics(tmp_path / "s" / "metrics.jsonl"))
 
 
+def test_the_search_leaves_the_seeds_reserve_of_its_budget(task_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    import time
+
+    calls = _fake_trials(monkeypatch, tiny_model_dir)
+    fake = study_module.run_method
+    given = []
+
+    def slow(*args, max_seconds=None, **kwargs):
+        given.append(max_seconds)
+        time.sleep(0.4)
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "run_method", slow)
+    # 0.4 s trials in a 2 s budget with 2 seeds' reserve (0.8 s): trials start only while 2 - 0.8 s is not spent.
+    search(Task.load(str(task_yaml)), "ia3", n_trials=50, budget_seconds=2.0, reserve_runs=2, out=tmp_path / "s",
+           progress=False)
+    rows = read_metrics(tmp_path / "s" / "metrics.jsonl")
+    first = next(r["seconds"] for r in rows if r.get("event") == "trial")
+    assert 2 <= len(calls) <= 3
+    # the first trial may use the whole budget; the next one what is left after it and 2 runs of its length
+    assert given[0] == pytest.approx(2.0, abs=0.1) and 0 < given[1] <= 2.0 - 3 * first + 0.02
+    stop = next(r for r in rows if r.get("event") == "time_budget")
+    assert stop["reserved_seconds"] >= 0.8
+
+
 def test_unknown_or_unsearchable_method_is_a_clear_error(task_yaml, tmp_path):
     task = Task.load(str(task_yaml))
     with pytest.raises(HoneError, match="unknown method 'lorra'"):
@@ -514,6 +539,24 @@ def test_compare_with_search_judges_the_best_trial_and_charges_the_whole_search(
     assert (tmp_path / "cmp" / "lora" / "seeds" / "seed-1" / "artifact" / "hone.json").exists()
     assert row.artifact.endswith("artifact") and "/search/trials/trial-" in row.artifact
     assert json.loads((tmp_path / "cmp" / "lora" / "search" / "best.json").read_text())["trials"] == 2
+
+
+def test_compare_search_runs_prompting_s_own_search_with_three_candidates_per_trial(task_yaml, monkeypatch,
+                                                                                    tmp_path):
+    from honellm.compare import compare as compare_module
+
+    seen = []
+
+    def run_method(task, spec, config, out, force):
+        seen.append(config)
+        raise HoneError("stopped here")
+
+    monkeypatch.setattr(study_module, "search", lambda *a, **k: pytest.fail("prompting went through the sampler"))
+    monkeypatch.setattr(compare_module, "run_method", run_method)
+    row = compare_module._run_one(Task.load(str(task_yaml)), compare_module.all_methods()["prompt-search"],
+                                  tmp_path / "p", 600.0, "test", 4, [], False, search_trials=8)
+    assert "stopped here" in row.reason
+    assert seen[0].candidates == 24 and seen[0].max_seconds == 600.0
 
 
 def test_failing_trials_are_recorded_and_end_the_search(task_yaml, tmp_path, monkeypatch):
