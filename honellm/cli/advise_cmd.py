@@ -65,5 +65,8 @@ def register(app: typer.Typer) -> None:
                           f"{s.est_memory_gb:.1f} GiB" if s.est_memory_gb is not None else "-",
                           f"{s.est_prompt_tokens:.0f}" if s.est_prompt_tokens is not None else "-")
         console.print(table)
+        if result.best_bet:
+            bet = result.best_bet
+            echo(f"likely best: {bet['method']} ({','.join(bet['rules'])}): {bet['why']}")
         for method, reason in result.not_applicable:
             echo(f"not applicable: {method}: {reason}")

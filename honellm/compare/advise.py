@@ -46,6 +46,7 @@ class Advice:
     steps: list[Step] = field(default_factory=list)
     not_applicable: list[tuple[str, str]] = field(default_factory=list)
     probe: dict | None = None
+    best_bet: dict | None = None  # the method the rules expect to win (R9), beside the order to try them in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -334,7 +335,43 @@ def advise(task: Task, *, budget_seconds: float | None = None, max_latency_ms: f
     if max_latency_ms is not None:
         # R4: with a latency budget, an adapter (no extra prompt tokens) goes before long few-shot prompts.
         advice.steps.sort(key=lambda s: (s.family == "prompting" and (s.est_prompt_tokens or 0) > 2 * prompt_len))
+    advice.best_bet = best_bet(task, facts, [s.method for s in advice.steps])
     return advice
+
+
+# A reference this short is a bare final answer (a number, a word): nothing of the working that produced it.
+BARE_ANSWER_TOKENS = 8
+
+
+def best_bet(task: Task, facts: dict, methods: list[str]) -> dict | None:
+    """R9: the method the playbook expects to score best on this task (the order of `steps` is the order to try
+    them in, cheapest first, which is another question). Checked against `hone compare` on every example and
+    built-in task (docs/playbook.md, "Checked against measurement")."""
+
+    def bet(method: str, rules: list[str], why: str) -> dict | None:
+        return {"method": method, "rules": rules, "why": why} if method in methods else None
+
+    n = facts["n_train"]
+    if task.config.tools and facts["has_rewards"]:
+        if task.format == "chat" and facts["has_targets"]:
+            return bet("lora", ["R9", "R6"], "the records demonstrate whole tool episodes: fine-tune on them (the cold "
+                                            "start), then GRPO from the merged model to sharpen the calls")
+        return bet("grpo", ["R9", "R6"], "verifiable rewards over tool episodes; but GRPO cannot reinforce a tool call "
+                                        "the model never samples: a cold start on demonstrations of whole episodes "
+                                        "first is what makes it use the tool")
+    if facts["has_pairs"]:
+        return bet("dpo", ["R9", "R5"], f"{n} preference pairs: the offline preference family learns the judgement "
+                                       "directly")
+    if facts["has_targets"] and facts["has_rewards"] and not facts["has_choices"] \
+            and facts.get("mean_answer_tokens", 0) <= BARE_ANSWER_TOKENS:
+        return bet("grpo", ["R9", "R6"], "the references are bare final answers: fine-tuning on them teaches the "
+                                        "model to guess the answer without the working; RL with the checkable "
+                                        "reward keeps the working that gets answers right")
+    if facts["has_targets"] and n >= 50:
+        return bet("lora", ["R9", "R3"], f"{n} labelled examples: tuning learns the task, prompting only shows it")
+    if facts["has_targets"]:
+        return bet("prompt-search", ["R9", "R2"], f"only {n} labelled examples: too few to tune without overfitting")
+    return bet("zero-shot", ["R9", "R1"], "nothing to learn from in the data")
 
 
 def _cost_model(task: Task, params: int, facts: dict, hw: dict) -> CostModel:

@@ -107,3 +107,20 @@ def test_costs_follow_the_model_shape_and_the_data_lengths():
     assert abs(lora_tokens_per_second(large, 1.2e12) - 122) < 12
     assert abs(lora_tokens_per_second(small, 1.37e12) - 1011) < 100
     assert lora_tokens_per_second(large, 1e12) < lora_tokens_per_second(small, 1e12) / 2
+
+
+def test_the_best_bet_follows_what_compare_measured_on_each_kind_of_task(tiny_model_dir, tmp_path):
+    """R9 (docs/playbook.md): labels in the hundreds -> LoRA; too few -> the prompt search; pairs -> DPO; bare
+    checkable answers -> GRPO; a tool task without demonstrations -> GRPO with the cold-start warning."""
+    def bet(path):
+        return advise(Task.load(path)).best_bet
+
+    assert bet(make_tiny_task(tmp_path / "t", tiny_model_dir, n_train=80))["method"] == "lora"
+    assert bet(make_tiny_task(tmp_path / "few", tiny_model_dir, n_train=20))["method"] == "prompt-search"
+    assert bet(make_tiny_preference_task(tmp_path / "p", tiny_model_dir, n_train=64))["method"] == "dpo"
+    reward = make_tiny_reward_task(tmp_path / "r", tiny_model_dir, n_train=64)
+    found = bet(reward)
+    assert found["method"] == "grpo" and found["rules"] == ["R9", "R6"] and "bare final answers" in found["why"]
+    reward.write_text(reward.read_text() + "tools:\n  - {name: calculator}\n")
+    tools = bet(reward)
+    assert tools["method"] == "grpo" and "cold start" in tools["why"]
