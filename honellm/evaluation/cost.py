@@ -11,6 +11,22 @@ from pathlib import Path
 
 from honellm.hardware import peak_rss_bytes
 
+# Work a method does to make its artifact besides its training steps (`train_seconds`): online RL's and RFT's
+# rollouts and their scoring, the preference family's reference pass.
+BESIDE_TRAINING = ("generation_seconds", "scoring_seconds", "reference_seconds")
+
+
+def making_seconds(cost: dict | None, default: float = 0.0) -> float:
+    """The seconds a method spent making its artifact, as the user pays them: its training steps and all the work
+    `train_seconds` leaves out (`BESIDE_TRAINING`). A search's or a composition's cost records its whole total as
+    `making_seconds`; `default` where the cost records no time at all."""
+    cost = cost or {}
+    if cost.get("making_seconds") is not None:
+        return float(cost["making_seconds"])
+    if cost.get("train_seconds") is None:
+        return default
+    return float(cost["train_seconds"]) + sum(float(cost.get(k) or 0.0) for k in BESIDE_TRAINING)
+
 
 class PeakMemory:
     """`with PeakMemory(device) as meter: ...` then `meter.mb` and `meter.kind`."""

@@ -36,12 +36,17 @@ COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties")
 
 
 def total_cost(parts: dict[str, Artifact | dict], seconds: float = 0.0) -> dict:
-    """Train seconds and tokens of all `parts` (artifacts, or cost dicts) plus `seconds` of the composition's own."""
+    """The seconds (all the work of making each part: `making_seconds`) and train tokens of all `parts`
+    (artifacts, or cost dicts) plus `seconds` of the composition's own."""
+    from honellm.evaluation.cost import making_seconds
+
     costs = {name: (p.manifest.cost if isinstance(p, Artifact) else p) or {} for name, p in parts.items()}
-    return {"train_seconds": round(sum(float(c.get("train_seconds", 0.0)) for c in costs.values()) + seconds, 2),
+    total = round(sum(making_seconds(c) for c in costs.values()) + seconds, 2)
+    return {"train_seconds": total, "making_seconds": total,
             "train_tokens": int(sum(int(c.get("train_tokens", 0)) for c in costs.values())),
             "trainable_params": max((int(c.get("trainable_params", 0)) for c in costs.values()), default=0),
-            "parts": {name: {k: c.get(k) for k in ("train_seconds", "train_tokens")} for name, c in costs.items()}}
+            "parts": {name: {"train_seconds": making_seconds(c), "train_tokens": c.get("train_tokens")}
+                      for name, c in costs.items()}}
 
 
 def sft_then_dpo(task, *, sft_method: str = "lora", sft_overrides: list[str] | None = None,

@@ -201,6 +201,12 @@ def test_each_method_trains_logs_and_saves_an_adapter(task_yaml, tmp_path, metho
     assert [r["step"] for r in evals] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in evals)
     assert art.manifest.metrics["val_accuracy"] == max(r["val_accuracy"] for r in evals)
     assert (out / "reference_logps.pt").exists() == (method not in ("orpo", "simpo"))
+    # the reference pass is work the method does besides its steps: in the cost, and in what a comparison charges
+    from honellm.evaluation.cost import making_seconds
+
+    cost = art.manifest.cost
+    assert (cost["reference_seconds"] > 0) == (method not in ("orpo", "simpo"))
+    assert making_seconds(cost) == pytest.approx(cost["train_seconds"] + cost["reference_seconds"])
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto", "simpo"])

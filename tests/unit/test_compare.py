@@ -150,3 +150,23 @@ def test_online_rl_rewards_a_label_task_by_the_label_the_answer_commits_to(tiny_
     text_task._format = "fields"
     assert metric_reward(text_task).score(["p"], ["Nope"], target=["answer"]).total == [0.0]
     assert metric_reward(text_task).score(["p"], ["The answer."], target=["answer"]).total == [1.0]
+
+
+def test_a_row_is_charged_all_the_work_of_making_its_artifact():
+    from honellm.evaluation.cost import making_seconds
+
+    grpo = {"train_seconds": 50.8, "generation_seconds": 30.0, "scoring_seconds": 0.2}  # rollouts are not steps
+    assert making_seconds(grpo) == pytest.approx(81.0)
+    assert making_seconds({"train_seconds": 10.0, "reference_seconds": 4.0}) == pytest.approx(14.0)
+    # a search's (or a composition's) total is all of it already: its best trial's rollouts are not added twice
+    assert making_seconds({**grpo, "train_seconds": 500.0, "making_seconds": 500.0}) == 500.0
+    assert making_seconds({}, default=7.0) == 7.0 and making_seconds(None) == 0.0
+
+
+def test_a_composition_s_cost_adds_every_part_s_whole_making():
+    from honellm.search.compose import total_cost
+
+    cost = total_cost({"sft": {"train_seconds": 20.0, "train_tokens": 100},
+                       "grpo": {"train_seconds": 50.0, "generation_seconds": 30.0, "train_tokens": 400}}, seconds=5.0)
+    assert cost["train_seconds"] == cost["making_seconds"] == 105.0 and cost["train_tokens"] == 500
+    assert cost["parts"]["grpo"]["train_seconds"] == 80.0

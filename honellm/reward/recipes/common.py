@@ -398,8 +398,9 @@ def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
 
 def finish_artifact(*, task, method: str, kind: str, config: AlignConfig, program, run, accelerator, model,
                     state: LoopState, selected: int, monitor, precision: Precision, trainable_params: int,
-                    total_params: int, extra_metrics: dict, save) -> Artifact:
+                    total_params: int, extra_metrics: dict, save, extra_cost: dict | None = None) -> Artifact:
     """Build the manifest (`selected`: the step whose weights the model holds) and write the artifact with `save`.
+    `extra_cost`: the work besides the training steps (`reference_seconds`), in the manifest's cost.
 
     `save(artifact, path)` writes the method's files (adapter, full weights, a reward head) on the main process.
     """
@@ -407,7 +408,7 @@ def finish_artifact(*, task, method: str, kind: str, config: AlignConfig, progra
     summary = monitor.summary()
     metrics = {"best_step": state.best_step, "final_step": state.step, "selected_step": selected, **extra_metrics}
     cost = {"trainable_params": trainable_params, "total_params": total_params, "processes": accelerator.num_processes,
-            "precision": precision.name, "device": accelerator.device.type, **summary}
+            "precision": precision.name, "device": accelerator.device.type, **summary, **(extra_cost or {})}
     artifact = Artifact.create(name=f"{task.name}-{method}", method=method, kind=kind, base_model=task.config.model,
                                program=program, task=task, config={"method": method, **config.model_dump(mode="json")},
                                metrics=metrics, cost=cost, run_dir=str(run.path))

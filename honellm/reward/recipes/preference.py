@@ -211,6 +211,7 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     score_kwargs = {"pad_id": pad_id, "precision": precision, "batch_size": config.eval_batch_size,
                     "accelerator": accelerator}
     reference = {"train": None, "validation": None}
+    reference_seconds = 0.0
     if loss.needs_reference:
         sequences = {"train": flat_pairs(train), "validation": flat_pairs(validation) if validation else []}
         seen = visited(sampler, total_steps)
@@ -234,8 +235,9 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                           seen.tolist(), config.batch_size, config.grad_accum, config.seed, world)
         started = time.perf_counter()
         reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
+        reference_seconds = time.perf_counter() - started
         if is_main:
-            run.log_metrics(event="reference", pairs=len(seen), seconds=round(time.perf_counter() - started, 2))
+            run.log_metrics(event="reference", pairs=len(seen), seconds=round(reference_seconds, 2))
 
     # --- optimizer, schedule, accelerator, resume
     training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
@@ -278,7 +280,8 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                            trainable_params=trainable_params, total_params=total_params,
                            extra_metrics=Best("val_accuracy").kept(state),
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
-                                                  tokenizer=tokenizer, full=config.adapter == "full"))
+                                                  tokenizer=tokenizer, full=config.adapter == "full"),
+                           extra_cost={"reference_seconds": round(reference_seconds, 2)})
 
 
 def _save_policy(artifact, path, *, model, tokenizer, full: bool) -> None:
@@ -454,8 +457,9 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                       config.batch_size, config.grad_accum, config.seed, world)
     started = time.perf_counter()
     reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
+    reference_seconds = time.perf_counter() - started
     if is_main:
-        run.log_metrics(event="reference", completions=len(seen), seconds=round(time.perf_counter() - started, 2))
+        run.log_metrics(event="reference", completions=len(seen), seconds=round(reference_seconds, 2))
 
     # --- optimizer, schedule, accelerator, resume
     training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
@@ -531,7 +535,8 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                            trainable_params=trainable_params, total_params=total_params,
                            extra_metrics=Best("val_accuracy").kept(state),
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
-                                                  tokenizer=tokenizer, full=config.adapter == "full"))
+                                                  tokenizer=tokenizer, full=config.adapter == "full"),
+                           extra_cost={"reference_seconds": round(reference_seconds, 2)})
 
 
 # ------------------------------------------------------------------------------------------------ registration
