@@ -371,22 +371,16 @@ def fit_memory(model, sampler, *, loss_tokens, batch_size: int, grad_accum: int,
                                      window=sampler.window, slots=world * accum)
         return other.steps_per_epoch == sampler.steps_per_epoch
 
-    smaller = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
-    for checkpointing in ([False, True] if not gradient_checkpointing else [True]):
-        for b in smaller:
-            if (b, checkpointing) == (batch_size, gradient_checkpointing):
-                continue
-            accum = grad_accum * batch_size // b
-            if not same_batches(accum):
-                continue
-            estimate = peak(b, accum, checkpointing)
-            if estimate.total <= capacity:
-                settings = f"batch_size={b} grad_accum={accum}" + (" gradient_checkpointing=true" if checkpointing
-                                                                    and not gradient_checkpointing else "")
-                note = (f"memory: batch_size={batch_size} grad_accum={grad_accum} would need about "
-                        f"{first.total / GiB:.2f} GiB of {capacity / GiB:.2f} GiB; training with {settings} "
-                        f"(the same global batch), about {estimate.total / GiB:.2f} GiB")
-                return MemoryPlan(b, accum, checkpointing, estimate, capacity, first, note)
+    found = _first_that_fits(peak, capacity, batch_size=batch_size, grad_accum=grad_accum,
+                             gradient_checkpointing=gradient_checkpointing, allowed=same_batches)
+    if found is not None:
+        b, accum, checkpointing, estimate = found
+        settings = f"batch_size={b} grad_accum={accum}" + (" gradient_checkpointing=true" if checkpointing
+                                                            and not gradient_checkpointing else "")
+        note = (f"memory: batch_size={batch_size} grad_accum={grad_accum} would need about "
+                f"{first.total / GiB:.2f} GiB of {capacity / GiB:.2f} GiB; training with {settings} "
+                f"(the same global batch), about {estimate.total / GiB:.2f} GiB")
+        return MemoryPlan(b, accum, checkpointing, estimate, capacity, first, note)
     fixes = []
     if max_length is not None or first.seq_len > 64:
         fixes.append(f"a shorter max_length (the longest micro-batch has {first.seq_len} tokens; longer examples "
@@ -400,6 +394,27 @@ def fit_memory(model, sampler, *, loss_tokens, batch_size: int, grad_accum: int,
         f"{peak(1, grad_accum * batch_size, True).total / GiB:.2f} GiB",
         where="memory pre-flight",
         fix="try " + "; or ".join(fixes) + " (set HONE_SKIP_MEMORY_CHECK=1 to train anyway)")
+
+
+def _first_that_fits(peak: Callable[[int, int, bool], MemoryEstimate], capacity: int, *, batch_size: int,
+                     grad_accum: int, gradient_checkpointing: bool, accumulate: bool = True,
+                     allowed: Callable[[int], bool] = lambda accum: True):
+    """The fitting search both pre-flights share: smaller micro-batches (divisors of `batch_size`, largest first)
+    with more accumulation (when `accumulate`, and where `allowed(accum)`), then the same with gradient
+    checkpointing; the first whose `peak(micro_batch, accum, checkpointing)` fits `capacity`, as
+    (micro_batch, accum, checkpointing, estimate), or None."""
+    smaller = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
+    for checkpointing in ([False, True] if not gradient_checkpointing else [True]):
+        for b in smaller:
+            if (b, checkpointing) == (batch_size, gradient_checkpointing):
+                continue
+            accum = grad_accum * batch_size // b if accumulate else grad_accum
+            if not allowed(accum):
+                continue
+            estimate = peak(b, accum, checkpointing)
+            if estimate.total <= capacity:
+                return b, accum, checkpointing, estimate
+    return None
 
 
 def fit_micro_batch(estimate_for: Callable[[int, int, bool], MemoryEstimate], *, batch_size: int, seq_len: int,
@@ -421,21 +436,17 @@ def fit_micro_batch(estimate_for: Callable[[int, int, bool], MemoryEstimate], *,
     capacity = int(limit_gb * GiB) if limit_gb is not None else available_memory(device)[0]
     if first.total <= capacity:
         return MemoryPlan(batch_size, grad_accum, gradient_checkpointing, first, capacity, first)
-    smaller = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
-    for checkpointing in ([False, True] if not gradient_checkpointing else [True]):
-        for b in smaller:
-            if (b, checkpointing) == (batch_size, gradient_checkpointing):
-                continue
-            estimate = estimate_for(b, seq_len, checkpointing)
-            if estimate.total <= capacity:
-                accum = grad_accum * batch_size // b if accumulate else grad_accum
-                settings = f"batch_size={b}" + (f" grad_accum={accum}" if accumulate else "") + (
-                    " gradient_checkpointing=true" if checkpointing and not gradient_checkpointing else "")
-                same = "the same global batch" if accumulate else "the same updates, in more micro-batches"
-                note = (f"memory: batch_size={batch_size} would need about {first.total / GiB:.2f} GiB of "
-                        f"{capacity / GiB:.2f} GiB; training with {settings} ({same}), about "
-                        f"{estimate.total / GiB:.2f} GiB")
-                return MemoryPlan(b, accum, checkpointing, estimate, capacity, first, note)
+    found = _first_that_fits(lambda b, accum, checkpointing: estimate_for(b, seq_len, checkpointing), capacity,
+                             batch_size=batch_size, grad_accum=grad_accum,
+                             gradient_checkpointing=gradient_checkpointing, accumulate=accumulate)
+    if found is not None:
+        b, accum, checkpointing, estimate = found
+        settings = f"batch_size={b}" + (f" grad_accum={accum}" if accumulate else "") + (
+            " gradient_checkpointing=true" if checkpointing and not gradient_checkpointing else "")
+        same = "the same global batch" if accumulate else "the same updates, in more micro-batches"
+        note = (f"memory: batch_size={batch_size} would need about {first.total / GiB:.2f} GiB of "
+                f"{capacity / GiB:.2f} GiB; training with {settings} ({same}), about {estimate.total / GiB:.2f} GiB")
+        return MemoryPlan(b, accum, checkpointing, estimate, capacity, first, note)
     check_memory(estimate_for, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                  gradient_checkpointing=gradient_checkpointing, device=device, limit_gb=limit_gb,
                  trains_all_weights=trains_all_weights)  # raises: nothing fits
