@@ -147,9 +147,13 @@ def search(task, method: str, *, n_trials: int = 8, budget_seconds: float | None
             while len(finished) < n_trials and failed < n_trials:  # every trial failing ends the search too
                 reserve = reserve_runs * max((r.seconds for r in records if r.state == "complete"), default=0.0)
                 left = None if budget_seconds is None else budget_seconds - (time.perf_counter() - started) - reserve
-                if left is not None and left <= 0:
+                # A trial given less than the shortest one so far (a pruned trial: its first evaluation) is
+                # cut before it shows anything, and its overhead runs into the seeds' reserve: none starts.
+                shortest = min((r.seconds for r in records if r.state in ("complete", "pruned") and r.seconds > 0),
+                               default=0.0)
+                if left is not None and left <= shortest:
                     run.log_metrics(event="time_budget", budget_seconds=budget_seconds, trials=len(finished),
-                                    reserved_seconds=round(reserve, 1))
+                                    reserved_seconds=round(reserve, 1), left_seconds=round(max(0.0, left), 1))
                     break
                 trial = study.ask()
                 params = {p.name: p.suggest(trial) for p in space}

@@ -129,16 +129,18 @@ def test_the_search_leaves_the_seeds_reserve_of_its_budget(task_yaml, tiny_model
         return fake(*args, **kwargs)
 
     monkeypatch.setattr(study_module, "run_method", slow)
-    # 0.4 s trials in a 2 s budget with 2 seeds' reserve (0.8 s): trials start only while 2 - 0.8 s is not spent.
-    search(Task.load(str(task_yaml)), "ia3", n_trials=50, budget_seconds=2.0, reserve_runs=2, out=tmp_path / "s",
+    # 0.4 s trials in a 3 s budget with 2 seeds' reserve (0.8 s+): trials start only while 3 - 0.8 s is not spent,
+    # and not when what is left is shorter than a trial so far.
+    search(Task.load(str(task_yaml)), "ia3", n_trials=50, budget_seconds=3.0, reserve_runs=2, out=tmp_path / "s",
            progress=False)
     rows = read_metrics(tmp_path / "s" / "metrics.jsonl")
     first = next(r["seconds"] for r in rows if r.get("event") == "trial")
-    assert 2 <= len(calls) <= 3
+    assert 2 <= len(calls) <= 4
     # the first trial may use the whole budget; the next one what is left after it and 2 runs of its length
-    assert given[0] == pytest.approx(2.0, abs=0.1) and 0 < given[1] <= 2.0 - 3 * first + 0.02
+    assert given[0] == pytest.approx(3.0, abs=0.1) and 0 < given[1] <= 3.0 - 3 * first + 0.02
     stop = next(r for r in rows if r.get("event") == "time_budget")
-    assert stop["reserved_seconds"] >= 0.8
+    assert stop["reserved_seconds"] >= 0.8 and stop["left_seconds"] <= first
+    assert all(g > first for g in given[1:])  # no trial started with less time than the first one took
 
 
 def test_unknown_or_unsearchable_method_is_a_clear_error(task_yaml, tmp_path):
