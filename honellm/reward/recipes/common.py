@@ -370,22 +370,24 @@ def cached_reference(path: Path, key: str, compute, accelerator) -> dict:
     from accelerate.utils import broadcast_object_list
 
     accelerator.wait_for_everyone()
-    shared = [folder / f"reference-{key[:24]}.pt" for folder in _SHARED_REFERENCES[-1:]]
+    shared = _SHARED_REFERENCES[-1] / f"reference-{key[:24]}.pt" if _SHARED_REFERENCES else None
     found = [None]
     if accelerator.is_main_process:
-        found = [_saved_values(path, key)]
-        for candidate in shared:
-            if found[0] is None and (values := _saved_values(candidate, key)) is not None:
-                _save_values(path, key, values)
-                found = [values]
+        values = _saved_values(path, key)
+        if values is None and shared is not None:
+            values = _saved_values(shared, key)
+            if values is not None:
+                _save_values(path, key, values)  # the run keeps its own copy: its resume reads it there
+        found = [values]
     if accelerator.num_processes > 1:
         broadcast_object_list(found)
     if found[0] is not None:
         return found[0]
     values = compute()
     if accelerator.is_main_process:
-        for target in [path, *shared]:
-            _save_values(target, key, values)
+        _save_values(path, key, values)
+        if shared is not None:
+            _save_values(shared, key, values)
     accelerator.wait_for_everyone()
     return values
 
