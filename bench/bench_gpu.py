@@ -20,7 +20,8 @@ small byte-level one: the LM head keeps its 49,152 rows either way); the data ar
 
 Printed per phase: tokens/s (real tokens; DPO and GRPO: per step), MFU on CUDA (6 x parameters x tokens/s over the
 GPU's dense bf16 peak; for LoRA an overstatement of the work done, the usual convention), peak GPU memory, the
-ratio Hone / TRL, and the first losses of both sides. A last JSON line (`BENCH_GPU {...}`) holds everything. A phase
+ratio Hone / TRL (SFT: tokens/s; DPO and GRPO: steps/s on the same pairs or prompts, since the sides count a step's
+tokens differently), and the first losses of both sides. A last JSON line (`BENCH_GPU {...}`) holds everything. A phase
 that would start past `--budget` seconds is skipped (and says so). It asserts nothing; the figures are unmeasured
 until someone runs it on a GPU (bench/README.md).
 """
@@ -93,9 +94,15 @@ def write_model(shape: str, folder: Path) -> Path:
 
 
 def _tokenizer(*, small: bool):
-    """The embedded SmolLM2 tokenizer where it is installed (the real token counts); else a small one."""
+    """The SmolLM2 tokenizer (the real token counts): from `HONE_BENCH_TOKENIZER` (a folder; bench/gpu_kit.py saves
+    one into .gpu/tokenizer for a device machine) or the embedded model where it is installed; else a small one."""
     from honellm.testing import CHATML_TEMPLATE, make_tiny_tokenizer
 
+    folder = os.environ.get("HONE_BENCH_TOKENIZER")
+    if not small and folder and Path(folder, "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
     if not small:
         try:
             from honellm.defaults import DEFAULT_MODEL
@@ -320,8 +327,12 @@ def report(result: dict, peak: float | None) -> None:
                   f"{r['peak_memory_bytes'] / 2**30:.2f} GiB  first {'losses' if 'losses' in r else 'rewards'} "
                   f"{[round(x, 4) for x in losses[:4]]}")
     if "tokens_per_second" in hone and "tokens_per_second" in trl:
-        result["ratio"] = hone["tokens_per_second"] / trl["tokens_per_second"]
-        print(f"  Hone / TRL: {result['ratio']:.2f}x tokens/s, "
+        # SFT: tokens/s (both sides count the real tokens of the same records). DPO and GRPO: the step time on the
+        # same pairs or prompts (the sides count a step's tokens differently: padding, the prompt once or twice).
+        sft = result["kind"].startswith("sft")
+        result["ratio"] = (hone["tokens_per_second"] / trl["tokens_per_second"] if sft
+                           else trl["step_seconds"] / hone["step_seconds"])
+        print(f"  Hone / TRL: {result['ratio']:.2f}x {'tokens/s' if sft else 'steps/s'}, "
               f"{hone['peak_memory_bytes'] / max(trl['peak_memory_bytes'], 1):.2f}x peak memory")
 
 
@@ -375,7 +386,7 @@ def main() -> None:
             report(result, peak)
             results.append(result)
     ratios = [r["ratio"] for r in results if "ratio" in r]
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; Hone / TRL tokens/s: "
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; Hone / TRL speed: "
           + (f"median {statistics.median(ratios):.2f}x" if ratios else "no phase compared"))
     print("BENCH_GPU " + json.dumps({"device": gpu, "smoke": args.smoke, "phases": results}))
 

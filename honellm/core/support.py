@@ -30,6 +30,7 @@ attention, which Hone's SFT picks on a CPU up to 256 tokens) are checked where t
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from honellm import hardware
@@ -235,6 +236,11 @@ def liger_problem(model_or_config, device) -> str | None:
         return "Liger's kernels run on CUDA devices only"
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed (pip install 'honellm[gpu]')"
+    version = _liger_version()
+    if version is not None and version < LIGER_MIN_VERSION:
+        return (f"liger-kernel {'.'.join(map(str, version))} is older than "
+                f"{'.'.join(map(str, LIGER_MIN_VERSION))}: its fused cross-entropy scales every token's gradient "
+                "by the first token's under reduction='none' (pip install -U 'honellm[gpu]')")
     model = None if _is_config(model_or_config) else _unwrap(model_or_config)
     config = _text_config(model_or_config if model is None else getattr(model, "config", None))
     model_type = getattr(config, "model_type", None)
@@ -243,6 +249,24 @@ def liger_problem(model_or_config, device) -> str | None:
     if getattr(config, "quantization_config", None) is not None:
         return "a quantized model (its layers' forward is the quantization library's)"
     return None
+
+
+# Before 0.8.2, Liger's fused linear cross-entropy with reduction="none" multiplied the precomputed gradients by the
+# upstream gradient's first element (`element_mul_kernel` reads one scalar): right for a plain mean, wrong wherever
+# tokens carry different weights (DPO's chosen and rejected signs, RL advantages). 0.8.2 folds the per-token
+# upstream gradient into each row (`token_grad_output`).
+LIGER_MIN_VERSION = (0, 8, 2)
+
+
+def _liger_version() -> tuple[int, ...] | None:
+    """The installed liger-kernel's version as numbers (None where its metadata cannot be read: a vendored copy)."""
+    import importlib.metadata
+
+    try:
+        text = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
 def _liger_table() -> tuple[str, ...]:

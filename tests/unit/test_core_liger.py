@@ -80,6 +80,18 @@ def test_liger_decision_follows_the_architecture_and_liger_s_own_table(arch_dir,
     assert liger.apply(gemma, CUDA) is None and calls[-1][0] is gemma and not liger.active(gemma)
 
 
+def test_liger_older_than_the_per_token_gradient_fix_steps_aside(arch_dir, monkeypatch):
+    calls: list = []
+    fake_liger(monkeypatch, calls)
+    model = load(arch_dir("llama"))
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.8.1")
+    problem = liger_problem(model, CUDA)
+    assert "0.8.1 is older than 0.8.2" in problem and "reduction='none'" in problem
+    assert liger.apply(model, CUDA) == problem and not liger.active(model) and calls == []
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.8.5")
+    assert liger_problem(model, CUDA) is None
+
+
 def sequences():
     g = torch.Generator().manual_seed(3)
     out = []
@@ -99,7 +111,10 @@ def test_applied_liger_takes_the_fused_loss_with_the_same_numbers(arch_dir, monk
     for batch in (collate(sequences(), 0), pack(sequences())):
         model.zero_grad(set_to_none=True)
         reference = token_logprobs(model, batch)
-        reference.values.sum().backward()
+        # Tokens weighted unequally, signs mixed (DPO's chosen and rejected, RL's advantages): a fused loss that
+        # scaled every row's gradient by one upstream value would pass a plain sum.
+        weights = torch.linspace(-1.5, 2.0, reference.values.numel())
+        (reference.values * weights).sum().backward()
         expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
         fake_liger(monkeypatch, calls)
@@ -115,7 +130,7 @@ def test_applied_liger_takes_the_fused_loss_with_the_same_numbers(arch_dir, monk
         model.zero_grad(set_to_none=True)
         found = token_logprobs(model, batch)
         handle.remove()
-        found.values.sum().backward()
+        (found.values * weights).sum().backward()
         assert calls[-1][:2] == ("flce", "none") and calls[-1][2][0] == reference.values.numel()
         assert all(n == 0 for n in rows)  # the LM head itself ran on no row: no logits were materialised
         assert torch.allclose(found.values, reference.values, atol=1e-5)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a GPU device machine, from the repository root, with `.gpu/` (bench/gpu_kit.py) carried along:
+#   bash bench/gpu_run.sh [bench_gpu.py options]        # e.g. --phases sft-lora-135m,dpo-135m --budget 300
+# Installs the kit's wheels into /tmp/site (the image's packages are left as they are), prints the environment,
+# runs the GPU tests (tests/unit/test_gpu.py) and then the benchmark (bench/bench_gpu.py, 420 s budget unless
+# given). Logs go to $OUT (the device tool's folder) when it is set, else /tmp/hone-gpu.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/hone-gpu}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/wheels/*.whl || { echo "gpu_run: the kit's wheels did not install (python bench/gpu_kit.py makes them)"; exit 1; }
+export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+    TOKENIZERS_PARALLELISM=false HONE_BENCH_TOKENIZER="$PWD/.gpu/tokenizer"
+python3 bench/gpu_kit.py --check 2>&1 | tee "$out/env.txt" || exit 1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_gpu.py -rs 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+budget=()
+[[ " $* " == *" --budget "* ]] || budget=(--budget 420)
+python3 bench/bench_gpu.py "${budget[@]}" "$@" 2>&1 | tee "$out/bench_gpu.log"

@@ -1,0 +1,119 @@
+"""The GPU paths against their exact references, on a CUDA device only (skipped elsewhere; on a GPU machine
+`pytest -m gpu`, which `bench/gpu_run.sh` runs before the benchmark): Liger Kernel's real Triton kernels and
+fused linear cross-entropy (tests/unit/test_core_liger.py checks the wiring on a CPU with a fake Liger), packing
+under the GPU's attention kernels (test_packing.py checks it on a CPU), and the SFT recipe's GPU defaults.
+
+Tolerances are looser than the CPU tests' fp32 1e-5: CUDA's matrix products reduce in another order (and TF32 is
+off here, so that is all they differ by)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from honellm.core import liger
+from honellm.core.support import liger_problem, packing_problem
+from honellm.training.batching import IGNORE, TokenSequence, collate, pack
+from honellm.training.logprobs import token_logprobs
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def sequences(lengths=(40, 23, 57, 31)):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 300, (n,), generator=g).tolist()
+        out.append(TokenSequence(ids, [IGNORE] * (n // 3) + ids[n // 3:]))
+    return out
+
+
+def lora_model(path, attention="sdpa"):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model.to(CUDA).train()
+
+
+def weighted_grads(model, batch, weights=None):
+    """Token log-probs and the gradients of a sum weighted unequally, with mixed signs (DPO's chosen and rejected,
+    RL's advantages): a fused loss that scaled every row by one upstream value would pass a plain sum."""
+    model.zero_grad(set_to_none=True)
+    found = token_logprobs(model, batch)
+    if weights is None:
+        weights = torch.linspace(-1.5, 2.0, found.values.numel(), device=found.values.device)
+    (found.values * weights).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return found.values.detach(), grads, weights
+
+
+def assert_close(a, b, tolerance):
+    (values_a, grads_a, _), (values_b, grads_b, _) = a, b
+    assert torch.allclose(values_a, values_b, atol=tolerance, rtol=tolerance)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert float((grad - grads_b[name]).abs().max() / scale) <= tolerance, name
+
+
+def test_liger_kernels_and_fused_loss_equal_the_logits_path(arch_dir):
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install 'honellm[gpu]')")
+    path = arch_dir("llama")
+    plain = lora_model(path)
+    assert liger_problem(plain, CUDA) is None
+    for make in (lambda s: collate(s, 0), pack):
+        batch = make(sequences()).to(CUDA)
+        expected = weighted_grads(plain, batch)
+        fused = lora_model(path)
+        fused.load_state_dict(plain.state_dict())
+        assert liger.apply(fused, CUDA) is None and liger.active(fused)
+        found = weighted_grads(fused, batch, expected[2])
+        assert_close(found, expected, 2e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2"])
+def test_packed_batches_equal_padded_ones_on_cuda(arch_dir, attention):
+    if attention == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    from transformers import AutoModelForCausalLM
+
+    path = arch_dir("qwen2")
+    dtype = torch.bfloat16 if attention == "flash_attention_2" else torch.float32  # flash kernels take bf16/fp16
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype).to(CUDA)
+    assert packing_problem(model) is None
+    padded = weighted_grads(model, collate(sequences(), 0).to(CUDA))
+    packed = weighted_grads(model, pack(sequences()).to(CUDA), padded[2])
+    assert_close(packed, padded, 2e-4 if dtype == torch.float32 else 3e-2)
+
+
+def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
+    import importlib.util
+
+    from honellm.runs import read_metrics
+    from honellm.testing import make_tiny_task
+    from honellm.tuning import tune_task
+
+    task_yaml = make_tiny_task(tmp_path / "task", tiny_model_dir)
+    tune_task(str(task_yaml), "lora", ["max_steps=4", "eval_every=0", "save_every=0", "batch_size=4", "r=4"],
+              out=str(tmp_path / "run"))
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    start = next(r for r in metrics if r.get("event") == "start")
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    assert start["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert start["packing"] is True and start["max_tokens_per_batch"]  # packed by a token budget on GPUs
+    if importlib.util.find_spec("liger_kernel") is not None:
+        assert start["liger"] == "applied"
+    assert len(losses) == 4 and all(loss == loss and loss < 20 for loss in losses)  # finite, not diverged
