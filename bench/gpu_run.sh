@@ -7,11 +7,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/hone-gpu}"
+kit="${HONE_GPU_KIT:-.gpu}"   # another kit folder (a dry run on a CPU: gpu_kit.py --python-version 3.11 --out DIR)
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu/wheels/*.whl || { echo "gpu_run: the kit's wheels did not install (python bench/gpu_kit.py makes them)"; exit 1; }
+    "$kit"/wheels/*.whl || { echo "gpu_run: the kit's wheels did not install (python bench/gpu_kit.py makes them)"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 \
-    TOKENIZERS_PARALLELISM=false HONE_BENCH_TOKENIZER="$PWD/.gpu/tokenizer"
+    TOKENIZERS_PARALLELISM=false HONE_BENCH_TOKENIZER="$(cd "$kit" && pwd)/tokenizer"
 python3 bench/gpu_kit.py --check 2>&1 | tee "$out/env.txt" || exit 1
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_gpu.py -rs 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
 budget=()

@@ -1,7 +1,9 @@
 """The optional vLLM backend: the same `generate` / `score` contract on a CUDA GPU, through `vllm.LLM`.
 
 vLLM is imported only here and only when chosen. It loads the base weights from the model's folder
-(`name_or_path`) and runs colocated with training, on the same GPU (`gpu_memory_utilization`, half by default):
+(`name_or_path`) and runs colocated with training, on the same GPU (`gpu_memory_utilization`, half by default) and
+in the same process (`distributed_executor_backend="external_launcher"`, TRL's colocate setting: vLLM V1 would
+otherwise run its engine in a child process, out of reach of the weight copies below):
 
 - **weights synced each step without a reload** (`sync_weights`, called before each batch of rollouts): a PEFT
   LoRA policy is served with vLLM's LoRA support (`enable_lora`): each sync saves the adapter (a few MB) and the
@@ -21,8 +23,11 @@ unmeasured so far (bench/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -82,6 +87,31 @@ def lora_settings(model) -> dict | None:
     return {"rank": int(config.r)}
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def _launcher_variables():
+    """The variables vLLM's `external_launcher` reads while it sets itself up: those `torchrun` / `accelerate
+    launch` set, else rank 0 of 1 on a free local port. Those set here are removed after, so that a later
+    `Accelerator` in this process does not take a lone run for a distributed one."""
+    added = {}
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        if name not in os.environ:
+            added[name] = value
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            added["MASTER_PORT"] = str(probe.getsockname()[1])
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _engine(**kwargs):
     from vllm import LLM
 
@@ -111,11 +141,17 @@ class VLLMBackend:
         # vLLM shares the GPU with the Hugging Face model it mirrors (and, in RL, with its optimizer state), so it
         # takes half of the memory rather than its default 90%.
         kwargs = dict(model=str(folder), tokenizer=str(folder), dtype=str(dtype).removeprefix("torch."),
-                      max_model_len=max_length, enable_prefix_caching=True, seed=0,
-                      gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
+                      max_model_len=max_length, enable_prefix_caching=True, seed=_rank(),
+                      gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode,
+                      # In this process (vLLM V1 otherwise runs its engine in a child process, where the weights
+                      # cannot be copied in): TRL's colocate mode does the same.
+                      distributed_executor_backend="external_launcher",
+                      # V1's memory profiler takes the default (larger) batch as needing more than it has.
+                      max_num_batched_tokens=max(4096, max_length))
         if self.lora:
             kwargs.update(enable_lora=True, max_lora_rank=max(8, self.lora["rank"]), max_loras=1)
-        self.llm = (engine or _engine)(**kwargs)
+        with _launcher_variables():
+            self.llm = (engine or _engine)(**kwargs)
         if hasattr(model, "peft_config"):  # the folder holds the base model: bring the adapter in
             self.sync_weights()
 
@@ -234,7 +270,7 @@ class VLLMBackend:
 
 
 def _runner_model(llm):
-    """The torch model inside a `vllm.LLM` (in process: colocated, one GPU), across vLLM's engine layouts."""
+    """The torch model inside a `vllm.LLM` (in this process: `external_launcher`), across vLLM's engine layouts."""
     executor = llm.llm_engine.model_executor
     worker = executor.driver_worker
     worker = getattr(worker, "worker", worker)  # V1 wraps the worker

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -28,6 +29,8 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        self.launcher = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                         "MASTER_PORT")}
         self.calls: list = []
         self.loaded: list = []
         runner = SimpleNamespace(model=SimpleNamespace(load_weights=lambda weights: self.loaded.append(list(weights))))
@@ -83,6 +86,10 @@ def test_lora_policy_syncs_as_a_new_adapter_id_without_reloading(fake_vllm, tiny
     llm = backend.llm
     assert llm.kwargs["enable_lora"] and llm.kwargs["max_lora_rank"] >= 4 and llm.kwargs["enable_sleep_mode"]
     assert llm.kwargs["gpu_memory_utilization"] == 0.3 and llm.kwargs["model"] == str(tiny_model_dir)
+    # In this process (TRL's colocate settings), told it is rank 0 of 1; those variables are gone after.
+    assert llm.kwargs["distributed_executor_backend"] == "external_launcher" and llm.kwargs["seed"] == 0
+    assert llm.launcher["RANK"] == "0" and llm.launcher["WORLD_SIZE"] == "1" and llm.launcher["MASTER_PORT"]
+    assert not any(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))
     assert backend.adapter_id == 1 and not llm.loaded  # the adapter at construction, no weights copied
     first = backend.lora_request.lora_path
     with torch.no_grad():  # a training step changes the adapter
