@@ -153,6 +153,53 @@ def lora_parts(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, 
     initialisation included) over an `nn.Linear`, no DoRA or other variant, no bias on the adapter. None for
     anything else, and for a layer whose adapters are disabled or merged (its caller decides what those mean).
     The generation engine merges such layers into its derived weights (honellm/core/runners.py)."""
+    parts = _one_adapter(layer)
+    if parts is None:
+        return None
+    adapter = parts[0]
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
+        return None
+    return parts
+
+
+def dora_parts(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, float, torch.Tensor] | None:
+    """`(adapter, base, lora_A, lora_B, scaling, magnitude)` when `layer` is a PEFT DoRA `Linear`
+    (https://arxiv.org/abs/2402.09353) computing exactly `m / ||W + s B A|| * (W + s B A) x + b` (the norm taken
+    over each output row, `m` the [out_features] magnitude vector) with one active adapter: the same conditions as
+    `lora_parts` except that DoRA, and no other variant, is the one active adapter's variant, and dropout has no
+    effect now (eval mode, where PEFT's DoRA forward skips it, or no dropout at all). None for anything else.
+
+    Only the generation engine uses it: it folds such layers into its derived weights with PEFT's merge arithmetic
+    (honellm/core/runners.py). The training paths here leave DoRA to PEFT's own forward."""
+    try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # a PEFT without LoRA variants: its DoRA layers keep their own forward
+        return None
+    parts = _one_adapter(layer)
+    if parts is None:
+        return None
+    adapter = parts[0]
+    if (type(getattr(layer, "lora_variant", {}).get(adapter)) is not DoraLinearVariant
+            or not getattr(layer, "use_dora", {}).get(adapter, False)):
+        return None
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)  # an nn.ModuleDict, which has no .get
+    if magnitudes is None or adapter not in magnitudes:
+        return None
+    magnitude = magnitudes[adapter]
+    if (type(magnitude) is not DoraLinearLayer or magnitude.fan_in_fan_out
+            or magnitude.weight.shape != (parts[1].weight.shape[0],)):
+        return None
+    dropout = layer.lora_dropout[adapter]
+    if layer.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) > 0:
+        return None
+    return (*parts, magnitude.weight)
+
+
+def _one_adapter(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, float] | None:
+    """`(adapter, base, lora_A, lora_B, scaling)` of a PEFT LoRA `Linear` with one active adapter, not disabled
+    or merged, over an `nn.Linear` (not transposed), whose A and B are bias-free `nn.Linear`s and whose scaling is a
+    number; None otherwise. Whether a variant (DoRA ...) is on is for the callers to check."""
     if not hasattr(layer, "lora_A") or type(getattr(layer, "base_layer", None)) is not nn.Linear:
         return None
     if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
@@ -161,8 +208,6 @@ def lora_parts(layer: nn.Module) -> tuple[str, nn.Linear, nn.Linear, nn.Linear, 
     if len(active) != 1:
         return None
     adapter = active[0]
-    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
-        return None
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
         return None

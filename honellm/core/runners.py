@@ -19,7 +19,9 @@ The engine drives every model through the same five calls: `new_state`, `forward
   active adapter) enters that copy merged, W + scaling * B @ A computed in fp32 and rounded once, so an adapted
   model decodes about as fast as its base (PEFT's unmerged forward costs three more products and two passes per
   layer: SST-2 evaluation of a LoRA artifact ran at 3.86 examples/s unmerged, 5.66 merged, the base model at
-  6.80).
+  6.80). A PEFT DoRA layer (one active adapter) enters it merged the same way, with PEFT's DoRA merge
+  (m / ||W + scaling * B @ A|| per output row, times W + scaling * B @ A; fp32, rounded once): its unmerged forward
+  recomputes that norm over the whole weight at every call of every layer, for every decoded token.
   See `DerivedWeights` for when those copies are rebuilt.
 - `HFRunner`, for every other architecture: the model's own forward with a `DynamicCache`, a 2D attention mask
   and explicit position ids.
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from honellm.core import native, support
-from honellm.core.fused import lora_parts
+from honellm.core.fused import dora_parts, lora_parts
 
 # Norm classes computed as `weight * normalize(x.float()).to(dtype)`, the Llama RMSNorm.
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -114,7 +116,7 @@ class LayerWeights:
 
 
 class DerivedWeights:
-    """Fused (and, for bf16 on CPU, prepacked) copies of a model's linear weights (LoRA layers merged).
+    """Fused (and, for bf16 on CPU, prepacked) copies of a model's linear weights (LoRA and DoRA layers merged).
 
     A copy can go stale when the model is trained between calls. `refresh` runs at the start of every engine call
     and rebuilds the copy unless every source weight still has the same storage, the same version counter (which
@@ -123,8 +125,8 @@ class DerivedWeights:
     counter). Rebuilding costs one copy of the weights, tens of milliseconds for a 135M model (0.3-0.4 s when LoRA
     layers are merged in).
 
-    `merge_adapters=False` leaves LoRA layers to their own forward (slower per token) instead of merging them:
-    for a model whose active adapter changes from call to call (a server switching adapters), where every switch
+    `merge_adapters=False` leaves LoRA and DoRA layers to their own forward (slower per token) instead of merging
+    them: for a model whose active adapter changes from call to call (a server switching adapters), where every switch
     would otherwise rebuild the copy.
     """
 
@@ -168,9 +170,10 @@ class DerivedWeights:
             if type(module) is not nn.Linear and lora is None:
                 signature.append(type(module))
                 continue
-            tensors = [module.weight, module.bias] if lora is None else [lora[0].weight, lora[0].bias, lora[1], lora[2]]
+            # a DoRA layer's magnitude vector (lora[4]) is one of its tensors: an optimizer step on it refreshes too
+            tensors = [module.weight, module.bias] if lora is None else [lora[0].weight, lora[0].bias, *lora[1:3], lora[4]]
             if lora is not None:
-                signature.append(_lora_state(module, lora[3]))
+                signature.append(_lora_state(module, lora[3], dora=lora[4] is not None))
             for tensor in tensors:
                 if tensor is None:
                     continue
@@ -221,41 +224,55 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def _mergeable_lora(module: nn.Module):
-    """`(base, lora_A weight, lora_B weight, scaling)` when `module` is a PEFT LoRA `Linear` whose output is
-    exactly `base(x) + scaling * B @ A @ x` (see `honellm.core.fused.lora_parts`); `(base, None, None, 0.0)`
-    when its output is just `base(x)` (adapters disabled, merged into the base already, or none active); None when
-    it is anything else (DoRA and other variants, several adapters, quantized bases ...)."""
+    """`(base, lora_A weight, lora_B weight, scaling, magnitude)` when `module` is a PEFT LoRA `Linear` whose output
+    is exactly `base(x) + scaling * B @ A @ x` (magnitude None; see `honellm.core.fused.lora_parts`) or a DoRA one
+    whose output is exactly `m / ||W + scaling * B @ A|| * (W + scaling * B @ A) @ x + b` (magnitude: DoRA's `m`,
+    see `honellm.core.fused.dora_parts`); `(base, None, None, 0.0, None)` when its output is just `base(x)`
+    (adapters disabled, merged into the base already, or none active); None when it is anything else (other
+    variants, several adapters, DoRA with dropout in training mode, quantized bases ...)."""
     if not hasattr(module, "lora_A") or type(getattr(module, "base_layer", None)) is not nn.Linear:
         return None
     if module.disable_adapters or module.merged or not any(a in module.lora_A for a in module.active_adapters):
-        return module.base_layer, None, None, 0.0
-    parts = lora_parts(module)
+        return module.base_layer, None, None, 0.0, None
+    parts, magnitude = lora_parts(module), None
     if parts is None:
-        return None
+        dora = dora_parts(module)
+        if dora is None:
+            return None
+        parts, magnitude = dora[:5], dora[5]
     _, base, lora_a, lora_b, scaling = parts
-    return base, lora_a.weight, lora_b.weight, scaling
+    return base, lora_a.weight, lora_b.weight, scaling, magnitude
 
 
-def _lora_state(module: nn.Module, scaling: float) -> str:
-    """What decides a LoRA layer's function besides its tensors (which adapter, merged, disabled, the scaling)."""
-    return f"lora {list(module.active_adapters)} merged={module.merged} disabled={module.disable_adapters} x{scaling!r}"
+def _lora_state(module: nn.Module, scaling: float, *, dora: bool = False) -> str:
+    """What decides a LoRA layer's function besides its tensors (which adapter, merged, disabled, the scaling,
+    whether it is DoRA)."""
+    return (f"{'dora' if dora else 'lora'} {list(module.active_adapters)} merged={module.merged} "
+            f"disabled={module.disable_adapters} x{scaling!r}")
 
 
 def _effective(module: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
     """`(weight, bias, is the module's own tensor)` of the linear map `module` computes, or None when it is not
     one: a plain `nn.Linear`'s own weight, or (`merge`) a LoRA layer merged (W + scaling * B @ A, in fp32, rounded
-    once to W's dtype, the arithmetic of PEFT's `merge`)."""
+    once to W's dtype, the arithmetic of PEFT's `merge`), or a DoRA layer merged the way PEFT's DoRA `merge` does
+    it (`m / ||W + scaling * B @ A||`, the norm over each output row, times W + scaling * B @ A; in fp32, rounded
+    once). Folded, DoRA costs what LoRA costs per token: its unmerged forward recomputes that norm over the whole
+    weight in every call of every layer."""
     if type(module) is nn.Linear:
         return module.weight.detach(), None if module.bias is None else module.bias.detach(), True
     lora = _mergeable_lora(module) if merge else None
     if lora is None:
         return None
-    base, lora_a, lora_b, scaling = lora
+    base, lora_a, lora_b, scaling, magnitude = lora
     weight, bias = base.weight.detach(), None if base.bias is None else base.bias.detach()
     if lora_a is None:
         return weight, bias, True
     delta = (lora_b.detach().float() @ lora_a.detach().float()).mul_(scaling)
-    return (weight.float() + delta).to(weight.dtype), bias, False
+    merged = weight.float() + delta
+    if magnitude is not None:  # DoRA: PEFT's dora_factor = m / weight_norm, times (W + delta); the bias unchanged
+        weight_norm = torch.linalg.norm(merged, dim=1)
+        merged = (magnitude.detach().float() / weight_norm).view(-1, 1) * merged
+    return merged.to(weight.dtype), bias, False
 
 
 def _same_signature(a: list, b: list) -> bool:

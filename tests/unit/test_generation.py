@@ -720,19 +720,133 @@ def test_merge_adapters_off_leaves_lora_layers_to_their_forward(lively):
     assert out == reference_greedy(peft_model, tok, prompt, 8)
 
 
-def test_dora_layers_run_through_their_own_forward(lively):
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def dora_model(model, seed: int = 0, **config):
+    """A DoRA copy of `model` on every linear layer with random non-zero B and a magnitude moved off its initial
+    value ||W + s B A|| (where the magnitude equals it, DoRA computes what LoRA computes)."""
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=TARGETS, use_dora=True,
+                                                                  init_lora_weights=False, **config)).eval()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.5 * torch.rand(param.shape))
+    return peft_model
+
+
+def runner_logprobs(runner, ids: list[int]) -> torch.Tensor:
+    """Log-probs [T, vocab] of every position of `ids`, through `runner` (its derived weights brought up to date)."""
+    with torch.inference_mode():
+        runner.prepare()
+        logits = runner.forward(runner.new_state(1, len(ids)), torch.tensor([ids]), torch.arange(len(ids))[None],
+                                torch.ones(1, len(ids), dtype=torch.bool), keep=len(ids))
+    return logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_layers_decode_folded_as_peft_merges_them(lively, dtype):
+    """DoRA layers enter the derived weights folded with PEFT's DoRA merge (m / ||W + s B A|| * (W + s B A), fp32,
+    rounded once): log-probs equal PEFT's merged model (`merge_and_unload`) within 1e-5 in fp32, and within the
+    bf16 tolerance of the derived weights in bf16; in fp32 they equal PEFT's unmerged forward too."""
+    from peft.tuners.lora import LoraLayer
+
     model, tok = lively
-    torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "up_proj"],
-                                                                  use_dora=True, init_lora_weights=False)).eval()
+    peft_model = dora_model(model).to(dtype)
     gen = Generator(peft_model, tok)
-    prompt = chat(tok)[1]
-    out = nontrivial(gen.generate([prompt], SamplingParams(max_new_tokens=8)), 8)[0]
+    assert gen.runner_name == "decoder"
+    runner = gen._runner
+    ids = tok(chat(tok)[1], add_special_tokens=False).input_ids
+    got = runner_logprobs(runner, ids)
+    for layer in runner.derived.layers:  # every product folded, none left to PEFT's DoRA forward
+        assert all(w is not None for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert sum(isinstance(m, LoraLayer) and bool(m.lora_magnitude_vector) for m in peft_model.modules()) == 14
+    with torch.no_grad():
+        unmerged = full_logprobs(peft_model, ids)
+        merged = full_logprobs(copy.deepcopy(peft_model).merge_and_unload(), ids)
+    base = full_logprobs(copy.deepcopy(model).to(dtype), ids)
+    assert (merged - base).abs().max() > 0.05  # the adapter changes the outputs
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, merged, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, unmerged, rtol=0, atol=1e-5)
+        prompts = chat(tok)[:3]
+        outs = nontrivial(Generator(peft_model, tok, batch_size=3).generate(prompts, SamplingParams(max_new_tokens=8)), 8)
+        assert outs == [reference_greedy(peft_model, tok, p, 8) for p in prompts]
+    else:
+        assert torch.allclose(got, merged, atol=0.05, rtol=0.02)
+        assert (got.argmax(-1) == merged.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("tensor", ["lora_B", "lora_magnitude_vector"])
+def test_dora_fold_follows_updates_of_the_adapter(lively, tensor):
+    """An in-place update of a DoRA adapter's B or magnitude (what an optimizer step does) rebuilds the fold: the
+    next call's numbers change, and equal PEFT's forward again."""
+    model, tok = lively
+    peft_model = dora_model(model)
+    gen = Generator(peft_model, tok, batch_size=3)
+    prompts = chat(tok)[:3]
+    params = SamplingParams(max_new_tokens=8)
+    ids = tok(prompts[1], add_special_tokens=False).input_ids
+    before = runner_logprobs(gen._runner, ids)
+    outs = nontrivial(gen.generate(prompts, params), 8)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if tensor in name:
+                param.mul_(-3.0 if tensor == "lora_B" else 0.5 + torch.rand(param.shape))
+    updated = nontrivial(gen.generate(prompts, params), 8)
+    assert updated != outs and updated == [reference_greedy(peft_model, tok, p, 8) for p in prompts]
+    after = runner_logprobs(gen._runner, ids)
+    assert (after - before).abs().max() > 0.05
+    torch.testing.assert_close(after, full_logprobs(peft_model, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["bias_on_b", "two_adapters", "unmerged_by_choice"])
+def test_dora_layers_that_must_not_fold_run_through_their_own_forward(lively, case):
+    """DoRA with a bias on B (PEFT's config refuses `lora_bias` with DoRA; set by hand here), two active adapters,
+    or an engine asked not to merge: those layers run as modules (PEFT's forward), with PEFT's numbers."""
+    from peft import LoraConfig
+
+    model, tok = lively
+    peft_model = dora_model(model)
+    if case == "bias_on_b":
+        torch.manual_seed(1)
+        for module in peft_model.modules():
+            if hasattr(module, "lora_magnitude_vector") and module.lora_magnitude_vector:
+                lora_b = module.lora_B["default"]
+                lora_b.bias = torch.nn.Parameter(torch.randn(lora_b.out_features) * 0.1)
+    if case == "two_adapters":
+        torch.manual_seed(1)
+        peft_model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "up_proj"], use_dora=True,
+                                                   init_lora_weights=False))
+        peft_model.base_model.set_adapter(["default", "other"])
+    peft_model.eval()
+    gen = Generator(peft_model, tok, merge_adapters=case != "unmerged_by_choice")
+    ids = tok(chat(tok)[1], add_special_tokens=False).input_ids
+    got = runner_logprobs(gen._runner, ids)
     layer = gen._runner.derived.layers[0]
-    assert layer.qkv is None and layer.gate_up is None and layer.o is not None  # DoRA is not merged
-    assert out == reference_greedy(peft_model, tok, prompt, 8)
+    if case == "two_adapters":  # q and up carry both adapters, the other layers only the first (folded)
+        assert layer.qkv is None and layer.gate_up is None and layer.o is not None and layer.down is not None
+    else:
+        assert layer.qkv is None and layer.gate_up is None and layer.o is None and layer.down is None
+    torch.testing.assert_close(got, full_logprobs(peft_model, ids), rtol=0, atol=1e-5)
+
+
+def test_dora_with_dropout_folds_only_in_eval_mode(lively):
+    """PEFT's DoRA forward applies dropout in training mode (not a fixed linear map then, so no fold) and skips it in
+    eval mode; the engine decodes in eval mode, so a model left training still decodes folded, with PEFT's numbers."""
+    model, tok = lively
+    peft_model = dora_model(model, lora_dropout=0.5).train()
+    gen = Generator(peft_model, tok, batch_size=3)
+    gen._runner.prepare()  # outside an engine call: training mode
+    assert gen._runner.derived.layers[0].qkv is None and gen._runner.derived.layers[0].down is None
+    prompts = chat(tok)[:3]
+    outs = nontrivial(gen.generate(prompts, SamplingParams(max_new_tokens=8)), 8)
+    assert peft_model.training and gen._runner.derived.layers[0].qkv is not None
+    peft_model.eval()
+    assert outs == [reference_greedy(peft_model, tok, p, 8) for p in prompts]
 
 
 def test_weights_updated_in_place_are_seen(lively):
