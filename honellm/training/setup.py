@@ -66,7 +66,7 @@ def pick_attention(model, choice: str, *, device: torch.device, longest: int, pa
     (`packed`) flash-attention 2 where the `flash_attn` package is installed (its varlen kernel keeps each
     sequence apart without a mask; sdpa then needs a block-diagonal one).
     """
-    if choice == "auto" and packed and device.type == "cuda" and _has_flash_attn():
+    if choice == "auto" and packed and device.type == "cuda" and has_flash_attn():
         choice = "flash_attention_2"
     if choice == "auto":
         choice = "eager" if device.type == "cpu" and longest <= EAGER_MAX_LENGTH else "sdpa"
@@ -76,7 +76,7 @@ def pick_attention(model, choice: str, *, device: torch.device, longest: int, pa
     return getattr(model.config, "_attn_implementation", choice)
 
 
-def _has_flash_attn() -> bool:
+def has_flash_attn() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None

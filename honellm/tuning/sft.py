@@ -48,7 +48,13 @@ from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import check_memory, estimate_training_memory, fit_memory, parameter_bytes
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
-from honellm.training.setup import compile_layers, pick_attention, seed_everything, setup_accelerator
+from honellm.training.setup import (
+    compile_layers,
+    has_flash_attn,
+    pick_attention,
+    seed_everything,
+    setup_accelerator,
+)
 from honellm.training.validation import greedy_answers, score_sequences
 from honellm.tuning.catalog import all_methods as all_adapters
 from honellm.tuning.catalog import get_method
@@ -204,10 +210,14 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
 def _packing(config: SFTConfig, model, device: torch.device) -> bool:
     """Whether this run packs its micro-batches: `packing` as set (an error where the model cannot), or by
-    default on GPUs where the model can (on a CPU packing measured no faster: bench/README.md)."""
+    default on CUDA GPUs with flash-attention installed, where the model can. Without flash-attention's varlen
+    kernel, attention over a packed row is masked to each sequence but still computed over the whole row (sdpa
+    with a block-diagonal mask: a row of k sequences costs about k times their attention), while length-grouped
+    padded micro-batches carry only a few percent of padding; on a CPU packing measured no faster
+    (bench/README.md)."""
     problem = packing_problem(model)
     if config.packing is None:
-        return device.type != "cpu" and problem is None
+        return device.type == "cuda" and has_flash_attn() and problem is None
     if config.packing and problem is not None:
         raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
                         fix="drop packing=true (micro-batches are then padded)")

@@ -113,7 +113,10 @@ def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
     start = next(r for r in metrics if r.get("event") == "start")
     losses = [r["loss"] for r in metrics if "loss" in r]
     assert start["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
-    assert start["packing"] is True and start["max_tokens_per_batch"]  # packed by a token budget on GPUs
+    if importlib.util.find_spec("flash_attn") is not None:  # packed by a token budget, on the varlen kernel
+        assert start["packing"] is True and start["max_tokens_per_batch"] and start["attention"] == "flash_attention_2"
+    else:
+        assert start["packing"] is False and start["attention"] == "sdpa"
     if importlib.util.find_spec("liger_kernel") is not None:
         assert start["liger"] == "applied"
     assert len(losses) == 4 and all(loss == loss and loss < 20 for loss in losses)  # finite, not diverged
