@@ -29,6 +29,7 @@ import os
 import shutil
 import socket
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -138,6 +139,8 @@ class VLLMBackend:
         self.adapter_id = 0  # a new id per sync: vLLM caches adapters by id
         self.lora_request = None
         self._adapter_root = Path(tempfile.mkdtemp(prefix="hone-vllm-lora-")) if self.lora else None
+        if self._adapter_root is not None:  # the synced adapters go with the backend (or at exit), close() or not
+            weakref.finalize(self, shutil.rmtree, self._adapter_root, ignore_errors=True)
         # vLLM shares the GPU with the Hugging Face model it mirrors (and, in RL, with its optimizer state), so it
         # takes half of the memory rather than its default 90%.
         kwargs = dict(model=str(folder), tokenizer=str(folder), dtype=str(dtype).removeprefix("torch."),
