@@ -325,7 +325,7 @@ def report(result: dict, peak: float | None) -> None:
             losses = r.get("losses") or r.get("rewards") or []
             print(f"  {side}: {r['step_seconds']:.2f} s/step  {rate:9.0f} tokens/s  peak "
                   f"{r['peak_memory_bytes'] / 2**30:.2f} GiB  first {'losses' if 'losses' in r else 'rewards'} "
-                  f"{[round(x, 4) for x in losses[:4]]}")
+                  f"{[round(x, 4) for x in losses[:4]]}" + ("  (vLLM)" if r.get("vllm") else ""))
     if "tokens_per_second" in hone and "tokens_per_second" in trl:
         # SFT: tokens/s (both sides count the real tokens of the same records). DPO and GRPO: the step time on the
         # same pairs or prompts (the sides count a step's tokens differently: padding, the prompt once or twice).

@@ -57,7 +57,15 @@ def run_hone(args, out: Path) -> dict:
             "generation_seconds": statistics.median(r["generation_seconds"] for r in train),
             "generated_tokens": statistics.mean(r["completion_length"] * args.prompts * args.group for r in train),
             "peak_memory_bytes": peak_memory(device), "rewards": [round(r["reward"], 3) for r in train],
-            "total_seconds": round(total, 1), "device": device}
+            "total_seconds": round(total, 1), "device": device, "vllm": _vllm()}
+
+
+def _vllm() -> bool:
+    """vLLM generates on both sides where it is installed and a CUDA GPU is present (Hone's backend="auto"; TRL's
+    colocate mode), the torch engine / transformers' generate otherwise."""
+    from honellm.generation.vllm_backend import vllm_available
+
+    return vllm_available()
 
 
 def run_trl(args, out: Path) -> dict:
@@ -95,7 +103,9 @@ def run_trl(args, out: Path) -> dict:
                         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                         weight_decay=0.0, max_steps=args.warmup + args.steps, bf16=dtype == torch.bfloat16,
                         use_cpu=device == "cpu", logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                        dataloader_num_workers=0, disable_tqdm=True, reward_weights=reward.weights)
+                        dataloader_num_workers=0, disable_tqdm=True, reward_weights=reward.weights,
+                        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.5}
+                           if _vllm() else {}))
 
     functions = []
     for name, function in zip(reward.names, reward.functions, strict=True):
@@ -116,7 +126,7 @@ def run_trl(args, out: Path) -> dict:
     return {"side": "trl", "step_seconds": statistics.median(seconds), "generation_seconds": None,
             "generated_tokens": statistics.mean(lengths) * args.prompts * args.group if lengths else 0.0,
             "peak_memory_bytes": peak_memory(device), "rewards": [round(h["reward"], 3) for h in logs],
-            "total_seconds": round(total, 1), "device": device}
+            "total_seconds": round(total, 1), "device": device, "vllm": _vllm()}
 
 
 def subprocess_side(args, side: str) -> dict:
