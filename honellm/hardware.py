@@ -111,23 +111,32 @@ def release_freed_memory() -> bool:
 
     After tensors are replaced in bulk (weights regrouped into one buffer), glibc keeps their freed pages in its heap,
     where they count in the process's resident memory until reused: 120 MB for SmolLM2's regrouped projections.
+    A CPU training step calls it after each micro-batch (`honellm.training.step`): see there why.
     Returns whether the call was made (glibc only)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
     # No gc.collect() first: the replaced tensors are freed by reference counting as the groups take their place,
     # and a full collection walks every object of the process (0.3 s and more per call in a long test session).
-    if not sys.platform.startswith("linux"):
+    trim = _malloc_trim()
+    if trim is None:
         return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, looked up once (`find_library` runs a program), or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
-        return False
+        return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
-    return True
+    return trim
 
 
 def fast_paths_enabled() -> bool:

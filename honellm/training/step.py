@@ -6,6 +6,13 @@ processes) divided by the global number of units. Each micro-batch's backward ge
 averages gradients over the `world` processes, which gives exactly sum/units, whatever the split. So one process
 with grad_accum=4 and four processes with grad_accum=1 compute the same update (tested), and a micro-batch with
 many answer tokens weighs more than one with few, as it would in one big batch.
+
+On CPU the step hands the memory its activations held back to the system after each micro-batch (glibc's
+`malloc_trim`, a few milliseconds). Without it the process's resident memory grows over a run whose micro-batches
+change shape: each new shape leaves small long-lived allocations behind (oneDNN's matmul primitives, PyTorch's
+flash-attention kernels, per sequence length), scattered through glibc's heap among the freed activations; the
+freed holes between them stay resident, and are too small for the next long micro-batch's tensors, which extend
+the heap instead. A DPO run on HH-RLHF peaked that way far above what its tensors ever held at once (docs/reward.md).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from honellm.errors import HoneError
+from honellm.hardware import release_freed_memory
 from honellm.training.logprobs import LossOutput
 from honellm.training.precision import Precision
 
@@ -93,6 +101,9 @@ class TrainStep:
             for key, value in out.metrics.items():
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
+            del out
+            if device.type == "cpu":
+                release_freed_memory()  # the micro-batch's activations are free: see the module docstring
         keys = sorted(metric_sums)
         packed = torch.stack([loss_sum, *(torch.as_tensor(metric_sums[k], dtype=torch.float64, device=device)
                                           for k in keys)])

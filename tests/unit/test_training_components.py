@@ -172,6 +172,32 @@ def test_non_finite_loss_stops_without_touching_the_weights(lora_model):
         assert torch.equal(p, before[name]) and p.grad is None
 
 
+def test_a_cpu_step_hands_each_micro_batch_s_freed_memory_back(lora_model, monkeypatch):
+    """After each micro-batch's backward, with its tensors gone, the step trims glibc's heap: over a run whose
+    micro-batches change shape the freed holes would otherwise stay resident (honellm.training.step)."""
+    import weakref
+
+    from honellm.training import step as step_module
+
+    model, tokenizer = lora_model
+    seqs = _seqs(tokenizer)
+    alive, calls = [], []
+
+    def loss_fn(m, b):
+        out = sft_loss(m, b)
+        alive.append(weakref.ref(out.total))
+        return out
+
+    def trim():
+        calls.append([ref() is None for ref in alive])
+        return True
+
+    monkeypatch.setattr(step_module, "release_freed_memory", trim)
+    micro = [collate(seqs[:2], tokenizer.pad_token_id), collate(seqs[2:], tokenizer.pad_token_id)]
+    _step(model)(micro, loss_fn)
+    assert calls == [[True], [True, True]]  # once per micro-batch, its loss (and graph) freed by then
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
