@@ -7,12 +7,14 @@ averages gradients over the `world` processes, which gives exactly sum/units, wh
 with grad_accum=4 and four processes with grad_accum=1 compute the same update (tested), and a micro-batch with
 many answer tokens weighs more than one with few, as it would in one big batch.
 
-On CPU the step hands the memory its activations held back to the system after each micro-batch (glibc's
-`malloc_trim`, a few milliseconds). Without it the process's resident memory grows over a run whose micro-batches
-change shape: each new shape leaves small long-lived allocations behind (oneDNN's matmul primitives, PyTorch's
-flash-attention kernels, per sequence length), scattered through glibc's heap among the freed activations; the
-freed holes between them stay resident, and are too small for the next long micro-batch's tensors, which extend
-the heap instead. A DPO run on HH-RLHF peaked that way far above what its tensors ever held at once (docs/reward.md).
+On CPU the step hands the freed memory of earlier micro-batches back to the system (glibc's `malloc_trim`, tens
+of milliseconds on a large heap) before a micro-batch larger than any before it. Without that the process's
+resident memory grows over a run whose micro-batches change shape: each new shape leaves small long-lived
+allocations behind (oneDNN's matmul primitives, PyTorch's flash-attention kernels, per sequence length), scattered
+through glibc's heap among the freed activations; the freed holes between them stay resident, and are too small
+for a longer micro-batch's tensors, which extend the heap instead. A DPO run on HH-RLHF peaked that way far above
+what its tensors ever held at once (docs/reward.md). Only a new largest micro-batch can raise the peak, so the trim
+runs there and not after every micro-batch (a few times per run, not a share of every step).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class TrainStep:
         self.precision = precision
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.largest = 0  # the largest micro-batch so far (padded tokens): a larger one trims the heap first (CPU)
 
     def __call__(self, micro_batches: Sequence, loss_fn: LossFn, *, step: int | None = None) -> StepResult:
         started = time.perf_counter()
@@ -93,6 +96,9 @@ class TrainStep:
             last = i == len(micro_batches) - 1
             # DDP all-reduces gradients on the last micro-batch only.
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            if device.type == "cpu" and _size(batch) > self.largest:
+                self.largest = _size(batch)
+                release_freed_memory()  # before the largest micro-batch yet: see the module docstring
             with sync:
                 with self.precision.autocast():
                     out = loss_fn(self.model, batch.to(device))
@@ -102,8 +108,6 @@ class TrainStep:
                 value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
             del out
-            if device.type == "cpu":
-                release_freed_memory()  # the micro-batch's activations are free: see the module docstring
         keys = sorted(metric_sums)
         packed = torch.stack([loss_sum, *(torch.as_tensor(metric_sums[k], dtype=torch.float64, device=device)
                                           for k in keys)])
@@ -127,3 +131,9 @@ class TrainStep:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, int(units), int(tokens), grad_norm, lr, time.perf_counter() - started, metrics)
+
+
+def _size(batch) -> int:
+    """A micro-batch's padded size in tokens (what its activations scale with)."""
+    ids = getattr(getattr(batch, "sequences", batch), "input_ids", None)  # a Batch, or one inside (PairBatch ...)
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else int(batch.num_tokens)

@@ -172,9 +172,10 @@ def test_non_finite_loss_stops_without_touching_the_weights(lora_model):
         assert torch.equal(p, before[name]) and p.grad is None
 
 
-def test_a_cpu_step_hands_each_micro_batch_s_freed_memory_back(lora_model, monkeypatch):
-    """After each micro-batch's backward, with its tensors gone, the step trims glibc's heap: over a run whose
-    micro-batches change shape the freed holes would otherwise stay resident (honellm.training.step)."""
+def test_a_cpu_step_trims_the_heap_before_each_micro_batch_larger_than_any_before(lora_model, monkeypatch):
+    """Before a micro-batch larger than any before it, with the earlier ones' tensors gone, the step trims glibc's
+    heap (over a run whose micro-batches change shape the freed holes would otherwise stay resident and the larger
+    batch extend the heap; honellm.training.step); not before a micro-batch no larger than one already seen."""
     import weakref
 
     from honellm.training import step as step_module
@@ -193,9 +194,13 @@ def test_a_cpu_step_hands_each_micro_batch_s_freed_memory_back(lora_model, monke
         return True
 
     monkeypatch.setattr(step_module, "release_freed_memory", trim)
-    micro = [collate(seqs[:2], tokenizer.pad_token_id), collate(seqs[2:], tokenizer.pad_token_id)]
-    _step(model)(micro, loss_fn)
-    assert calls == [[True], [True, True]]  # once per micro-batch, its loss (and graph) freed by then
+    small, large = collate(seqs[:1], tokenizer.pad_token_id), collate(seqs[1:], tokenizer.pad_token_id)
+    assert large.input_ids.numel() > small.input_ids.numel()
+    step = _step(model)
+    step([small, large, small], loss_fn)
+    assert calls == [[], [True]]  # before the first, and before the larger one with the first one's graph freed
+    step([large, small], loss_fn)
+    assert len(calls) == 2  # nothing larger than before: no trim
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
