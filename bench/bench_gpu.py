@@ -3,6 +3,7 @@
     python bench/bench_gpu.py                 # one H100/H200: at most ~8 minutes, no network
     python bench/bench_gpu.py --smoke         # tiny shapes, a few steps, on a CPU (what tests/e2e runs)
     python bench/bench_gpu.py --phases sft-lora-135m,grpo-135m --budget 300
+    python bench/bench_gpu.py --phases sft-lora-135m --compile   # also Hone with compile=true (torch.compile)
 
 No weights or data are downloaded: the models are random weights in the real shapes of SmolLM2-135M and
 SmolLM2-1.7B (their configs written out below), with the embedded SmolLM2 tokenizer where it is installed (else a
@@ -181,11 +182,17 @@ def sft_hone(args) -> dict:
                         eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
         if not full:
             settings.update(r=8, alpha=16, target_modules="all-linear")
+        if args.worker == "hone-compiled":
+            settings.update(compile=True)
         tune(task, method, get_method(method).config(**settings), out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     start = next(r for r in metrics if r.get("event") == "start")
     steps = [r for r in metrics if "loss" in r]
+    # after the first two steps (warm-up, and for compile=true the compile itself)
+    steady = (sum(r["tokens"] for r in steps[2:]) / (steps[-1]["time"] - steps[1]["time"])
+              if len(steps) > 3 and steps[-1]["time"] > steps[1]["time"] else None)
     return {"tokens": sum(r["tokens"] for r in steps), "seconds": steps[-1]["time"] - start["time"],
+            "steady_tokens_per_second": steady,
             "losses": [r["loss"] for r in steps], "peak_memory_bytes": _peak(),
             "settings": {"packing": start.get("packing"), "liger": start.get("liger"),
                          "attention": start.get("attention"), "precision": start.get("precision")},
@@ -265,7 +272,8 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     if args.smoke:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
-    for side in ("hone", "trl"):
+    names = ("hone", "hone-compiled", "trl") if args.compile and kind.startswith("sft") else ("hone", "trl")
+    for side in names:
         if kind.startswith("sft"):
             cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--model", model, "--examples",
                    str(examples), "--batch-size", str(batch), "--max-length", str(256 if args.smoke else args.max_length)]
@@ -309,7 +317,10 @@ def _gpu_peak() -> tuple[str, float | None]:
 def report(result: dict, peak: float | None) -> None:
     hone, trl = result.get("hone", {}), result.get("trl", {})
     print(f"\n== {result['phase']} ({result['shape']} shape, {result['params'] / 1e6:.0f}M parameters)")
-    for side, r in (("hone", hone), ("trl", trl)):
+    for side in ("hone", "hone-compiled", "trl"):
+        if side not in result:
+            continue
+        r = result[side]
         if "error" in r:
             print(f"  {side}: failed: {r['error'][-800:]}")
             continue
@@ -334,6 +345,13 @@ def report(result: dict, peak: float | None) -> None:
                            else trl["step_seconds"] / hone["step_seconds"])
         print(f"  Hone / TRL: {result['ratio']:.2f}x {'tokens/s' if sft else 'steps/s'}, "
               f"{hone['peak_memory_bytes'] / max(trl['peak_memory_bytes'], 1):.2f}x peak memory")
+    compiled = result.get("hone-compiled", {})
+    if "tokens_per_second" in compiled and "tokens_per_second" in trl:
+        result["ratio_compiled"] = compiled["tokens_per_second"] / trl["tokens_per_second"]
+        steady = [r.get("steady_tokens_per_second") for r in (hone, compiled)]
+        after = (f"; after the first two steps {steady[1]:.0f} tokens/s against Hone's {steady[0]:.0f}"
+                 if None not in steady else "")
+        print(f"  Hone compiled / TRL: {result['ratio_compiled']:.2f}x tokens/s (compile time included){after}")
 
 
 def main() -> None:
@@ -344,7 +362,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds; later phases are skipped past it (default 450; --smoke: 1500)")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--worker", choices=("hone", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="SFT phases: also run Hone with compile=true (torch.compile of each decoder layer), a "
+                             "third side named hone-compiled (its compile time counts)")
+    parser.add_argument("--worker", choices=("hone", "hone-compiled", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)
@@ -355,7 +376,7 @@ def main() -> None:
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            found = (sft_hone if args.worker == "hone" else sft_trl)(args)
+            found = (sft_trl if args.worker == "trl" else sft_hone)(args)
         print(MARK + json.dumps(found), flush=True)
         return
 
