@@ -111,7 +111,8 @@ def release_freed_memory() -> bool:
 
     After tensors are replaced in bulk (weights regrouped into one buffer), glibc keeps their freed pages in its heap,
     where they count in the process's resident memory until reused: 120 MB for SmolLM2's regrouped projections.
-    A CPU training step calls it after each micro-batch (`honellm.training.step`): see there why.
+    A CPU training step calls it before each micro-batch larger than any before it (`honellm.training.step`): see
+    there why.
     Returns whether the call was made (glibc only)."""
     # No gc.collect() first: the replaced tensors are freed by reference counting as the groups take their place,
     # and a full collection walks every object of the process (0.3 s and more per call in a long test session).
