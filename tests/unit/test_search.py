@@ -591,3 +591,22 @@ def test_prompt_search_on_a_tuned_adapter_keeps_the_adapter_and_the_program_foun
     assert art.manifest.cost["train_seconds"] >= 5.0 and set(art.manifest.cost["parts"]) == {"adapter"}
     assert art.manifest.metrics["validation"]["n"] == 4
     assert (tmp_path / "p" / "candidates.csv").exists()
+
+
+def test_the_python_api_s_prompt_search_samples_shots_selector_and_calibration(task_yaml, tmp_path):
+    """`search(task, "prompt-search")`: Optuna over the prompt builder's shots, selector and calibration (compare
+    and `hone prompt --search` run prompting's own structured search instead); trials scored on validation."""
+    task = Task.load(str(task_yaml))
+    out = tmp_path / "prompt"
+    result = search(task, "prompt-search", n_trials=2, out=out, progress=False,
+                    enqueue=[{"shots": 0, "selector": "random", "calibration": "none"},
+                             {"shots": 2, "selector": "balanced", "calibration": "content_free"}])
+    trials = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "trial"]
+    assert [t["state"] for t in trials] == ["complete", "complete"]
+    assert all(set(t["params"]) == {"shots", "selector", "calibration"} and 0 <= t["score"] <= 1 for t in trials)
+    assert result.best_score == max(t["score"] for t in trials)
+    assert isinstance(result.artifact, Artifact) and result.artifact.kind == "prompt"
+    program = result.artifact.program  # the best trial's program: as many shots (fixed, or chosen per query)
+    shots = program.selector.k if program.selector is not None else len(program.demonstrations or [])
+    assert shots == result.best_params["shots"]
+    assert f"shots={result.best_params['shots']}" in result.best_overrides
