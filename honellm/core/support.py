@@ -30,7 +30,6 @@ attention, which Hone's SFT picks on a CPU up to 256 tokens) are checked where t
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from honellm import hardware
@@ -259,14 +258,19 @@ LIGER_MIN_VERSION = (0, 8, 2)
 
 
 def _liger_version() -> tuple[int, ...] | None:
-    """The installed liger-kernel's version as numbers (None where its metadata cannot be read: a vendored copy)."""
+    """The installed liger-kernel's release numbers (None where its metadata cannot be read: a vendored copy)."""
     import importlib.metadata
+
+    from packaging.version import InvalidVersion, Version
 
     try:
         text = importlib.metadata.version("liger-kernel")
     except importlib.metadata.PackageNotFoundError:
         return None
-    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+    try:
+        return Version(text).release[:3]
+    except InvalidVersion:
+        return ()  # cannot tell whether it has the fix: older than any
 
 
 def _liger_table() -> tuple[str, ...]:

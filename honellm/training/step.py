@@ -96,8 +96,8 @@ class TrainStep:
             last = i == len(micro_batches) - 1
             # DDP all-reduces gradients on the last micro-batch only.
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-            if device.type == "cpu" and _size(batch) > self.largest:
-                self.largest = _size(batch)
+            if device.type == "cpu" and (size := _size(batch)) > self.largest:
+                self.largest = size
                 release_freed_memory()  # before the largest micro-batch yet: see the module docstring
             with sync:
                 with self.precision.autocast():
