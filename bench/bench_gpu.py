@@ -4,6 +4,7 @@
     python bench/bench_gpu.py --smoke         # tiny shapes, a few steps, on a CPU (what tests/e2e runs)
     python bench/bench_gpu.py --phases sft-lora-135m,grpo-135m --budget 300
     python bench/bench_gpu.py --phases sft-lora-135m --compile   # also Hone with compile=true (torch.compile)
+    python bench/bench_gpu.py --phases sft-lora-135m --padded    # also Hone with packing=false (what packing buys)
 
 No weights or data are downloaded: the models are random weights in the real shapes of SmolLM2-135M and
 SmolLM2-1.7B (their configs written out below), with the embedded SmolLM2 tokenizer where it is installed (else a
@@ -161,6 +162,10 @@ def messages(record: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ SFT sides
 
 
+# Hone's extra SFT sides (--compile, --padded): the settings each changes from Hone's defaults.
+EXTRA_SIDES = {"hone-compiled": {"compile": True}, "hone-padded": {"packing": False}}
+
+
 def sft_hone(args) -> dict:
     import torch
 
@@ -182,8 +187,7 @@ def sft_hone(args) -> dict:
                         eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
         if not full:
             settings.update(r=8, alpha=16, target_modules="all-linear")
-        if args.worker == "hone-compiled":
-            settings.update(compile=True)
+        settings.update(EXTRA_SIDES.get(args.worker, {}))
         tune(task, method, get_method(method).config(**settings), out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     start = next(r for r in metrics if r.get("event") == "start")
@@ -272,7 +276,8 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     if args.smoke:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
-    names = ("hone", "hone-compiled", "trl") if args.compile and kind.startswith("sft") else ("hone", "trl")
+    extra = [side for side, flag in (("hone-compiled", args.compile), ("hone-padded", args.padded)) if flag]
+    names = ("hone", *extra, "trl") if kind.startswith("sft") else ("hone", "trl")
     for side in names:
         if kind.startswith("sft"):
             cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--model", model, "--examples",
@@ -317,7 +322,7 @@ def _gpu_peak() -> tuple[str, float | None]:
 def report(result: dict, peak: float | None) -> None:
     hone, trl = result.get("hone", {}), result.get("trl", {})
     print(f"\n== {result['phase']} ({result['shape']} shape, {result['params'] / 1e6:.0f}M parameters)")
-    for side in ("hone", "hone-compiled", "trl"):
+    for side in ("hone", *EXTRA_SIDES, "trl"):
         if side not in result:
             continue
         r = result[side]
@@ -345,13 +350,17 @@ def report(result: dict, peak: float | None) -> None:
                            else trl["step_seconds"] / hone["step_seconds"])
         print(f"  Hone / TRL: {result['ratio']:.2f}x {'tokens/s' if sft else 'steps/s'}, "
               f"{hone['peak_memory_bytes'] / max(trl['peak_memory_bytes'], 1):.2f}x peak memory")
-    compiled = result.get("hone-compiled", {})
-    if "tokens_per_second" in compiled and "tokens_per_second" in trl:
-        result["ratio_compiled"] = compiled["tokens_per_second"] / trl["tokens_per_second"]
-        steady = [r.get("steady_tokens_per_second") for r in (hone, compiled)]
+    for side in EXTRA_SIDES:
+        other = result.get(side, {})
+        if "tokens_per_second" not in other or "tokens_per_second" not in trl:
+            continue
+        name = side.removeprefix("hone-")
+        result[f"ratio_{name}"] = other["tokens_per_second"] / trl["tokens_per_second"]
+        steady = [r.get("steady_tokens_per_second") for r in (hone, other)]
         after = (f"; after the first two steps {steady[1]:.0f} tokens/s against Hone's {steady[0]:.0f}"
                  if None not in steady else "")
-        print(f"  Hone compiled / TRL: {result['ratio_compiled']:.2f}x tokens/s (compile time included){after}")
+        print(f"  Hone {name} / TRL: {result[f'ratio_{name}']:.2f}x tokens/s"
+              f"{' (compile time included)' if side == 'hone-compiled' else ''}{after}")
 
 
 def main() -> None:
@@ -365,7 +374,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="SFT phases: also run Hone with compile=true (torch.compile of each decoder layer), a "
                              "third side named hone-compiled (its compile time counts)")
-    parser.add_argument("--worker", choices=("hone", "hone-compiled", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--padded", action="store_true",
+                        help="SFT phases: also run Hone with packing=false (padded length-grouped micro-batches on "
+                             "sdpa), a side named hone-padded: what packing buys on this GPU")
+    parser.add_argument("--worker", choices=("hone", *EXTRA_SIDES, "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from honellm.core import native, support
+from honellm.core import native, support, varlen
 from honellm.core.fused import dora_parts, lora_parts
 
 # Norm classes computed as `weight * normalize(x.float()).to(dtype)`, the Llama RMSNorm.
@@ -586,7 +586,7 @@ class HFRunner:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.windows = attention_windows(config)
         self.implementation = getattr(config, "_attn_implementation", None)
-        custom = bool(self.windows) and self.implementation in ("eager", "sdpa")
+        custom = bool(self.windows) and self.implementation in ("eager", "sdpa", varlen.NAME)  # varlen: sdpa here
         self.reuses_prefix = self.windows is None or custom
         if not custom:
             self.windows = None

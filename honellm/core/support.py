@@ -250,6 +250,41 @@ def liger_problem(model_or_config, device) -> str | None:
     return None
 
 
+def varlen_problem(model_or_config, device, compute_dtype=None) -> str | None:
+    """Why `hone_varlen` (`honellm.core.varlen`: torch's own variable-length attention kernel for packed batches)
+    does not compute this model's packed attention here (None: it does, once `varlen.self_check` passes): it needs
+    a CUDA device, a torch with `varlen_attn` (2.10+), fp16/bf16 compute, and causal attention without
+    soft-capping, sinks or dropout (a sliding window needs torch 2.11+)."""
+    import torch
+
+    from honellm.core import varlen
+
+    if not enabled():
+        return "HONE_FAST=0"
+    if os.environ.get("HONE_VARLEN", "1") == "0":
+        return "HONE_VARLEN=0"
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return "torch's varlen attention runs on CUDA devices only"
+    kernel = varlen._kernel()
+    if kernel is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (2.10 or newer does)"
+    if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16):
+        return f"torch's varlen attention computes in fp16/bf16, not {compute_dtype} (precision=bf16)"
+    config = _text_config(model_or_config if _is_config(model_or_config)
+                          else getattr(_unwrap(model_or_config), "config", None))
+    if getattr(config, "attn_logit_softcapping", None):
+        return "soft-capped attention scores (the varlen kernel has no soft-capping)"
+    if getattr(config, "model_type", None) == "gpt_oss" or getattr(config, "use_sink", False):
+        return "attention sinks (the varlen kernel has none)"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout (the varlen kernel has none)"
+    if not getattr(config, "is_causal", True):
+        return "bidirectional attention"
+    if varlen.sliding_window(config) and "window_size" not in varlen._parameters(kernel):
+        return f"sliding-window attention and torch {torch.__version__}'s varlen kernel has no window (2.11+ has)"
+    return None
+
+
 # Before 0.8.2, Liger's fused linear cross-entropy with reduction="none" multiplied the precomputed gradients by the
 # upstream gradient's first element (`element_mul_kernel` reads one scalar): right for a plain mean, wrong wherever
 # tokens carry different weights (DPO's chosen and rejected signs, RL advantages). 0.8.2 folds the per-token

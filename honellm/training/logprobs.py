@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from honellm.core import fastpath, liger
+from honellm.core import fastpath, liger, varlen
 from honellm.training.batching import IGNORE, Batch, needed_width, predicting_index, predicting_positions  # noqa: F401 - re-exported
 
 
@@ -116,9 +116,12 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
 
         handle = head.register_forward_pre_hook(select)
         try:
-            inputs = packed_inputs(model, batch, position_ids) if position_ids is not None else {
-                "attention_mask": attention_mask}
-            logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
+            if position_ids is None:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            else:
+                with varlen.packed_forward():
+                    logits = model(input_ids=input_ids, use_cache=False,
+                                   **packed_inputs(model, batch, position_ids)).logits
         finally:
             handle.remove()
         if chunked:
@@ -185,15 +188,17 @@ def _chunked_logprobs(head, hidden, targets, rows, positions, batch_size: int, w
 def packed_inputs(model, batch: Batch, position_ids: torch.Tensor) -> dict:
     """transformers' inputs for a packed batch: the position ids and no attention mask, from which transformers
     builds a block-diagonal causal mask (eager, sdpa, flex: `masking_utils.find_packed_sequence_indices`) or, under
-    flash-attention 2/3, the varlen kernel's cumulative lengths. Those are passed directly where flash attention
-    runs (transformers would otherwise derive them from the position ids, waiting for the device)."""
+    flash-attention 2/3, the varlen kernel's cumulative lengths. Those are passed directly where a varlen kernel
+    runs (transformers would otherwise derive them from the position ids, waiting for the device; PyTorch's own
+    kernel, `honellm.core.varlen`, takes them from here only)."""
     if virtual_tokens(_unwrap(model)):
         raise ValueError("a packed batch cannot run under a prompt-learning adapter (its virtual tokens go in front "
                          "of the row, not of each sequence); the SFT recipe does not pack for such methods")
     inputs = {"position_ids": position_ids}
     config = getattr(_unwrap(model), "config", None)
     cu = getattr(batch, "cu_seqlens", None)
-    if cu is not None and batch.max_seqlen and "flash" in str(getattr(config, "_attn_implementation", "")):
+    implementation = str(getattr(config, "_attn_implementation", ""))
+    if cu is not None and batch.max_seqlen and ("flash" in implementation or implementation == varlen.NAME):
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
                       max_length_k=batch.max_seqlen)
     return inputs

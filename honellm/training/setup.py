@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from honellm.core import varlen
 from honellm.errors import HoneError
 from honellm.training.checkpoint import is_fsdp
 
@@ -57,17 +58,23 @@ def is_main_process() -> bool:
 EAGER_MAX_LENGTH = 256  # on CPU, eager attention trains faster than sdpa's flash kernel up to about this length
 
 
-def pick_attention(model, choice: str, *, device: torch.device, longest: int, packed: bool = False) -> str:
+def pick_attention(model, choice: str, *, device: torch.device, longest: int, packed: bool = False,
+                   compute_dtype: torch.dtype | None = None) -> str:
     """Set the model's attention kernel for training and return its name.
 
     `auto`: on CPU, eager attention for sequences up to `EAGER_MAX_LENGTH` tokens (PyTorch's CPU flash-attention
     backward costs about 2.5x eager's on SmolLM2 at 80 tokens, measured) and sdpa beyond (eager materialises
     sequence x sequence scores); on GPUs, sdpa (flash / memory-efficient kernels), or for packed batches
-    (`packed`) flash-attention 2 where the `flash_attn` package is installed (its varlen kernel keeps each
-    sequence apart without a mask; sdpa then needs a block-diagonal one).
+    (`packed`) a varlen kernel, which keeps each sequence apart without computing across it (sdpa would need a
+    block-diagonal mask and compute the whole row): flash-attention 2 where the `flash_attn` package is installed,
+    else PyTorch's own (`honellm.core.varlen`, torch 2.10+) where `varlen.usable` says so.
     """
-    if choice == "auto" and packed and device.type == "cuda" and has_flash_attn():
-        choice = "flash_attention_2"
+    if choice == "auto" and packed and device.type == "cuda":
+        if has_flash_attn():
+            choice = "flash_attention_2"
+        elif varlen.usable(model, device, compute_dtype) is None:
+            varlen.install(model)
+            return varlen.NAME
     if choice == "auto":
         choice = "eager" if device.type == "cpu" and longest <= EAGER_MAX_LENGTH else "sdpa"
     current = getattr(model.config, "_attn_implementation", None)

@@ -22,9 +22,10 @@ class SFTConfig(TrainingConfig):
     eval_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring validation")
     packing: bool | None = Field(
         None, description="padding-free packing: each micro-batch's sequences end to end in one row, attention kept "
-                          "inside each sequence (the same loss); None: on for CUDA GPUs with flash-attention installed "
-                          "(its varlen kernel), off otherwise (sdpa would attend over the whole row under a mask; "
-                          "on a CPU it measured no faster, bench/README.md)")
+                          "inside each sequence (the same loss); None: on for CUDA GPUs with a varlen attention kernel "
+                          "(flash-attention's, else PyTorch's own, torch 2.10+) and attention=auto, off otherwise "
+                          "(sdpa would attend over the whole row under a mask; on a CPU it measured no faster, "
+                          "bench/README.md)")
     max_tokens_per_batch: int | None = Field(
         None, ge=8, description="with packing, the token budget of one micro-batch (None: batch_size x the longest "
                                 "training sequence); a global batch is cut into as many micro-batches as it needs")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
-from honellm.core import fused, liger
+from honellm.core import fused, liger, varlen
 from honellm.core.support import note_paths, packing_problem
 from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
@@ -122,9 +122,10 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- packing, attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
-    packing = _packing(config, model, device)
+    packing = _packing(config, model, device, precision.compute_dtype)
     budget = config.max_tokens_per_batch or config.batch_size * longest if packing else None
-    attention = pick_attention(model, config.attention, device=device, longest=budget or longest, packed=packing)
+    attention = pick_attention(model, config.attention, device=device, longest=budget or longest, packed=packing,
+                               compute_dtype=precision.compute_dtype)
     if config.compile and compile_layers(model) == 0:
         raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
                         fix="drop compile=true")
@@ -208,16 +209,17 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     return artifact
 
 
-def _packing(config: SFTConfig, model, device: torch.device) -> bool:
+def _packing(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype) -> bool:
     """Whether this run packs its micro-batches: `packing` as set (an error where the model cannot), or by
-    default on CUDA GPUs with flash-attention installed, where the model can. Without flash-attention's varlen
-    kernel, attention over a packed row is masked to each sequence but still computed over the whole row (sdpa
-    with a block-diagonal mask: a row of k sequences costs about k times their attention), while length-grouped
-    padded micro-batches carry only a few percent of padding; on a CPU packing measured no faster
-    (bench/README.md)."""
+    default on CUDA GPUs with a varlen attention kernel for the model (flash-attention 2 where `flash_attn` is
+    installed, else PyTorch's own, `honellm.core.varlen`). Without one, attention over a packed row is masked to
+    each sequence but still computed over the whole row (sdpa with a block-diagonal mask: a row of k sequences
+    costs about k times their attention), while length-grouped padded micro-batches carry only a few percent of
+    padding; on a CPU packing measured no faster (bench/README.md)."""
     problem = packing_problem(model)
     if config.packing is None:
-        return device.type == "cuda" and has_flash_attn() and problem is None
+        return (device.type == "cuda" and problem is None and config.attention == "auto"
+                and (has_flash_attn() or varlen.usable(model, device, compute_dtype) is None))
     if config.packing and problem is not None:
         raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
                         fix="drop packing=true (micro-batches are then padded)")

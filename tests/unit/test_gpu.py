@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from honellm.core import liger
-from honellm.core.support import liger_problem, packing_problem
+from honellm.core import liger, varlen
+from honellm.core.support import liger_problem, packing_problem, varlen_problem
 from honellm.training.batching import IGNORE, TokenSequence, collate, pack
 from honellm.training.logprobs import token_logprobs
 
@@ -84,19 +84,37 @@ def test_liger_kernels_and_fused_loss_equal_the_logits_path(arch_dir):
         assert_close(found, expected, 2e-4)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2"])
-def test_packed_batches_equal_padded_ones_on_cuda(arch_dir, attention):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2", varlen.NAME])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])  # mistral: 8-token windows, shorter than the sequences
+def test_packed_batches_equal_padded_ones_on_cuda(arch_dir, arch, attention):
     if attention == "flash_attention_2":
         pytest.importorskip("flash_attn", reason="flash-attn is not installed")
     from transformers import AutoModelForCausalLM
 
-    path = arch_dir("qwen2")
-    dtype = torch.bfloat16 if attention == "flash_attention_2" else torch.float32  # flash kernels take bf16/fp16
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype).to(CUDA)
+    path = arch_dir(arch)
+    flash = attention in ("flash_attention_2", varlen.NAME)
+    dtype = torch.bfloat16 if flash else torch.float32  # flash kernels take bf16/fp16
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa" if attention == varlen.NAME
+                                                 else attention, dtype=dtype).to(CUDA)
+    padded = weighted_grads(model, collate(sequences(), 0).to(CUDA))  # sdpa for hone_varlen's model
+    if attention == varlen.NAME:
+        problem = varlen.usable(model, CUDA, dtype)
+        if problem is not None:
+            pytest.skip(problem)
+        varlen.install(model)
     assert packing_problem(model) is None
-    padded = weighted_grads(model, collate(sequences(), 0).to(CUDA))
     packed = weighted_grads(model, pack(sequences()).to(CUDA), padded[2])
     assert_close(packed, padded, 2e-4 if dtype == torch.float32 else 3e-2)
+
+
+def test_torch_varlen_kernel_passes_its_self_check():
+    if varlen_problem(None, CUDA, torch.bfloat16) is not None:
+        pytest.skip(varlen_problem(None, CUDA, torch.bfloat16))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert varlen.self_check(CUDA, dtype) is None
+        assert varlen.self_check(CUDA, dtype, heads=32, kv_heads=8, head_dim=128) is None  # Llama-3-8B's heads
+    if "window_size" in varlen._parameters(varlen._kernel()):
+        assert varlen.self_check(CUDA, torch.bfloat16, heads=8, kv_heads=2, head_dim=64, window=16) is None
 
 
 def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
@@ -115,6 +133,9 @@ def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
     assert start["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     if importlib.util.find_spec("flash_attn") is not None:  # packed by a token budget, on the varlen kernel
         assert start["packing"] is True and start["max_tokens_per_batch"] and start["attention"] == "flash_attention_2"
+    elif start["precision"] == "bf16" and varlen.self_check(CUDA, torch.bfloat16) is None and \
+            varlen_problem(None, CUDA, torch.bfloat16) is None:  # PyTorch's own varlen kernel
+        assert start["packing"] is True and start["max_tokens_per_batch"] and start["attention"] == varlen.NAME
     else:
         assert start["packing"] is False and start["attention"] == "sdpa"
     if importlib.util.find_spec("liger_kernel") is not None:

@@ -158,19 +158,6 @@ def test_sft_with_packing_trains_like_padded_batches(task_yaml, tmp_path):
     assert packed.manifest.config["packing"] is True and padded.manifest.metrics["final_step"] == 2
 
 
-def test_packing_by_default_only_on_cuda_with_flash_attention(arch_dir, monkeypatch):
-    from honellm.tuning import sft
-    from honellm.tuning.config import SFTConfig
-
-    model, config = load_fp32(arch_dir("llama"), "sdpa"), SFTConfig()
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(sft, "has_flash_attn", lambda: True)
-    assert sft._packing(config, model, cuda) and not sft._packing(config, model, cpu)
-    monkeypatch.setattr(sft, "has_flash_attn", lambda: False)  # sdpa would attend over the whole packed row
-    assert not sft._packing(config, model, cuda)
-    assert sft._packing(SFTConfig(packing=True), model, cpu) and sft._packing(SFTConfig(packing=True), model, cuda)
-
-
 def test_packing_true_on_a_model_that_cannot_pack_is_a_clear_error(arch_dir, tmp_path):
     task = make_tiny_task(tmp_path / "task", arch_dir("opt"))
     with pytest.raises(HoneError, match="packing=true"):

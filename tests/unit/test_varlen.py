@@ -1,0 +1,234 @@
+"""`hone_varlen` (honellm.core.varlen): PyTorch's varlen attention behind transformers' attention interface.
+
+The kernel itself runs on CUDA only (tests/unit/test_gpu.py runs it there). Here a plain stand-in with its
+signature and contract (token-major [T, heads, d] inputs, cumulative lengths, causal / left-window bounds, grouped
+heads) takes its place, so everything around it is checked on a CPU: the layouts, the grouped heads, the windows,
+the cumulative lengths transformers passes through, the mask it must not build, the sdpa path for every other
+forward, gradient checkpointing, the eligibility rules, the self-check, and SFT's choice of kernel and packing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from honellm.core import support, varlen
+from honellm.training.batching import collate, pack
+from tests.unit.test_packing import assert_close, load_fp32, loss_and_grads, sequences
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+             enable_gqa=False, calls=None):
+    """torch's `varlen_attn` contract, computed with explicit scores one sequence at a time."""
+    assert query.dim() == 3 and cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    if key.shape[1] != query.shape[1]:
+        assert enable_gqa
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    left, right = window_size
+    assert right == 0  # causal
+    out = torch.empty_like(query)
+    bounds = cu_seq_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, n, d]
+        scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        i = torch.arange(end - start)
+        allowed = i[None, :] <= i[:, None]
+        if left >= 0:
+            allowed &= i[:, None] - i[None, :] <= left
+        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        out[start:end] = (weights @ v).transpose(0, 1)
+    if calls is not None:
+        calls.append(len(bounds) - 1)
+    return out
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The stand-in as `varlen._kernel()`; yields the list of calls (sequences per call)."""
+    calls: list[int] = []
+
+    @functools.wraps(stand_in)  # its signature: window bounds and grouped heads, as torch 2.11+'s kernel
+    def fake(*args, **kwargs):
+        return stand_in(*args, **kwargs, calls=calls)
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: fake)
+    varlen._parameters.cache_clear()
+    varlen._self_check.cache_clear()
+    yield calls
+    varlen._parameters.cache_clear()
+    varlen._self_check.cache_clear()
+
+
+def test_varlen_layouts_grouped_heads_and_windows_match_per_sequence_attention(kernel):
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 12]
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    query, key, value = (torch.randn(1, h, 20, 8, generator=g) for h in (4, 2, 2))
+    for window in (None, 3):
+        got = varlen.varlen(query, key, value, cu, cu, max(lengths), max(lengths), window=window)
+        assert got.shape == (1, 20, 4, 8)
+        torch.testing.assert_close(got, varlen.reference(query, key, value, cu, window=window))
+    # value heads narrower than the query's (MLA): padded for the kernel, cropped after
+    narrow = varlen.varlen(query, key, value[..., :5], cu, cu, 12, 12)
+    torch.testing.assert_close(narrow, varlen.reference(query, key, value, cu)[..., :5])
+
+
+def test_an_older_kernel_without_scale_or_grouped_heads_computes_the_same(monkeypatch):
+    """torch 2.10's signature: `is_causal` instead of window bounds, no `scale`, no `enable_gqa`."""
+    seen = []
+
+    def older(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        seen.append(key.shape[1])
+        return stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0 if is_causal else -1))
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: older)
+    g = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 9, 20], dtype=torch.int32)
+    query, key, value = (torch.randn(1, h, 20, 8, generator=g) for h in (4, 1, 1))
+    got = varlen.varlen(query, key, value, cu, cu, None, None, scale=0.2)
+    torch.testing.assert_close(got, varlen.reference(query, key, value, cu, scale=0.2))
+    assert seen == [4]  # the key/value heads repeated for a kernel without grouped heads
+
+
+# llama and qwen2 (GQA, q/k/v biases), mistral (8-token windows, shorter than the sequences), gemma3 (windowed and
+# global layers, its own attention scale), phi3 (fused projections), qwen3_moe (q/k norms, experts).
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "phi3", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_batches_under_hone_varlen_equal_padded_sdpa(arch_dir, arch, kernel):
+    padded_model = load_fp32(arch_dir(arch), "sdpa")
+    model = load_fp32(arch_dir(arch), "sdpa")
+    assert support.varlen_problem(model, CUDA) is None
+    varlen.install(model)
+    assert model.config._attn_implementation == varlen.NAME
+    seqs = sequences()
+    assert_close(loss_and_grads(padded_model, collate(seqs, 0)), loss_and_grads(model, pack(seqs)))
+    layers = model.config.num_hidden_layers
+    assert kernel == [len(seqs)] * layers  # every layer took the kernel, with every sequence's bounds
+
+
+def test_a_packed_forward_builds_no_mask_and_needs_the_lengths(arch_dir, kernel, monkeypatch):
+    from transformers import masking_utils
+
+    model = load_fp32(arch_dir("mistral"), "sdpa")
+    varlen.install(model)
+    built = []
+    real = masking_utils.sdpa_mask
+    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    batch = pack(sequences())
+    loss_and_grads(model, batch)
+    assert built == [] and kernel  # no [row x row] mask: the kernel had the lengths
+    with varlen.packed_forward(), pytest.raises(RuntimeError, match="cu_seq_lens_q"):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+
+
+def test_gradient_checkpointing_recomputes_with_the_lengths(arch_dir, kernel):
+    model = load_fp32(arch_dir("llama"), "sdpa")
+    varlen.install(model)
+    batch = pack(sequences())
+    plain = loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kernel.clear()
+    assert_close(plain, loss_and_grads(model, batch))
+    assert len(kernel) == 2 * model.config.num_hidden_layers  # forward, then again in backward
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_every_other_forward_is_sdpa_exactly(arch_dir, arch, kernel, monkeypatch):
+    from honellm.generation import Generator, SamplingParams
+
+    monkeypatch.setenv("HONE_FAST", "0")  # generation through transformers' forward (mistral: with the runner's masks)
+
+    sdpa = load_fp32(arch_dir(arch), "sdpa").eval()
+    model = load_fp32(arch_dir(arch), "sdpa").eval()
+    varlen.install(model)
+    seqs = sequences()
+    assert_close(loss_and_grads(sdpa, collate(seqs, 0)), loss_and_grads(model, collate(seqs, 0)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(arch_dir(arch))
+    prompts = ["the cat sat on the mat and then", "one two"]
+    params = SamplingParams(max_new_tokens=6)
+    answers = [Generator(m, tokenizer).generate(prompts, params) for m in (sdpa, model)]
+    assert [c.token_ids for c in answers[0]] == [c.token_ids for c in answers[1]]
+    assert kernel == []  # nothing here was packed
+
+
+def test_the_saved_config_does_not_name_hone_varlen(arch_dir, kernel, tmp_path):
+    model = load_fp32(arch_dir("llama"), "sdpa")
+    varlen.install(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert varlen.NAME not in json.dumps(saved)
+
+
+def test_the_rules_say_why_not(arch_dir, kernel, monkeypatch):
+    from transformers import AutoConfig
+
+    llama = AutoConfig.from_pretrained(arch_dir("llama"))
+    assert support.varlen_problem(llama, CUDA, torch.bfloat16) is None
+    assert "CUDA" in support.varlen_problem(llama, CPU)
+    assert "fp16/bf16" in support.varlen_problem(llama, CUDA, torch.float32)
+    assert "soft-capped" in support.varlen_problem(AutoConfig.from_pretrained(arch_dir("gemma2")), CUDA)
+    llama.attention_dropout = 0.1
+    assert "dropout" in support.varlen_problem(llama, CUDA)
+    mistral = AutoConfig.from_pretrained(arch_dir("mistral"))
+    monkeypatch.setattr(varlen, "_kernel", lambda: lambda q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal: q)
+    assert "window" in support.varlen_problem(mistral, CUDA)  # torch 2.10's kernel has no window bounds
+    monkeypatch.setattr(varlen, "_kernel", lambda: None)
+    assert "2.10" in support.varlen_problem(mistral, CUDA)
+    monkeypatch.setenv("HONE_VARLEN", "0")
+    assert support.varlen_problem(mistral, CUDA) == "HONE_VARLEN=0"
+
+
+def test_self_check_passes_the_contract_and_catches_a_wrong_kernel(kernel, monkeypatch):
+    assert varlen.self_check(CPU, torch.bfloat16) is None
+    assert varlen.self_check(CPU, torch.bfloat16, heads=4, kv_heads=1, head_dim=16, window=8) is None
+
+    @functools.wraps(stand_in)
+    def leaky(query, key, value, cu_q, cu_k, max_q, max_k, **options):  # attends across sequence boundaries
+        whole = torch.tensor([0, query.shape[0]], dtype=torch.int32)
+        return stand_in(query, key, value, whole, whole, query.shape[0], query.shape[0], **options)
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: leaky)
+    varlen._self_check.cache_clear()
+    found = varlen.self_check(CPU, torch.bfloat16)
+    assert found is not None and "disagrees" in found and "tolerance" in found
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: broken)
+    varlen._self_check.cache_clear()
+    assert "no kernel image" in varlen.self_check(CPU, torch.bfloat16)
+
+
+def test_sft_packs_on_cuda_with_either_varlen_kernel(arch_dir, monkeypatch):
+    from honellm.training import setup
+    from honellm.tuning import sft
+    from honellm.tuning.config import SFTConfig
+
+    model, config = load_fp32(arch_dir("llama"), "sdpa"), SFTConfig()
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(sft, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(setup, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
+    assert not sft._packing(config, model, CUDA, bf16)  # sdpa would attend over the whole packed row
+    monkeypatch.setattr(varlen, "usable", lambda *a: None)
+    assert sft._packing(config, model, CUDA, bf16) and not sft._packing(config, model, CPU, bf16)
+    assert not sft._packing(SFTConfig(attention="sdpa"), model, CUDA, bf16)  # a kernel asked for: padded
+    assert setup.pick_attention(model, "auto", device=CUDA, longest=64, packed=True) == varlen.NAME
+    assert setup.pick_attention(model, "auto", device=CUDA, longest=64, packed=False) == "sdpa"
+    assert setup.pick_attention(model, "auto", device=CPU, longest=64, packed=True) == "eager"
+    monkeypatch.setattr(sft, "has_flash_attn", lambda: True)
+    monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
+    assert sft._packing(config, model, CUDA, bf16)
+    assert sft._packing(SFTConfig(packing=True), model, CPU, bf16)
