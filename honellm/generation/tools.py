@@ -26,7 +26,7 @@ import ast
 import json
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,9 @@ def load_tools(specs: Sequence[dict | str], base_dir: str | Path = ".", where: s
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing tool calls from an assistant turn
 
-_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+# A Hermes/Qwen tool-call block (an unclosed last block runs to the end of the text). `honellm.serve.tools` reads
+# the same blocks, and calls through `call_from`, for the OpenAI API.
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 def _json_objects(text: str) -> list[dict]:
@@ -158,23 +160,33 @@ class ToolCall:
     arguments: dict
 
 
+def call_from(value: Any, names: Collection[str]) -> ToolCall | None:
+    """The call a parsed JSON value describes, in the forms models write: `{"name", "arguments"}` (arguments an
+    object or a JSON string of one), Llama 3's `{"name", "parameters"}`, or OpenAI's `{"type": "function",
+    "function": {...}}`; None unless it names one of `names` with object arguments."""
+    if not isinstance(value, dict):
+        return None
+    if isinstance(value.get("function"), dict):
+        value = value["function"]
+    name = value.get("name")
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(name, str) and name in names and isinstance(arguments, dict):
+        return ToolCall(name, arguments)
+    return None
+
+
 def parse_tool_calls(text: str, names: Sequence[str]) -> list[ToolCall]:
-    """Tool calls in an assistant turn: `<tool_call>{json}</tool_call>` blocks, else bare JSON objects naming a
-    known tool. A call needs `name` and `arguments` (or Llama 3's `parameters`), a dict."""
-    blocks = _TAGGED.findall(text)
+    """Tool calls in an assistant turn, read leniently (an episode's small model may wrap its call in prose):
+    `<tool_call>{json}</tool_call>` blocks, else bare JSON objects anywhere that name a known tool (`call_from`'s
+    forms). `honellm.serve.tools.parse_tool_calls` is the strict reading for the API."""
+    blocks = TOOL_CALL_BLOCK.findall(text)
     candidates = [obj for block in blocks for obj in _json_objects(block)] if blocks else _json_objects(text)
-    calls = []
-    for obj in candidates:
-        name = obj.get("name")
-        arguments = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                continue
-        if isinstance(name, str) and name in names and isinstance(arguments, dict):
-            calls.append(ToolCall(name, arguments))
-    return calls
+    return [call for call in (call_from(obj, names) for obj in candidates) if call is not None]
 
 
 # ---------------------------------------------------------------------------------------------------------------

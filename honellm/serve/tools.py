@@ -27,10 +27,10 @@ import re
 import uuid
 from typing import Any
 
+from honellm.generation.tools import TOOL_CALL_BLOCK, call_from
 from honellm.serve.errors import bad_request
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]", "<tool_call>")
 TOOL_CHOICES = ("none", "auto", "required")
@@ -218,12 +218,12 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]
     """(content, tool_calls) read from a generated answer; ([text], []) when it holds no valid call."""
     if "<tool_call>" in text:
         calls = []
-        for block in HERMES.findall(text):
+        for block in TOOL_CALL_BLOCK.findall(text):
             call = _as_call(_loads(block), names)
             if call is None:
                 return text, []
             calls.extend(call)
-        content = HERMES.sub("", text).strip()
+        content = TOOL_CALL_BLOCK.sub("", text).strip()
         return (content or None), calls
     body = text.strip()
     for prefix in PREFIXES:
@@ -248,22 +248,11 @@ def _loads(text: str) -> Any:
 
 
 def _as_call(value: Any, names: set[str]) -> list[dict] | None:
-    """OpenAI tool calls from a parsed JSON value (one call object, or a list of them); None if it is not."""
+    """OpenAI tool calls from a parsed JSON value (one call object, or a list of them); None unless every item is a
+    call to an offered function (`generation.tools.call_from`)."""
     items = value if isinstance(value, list) else [value]
-    if not items:
+    calls = [call_from(item, names) for item in items]
+    if not calls or any(call is None for call in calls):
         return None
-    calls = []
-    for item in items:
-        if not isinstance(item, dict):
-            return None
-        if isinstance(item.get("function"), dict):  # {"type": "function", "function": {...}}
-            item = item["function"]
-        name = item.get("name")
-        arguments = item.get("arguments", item.get("parameters", {}))
-        if isinstance(arguments, str):
-            arguments = _loads(arguments)
-        if not isinstance(name, str) or name not in names or not isinstance(arguments, dict):
-            return None
-        calls.append({"id": new_call_id(), "type": "function",
-                      "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    return calls
+    return [{"id": new_call_id(), "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]

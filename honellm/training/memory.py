@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from honellm.errors import HoneError
+from honellm.training.setup import enable_checkpointing
 
 GiB = 2**30
 # Values per token per layer proportional to the hidden size (norms in fp32 count double), through transformers'
@@ -319,7 +320,7 @@ class MemoryPlan:
                             grad_accum=self.grad_accum, gradient_checkpointing=self.gradient_checkpointing,
                             estimated_peak_memory_bytes=self.estimate.total)
         if self.gradient_checkpointing and not config.gradient_checkpointing and model is not None:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         return config.model_copy(update={"batch_size": self.batch_size, "grad_accum": self.grad_accum,
                                          "gradient_checkpointing": self.gradient_checkpointing})
 

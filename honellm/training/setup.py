@@ -83,6 +83,17 @@ def pick_attention(model, choice: str, *, device: torch.device, longest: int, pa
     return getattr(model.config, "_attn_implementation", choice)
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing): transformers'
+    `activation_checkpointing_enable`, or its older name `gradient_checkpointing_enable` (deprecated in 5.x, to be
+    removed in 6) on a transformers without it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def has_flash_attn() -> bool:
     import importlib.util
 

@@ -50,6 +50,7 @@ from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
 from honellm.training.setup import (
     compile_layers,
+    enable_checkpointing,
     has_flash_attn,
     pick_attention,
     seed_everything,
@@ -96,7 +97,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                                 device=str(device))
     model.config.use_cache = False
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model = spec.apply(model, config, base_path)
     precision.cast_model(model)
     fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)

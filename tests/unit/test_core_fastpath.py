@@ -13,7 +13,7 @@ from honellm.models import load
 from honellm.training.batching import collate, encode_conversation
 from honellm.training.logprobs import sft_loss
 from honellm.training.precision import Precision
-from honellm.training.setup import seed_everything
+from honellm.training.setup import enable_checkpointing, seed_everything
 from honellm.tuning import get_method
 
 
@@ -92,7 +92,7 @@ def _close_in_the_recipes_setting(tiny_model_dir, monkeypatch, batch_of, *, refe
     monkeypatch.setattr(fused.LoraLinearFunction, "apply", lambda *a: fused_calls.append(1) or apply(*a))
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         layers.clear()
         fused_calls.clear()
         got, got_grads = _loss_and_grads(model, batch, monkeypatch, fast=True, autocast=True)

@@ -17,6 +17,7 @@ import torch
 
 from honellm.core import support, varlen
 from honellm.training.batching import collate, pack
+from honellm.training.setup import enable_checkpointing
 from tests.unit.test_packing import assert_close, load_fp32, loss_and_grads, sequences
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -135,7 +136,7 @@ def test_gradient_checkpointing_recomputes_with_the_lengths(arch_dir, kernel):
     varlen.install(model)
     batch = pack(sequences())
     plain = loss_and_grads(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     kernel.clear()
     assert_close(plain, loss_and_grads(model, batch))
     assert len(kernel) == 2 * model.config.num_hidden_layers  # forward, then again in backward

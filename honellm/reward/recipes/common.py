@@ -35,6 +35,7 @@ from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
 from honellm.training.loop import LoopState
 from honellm.training.precision import Precision
+from honellm.training.setup import enable_checkpointing
 from honellm.training.validation import score_sequences
 
 ADAPTERS = ("lora", "rslora", "dora", "full")
@@ -75,7 +76,7 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
     model.config.use_cache = False
     _disable_model_dropout(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     # The LoRA-family `apply` functions read r, alpha, dropout and target_modules, which AlignConfig has too.
     model = get_method(config.adapter).apply(model, config, str(resolve(task.config.model).path))
     precision.cast_model(model)
