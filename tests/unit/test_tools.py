@@ -48,6 +48,10 @@ def test_parse_tool_calls_in_the_common_formats():
     assert parse_tool_calls('{"name": "search", "arguments": {}}', names) == []  # not a tool we have
     assert parse_tool_calls("The answer is 14.", names) == []
     assert len(parse_tool_calls(CALL + CALL, names)) == 2
+    wrapped = parse_tool_calls('{"type": "function", "function": {"name": "calculator", "arguments": {"expression": '
+                               '"3"}}}', names)  # OpenAI's form, which serve.tools reads through the same call_from
+    assert [(c.name, c.arguments) for c in wrapped] == [("calculator", {"expression": "3"})]
+    assert parse_tool_calls('<tool_call>{"name": "calculator", "arguments": "not json"}</tool_call>', names) == []
 
 
 def test_load_tools_builtin_and_python(tmp_path):
