@@ -29,6 +29,7 @@ attention, which Hone's SFT picks on a CPU up to 256 tokens) are checked where t
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -257,15 +258,13 @@ def varlen_problem(model_or_config, device, compute_dtype=None) -> str | None:
     soft-capping, sinks or dropout (a sliding window needs torch 2.11+)."""
     import torch
 
-    from honellm.core import varlen
-
     if not enabled():
         return "HONE_FAST=0"
     if os.environ.get("HONE_VARLEN", "1") == "0":
         return "HONE_VARLEN=0"
     if getattr(device, "type", str(device).split(":")[0]) != "cuda":
         return "torch's varlen attention runs on CUDA devices only"
-    kernel = varlen._kernel()
+    kernel = varlen_kernel()
     if kernel is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (2.10 or newer does)"
     if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16):
@@ -280,8 +279,34 @@ def varlen_problem(model_or_config, device, compute_dtype=None) -> str | None:
         return "attention dropout (the varlen kernel has none)"
     if not getattr(config, "is_causal", True):
         return "bidirectional attention"
-    if varlen.sliding_window(config) and "window_size" not in varlen._parameters(kernel):
+    if sliding_window(config) and "window_size" not in kernel_parameters(kernel):
         return f"sliding-window attention and torch {torch.__version__}'s varlen kernel has no window (2.11+ has)"
+    return None
+
+
+def varlen_kernel():
+    """torch's `varlen_attn` (2.10+), or None on a torch without it. Looked up at each call (`honellm.core.varlen`
+    runs what this returns), so a test can stand a reference in for it on a CPU (tests/unit/test_varlen.py)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def kernel_parameters(kernel) -> frozenset[str]:
+    """The keyword names a kernel takes (torch's varlen signature changed between releases)."""
+    import inspect
+
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def sliding_window(config) -> int | None:
+    """The config's sliding-window length where its attention uses one (None: full attention)."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return int(window)
     return None
 
 

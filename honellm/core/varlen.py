@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
+
+from honellm.core import support
 
 NAME = "hone_varlen"
 _PACKED = contextvars.ContextVar("hone_varlen_packed", default=False)
@@ -45,26 +46,9 @@ _PACKED = contextvars.ContextVar("hone_varlen_packed", default=False)
 TOLERANCE = 0.02
 
 
-def _kernel():
-    """torch's `varlen_attn`, or None on a torch without it (before 2.10). Looked up at each call, so a test can
-    stand a reference in for it on a CPU (tests/unit/test_varlen.py)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-@functools.cache
-def _parameters(kernel) -> frozenset[str]:
-    return frozenset(inspect.signature(kernel).parameters)
-
-
 def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
     """Why a packed run of `model` on `device` cannot take `hone_varlen` (None: it can): what
     `support.varlen_problem` says, else the kernel's self-check in this model's attention shape."""
-    from honellm.core import support
-
     found = support.varlen_problem(model, device, compute_dtype)
     if found is not None:
         return found
@@ -73,21 +57,12 @@ def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return self_check(device, compute_dtype or torch.bfloat16, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                      window=sliding_window(config))
-
-
-def sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) is not False:
-        return int(window)
-    return None
+                      window=support.sliding_window(config))
 
 
 def install(model) -> None:
     """Register `hone_varlen` with transformers (once) and make it `model`'s attention implementation."""
     register()
-    from honellm.core import support
-
     base = support._unwrap(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(NAME)
@@ -156,7 +131,7 @@ def varlen(query, key, value, cu_q, cu_k, max_q: int | None, max_k: int | None, 
     """Causal attention of the sequences laid out by `cu_q`/`cu_k` in the flattened rows of query/key/value
     ([B, heads, T, head_dim], transformers' layout), returned as [B, T, heads, head_dim]. `window`: each token
     sees itself and the `window - 1` tokens before it (transformers' `sliding_window`)."""
-    kernel = _kernel()
+    kernel = support.varlen_kernel()
     batch, heads, length, head_dim = query.shape
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [B*T, heads, head_dim]
     if torch.is_autocast_enabled(q.device.type):  # the dtype sdpa would have computed in under autocast
@@ -170,7 +145,7 @@ def varlen(query, key, value, cu_q, cu_k, max_q: int | None, max_k: int | None, 
         max_q = int((cu_q[1:] - cu_q[:-1]).max())
     if max_k is None:
         max_k = int((cu_k[1:] - cu_k[:-1]).max())
-    params = _parameters(kernel)
+    params = support.kernel_parameters(kernel)
     options: dict = {}
     scale = scaling_of(scale, head_dim)
     if "scale" in params:

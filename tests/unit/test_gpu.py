@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from honellm.core import liger, varlen
-from honellm.core.support import liger_problem, packing_problem, varlen_problem
+from honellm.core.support import (
+    kernel_parameters,
+    liger_problem,
+    packing_problem,
+    varlen_kernel,
+    varlen_problem,
+)
 from honellm.training.batching import IGNORE, TokenSequence, collate, pack
 from honellm.training.logprobs import token_logprobs
 
@@ -113,7 +119,7 @@ def test_torch_varlen_kernel_passes_its_self_check():
     for dtype in (torch.bfloat16, torch.float16):
         assert varlen.self_check(CUDA, dtype) is None
         assert varlen.self_check(CUDA, dtype, heads=32, kv_heads=8, head_dim=128) is None  # Llama-3-8B's heads
-    if "window_size" in varlen._parameters(varlen._kernel()):
+    if "window_size" in kernel_parameters(varlen_kernel()):
         assert varlen.self_check(CUDA, torch.bfloat16, heads=8, kv_heads=2, head_dim=64, window=16) is None
 
 

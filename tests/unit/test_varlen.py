@@ -52,18 +52,18 @@ def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
 
 @pytest.fixture
 def kernel(monkeypatch):
-    """The stand-in as `varlen._kernel()`; yields the list of calls (sequences per call)."""
+    """The stand-in as `support.varlen_kernel()`; yields the list of calls (sequences per call)."""
     calls: list[int] = []
 
     @functools.wraps(stand_in)  # its signature: window bounds and grouped heads, as torch 2.11+'s kernel
     def fake(*args, **kwargs):
         return stand_in(*args, **kwargs, calls=calls)
 
-    monkeypatch.setattr(varlen, "_kernel", lambda: fake)
-    varlen._parameters.cache_clear()
+    monkeypatch.setattr(support, "varlen_kernel", lambda: fake)
+    support.kernel_parameters.cache_clear()
     varlen._self_check.cache_clear()
     yield calls
-    varlen._parameters.cache_clear()
+    support.kernel_parameters.cache_clear()
     varlen._self_check.cache_clear()
 
 
@@ -89,7 +89,7 @@ def test_an_older_kernel_without_scale_or_grouped_heads_computes_the_same(monkey
         seen.append(key.shape[1])
         return stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0 if is_causal else -1))
 
-    monkeypatch.setattr(varlen, "_kernel", lambda: older)
+    monkeypatch.setattr(support, "varlen_kernel", lambda: older)
     g = torch.Generator().manual_seed(1)
     cu = torch.tensor([0, 9, 20], dtype=torch.int32)
     query, key, value = (torch.randn(1, h, 20, 8, generator=g) for h in (4, 1, 1))
@@ -182,9 +182,9 @@ def test_the_rules_say_why_not(arch_dir, kernel, monkeypatch):
     llama.attention_dropout = 0.1
     assert "dropout" in support.varlen_problem(llama, CUDA)
     mistral = AutoConfig.from_pretrained(arch_dir("mistral"))
-    monkeypatch.setattr(varlen, "_kernel", lambda: lambda q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal: q)
+    monkeypatch.setattr(support, "varlen_kernel", lambda: lambda q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal: q)
     assert "window" in support.varlen_problem(mistral, CUDA)  # torch 2.10's kernel has no window bounds
-    monkeypatch.setattr(varlen, "_kernel", lambda: None)
+    monkeypatch.setattr(support, "varlen_kernel", lambda: None)
     assert "2.10" in support.varlen_problem(mistral, CUDA)
     monkeypatch.setenv("HONE_VARLEN", "0")
     assert support.varlen_problem(mistral, CUDA) == "HONE_VARLEN=0"
@@ -199,7 +199,7 @@ def test_self_check_passes_the_contract_and_catches_a_wrong_kernel(kernel, monke
         whole = torch.tensor([0, query.shape[0]], dtype=torch.int32)
         return stand_in(query, key, value, whole, whole, query.shape[0], query.shape[0], **options)
 
-    monkeypatch.setattr(varlen, "_kernel", lambda: leaky)
+    monkeypatch.setattr(support, "varlen_kernel", lambda: leaky)
     varlen._self_check.cache_clear()
     found = varlen.self_check(CPU, torch.bfloat16)
     assert found is not None and "disagrees" in found and "tolerance" in found
@@ -207,7 +207,7 @@ def test_self_check_passes_the_contract_and_catches_a_wrong_kernel(kernel, monke
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(varlen, "_kernel", lambda: broken)
+    monkeypatch.setattr(support, "varlen_kernel", lambda: broken)
     varlen._self_check.cache_clear()
     assert "no kernel image" in varlen.self_check(CPU, torch.bfloat16)
 
