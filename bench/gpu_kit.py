@@ -101,6 +101,7 @@ def check() -> int:
     for name in ("flash_attn", "vllm"):
         found = importlib.util.find_spec(name) is not None
         print(f"  {name:14} {'installed' if found else 'not installed (the benchmark runs without it)'}")
+    print(f"  {'torch varlen':14} {varlen_status(torch)}")
     for spec in KIT:
         dist = spec.split("==")[0]
         try:
@@ -119,6 +120,23 @@ def check() -> int:
             if req.specifier and not req.specifier.contains(have, prereleases=True):
                 print(f"  note: {dist} wants {req}, found {have}")
     return failed
+
+
+def varlen_status(torch) -> str:
+    """PyTorch's varlen attention kernel here (Hone's `hone_varlen` for packed rows): its keyword arguments and,
+    on a CUDA device, its self-check against per-sequence attention (informational: the check never fails on it)."""
+    try:
+        from honellm.core import support, varlen
+    except Exception as error:  # noqa: BLE001 - the line is informational
+        return f"not checked ({type(error).__name__}: {error})"
+    kernel = support.varlen_kernel()
+    if kernel is None:
+        return f"absent (torch {torch.__version__}; 2.10+ has it): packing stays off without flash-attn"
+    keywords = sorted(support.kernel_parameters(kernel) & {"scale", "window_size", "enable_gqa", "is_causal"})
+    if not torch.cuda.is_available():
+        return f"present ({', '.join(keywords)}); no CUDA device to self-check it on"
+    found = varlen.self_check(torch.device("cuda"), torch.bfloat16)
+    return f"present ({', '.join(keywords)}); self-check in bf16: {found or 'passed'}"
 
 
 def main() -> None:
