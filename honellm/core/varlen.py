@@ -48,12 +48,13 @@ TOLERANCE = 0.02
 
 
 def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
-    """Why a packed run of `model` on `device` cannot take `hone_varlen` (None: it can): what
-    `support.varlen_problem` says, else the kernel's self-check in this model's attention shape."""
+    """Why a packed run of `model` (or of a model with this config) on `device` cannot take `hone_varlen` (None:
+    it can): what `support.varlen_problem` says, else the kernel's self-check in this model's attention shape."""
     found = support.varlen_problem(model, device, compute_dtype)
     if found is not None:
         return found
-    config = support._text_config(getattr(support._unwrap(model), "config", None))
+    config = model if support._is_config(model) else getattr(support._unwrap(model), "config", None)
+    config = support._text_config(config)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)

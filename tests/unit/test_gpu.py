@@ -126,6 +126,8 @@ def test_torch_varlen_kernel_passes_its_self_check():
 def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
     import importlib.util
 
+    from transformers import AutoConfig
+
     from honellm.runs import read_metrics
     from honellm.testing import make_tiny_task
     from honellm.tuning import tune_task
@@ -139,8 +141,8 @@ def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
     assert start["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     if importlib.util.find_spec("flash_attn") is not None:  # packed by a token budget, on the varlen kernel
         assert start["packing"] is True and start["max_tokens_per_batch"] and start["attention"] == "flash_attention_2"
-    elif start["precision"] == "bf16" and varlen.self_check(CUDA, torch.bfloat16) is None and \
-            varlen_problem(None, CUDA, torch.bfloat16) is None:  # PyTorch's own varlen kernel
+    elif start["precision"] == "bf16" and varlen.usable(AutoConfig.from_pretrained(tiny_model_dir), CUDA,
+                                                        torch.bfloat16) is None:  # PyTorch's own varlen kernel
         assert start["packing"] is True and start["max_tokens_per_batch"] and start["attention"] == varlen.NAME
     else:
         assert start["packing"] is False and start["attention"] == "sdpa"

@@ -190,6 +190,19 @@ def test_the_rules_say_why_not(arch_dir, kernel, monkeypatch):
     assert support.varlen_problem(mistral, CUDA) == "HONE_VARLEN=0"
 
 
+def test_usable_self_checks_in_the_models_head_shape(arch_dir, kernel, monkeypatch):
+    from transformers import AutoConfig
+
+    asked = []
+    monkeypatch.setattr(varlen, "self_check", lambda device, dtype, **shape: asked.append((dtype, shape)))
+    assert varlen.usable(AutoConfig.from_pretrained(arch_dir("gemma3")), CUDA, torch.float16) is None
+    assert varlen.usable(load_fp32(arch_dir("qwen2"), "sdpa"), CUDA, None) is None
+    assert asked == [(torch.float16, {"heads": 4, "kv_heads": 2, "head_dim": 16, "window": 8}),
+                     (torch.bfloat16, {"heads": 4, "kv_heads": 2, "head_dim": 16, "window": None})]
+    assert "CUDA" in varlen.usable(AutoConfig.from_pretrained(arch_dir("llama")), CPU, torch.bfloat16)
+    assert len(asked) == 2  # a rule that says no asks for no self-check
+
+
 def test_self_check_passes_the_contract_and_catches_a_wrong_kernel(kernel, monkeypatch):
     assert varlen.self_check(CPU, torch.bfloat16) is None
     assert varlen.self_check(CPU, torch.bfloat16, heads=4, kv_heads=1, head_dim=16, window=8) is None
