@@ -192,7 +192,10 @@ def _self_check(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head
     def draw(n: int) -> torch.Tensor:
         return torch.randn(1, n, total, head_dim, generator=generator).to(device)
 
-    query, key, value = draw(heads), draw(kv_heads), draw(kv_heads)
+    # The layouts a transformers attention layer hands over: query and key contiguous [1, heads, T, d] (rotary's
+    # output), value a transposed view of its projection's [1, T, heads, d].
+    query, key = draw(heads), draw(kv_heads)
+    value = torch.randn(1, total, kv_heads, head_dim, generator=generator).to(device).transpose(1, 2)
     grad = torch.randn(1, total, heads, head_dim, generator=generator).to(device)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     try:
