@@ -198,7 +198,8 @@ def sft_hone(args) -> dict:
     return {"tokens": sum(r["tokens"] for r in steps), "seconds": steps[-1]["time"] - start["time"],
             "steady_tokens_per_second": steady,
             "losses": [r["loss"] for r in steps], "peak_memory_bytes": _peak(),
-            "settings": {"packing": start.get("packing"), "liger": start.get("liger"),
+            "settings": {"packing": start.get("packing"), "unpacked_because": start.get("unpacked_because"),
+                         "liger": start.get("liger"),
                          "attention": start.get("attention"), "precision": start.get("precision")},
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 

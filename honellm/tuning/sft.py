@@ -159,6 +159,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                         total_steps=total_steps, steps_per_epoch=per_epoch, processes=world,
                         precision=precision.name, attention=attention,
                         packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
+                        unpacked_because=None if packing else _why_unpacked(config, model, device,
+                                                                           precision.compute_dtype),
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
@@ -225,6 +227,15 @@ def _packing(config: SFTConfig, model, device: torch.device, compute_dtype: torc
         raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
                         fix="drop packing=true (micro-batches are then padded)")
     return bool(config.packing)
+
+
+def _why_unpacked(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+    """For the run log, on a CUDA GPU where packing stayed off by default: why (None elsewhere)."""
+    if config.packing is not None or device.type != "cuda":
+        return None
+    if config.attention != "auto":
+        return f"attention={config.attention} was asked for (packing needs a varlen kernel, which auto picks)"
+    return packing_problem(model) or varlen.usable(model, device, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ state
