@@ -95,7 +95,7 @@ def fast_path_support(model_or_config, *, kernels: bool = True) -> Support:
     offloading hooks). `kernels=False` skips asking whether the C kernels build
     here (that compiles them on first use): `kernels` is then False with the reason "not checked"."""
     model = None if _is_config(model_or_config) else _unwrap(model_or_config)
-    config = _text_config(model_or_config if model is None else getattr(model, "config", None))
+    config = text_config(model_or_config)
     model_type = str(getattr(config, "model_type", None))
     reasons: dict[str, str] = {}
     if not enabled():
@@ -203,7 +203,7 @@ def packing_problem(model_or_config) -> str | None:
         peft_config = getattr(inner, "active_peft_config", None)
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
             return "a prompt-learning adapter (its virtual tokens go in front of the row, not of each sequence)"
-    config = _text_config(model_or_config if model is None else getattr(_unwrap(model), "config", None))
+    config = text_config(model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type in PACKING_UNSUPPORTED:
         return PACKING_UNSUPPORTED[model_type]
@@ -241,8 +241,7 @@ def liger_problem(model_or_config, device) -> str | None:
         return (f"liger-kernel {'.'.join(map(str, version))} is older than "
                 f"{'.'.join(map(str, LIGER_MIN_VERSION))}: its fused cross-entropy scales every token's gradient "
                 "by the first token's under reduction='none' (pip install -U 'honellm[gpu]')")
-    model = None if _is_config(model_or_config) else _unwrap(model_or_config)
-    config = _text_config(model_or_config if model is None else getattr(model, "config", None))
+    config = text_config(model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in LIGER_TYPES or model_type not in _liger_table():
         return f"Liger Kernel does not patch model type {model_type!r}"
@@ -269,8 +268,7 @@ def varlen_problem(model_or_config, device, compute_dtype=None) -> str | None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (2.10 or newer does)"
     if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16):
         return f"torch's varlen attention computes in fp16/bf16, not {compute_dtype} (precision=bf16)"
-    config = _text_config(model_or_config if _is_config(model_or_config)
-                          else getattr(_unwrap(model_or_config), "config", None))
+    config = text_config(model_or_config)
     if getattr(config, "attn_logit_softcapping", None):
         return "soft-capped attention scores (the varlen kernel has no soft-capping)"
     if getattr(config, "model_type", None) == "gpt_oss" or getattr(config, "use_sink", False):
@@ -363,6 +361,13 @@ def note_paths(model, run=None, note=None) -> Support:
     if note is not None:
         note(f"model paths: {found.summary()}")
     return found
+
+
+def text_config(model_or_config):
+    """The config the paths read: a model's (under DDP/FSDP and PEFT wrappers) or the config given, and of a
+    multimodal one its text part."""
+    return _text_config(model_or_config if _is_config(model_or_config)
+                        else getattr(_unwrap(model_or_config), "config", None))
 
 
 def _text_config(config):

@@ -53,8 +53,7 @@ def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
     found = support.varlen_problem(model, device, compute_dtype)
     if found is not None:
         return found
-    config = model if support._is_config(model) else getattr(support._unwrap(model), "config", None)
-    config = support._text_config(config)
+    config = support.text_config(model)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)

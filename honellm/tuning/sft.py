@@ -123,7 +123,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- packing, attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
-    packing = _packing(config, model, device, precision.compute_dtype)
+    packing, unpacked_because = _packing(config, model, device, precision.compute_dtype)
     budget = config.max_tokens_per_batch or config.batch_size * longest if packing else None
     attention = pick_attention(model, config.attention, device=device, longest=budget or longest, packed=packing,
                                compute_dtype=precision.compute_dtype)
@@ -159,8 +159,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
                         total_steps=total_steps, steps_per_epoch=per_epoch, processes=world,
                         precision=precision.name, attention=attention,
                         packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
-                        unpacked_because=None if packing else _why_unpacked(config, model, device,
-                                                                           precision.compute_dtype),
+                        unpacked_because=unpacked_because,
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
@@ -212,30 +211,30 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     return artifact
 
 
-def _packing(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype) -> bool:
-    """Whether this run packs its micro-batches: `packing` as set (an error where the model cannot), or by
-    default on CUDA GPUs with a varlen attention kernel for the model (flash-attention 2 where `flash_attn` is
-    installed, else PyTorch's own, `honellm.core.varlen`). Without one, attention over a packed row is masked to
-    each sequence but still computed over the whole row (sdpa with a block-diagonal mask: a row of k sequences
-    costs about k times their attention), while length-grouped padded micro-batches carry only a few percent of
-    padding; on a CPU packing measured no faster (bench/README.md)."""
+def _packing(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype) -> tuple[bool, str | None]:
+    """Whether this run packs its micro-batches, and for the run log, on a CUDA GPU where packing stays off by
+    default, why (else None): `packing` as set (an error where the model cannot), or by default on CUDA GPUs with
+    a varlen attention kernel for the model (flash-attention 2 where `flash_attn` is installed, else PyTorch's own,
+    `honellm.core.varlen`) and `attention=auto`. Without one, attention over a packed row is masked to each
+    sequence but still computed over the whole row (sdpa with a block-diagonal mask: a row of k sequences costs
+    about k times their attention), while length-grouped padded micro-batches carry only a few percent of padding;
+    on a CPU packing measured no faster (bench/README.md)."""
     problem = packing_problem(model)
-    if config.packing is None:
-        return (device.type == "cuda" and problem is None and config.attention == "auto"
-                and (has_flash_attn() or varlen.usable(model, device, compute_dtype) is None))
-    if config.packing and problem is not None:
-        raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
-                        fix="drop packing=true (micro-batches are then padded)")
-    return bool(config.packing)
-
-
-def _why_unpacked(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype) -> str | None:
-    """For the run log, on a CUDA GPU where packing stayed off by default: why (None elsewhere)."""
-    if config.packing is not None or device.type != "cuda":
-        return None
+    if config.packing is not None:
+        if config.packing and problem is not None:
+            raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
+                            fix="drop packing=true (micro-batches are then padded)")
+        return bool(config.packing), None
+    if device.type != "cuda":
+        return False, None
     if config.attention != "auto":
-        return f"attention={config.attention} was asked for (packing needs a varlen kernel, which auto picks)"
-    return packing_problem(model) or varlen.usable(model, device, compute_dtype)
+        return False, f"attention={config.attention} was asked for (packing needs a varlen kernel, which auto picks)"
+    if problem is not None:
+        return False, problem
+    if has_flash_attn():
+        return True, None
+    why_not = varlen.usable(model, device, compute_dtype)
+    return why_not is None, why_not
 
 
 # ------------------------------------------------------------------------------------------------ state

@@ -235,18 +235,18 @@ def test_sft_packs_on_cuda_with_either_varlen_kernel(arch_dir, monkeypatch):
     monkeypatch.setattr(sft, "has_flash_attn", lambda: False)
     monkeypatch.setattr(setup, "has_flash_attn", lambda: False)
     monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
-    assert not sft._packing(config, model, CUDA, bf16)  # sdpa would attend over the whole packed row
-    assert sft._why_unpacked(config, model, CUDA, bf16) == "no varlen kernel here"  # what the run log says
+    # sdpa would attend over the whole packed row; the reason is what the run log says
+    assert sft._packing(config, model, CUDA, bf16) == (False, "no varlen kernel here")
     monkeypatch.setattr(varlen, "usable", lambda *a: None)
-    assert sft._packing(config, model, CUDA, bf16) and not sft._packing(config, model, CPU, bf16)
-    assert not sft._packing(SFTConfig(attention="sdpa"), model, CUDA, bf16)  # a kernel asked for: padded
+    assert sft._packing(config, model, CUDA, bf16) == (True, None)
+    assert sft._packing(config, model, CPU, bf16) == (False, None)  # a CPU does not pack by default: nothing to say
+    packing, why = sft._packing(SFTConfig(attention="sdpa"), model, CUDA, bf16)  # a kernel asked for: padded
+    assert not packing and "attention=sdpa" in why
     assert setup.pick_attention(model, "auto", device=CUDA, longest=64, packed=True) == varlen.NAME
     assert setup.pick_attention(model, "auto", device=CUDA, longest=64, packed=False) == "sdpa"
     assert setup.pick_attention(model, "auto", device=CPU, longest=64, packed=True) == "eager"
-    assert sft._why_unpacked(config, model, CPU, bf16) is None  # a CPU does not pack by default: nothing to say
-    assert sft._why_unpacked(SFTConfig(packing=False), model, CUDA, bf16) is None  # as asked
-    assert "attention=sdpa" in sft._why_unpacked(SFTConfig(attention="sdpa"), model, CUDA, bf16)
+    assert sft._packing(SFTConfig(packing=False), model, CUDA, bf16) == (False, None)  # as asked
     monkeypatch.setattr(sft, "has_flash_attn", lambda: True)
     monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
-    assert sft._packing(config, model, CUDA, bf16)  # flash-attention's kernel
-    assert sft._packing(SFTConfig(packing=True), model, CPU, bf16)
+    assert sft._packing(config, model, CUDA, bf16) == (True, None)  # flash-attention's kernel
+    assert sft._packing(SFTConfig(packing=True), model, CPU, bf16) == (True, None)
