@@ -29,7 +29,6 @@ attention, which Hone's SFT picks on a CPU up to 256 tokens) are checked where t
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -292,12 +291,19 @@ def varlen_kernel():
     return varlen_attn
 
 
-@functools.cache
+# kernel -> its keyword names. A plain dict rather than functools.cache: `honellm.core.varlen` asks inside decoder
+# layers that torch.compile traces, and dynamo reads a dict as it is where it traces through a cache wrapper (warning).
+KERNEL_PARAMETERS: dict = {}
+
+
 def kernel_parameters(kernel) -> frozenset[str]:
     """The keyword names a kernel takes (torch's varlen signature changed between releases)."""
-    import inspect
+    found = KERNEL_PARAMETERS.get(kernel)
+    if found is None:
+        import inspect
 
-    return frozenset(inspect.signature(kernel).parameters)
+        found = KERNEL_PARAMETERS[kernel] = frozenset(inspect.signature(kernel).parameters)
+    return found
 
 
 def sliding_window(config) -> int | None:

@@ -64,6 +64,9 @@ def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
 def install(model) -> None:
     """Register `hone_varlen` with transformers (once) and make it `model`'s attention implementation."""
     register()
+    kernel = support.varlen_kernel()
+    if kernel is not None:  # read its signature now: inside compiled layers a first reading would cost a recompile
+        support.kernel_parameters(kernel)
     base = support._unwrap(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(NAME)

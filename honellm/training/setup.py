@@ -112,6 +112,14 @@ def compile_layers(model) -> int:
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
     if layers is None:
         return 0
+    # Under gradient checkpointing a layer's forward runs inside checkpoint's higher-order op, where dynamo refuses
+    # every side effect, and transformers 5.x (through the `kernels` package it requires) sets a context variable in
+    # each attention forward: every compiled layer fell back to eager whole. The variable is set and reset within
+    # the forward, so leaving it out of the backward's recomputation changes nothing (tests/unit/test_varlen.py).
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

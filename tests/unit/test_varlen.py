@@ -60,10 +60,10 @@ def kernel(monkeypatch):
         return stand_in(*args, **kwargs, calls=calls)
 
     monkeypatch.setattr(support, "varlen_kernel", lambda: fake)
-    support.kernel_parameters.cache_clear()
+    support.KERNEL_PARAMETERS.clear()
     varlen._self_check.cache_clear()
     yield calls
-    support.kernel_parameters.cache_clear()
+    support.KERNEL_PARAMETERS.clear()
     varlen._self_check.cache_clear()
 
 
@@ -250,3 +250,117 @@ def test_sft_packs_on_cuda_with_either_varlen_kernel(arch_dir, monkeypatch):
     monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
     assert sft._packing(config, model, CUDA, bf16) == (True, None)  # flash-attention's kernel
     assert sft._packing(SFTConfig(packing=True), model, CPU, bf16) == (True, None)
+
+
+# ------------------------------------------------------------ torch's own varlen_attn, its device part on a CPU
+# The stand-in above follows the kernel's documented contract. Here torch's real `varlen_attn` runs instead: its
+# argument handling (is_causal from the window bounds, grouped heads), its custom ops, their autograd and fake
+# (tracing) registrations, with only the two CUDA computations given a CPU body (flash-attention's arithmetic per
+# sequence, lse included), so what a GPU run calls is what runs here, eager and under torch.compile.
+
+
+def _flash_math(query, key, value, cu, scale, is_causal, window_size, grad=None):
+    """Per sequence, what flash-attention's varlen forward (out, lse) or backward (dq, dk, dv) computes."""
+    left, right = list(window_size) if window_size is not None else [-1, -1]
+    right = 0 if is_causal else right
+    heads, kv_heads = query.shape[1], key.shape[1]
+    groups = heads // kv_heads
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    out, lse = torch.empty_like(query), torch.empty(heads, query.shape[0])
+    dq, dk, dv = torch.zeros_like(query), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q_, k_, v_ = (t[start:end].transpose(0, 1).float() for t in (query, k, v))
+        i = torch.arange(end - start)
+        allowed = torch.ones(end - start, end - start, dtype=torch.bool)
+        if right >= 0:
+            allowed &= i[None, :] <= i[:, None] + right
+        if left >= 0:
+            allowed &= i[:, None] - i[None, :] <= left
+        scores = (q_ @ k_.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(-1)
+        o = probs @ v_
+        out[start:end], lse[:, start:end] = o.transpose(0, 1).to(out.dtype), scores.logsumexp(-1)
+        if grad is not None:
+            do = grad[start:end].transpose(0, 1).float()
+            ds = probs * (do @ v_.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+            dq[start:end] = (ds @ k_ * scale).transpose(0, 1).to(dq.dtype)
+            dk[start:end] = (ds.transpose(1, 2) @ q_ * scale).transpose(0, 1).to(dk.dtype)
+            dv[start:end] = (probs.transpose(1, 2) @ do).transpose(0, 1).to(dv.dtype)
+    if grad is None:
+        return out, lse, torch.zeros(2, dtype=torch.uint64)
+    total = dk.shape[0]
+    return dq, dk.view(total, kv_heads, groups, -1).sum(2), dv.view(total, kv_heads, groups, -1).sum(2)
+
+
+@functools.cache
+def _register_cpu_bodies() -> bool:
+    try:
+        from torch.nn.attention import varlen as torch_varlen
+
+        forward, backward = torch_varlen._varlen_attn, torch_varlen._varlen_attn_backward
+    except (ImportError, AttributeError):
+        return False
+
+    def forward_cpu(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None,
+                    window_size=None, *unused):
+        return _flash_math(query, key, value, cu_seq_q, scale, is_causal, window_size)
+
+    def backward_cpu(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, rng_state,
+                     scale=None, window_size=None):
+        return _flash_math(query, key, value, cu_seq_q, scale, is_causal, window_size, grad=grad_out)
+
+    forward.register_kernel("cpu")(forward_cpu)
+    backward.register_kernel("cpu")(backward_cpu)
+    return True
+
+
+@pytest.fixture
+def torch_kernel():
+    """torch's `varlen_attn` as `support.varlen_kernel()` returns it, its two CUDA computations given CPU bodies."""
+    if support.varlen_kernel() is None or not _register_cpu_bodies():
+        pytest.skip("this torch has no torch.nn.attention.varlen custom ops (2.10+)")
+    varlen._self_check.cache_clear()
+    yield support.varlen_kernel()
+    varlen._self_check.cache_clear()
+
+
+def test_torchs_varlen_attn_through_hone_varlen_equals_per_sequence_attention(torch_kernel):
+    g = torch.Generator().manual_seed(2)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    inputs = [torch.randn(1, h, 20, 8, generator=g, requires_grad=True) for h in (4, 2, 2)]
+    grad = torch.randn(1, 20, 4, 8, generator=g)
+    for window in (None, 3):
+        got = varlen.varlen(*inputs, cu, cu, 12, 12, scale=0.3, window=window)
+        got_grads = torch.autograd.grad(got, inputs, grad)
+        want = varlen.reference(*inputs, cu, scale=0.3, window=window)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(got_grads, torch.autograd.grad(want, inputs, grad), strict=True):
+            torch.testing.assert_close(a, b)
+    assert varlen.self_check(CPU, torch.float32) is None
+    assert varlen.self_check(CPU, torch.bfloat16, heads=6, kv_heads=2, head_dim=32, window=16) is None
+
+
+@pytest.mark.parametrize(("arch", "checkpointing"), [("qwen2", False), ("mistral", True)])
+def test_compiled_layers_take_torchs_varlen_attn_in_one_graph(arch_dir, arch, checkpointing, torch_kernel):
+    """SFT's `compile=true` with packing on CUDA: the decoder layers compiled (dynamic shapes) around torch's
+    kernel, with and without gradient checkpointing. Packed rows of other lengths and sequence counts reuse the one
+    graph, with no graph break, and give padded sdpa's loss and gradients."""
+    from torch._dynamo.utils import counters
+
+    from honellm.training.setup import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    padded_model, model = load_fp32(arch_dir(arch), "sdpa"), load_fp32(arch_dir(arch), "sdpa")
+    varlen.install(model)
+    if checkpointing:
+        enable_checkpointing(model)
+    assert compile_layers(model) == model.config.num_hidden_layers
+    for seed, lengths in enumerate([(13, 7, 20, 11), (9, 30, 5), (17, 17, 4, 8, 12)]):
+        seqs = sequences(lengths, seed=seed + 1)
+        assert_close(loss_and_grads(padded_model, collate(seqs, 0)), loss_and_grads(model, pack(seqs)))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
