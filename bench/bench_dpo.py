@@ -134,7 +134,8 @@ def run_hone(args, data: Path, out: Path) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"side": "hone", "step_seconds": statistics.median(seconds), "tokens_per_step": statistics.mean(tokens),
             "reference_seconds": reference["seconds"], "peak_memory_bytes": peak_memory(device),
-            "losses": [r["loss"] for r in steps], "total_seconds": round(total, 1), "device": device}
+            "losses": [r["loss"] for r in steps], "total_seconds": round(total, 1), "device": device,
+            "settings": {k: start.get(k) for k in ("attention", "packing", "unpacked_because")}}
 
 
 def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:

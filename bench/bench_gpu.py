@@ -16,8 +16,8 @@ small byte-level one: the LM head keeps its 49,152 rows either way); the data ar
   Liger's kernels where installed) against TRL's `SFTTrainer` in its best configuration here (bf16, no gradient
   checkpointing, `padding_free` where flash-attention is installed, `use_liger_kernel` where Liger is), the same
   examples, batch size, max length, epochs, learning rate and schedule;
-- `dpo-135m`: `bench_dpo.py`'s two sides (the DPO recipe, `DPOTrainer` with precomputed reference log-probs) on
-  synthetic pairs;
+- `dpo-135m`: `bench_dpo.py`'s two sides (the DPO recipe with its defaults on the device, packing where a varlen
+  kernel runs; `DPOTrainer` with precomputed reference log-probs) on synthetic pairs;
 - `grpo-135m`: `bench_grpo_trl.py`'s two sides (the GRPO recipe, `GRPOTrainer`), one timed step.
 
 Printed per phase: tokens/s (real tokens; DPO and GRPO: per step), MFU on CUDA (6 x parameters x tokens/s over the
@@ -342,7 +342,8 @@ def report(result: dict, peak: float | None) -> None:
             losses = r.get("losses") or r.get("rewards") or []
             print(f"  {side}: {r['step_seconds']:.2f} s/step  {rate:9.0f} tokens/s  peak "
                   f"{r['peak_memory_bytes'] / 2**30:.2f} GiB  first {'losses' if 'losses' in r else 'rewards'} "
-                  f"{[round(x, 4) for x in losses[:4]]}" + ("  (vLLM)" if r.get("vllm") else ""))
+                  f"{[round(x, 4) for x in losses[:4]]}" + ("  (vLLM)" if r.get("vllm") else "")
+                  + (f"  {r['settings']}" if r.get("settings") else ""))
     if "tokens_per_second" in hone and "tokens_per_second" in trl:
         # SFT: tokens/s (both sides count the real tokens of the same records). DPO and GRPO: the step time on the
         # same pairs or prompts (the sides count a step's tokens differently: padding, the prompt once or twice).

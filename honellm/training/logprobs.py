@@ -35,9 +35,9 @@ class TokenLogprobs:
     """
 
     values: torch.Tensor  # [n] float32
-    rows: torch.Tensor  # [n] long: which sequence of the batch
-    positions: torch.Tensor  # [n] long: the position whose hidden state predicts the token
-    batch_size: int
+    rows: torch.Tensor  # [n] long: which sequence of the batch (of a packed batch: which of its sequences)
+    positions: torch.Tensor  # [n] long: the position whose hidden state predicts the token (in its row)
+    batch_size: int  # how many sequences
     entropy: torch.Tensor | None = None  # [n] float32, when asked for
 
     def per_sequence(self) -> torch.Tensor:
@@ -92,12 +92,13 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
     input_ids, attention_mask = batch.input_ids[:, :needed], batch.attention_mask[:, :needed]
     index = rows * needed + positions if needed != width else index
     position_ids = batch.position_ids[:, :needed] if getattr(batch, "position_ids", None) is not None else None
+    owners, count = _owners(batch, rows, positions)
     head = _unwrap(model).get_output_embeddings()
     # Liger's fused linear cross-entropy where `honellm.core.liger` was applied (CUDA): no logits at all.
     fused_loss = not with_entropy and liger.active(model)
     hidden = fastpath.hidden_states(model, input_ids, attention_mask, index, position_ids=position_ids)
     if hidden is not None and not fused_loss and hidden.shape[0] > LOGIT_CHUNK:  # many targets: the head in chunks
-        return _chunked_logprobs(head, hidden, targets, rows, positions, batch.input_ids.shape[0], with_entropy)
+        return _chunked_logprobs(head, hidden, targets, owners, positions, count, with_entropy)
     if hidden is not None:  # the direct LLaMA-family forward (honellm.core.fastpath), at `index` only
         logits = None if fused_loss else head(hidden)
     else:
@@ -125,13 +126,23 @@ def token_logprobs(model, batch: Batch, *, with_entropy: bool = False) -> TokenL
         finally:
             handle.remove()
         if chunked:
-            return _chunked_logprobs(head, kept[0], targets, rows, positions, batch.input_ids.shape[0], with_entropy)
+            return _chunked_logprobs(head, kept[0], targets, owners, positions, count, with_entropy)
         hidden = kept[0] if fused_loss else None
     if fused_loss:
         values = liger.token_logprobs(head, hidden, targets)
-        return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0])
+        return TokenLogprobs(values, owners, positions, count)
     values, entropy = _target_logprobs(logits, targets, with_entropy)
-    return TokenLogprobs(values, rows, positions, batch.input_ids.shape[0], entropy)
+    return TokenLogprobs(values, owners, positions, count, entropy)
+
+
+def _owners(batch: Batch, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the sequence each target belongs to [n], how many sequences): the batch's rows, or in a packed row the
+    sequence its cumulative lengths place the position in (a target's predicting position is never a sequence's
+    last, so it and the token it predicts lie in the same one)."""
+    cu = getattr(batch, "cu_seqlens", None)
+    if getattr(batch, "position_ids", None) is None or cu is None:
+        return rows, batch.input_ids.shape[0]
+    return torch.searchsorted(cu[1:].to(positions.dtype), positions, right=True), cu.numel() - 1
 
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):

@@ -328,21 +328,24 @@ class MemoryPlan:
 def fit_memory(model, sampler, *, loss_tokens, batch_size: int, grad_accum: int, gradient_checkpointing: bool,
                device: torch.device | str, world: int = 1, sequences_per_example: int = 1,
                max_length: int | None = None, limit_gb: float | None = None, trains_all_weights: bool = False,
-               capacity: int | None = None, **estimate_kwargs) -> MemoryPlan:
+               capacity: int | None = None, packed: bool = False, **estimate_kwargs) -> MemoryPlan:
     """Estimate the run's peak from the micro-batches the data gives (`micro_batch_shapes`); when it exceeds the
     memory at hand, pick the largest micro-batch that fits with more accumulation (the global batch, hence the
     results, stay the same), then gradient checkpointing; raise a HoneError naming what to change when nothing
     fits. `estimate_kwargs` go to `estimate_training_memory` (compute_dtype, attention, evaluation_batch, ...).
 
     A smaller micro-batch is tried only where the sampler's batches stay the same (it drops a global batch too
-    small to fill every micro-batch: more accumulation must not drop one more).
+    small to fill every micro-batch: more accumulation must not drop one more). `packed`: each micro-batch runs as
+    one row of its sequences end to end, estimated at its padded size (an upper bound on its tokens; an attention
+    kernel without varlen support computes over the whole row).
     """
     from honellm.training.batching import LengthGroupedBatches
 
     def peak(b: int, accum: int, checkpointing: bool) -> MemoryEstimate:
         shapes = micro_batch_shapes(sampler, loss_tokens=loss_tokens, grad_accum=accum, world=world,
                                     sequences_per_example=sequences_per_example, max_length=max_length)
-        estimates = [estimate_training_memory(model, micro_batch_size=s.sequences, seq_len=s.length,
+        estimates = [estimate_training_memory(model, micro_batch_size=1 if packed else s.sequences,
+                                              seq_len=s.sequences * s.length if packed else s.length,
                                               loss_tokens=s.loss_tokens, gradient_checkpointing=checkpointing,
                                               distributed=world > 1, device_type=torch.device(device).type,
                                               **estimate_kwargs) for s in shapes]

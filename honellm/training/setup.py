@@ -13,6 +13,7 @@ import os
 import torch
 
 from honellm.core import varlen
+from honellm.core.support import packing_problem
 from honellm.errors import HoneError
 from honellm.training.checkpoint import is_fsdp
 
@@ -81,6 +82,35 @@ def pick_attention(model, choice: str, *, device: torch.device, longest: int, pa
     if current != choice and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(choice)
     return getattr(model.config, "_attn_implementation", choice)
+
+
+def decide_packing(asked: bool | None, attention: str, model, device: torch.device,
+                   compute_dtype: torch.dtype) -> tuple[bool, str | None]:
+    """Whether a run packs its micro-batches (`asked`: the recipe's `packing` setting), and for the run log, on a
+    CUDA GPU where packing stays off by default, why (else None).
+
+    As asked (an error where the model cannot keep packed sequences apart), or by default on CUDA GPUs with a
+    varlen attention kernel for the model (flash-attention 2 where `flash_attn` is installed, else PyTorch's own,
+    `honellm.core.varlen`) and `attention=auto`. Without one, attention over a packed row is masked to each
+    sequence but still computed over the whole row (sdpa with a block-diagonal mask: a row of k sequences costs
+    about k times their attention), while length-grouped padded micro-batches carry only a few percent of padding;
+    on a CPU packing measured no faster (bench/README.md)."""
+    problem = packing_problem(model)
+    if asked is not None:
+        if asked and problem is not None:
+            raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
+                            fix="drop packing=true (micro-batches are then padded)")
+        return bool(asked), None
+    if device.type != "cuda":
+        return False, None
+    if attention != "auto":
+        return False, f"attention={attention} was asked for (packing needs a varlen kernel, which auto picks)"
+    if problem is not None:
+        return False, problem
+    if has_flash_attn():
+        return True, None
+    why_not = varlen.usable(model, device, compute_dtype)
+    return why_not is None, why_not
 
 
 def enable_checkpointing(model) -> None:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
-from honellm.core import fused, liger, varlen
-from honellm.core.support import note_paths, packing_problem
+from honellm.core import fused, liger
+from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
 from honellm.program import PromptProgram
@@ -50,8 +50,8 @@ from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
 from honellm.training.setup import (
     compile_layers,
+    decide_packing,
     enable_checkpointing,
-    has_flash_attn,
     pick_attention,
     seed_everything,
     setup_accelerator,
@@ -123,7 +123,8 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- packing, attention kernel and memory pre-flight, from the longest micro-batch the data can produce
     longest = max(len(s) for s in train)
-    packing, unpacked_because = _packing(config, model, device, precision.compute_dtype)
+    packing, unpacked_because = decide_packing(config.packing, config.attention, model, device,
+                                               precision.compute_dtype)
     budget = config.max_tokens_per_batch or config.batch_size * longest if packing else None
     attention = pick_attention(model, config.attention, device=device, longest=budget or longest, packed=packing,
                                compute_dtype=precision.compute_dtype)
@@ -209,32 +210,6 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return artifact
-
-
-def _packing(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype) -> tuple[bool, str | None]:
-    """Whether this run packs its micro-batches, and for the run log, on a CUDA GPU where packing stays off by
-    default, why (else None): `packing` as set (an error where the model cannot), or by default on CUDA GPUs with
-    a varlen attention kernel for the model (flash-attention 2 where `flash_attn` is installed, else PyTorch's own,
-    `honellm.core.varlen`) and `attention=auto`. Without one, attention over a packed row is masked to each
-    sequence but still computed over the whole row (sdpa with a block-diagonal mask: a row of k sequences costs
-    about k times their attention), while length-grouped padded micro-batches carry only a few percent of padding;
-    on a CPU packing measured no faster (bench/README.md)."""
-    problem = packing_problem(model)
-    if config.packing is not None:
-        if config.packing and problem is not None:
-            raise HoneError(f"packing=true cannot keep sequences apart for this model: {problem}", where="packing",
-                            fix="drop packing=true (micro-batches are then padded)")
-        return bool(config.packing), None
-    if device.type != "cuda":
-        return False, None
-    if config.attention != "auto":
-        return False, f"attention={config.attention} was asked for (packing needs a varlen kernel, which auto picks)"
-    if problem is not None:
-        return False, problem
-    if has_flash_attn():
-        return True, None
-    why_not = varlen.usable(model, device, compute_dtype)
-    return why_not is None, why_not
 
 
 # ------------------------------------------------------------------------------------------------ state

@@ -225,31 +225,49 @@ def test_self_check_passes_the_contract_and_catches_a_wrong_kernel(kernel, monke
     assert "no kernel image" in varlen.self_check(CPU, torch.bfloat16)
 
 
-def test_sft_packs_on_cuda_with_either_varlen_kernel(arch_dir, monkeypatch):
+def test_runs_pack_on_cuda_with_either_varlen_kernel(arch_dir, monkeypatch):
+    """`setup.decide_packing`, which SFT and the DPO family ask with their `packing` and `attention` settings."""
     from honellm.training import setup
-    from honellm.tuning import sft
-    from honellm.tuning.config import SFTConfig
 
-    model, config = load_fp32(arch_dir("llama"), "sdpa"), SFTConfig()
+    model = load_fp32(arch_dir("llama"), "sdpa")
     bf16 = torch.bfloat16
-    monkeypatch.setattr(sft, "has_flash_attn", lambda: False)
+
+    def decide(device, asked=None, attention="auto"):
+        return setup.decide_packing(asked, attention, model, device, bf16)
+
     monkeypatch.setattr(setup, "has_flash_attn", lambda: False)
     monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
     # sdpa would attend over the whole packed row; the reason is what the run log says
-    assert sft._packing(config, model, CUDA, bf16) == (False, "no varlen kernel here")
+    assert decide(CUDA) == (False, "no varlen kernel here")
     monkeypatch.setattr(varlen, "usable", lambda *a: None)
-    assert sft._packing(config, model, CUDA, bf16) == (True, None)
-    assert sft._packing(config, model, CPU, bf16) == (False, None)  # a CPU does not pack by default: nothing to say
-    packing, why = sft._packing(SFTConfig(attention="sdpa"), model, CUDA, bf16)  # a kernel asked for: padded
+    assert decide(CUDA) == (True, None)
+    assert decide(CPU) == (False, None)  # a CPU does not pack by default: nothing to say
+    packing, why = decide(CUDA, attention="sdpa")  # a kernel asked for: padded
     assert not packing and "attention=sdpa" in why
     assert setup.pick_attention(model, "auto", device=CUDA, longest=64, packed=True) == varlen.NAME
     assert setup.pick_attention(model, "auto", device=CUDA, longest=64, packed=False) == "sdpa"
     assert setup.pick_attention(model, "auto", device=CPU, longest=64, packed=True) == "eager"
-    assert sft._packing(SFTConfig(packing=False), model, CUDA, bf16) == (False, None)  # as asked
-    monkeypatch.setattr(sft, "has_flash_attn", lambda: True)
+    assert decide(CUDA, asked=False) == (False, None)  # as asked
+    monkeypatch.setattr(setup, "has_flash_attn", lambda: True)
     monkeypatch.setattr(varlen, "usable", lambda *a: "no varlen kernel here")
-    assert sft._packing(config, model, CUDA, bf16) == (True, None)  # flash-attention's kernel
-    assert sft._packing(SFTConfig(packing=True), model, CPU, bf16) == (True, None)
+    assert decide(CUDA) == (True, None)  # flash-attention's kernel
+    assert decide(CPU, asked=True) == (True, None)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_packed_sequences_keep_their_own_log_prob_sums(arch_dir, arch, kernel):
+    """What the DPO family reads from a packed micro-batch of chosen and rejected answers: each sequence's summed
+    log-probabilities and target count, as the padded batch gives them."""
+    from honellm.training.logprobs import token_logprobs
+
+    padded_model, model = load_fp32(arch_dir(arch), "sdpa"), load_fp32(arch_dir(arch), "sdpa")
+    varlen.install(model)
+    seqs = sequences((13, 7, 20, 11, 30, 4))
+    with torch.no_grad():
+        padded, packed = token_logprobs(padded_model, collate(seqs, 0)), token_logprobs(model, pack(seqs))
+    assert packed.batch_size == len(seqs) and kernel
+    torch.testing.assert_close(packed.per_sequence(), padded.per_sequence(), rtol=1e-5, atol=1e-5)
+    assert packed.counts().tolist() == padded.counts().tolist()
 
 
 # ------------------------------------------------------------ torch's own varlen_attn, its device part on a CPU

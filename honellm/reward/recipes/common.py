@@ -29,7 +29,7 @@ from honellm.core import fused, liger
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.progress import progress
-from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
+from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation, pack
 from honellm.training.checkpoint import load_plain
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
@@ -160,7 +160,8 @@ def encode_pairs(task, program, tokenizer, split: str, *, max_length: int, limit
 
 @dataclass
 class PairBatch:
-    """B preference pairs as ONE right-padded batch of 2B sequences: rows 0..B-1 chosen, rows B..2B-1 rejected.
+    """B preference pairs as ONE batch of 2B sequences (right-padded rows, or packed end to end in one row):
+    sequences 0..B-1 chosen, B..2B-1 rejected.
 
     `index` are the pairs' positions in the training set (to look up their cached reference log-probs);
     `ref_chosen`/`ref_rejected` are those log-probs ([B] each) when the method needs a reference.
@@ -192,10 +193,13 @@ def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(device)
 
 
-def collate_pairs(pairs: list[EncodedPair], index, pad_id: int, reference: dict | None = None) -> PairBatch:
-    """One batch of chosen-then-rejected sequences; `reference` holds cached `chosen`/`rejected` log-probs."""
+def collate_pairs(pairs: list[EncodedPair], index, pad_id: int, reference: dict | None = None, *,
+                  packed: bool = False) -> PairBatch:
+    """One batch of chosen-then-rejected sequences, right-padded or (`packed`) end to end in one row;
+    `reference` holds cached `chosen`/`rejected` log-probs."""
     index = torch.as_tensor(np.asarray(index), dtype=torch.long)
-    sequences = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    ordered = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    sequences = pack(ordered) if packed else collate(ordered, pad_id)
     if reference is None:
         return PairBatch(sequences, index)
     return PairBatch(sequences, index, reference["chosen"][index], reference["rejected"][index])

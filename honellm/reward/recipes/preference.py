@@ -68,21 +68,25 @@ from honellm.reward.recipes.common import (
     score_pairs,
     visited,
 )
-from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation
+from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation, pack
 from honellm.training.logprobs import LossOutput, token_logprobs
 from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
-from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
+from honellm.training.setup import decide_packing, pick_attention, seed_everything, setup_accelerator
 
 # ------------------------------------------------------------------------------------------------ configs
 
 
 class PreferenceConfig(AlignConfig):
-    """Shared by the DPO family: an adapter's learning rate (full fine-tuning wants ~1e-6)."""
+    """Shared by the DPO family: an adapter's learning rate (full fine-tuning wants ~1e-6), packing."""
 
     lr: float = Field(5e-5, gt=0, description="peak learning rate of AdamW (LoRA; use ~1e-6 with adapter=full)")
+    packing: bool | None = Field(
+        None, description="padding-free packing: a micro-batch's answers (chosen and rejected, or KTO's completions) "
+                          "end to end in one row, attention kept inside each (the same log-probs); None: on for CUDA "
+                          "GPUs with a varlen attention kernel and attention=auto, off otherwise (as SFT's packing)")
 
     def loss_hparams(self) -> dict:
         """The keyword arguments of the method's pure loss function."""
@@ -198,13 +202,16 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
     # --- attention kernel (as SFT picks it: eager on CPU up to 256 tokens) and memory pre-flight: a micro-batch is
     # 2 x batch_size sequences
     longest = max(p.length for p in train)
-    attention = pick_attention(model, config.attention, device=device, longest=longest)
+    packing, unpacked_because = decide_packing(config.packing, config.attention, model, device,
+                                               precision.compute_dtype)
+    attention = pick_attention(model, config.attention, device=device, longest=longest, packed=packing,
+                               compute_dtype=precision.compute_dtype)
     plan = fit_memory(model, sampler, loss_tokens=[max(p.chosen.num_loss_tokens, p.rejected.num_loss_tokens)
                                                    for p in train], sequences_per_example=2,
                       batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
                       gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
                       limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full",
-                      compute_dtype=precision.compute_dtype, attention=attention)
+                      compute_dtype=precision.compute_dtype, attention=attention, packed=packing)
     config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- reference log-probs: once, with the adapter disabled, cached per example in the run folder
@@ -224,7 +231,7 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
             # training pairs on the very micro-batches they train in; validation pairs as validation scores them
             values = reference_on_training_batches(
                 model, sampler, total_steps, collate_fn=lambda index: collate_pairs([train[i] for i in index], index,
-                                                                                     pad_id),
+                                                                                     pad_id, packed=packing),
                 logps_fn=pair_values, shape=(len(train), 2), precision=precision, grad_accum=config.grad_accum,
                 accelerator=accelerator)
             held_out = reference_scores(model, sequences["validation"], **score_kwargs)
@@ -247,7 +254,8 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
         run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
                         trainable_params=trainable_params, total_params=total_params,
-                        estimated_peak_memory_bytes=memory.total)
+                        estimated_peak_memory_bytes=memory.total, attention=attention, packing=packing,
+                        unpacked_because=unpacked_because)
     loss_fn = preference_loss_fn(method, hparams)
 
     def evaluate() -> dict:
@@ -267,7 +275,7 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
 
     # --- the loop
     while tail.running():
-        micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"])
+        micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"], packed=packing)
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
         tail.end_step(tail.step(training.step, micro_batches, loss_fn))
@@ -411,12 +419,18 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
 
     # --- attention kernel (as SFT picks it) and memory pre-flight
     longest = max(len(s) for s in train + mismatched)
-    attention = pick_attention(model, config.attention, device=device, longest=longest)
+    packing, unpacked_because = decide_packing(config.packing, config.attention, model, device,
+                                               precision.compute_dtype)
+    attention = pick_attention(model, config.attention, device=device, longest=longest, packed=packing,
+                               compute_dtype=precision.compute_dtype)
+
+    def batch_of(sequences: list[TokenSequence]) -> Batch:
+        return pack(sequences) if packing else collate(sequences, pad_id)
     plan = fit_memory(model, sampler, loss_tokens=[s.num_loss_tokens for s in train],
                       batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
                       gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
                       limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full",
-                      compute_dtype=precision.compute_dtype, attention=attention)
+                      compute_dtype=precision.compute_dtype, attention=attention, packed=packing)
     config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
 
     # --- reference log-probs: once, adapter disabled, cached in the run folder
@@ -435,7 +449,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         model.eval()
         try:
             with torch.no_grad(), precision.autocast():
-                return torch.cat([sums(model, collate([mismatched[i] for i in index], pad_id).to(device)).float().cpu()
+                return torch.cat([sums(model, batch_of([mismatched[i] for i in index]).to(device)).float().cpu()
                                   for index in local])
         finally:
             model.train(was_training)
@@ -447,10 +461,10 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                       "grad_accum": config.grad_accum, "accelerator": accelerator}
         return {"train": reference_on_training_batches(
                     model, sampler, total_steps, **on_batches | {
-                        "collate_fn": lambda index: collate([train[i] for i in index], pad_id)}),
+                        "collate_fn": lambda index: batch_of([train[i] for i in index])}),
                 "mismatched": reference_on_training_batches(
                     model, sampler, total_steps, **on_batches | {
-                        "collate_fn": lambda index: collate([mismatched[i] for i in index], pad_id)}),
+                        "collate_fn": lambda index: batch_of([mismatched[i] for i in index])}),
                 "validation": reference_scores(model, val_sequences, **score_kwargs)}
 
     key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter, seen.tolist(),
@@ -469,7 +483,8 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step, total_steps=total_steps,
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, completions=len(train),
                         desirable=int(desirable.sum()), trainable_params=trainable_params, total_params=total_params,
-                        estimated_peak_memory_bytes=memory.total)
+                        estimated_peak_memory_bytes=memory.total, attention=attention, packing=packing,
+                        unpacked_because=unpacked_because)
     loss_fn = kto_loss_fn(hparams)
     beta = hparams["beta"]
 
@@ -514,7 +529,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
         # kto_loss takes the means of these two: the global means give the global z.
         kl_policy = torch.tensor([float(kl_sums[0] / kl_sums[2])])
         kl_ref = torch.tensor([float(kl_sums[1] / kl_sums[2])])
-        micro_batches = [UnpairedBatch(collate([train[i] for i in index], pad_id), torch.as_tensor(index),
+        micro_batches = [UnpairedBatch(batch_of([train[i] for i in index]), torch.as_tensor(index),
                                        desirable[index], ref_train[index], kl_policy, kl_ref) for index in local]
         result = tail.step(training.step, micro_batches, loss_fn)
         # The step averaged the reward sums over all completions; make them means over each kind.
