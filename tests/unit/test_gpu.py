@@ -111,6 +111,10 @@ def test_packed_batches_equal_padded_ones_on_cuda(arch_dir, arch, attention):
     assert packing_problem(model) is None
     packed = weighted_grads(model, pack(sequences()).to(CUDA), padded[2])
     assert_close(packed, padded, 2e-4 if dtype == torch.float32 else 3e-2)
+    with torch.no_grad():  # what the DPO family reads from a packed micro-batch: each sequence's own sum
+        sums = [token_logprobs(model, b.to(CUDA)).per_sequence() for b in (collate(sequences(), 0), pack(sequences()))]
+    assert sums[1].shape == (len(sequences()),)
+    torch.testing.assert_close(sums[1], sums[0], rtol=3e-2, atol=3e-2 * float(sums[0].abs().max()))
 
 
 def test_torch_varlen_kernel_passes_its_self_check():
