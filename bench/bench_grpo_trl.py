@@ -50,14 +50,17 @@ def run_hone(args, out: Path) -> dict:
     started = time.perf_counter()
     run_method(task, "grpo", config, out=out)
     total = time.perf_counter() - started
-    train = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][args.warmup:]
+    rows = read_metrics(out / "metrics.jsonl")
+    start = next(r for r in rows if r.get("event") == "start")
+    train = [r for r in rows if r.get("kind") == "train"][args.warmup:]
     seconds = [r["generation_seconds"] + r["scoring_seconds"] + r["training_seconds"] for r in train]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"side": "hone", "step_seconds": statistics.median(seconds),
             "generation_seconds": statistics.median(r["generation_seconds"] for r in train),
             "generated_tokens": statistics.mean(r["completion_length"] * args.prompts * args.group for r in train),
             "peak_memory_bytes": peak_memory(device), "rewards": [round(r["reward"], 3) for r in train],
-            "total_seconds": round(total, 1), "device": device, "vllm": _vllm()}
+            "total_seconds": round(total, 1), "device": device, "vllm": _vllm(),
+            "settings": {k: start.get(k) for k in ("generation_backend", "attention", "packing", "unpacked_because")}}
 
 
 def _vllm() -> bool:

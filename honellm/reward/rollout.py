@@ -5,7 +5,8 @@
 - `PromptSet` / `encode_prompts`: a split's prompts rendered through the task's prompt program and tokenized once.
 - `generate_rollouts`: `group_size` completions per prompt, batched through the `Generator` (groups consecutive).
 - `RewardSource` / `proxy_reward` / `gold_reward`: reward functions and/or a reward model on completions.
-- `rollout_batches` / `RolloutBatch`: completions as right-padded training micro-batches with a completion mask.
+- `rollout_batches` / `RolloutBatch`: completions as training micro-batches (right-padded, or packed) with a
+  completion mask.
 - `completion_logprobs`: per-token log-probs of the completion tokens, shape (B, T), under the policy or, with
   `reference=True`, under the same model with its adapter disabled (the reference costs no second copy).
 - `held_out_check` / `observe_guard`: the reward-hacking guard's held-out measurements, and its log lines.
@@ -37,7 +38,7 @@ from honellm.errors import HoneError
 from honellm.reward.functions import task_reward
 from honellm.reward.guard import Alarm, RewardHackingGuard, distinct_n
 from honellm.runtime.rewards import RewardScores, RewardSource, load_reward_model_artifact  # noqa: F401 - re-exported
-from honellm.training.batching import IGNORE, Batch
+from honellm.training.batching import IGNORE, Batch, TokenSequence, pack
 from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
 from honellm.training.precision import Precision
@@ -296,7 +297,7 @@ class RolloutBatch:
 
 def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *, batch_size: int,
                     pad_id: int, loss_mask: Sequence[bool] | None = None, together: int = 1,
-                    token_masks: Sequence[Sequence[int]] | None = None) -> list[RolloutBatch]:
+                    token_masks: Sequence[Sequence[int]] | None = None, packed: bool = False) -> list[RolloutBatch]:
     """Micro-batches of at most `batch_size` (prompt + completion) sequences, similar lengths together.
 
     `loss_mask[i]` False gives completion i no loss tokens (a truncated completion under `mask_truncated`); its
@@ -304,6 +305,9 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
     `together` > 1 keeps each run of that many consecutive completions (a pair of online DPO) in one micro-batch,
     consecutive and in order (the batch then holds a multiple of `together`, at least one run).
     `token_masks[i]` (tool episodes) takes the loss on completion i's tokens where it is 1 only.
+    `packed`: each micro-batch's sequences end to end in one row (`training.batching.pack`) instead of padded rows;
+    the completion mask keeps its (B, T) layout, since a packed row's targets come in the same order (sequence,
+    then position). A micro-batch with an empty prompt stays padded (a packed sequence's first token is no target).
     """
     n = len(completion_ids)
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
@@ -328,7 +332,11 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
                 taken = torch.ones(len(c)) if token_masks is None else torch.tensor(token_masks[i], dtype=torch.float32)
                 labels[j, len(p):len(p) + len(c)] = torch.where(taken > 0, torch.tensor(c, dtype=torch.long), IGNORE)
                 mask[j, :len(c)] = taken
-        batch = Batch(ids, attention, labels, int(attention.sum()), int(mask.sum()))
+        if packed and all(len(prompt_ids[i]) for i in rows):
+            batch = pack([TokenSequence(ids[j, :lengths[i]].tolist(), labels[j, :lengths[i]].tolist())
+                          for j, i in enumerate(rows)])
+        else:
+            batch = Batch(ids, attention, labels, int(attention.sum()), int(mask.sum()))
         out.append(RolloutBatch(batch, mask, rows, {}, int(mask.sum())))
     return out
 

@@ -89,6 +89,29 @@ def test_completion_logprobs_line_up_with_the_sampler(policy, rollouts):
                 assert torch.all(logps[j, n:] == 0)
 
 
+@pytest.mark.parametrize("together", [1, 2])
+def test_packed_rollout_batches_give_the_padded_log_probs_and_entropies(policy, rollouts, together):
+    """GRPO/RLOO/online DPO's micro-batches packed end to end (the default on CUDA with a varlen kernel): the same
+    (B, T) log-probs and entropies as the padded ones, with the same completion masks (a truncated completion's
+    loss taken away, pairs kept together) and row order."""
+    model, tokenizer = policy
+    prompt_ids = rollouts.per_completion(rollouts.prompts.ids)
+    keep = [i % 5 != 2 for i in range(len(rollouts))]
+    found = {}
+    for packed in (False, True):
+        batches = rollout_batches(prompt_ids, rollouts.token_ids, batch_size=5, pad_id=tokenizer.pad_token_id,
+                                  loss_mask=keep, together=together, packed=packed)
+        assert all(b.batch.packed == packed for b in batches)
+        with torch.no_grad():
+            found[packed] = [(b.rows, b.mask, *completion_logprobs(model, b, with_entropy=True)) for b in batches]
+    assert len(found[True]) == len(found[False])
+    for (rows, mask, logps, entropy), (rows_p, mask_p, logps_p, entropy_p) in zip(found[False], found[True],
+                                                                                 strict=True):
+        assert rows_p == rows and torch.equal(mask_p, mask)
+        torch.testing.assert_close(logps_p, logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy_p, entropy, rtol=1e-5, atol=1e-5)
+
+
 def test_kl_to_the_reference_is_zero_at_step_zero(task, policy, rollouts):
     """A fresh LoRA adapter (B = 0) leaves the policy equal to the reference (the adapter disabled): KL = 0."""
     model, tokenizer = policy

@@ -188,3 +188,24 @@ def test_ppo_trains_its_value_head_and_adapter_and_logs_the_curves(tiny_model_di
     b_matrices = [v for k, v in adapter.items() if "lora_B" in k]
     assert b_matrices and any(v.abs().sum() > 0 for v in b_matrices)  # PEFT starts every B at zero
     assert artifact.kind == "adapter" and artifact.manifest.method == "ppo"
+
+
+def test_grpo_packing_true_takes_the_padded_runs_first_step_and_ppo_refuses_it(tiny_model_dir, tmp_path):
+    from honellm.errors import HoneError
+    from honellm.reward.recipes.ppo import PPOConfig, ppo
+
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=VARIED,
+                                           rewards=[{"python": "rewards.py:varied"}]))
+    found = {}
+    for packing in (False, True):
+        grpo(task, _small(max_steps=1, eval_every=0, lr=1e-3, kl_coef=0.1, dynamic_sampling=False,
+                          packing=packing), out=tmp_path / f"run-{packing}")
+        rows = read_metrics(tmp_path / f"run-{packing}" / "metrics.jsonl")
+        start = next(r for r in rows if r.get("event") == "start")
+        assert start["packing"] is packing and start["unpacked_because"] is None
+        (train,) = [r for r in rows if r.get("kind") == "train"]
+        found[packing] = [train[k] for k in ("loss", "grad_norm", "reward", "completion_length", "entropy")]
+    assert found[False][1] > 0 and found[True] == pytest.approx(found[False], rel=1e-5, abs=1e-7)
+    with pytest.raises(HoneError, match="value head"):
+        ppo(task, PPOConfig(max_steps=1, prompts_per_step=2, max_new_tokens=4, guard_prompts=4, r=4,
+                            precision="fp32", packing=True), out=tmp_path / "ppo")

@@ -62,7 +62,7 @@ from honellm.training.loop import LoopState, start_training
 from honellm.training.memory import estimate_training_memory, fit_micro_batch, parameter_bytes
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
-from honellm.training.setup import pick_attention, seed_everything, setup_accelerator
+from honellm.training.setup import decide_packing, pick_attention, seed_everything, setup_accelerator
 from honellm.training.step import StepResult
 
 ONLINE_NEEDS = ("references", "rewards")  # prompts (with whatever the rewards read); a target is optional
@@ -86,6 +86,11 @@ class OnlineRLConfig(PolicyConfig):
                                                    "many ways)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="clip range of the probability ratio")
     mask_truncated: bool = Field(False, description="give completions cut at max_new_tokens no loss (DAPO)")
+    packing: bool | None = Field(
+        None, description="padding-free packing of the training micro-batches: prompt + completion sequences end to "
+                          "end in one row, attention kept inside each (the same log-probs); None: on for CUDA GPUs "
+                          "with a varlen attention kernel and attention=auto, off otherwise (as SFT's packing); "
+                          "not for PPO, whose value head reads padded rows")
     # --- the held-out check and the reward-hacking guard
     guard: GuardConfig = Field(default_factory=lambda: GuardConfig(every=10),
                                description="the reward-hacking guard (every, thresholds, action: warn or stop)")
@@ -220,10 +225,17 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     # --- attention kernel of the policy's training forward (as SFT picks it) and memory pre-flight: the longest
     # micro-batch of prompt + completion
     longest = max(map(len, train.ids)) + max_new_tokens * (task.config.tool_turns * 2 if tools else 1)
-    attention = pick_attention(policy, config.attention, device=device, longest=longest)
+    if method.wrap is not None and config.packing:
+        raise HoneError(f"packing=true: {method.name}'s value head reads padded rows", where="packing",
+                        fix="drop packing=true")
+    packing, unpacked_because = (False, None) if method.wrap is not None else decide_packing(
+        config.packing, config.attention, policy, device, precision.compute_dtype)
+    attention = pick_attention(policy, config.attention, device=device, longest=longest, packed=packing,
+                               compute_dtype=precision.compute_dtype)
 
-    def estimate_for(batch: int, length: int, checkpointing: bool):
-        return estimate_training_memory(model, micro_batch_size=batch, seq_len=min(length, longest),
+    def estimate_for(batch: int, length: int, checkpointing: bool):  # a packed micro-batch: one row of them all
+        rows, width = (1, batch * min(length, longest)) if packing else (batch, min(length, longest))
+        return estimate_training_memory(model, micro_batch_size=rows, seq_len=width,
                                         gradient_checkpointing=checkpointing, loss_tokens=batch * max_new_tokens,
                                         compute_dtype=precision.compute_dtype, distributed=world > 1,
                                         device_type=device.type, attention=attention)
@@ -256,7 +268,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                         total_steps=total_steps, updates_per_step=config.updates_per_step, processes=world,
                         precision=precision.name, trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, proxy_reward=proxy.names,
-                        gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total)
+                        gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total,
+                        attention=attention, packing=packing, unpacked_because=unpacked_because)
         # which paths the policy takes, once (honellm.core.support); PPO's value-head wrapper has no config to check
         note_paths(policy, run, monitor.note)
     pad_id = generator.pad_id
@@ -327,7 +340,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                                   batch_size=config.batch_size, pad_id=pad_id,
                                   loss_mask=[keep[i] for i in rows] if keep is not None else None,
                                   together=method.together,
-                                  token_masks=[rollouts.token_masks[i] for i in rows] if tools else None)
+                                  token_masks=[rollouts.token_masks[i] for i in rows] if tools else None,
+                                  packed=packing)
         for b in batches:
             b.rows = [rows[r] for r in b.rows]  # back to indices of the whole rollout
         kl_coef = getattr(config, "kl_coef", 0.0)
