@@ -5,6 +5,7 @@
     python bench/bench_gpu.py --phases sft-lora-135m,grpo-135m --budget 300
     python bench/bench_gpu.py --phases sft-lora-135m --compile   # also Hone with compile=true (torch.compile)
     python bench/bench_gpu.py --phases sft-lora-135m --padded    # also Hone with packing=false (what packing buys)
+    python bench/bench_gpu.py --phases sft-lora-135m --cuda-graphs   # also Hone with cuda_graphs=true
 
 No weights or data are downloaded: the models are random weights in the real shapes of SmolLM2-135M and
 SmolLM2-1.7B (their configs written out below), with the embedded SmolLM2 tokenizer where it is installed (else a
@@ -163,7 +164,8 @@ def messages(record: dict) -> list[dict]:
 
 
 # Hone's extra SFT sides (--compile, --padded): the settings each changes from Hone's defaults.
-EXTRA_SIDES = {"hone-compiled": {"compile": True}, "hone-padded": {"packing": False}}
+EXTRA_SIDES = {"hone-compiled": {"compile": True}, "hone-padded": {"packing": False},
+               "hone-cudagraphs": {"cuda_graphs": True}}
 
 
 def sft_hone(args) -> dict:
@@ -199,6 +201,7 @@ def sft_hone(args) -> dict:
             "steady_tokens_per_second": steady,
             "losses": [r["loss"] for r in steps], "peak_memory_bytes": _peak(),
             "settings": {"packing": start.get("packing"), "unpacked_because": start.get("unpacked_because"),
+                         "cuda_graphs": start.get("cuda_graphs"),
                          "liger": start.get("liger"),
                          "attention": start.get("attention"), "precision": start.get("precision")},
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -277,7 +280,8 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     if args.smoke:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
-    extra = [side for side, flag in (("hone-compiled", args.compile), ("hone-padded", args.padded)) if flag]
+    extra = [side for side, flag in (("hone-compiled", args.compile), ("hone-padded", args.padded),
+                                     ("hone-cudagraphs", args.cuda_graphs)) if flag]
     names = ("hone", *extra, "trl") if kind.startswith("sft") else ("hone", "trl")
     for side in names:
         if kind.startswith("sft"):
@@ -362,7 +366,7 @@ def report(result: dict, peak: float | None) -> None:
         after = (f"; after the first two steps {steady[1]:.0f} tokens/s against Hone's {steady[0]:.0f}"
                  if None not in steady else "")
         print(f"  Hone {name} / TRL: {result[f'ratio_{name}']:.2f}x tokens/s"
-              f"{' (compile time included)' if side == 'hone-compiled' else ''}{after}")
+              f"{' (compile time included)' if side in ('hone-compiled', 'hone-cudagraphs') else ''}{after}")
 
 
 def main() -> None:
@@ -379,6 +383,9 @@ def main() -> None:
     parser.add_argument("--padded", action="store_true",
                         help="SFT phases: also run Hone with packing=false (padded length-grouped micro-batches on "
                              "sdpa), a side named hone-padded: what packing buys on this GPU")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="SFT phases: also run Hone with cuda_graphs=true (static packed rows replayed as CUDA "
+                             "graphs, compile time included), a side named hone-cudagraphs")
     parser.add_argument("--worker", choices=("hone", *EXTRA_SIDES, "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -136,7 +136,9 @@ def varlen_status(torch) -> str:
     if not torch.cuda.is_available():
         return f"present ({', '.join(keywords)}); no CUDA device to self-check it on"
     found = varlen.self_check(torch.device("cuda"), torch.bfloat16)
-    return f"present ({', '.join(keywords)}); self-check in bf16: {found or 'passed'}"
+    static = varlen.self_check(torch.device("cuda"), torch.bfloat16, static=True)  # cuda_graphs=true's layout
+    return (f"present ({', '.join(keywords)}); self-check in bf16: {found or 'passed'}; static rows (cuda_graphs): "
+            f"{static or 'passed'}")
 
 
 def main() -> None:

@@ -47,9 +47,10 @@ _PACKED = contextvars.ContextVar("hone_varlen_packed", default=False)
 TOLERANCE = 0.02
 
 
-def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
+def usable(model, device, compute_dtype: torch.dtype | None, *, static: bool = False) -> str | None:
     """Why a packed run of `model` (or of a model with this config) on `device` cannot take `hone_varlen` (None:
-    it can): what `support.varlen_problem` says, else the kernel's self-check in this model's attention shape."""
+    it can): what `support.varlen_problem` says, else the kernel's self-check in this model's attention shape
+    (`static`: in the static-shape layout CUDA graphs use, see `self_check`)."""
     found = support.varlen_problem(model, device, compute_dtype)
     if found is not None:
         return found
@@ -58,7 +59,7 @@ def usable(model, device, compute_dtype: torch.dtype | None) -> str | None:
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return self_check(device, compute_dtype or torch.bfloat16, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                      window=support.sliding_window(config))
+                      window=support.sliding_window(config), static=static)
 
 
 def install(model) -> None:
@@ -177,19 +178,24 @@ def scaling_of(scale: float | None, head_dim: int) -> float:
 
 
 def self_check(device, dtype: torch.dtype, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 64,
-               window: int | None = None) -> str | None:
+               window: int | None = None, static: bool = False) -> str | None:
     """Run the kernel on three random sequences (forward and backward) against per-sequence fp32 attention on the
     same device; None when they agree within `TOLERANCE` (relative to the reference's largest value), else the
-    reason with the figure. Cached per setting: a run pays it once (milliseconds on a GPU)."""
-    return _self_check(str(torch.device(device)), dtype, heads, kv_heads, head_dim, window)
+    reason with the figure. `static`: laid out as `batching.pack` lays out a static-shape row for CUDA graphs
+    (empty sequences at the end, the whole row's length as the longest). Cached per setting: a run pays it once
+    (milliseconds on a GPU)."""
+    return _self_check(str(torch.device(device)), dtype, heads, kv_heads, head_dim, window, static)
 
 
 @functools.cache
 def _self_check(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-                window: int | None) -> str | None:
+                window: int | None, static: bool = False) -> str | None:
     lengths = [37, 5, 90] if window is None else [37, 5, max(90, 2 * window)]
     generator = torch.Generator(device="cpu").manual_seed(0)
     total = sum(lengths)
+    longest = total if static else max(lengths)
+    if static:
+        lengths += [0, 0]
 
     def draw(n: int) -> torch.Tensor:
         return torch.randn(1, n, total, head_dim, generator=generator).to(device)
@@ -202,7 +208,7 @@ def _self_check(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     try:
         inputs = [t.to(dtype).requires_grad_() for t in (query, key, value)]
-        out = varlen(*inputs, cu, cu, max(lengths), max(lengths), window=window)
+        out = varlen(*inputs, cu, cu, longest, longest, window=window)
         out.backward(grad.to(dtype))
         got = [out.detach().float(), *(t.grad.float() for t in inputs)]
     except Exception as error:  # a kernel that does not run here steps aside with what it said
@@ -229,6 +235,8 @@ def reference(query, key, value, cu, *, scale: float | None = None, window: int 
     bounds = cu.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         n = end - start
+        if n == 0:
+            continue
         i = torch.arange(n, device=query.device)
         allowed = i[None, :] <= i[:, None]
         if window:

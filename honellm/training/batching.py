@@ -203,11 +203,17 @@ def collate(sequences: list[TokenSequence], pad_id: int) -> Batch:
     return Batch(ids, mask, labels, int(mask.sum()), sum(s.num_loss_tokens for s in sequences))
 
 
-def pack(sequences: list[TokenSequence]) -> Batch:
+def pack(sequences: list[TokenSequence], *, width: int | None = None, slots: int | None = None,
+         pad_id: int = 0) -> Batch:
     """The sequences end to end in one row, no padding: `position_ids` restart at 0 at each sequence and
     `cu_seqlens` holds the cumulative lengths. The first token of each sequence takes no loss (nothing of its own
     sequence comes before it; the previous sequence's last token must not learn to predict it), which is what
-    `num_loss_tokens` counts unpacked, so the loss is the same sum over the same tokens."""
+    `num_loss_tokens` counts unpacked, so the loss is the same sum over the same tokens.
+
+    Static shapes (CUDA graphs replay one shape): `width` fills the row to exactly that many tokens with a filler
+    sequence of `pad_id` (no loss, attending to itself only), `slots` gives `cu_seqlens` exactly `slots + 1`
+    entries (empty sequences at the end), and `max_seqlen` is `width`, a bound every micro-batch shares. The loss,
+    `num_tokens` and `num_loss_tokens` are those of the real sequences."""
     ids, labels, positions, cu = [], [], [], [0]
     for s in sequences:
         ids.extend(s.input_ids)
@@ -215,10 +221,24 @@ def pack(sequences: list[TokenSequence]) -> Batch:
         labels.extend(s.labels[1:])
         positions.extend(range(len(s)))
         cu.append(cu[-1] + len(s))
+    real, longest = len(ids), max(len(s) for s in sequences)
+    if width is not None:
+        if real > width:
+            raise ValueError(f"{real} tokens do not fit a packed row of {width}")
+        if width > real:  # the filler: a sequence of its own, no loss
+            ids.extend([pad_id] * (width - real))
+            labels.extend([IGNORE] * (width - real))
+            positions.extend(range(width - real))
+            cu.append(width)
+        longest = width
+    if slots is not None:
+        if len(cu) - 1 > slots:
+            raise ValueError(f"{len(cu) - 1} sequences do not fit {slots} slots")
+        cu.extend([cu[-1]] * (slots + 1 - len(cu)))
     ids_t = torch.tensor([ids], dtype=torch.long)
-    return Batch(ids_t, torch.ones_like(ids_t), torch.tensor([labels], dtype=torch.long), len(ids),
+    return Batch(ids_t, torch.ones_like(ids_t), torch.tensor([labels], dtype=torch.long), real,
                  sum(s.num_loss_tokens for s in sequences), position_ids=torch.tensor([positions], dtype=torch.long),
-                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(len(s) for s in sequences))
+                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=longest)
 
 
 def token_budget_micro_batches(indices: np.ndarray, lengths: np.ndarray, max_tokens: int, *, parts: int = 1,

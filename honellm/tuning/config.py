@@ -26,6 +26,11 @@ class SFTConfig(TrainingConfig):
                           "(flash-attention's, else PyTorch's own, torch 2.10+) and attention=auto, off otherwise "
                           "(sdpa would attend over the whole row under a mask; on a CPU it measured no faster, "
                           "bench/README.md)")
+    cuda_graphs: bool = Field(
+        False, description="CUDA graphs for the decoder layers (torch.compile mode reduce-overhead): each packed "
+                           "micro-batch filled to exactly max_tokens_per_batch tokens, so every step replays one "
+                           "recorded shape instead of launching each kernel (a small model's step is bound by "
+                           "launches); CUDA only, with packing under a varlen kernel; compiles first (minutes)")
     max_tokens_per_batch: int | None = Field(
         None, ge=8, description="with packing, the token budget of one micro-batch (None: batch_size x the longest "
                                 "training sequence); a global batch is cut into as many micro-batches as it needs")

@@ -19,6 +19,7 @@ validation loss always. The best evaluation's weights are kept (`select_best`), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
-from honellm.core import fused, liger
+from honellm.core import fused, liger, varlen
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
@@ -128,9 +129,14 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     budget = config.max_tokens_per_batch or config.batch_size * longest if packing else None
     attention = pick_attention(model, config.attention, device=device, longest=budget or longest, packed=packing,
                                compute_dtype=precision.compute_dtype)
-    if config.compile and compile_layers(model) == 0:
-        raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
-                        fix="drop compile=true")
+    slots = _cuda_graphs_slots(config, model, device, precision.compute_dtype, packing=packing,
+                               unpacked_because=unpacked_because, attention=attention, budget=budget,
+                               longest=longest, per_process=-(-sampler.global_batch_size // world))
+    compiled = compile_layers(model, mode="reduce-overhead", dynamic=False) if slots else \
+        compile_layers(model) if config.compile else None
+    if compiled == 0:
+        raise HoneError("compile=true (or cuda_graphs=true) found no decoder layers to compile in this model",
+                        where="compile", fix="drop compile=true / cuda_graphs=true")
     evaluation_batch = config.eval_batch_size if validation is not None and config.eval_every != 0 else 0
     if packing:  # one row of `budget` tokens (the attention of a packed row spans it whole), fitted by its rows
         def estimate_for(batch: int, length: int, checkpointing: bool):
@@ -159,15 +165,19 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
         run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step,
                         total_steps=total_steps, steps_per_epoch=per_epoch, processes=world,
                         precision=precision.name, attention=attention,
-                        packing=packing, max_tokens_per_batch=budget, liger=no_liger or "applied",
+                        packing=packing, max_tokens_per_batch=budget, cuda_graphs=bool(slots),
+                        liger=no_liger or "applied",
                         unpacked_because=unpacked_because,
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
 
     def evaluate(step: int) -> dict:
-        return _named(_evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
-                                config=config, accelerator=accelerator), validation)
+        # Under CUDA graphs the layers are compiled for the training row's one shape: validation's padded batches
+        # and generation run them eagerly rather than record a graph per shape.
+        with torch.compiler.set_stance("force_eager") if slots else contextlib.nullcontext():
+            return _named(_evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
+                                    config=config, accelerator=accelerator), validation)
 
     best = Best(f"val_{validation.metric_name}", validation.higher_is_better) if validation is not None else None
     tail = training.tail(per_epoch=per_epoch, evaluate=evaluate if validation is not None else None,
@@ -178,13 +188,14 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     pad_id = tokenizer.pad_token_id
     while tail.running():
         if packing:  # the same global batch, cut by the token budget instead of an example count
-            micro_batches = [pack([train[i] for i in index]) for index in token_budget_micro_batches(
+            static = {"width": budget, "slots": slots, "pad_id": pad_id} if slots else {}
+            micro_batches = [pack([train[i] for i in index], **static) for index in token_budget_micro_batches(
                 sampler.global_batch(state.step), sampler.lengths, budget, parts=world, part=rank)]
         else:
             micro_batches = [collate([train[i] for i in index], pad_id)
                              for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                                 grad_accum=config.grad_accum)]
-        result = tail.step(training.step, micro_batches, sft_loss)
+        result = tail.step(training.step, micro_batches, _graph_replays(sft_loss) if slots else sft_loss)
         if tail.end_step(result):
             break
 
@@ -210,6 +221,44 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return artifact
+
+
+def _cuda_graphs_slots(config: SFTConfig, model, device: torch.device, compute_dtype: torch.dtype, *,
+                       packing: bool, unpacked_because: str | None, attention: str, budget: int | None,
+                       longest: int, per_process: int) -> int | None:
+    """With `cuda_graphs=true`, the sequence slots of every static packed row (the most examples a process's
+    micro-batch can hold, plus the filler); an error naming what to change where CUDA graphs cannot run. None
+    without it."""
+    if not config.cuda_graphs:
+        return None
+    if device.type != "cuda":
+        raise HoneError(f"cuda_graphs=true needs a CUDA GPU (this run is on {device.type})", where="cuda_graphs",
+                        fix="drop cuda_graphs=true (compile=true compiles the layers on any device)")
+    varlen_kernel = attention in (varlen.NAME, "flash_attention_2")
+    if not packing or not varlen_kernel:
+        why = unpacked_because or f"attention {attention} has no varlen kernel"
+        raise HoneError(f"cuda_graphs=true replays static packed rows, which need packing under a varlen attention "
+                        f"kernel: {why}", where="cuda_graphs",
+                        fix="drop cuda_graphs=true, or let packing and attention take their defaults")
+    if budget < longest:
+        raise HoneError(f"max_tokens_per_batch={budget} is shorter than the longest training sequence ({longest}): "
+                        f"a static row must hold every example", where="max_tokens_per_batch",
+                        fix=f"set max_tokens_per_batch to {longest} or more, or leave it unset")
+    if attention == varlen.NAME:
+        problem = varlen.usable(model, device, compute_dtype, static=True)
+        if problem is not None:
+            raise HoneError(f"cuda_graphs=true: {problem}", where="cuda_graphs", fix="drop cuda_graphs=true")
+    return per_process + 1
+
+
+def _graph_replays(loss_fn):
+    """`loss_fn` with each micro-batch's forward marked as a new iteration of the CUDA graph tree (the previous
+    micro-batch's backward is done by then, so its recorded outputs may be overwritten)."""
+    def marked(model, batch):
+        torch.compiler.cudagraph_mark_step_begin()
+        return loss_fn(model, batch)
+
+    return marked
 
 
 # ------------------------------------------------------------------------------------------------ state

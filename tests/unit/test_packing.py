@@ -158,6 +158,38 @@ def test_sft_with_packing_trains_like_padded_batches(task_yaml, tmp_path):
     assert packed.manifest.config["packing"] is True and padded.manifest.metrics["final_step"] == 2
 
 
+def test_sft_with_static_rows_trains_like_padded_batches(task_yaml, tmp_path, monkeypatch):
+    """cuda_graphs=true's loop on a CPU, its CUDA checks and its compile stood aside: every micro-batch one static
+    row (a filler, empty sequence slots), each marked as a new graph iteration, validation run eagerly; the same
+    losses and validation scores as padded batches."""
+    from honellm.tuning import sft
+
+    marks = []
+    monkeypatch.setattr(sft, "_cuda_graphs_slots",
+                        lambda config, *a, per_process, **k: per_process + 1 if config.cuda_graphs else None)
+    monkeypatch.setattr(sft, "compile_layers", lambda model, **options: 2)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    shapes = set()
+
+    def pack_and_note(seqs, **static):
+        batch = pack(seqs, **static)
+        shapes.add((tuple(batch.input_ids.shape), tuple(batch.cu_seqlens.shape), batch.max_seqlen))
+        return batch
+
+    monkeypatch.setattr(sft, "pack", pack_and_note)
+    common = ["max_steps=2", "eval_every=1", "save_every=0", "precision=fp32", "batch_size=4", "grad_accum=2",
+              "lr=1e-3", "r=4"]
+    padded = tune_task(str(task_yaml), "lora", common + ["packing=false"], out=str(tmp_path / "padded"))
+    static = tune_task(str(task_yaml), "lora", common + ["packing=true", "max_tokens_per_batch=64",
+                                                         "cuda_graphs=true"], out=str(tmp_path / "static"))
+    rows = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "static")}
+    assert next(r for r in rows["static"] if r.get("event") == "start")["cuda_graphs"] is True
+    assert shapes == {((1, 64), (10,), 64)} and len(marks) >= 4  # 8 examples a step (+ the filler), 2+ rows a step
+    losses = {name: [r["loss"] for r in found if "loss" in r] for name, found in rows.items()}
+    assert len(losses["static"]) == 2 and losses["static"] == pytest.approx(losses["padded"], rel=1e-4)
+    assert static.manifest.metrics["val_loss"] == pytest.approx(padded.manifest.metrics["val_loss"], rel=1e-4)
+
+
 def test_packing_true_on_a_model_that_cannot_pack_is_a_clear_error(arch_dir, tmp_path):
     task = make_tiny_task(tmp_path / "task", arch_dir("opt"))
     with pytest.raises(HoneError, match="packing=true"):

@@ -197,8 +197,8 @@ def test_usable_self_checks_in_the_models_head_shape(arch_dir, kernel, monkeypat
     monkeypatch.setattr(varlen, "self_check", lambda device, dtype, **shape: asked.append((dtype, shape)))
     assert varlen.usable(AutoConfig.from_pretrained(arch_dir("gemma3")), CUDA, torch.float16) is None
     assert varlen.usable(load_fp32(arch_dir("qwen2"), "sdpa"), CUDA, None) is None
-    assert asked == [(torch.float16, {"heads": 4, "kv_heads": 2, "head_dim": 16, "window": 8}),
-                     (torch.bfloat16, {"heads": 4, "kv_heads": 2, "head_dim": 16, "window": None})]
+    assert asked == [(torch.float16, {"heads": 4, "kv_heads": 2, "head_dim": 16, "window": 8, "static": False}),
+                     (torch.bfloat16, {"heads": 4, "kv_heads": 2, "head_dim": 16, "window": None, "static": False})]
     assert "CUDA" in varlen.usable(AutoConfig.from_pretrained(arch_dir("llama")), CPU, torch.bfloat16)
     assert len(asked) == 2  # a rule that says no asks for no self-check
 
@@ -382,3 +382,60 @@ def test_compiled_layers_take_torchs_varlen_attn_in_one_graph(arch_dir, arch, ch
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------ static packed rows (cuda_graphs=true)
+
+
+def test_static_rows_keep_the_loss_and_the_shape(arch_dir, torch_kernel):
+    """`pack(width=, slots=)`: every micro-batch the same shape (a filler sequence, empty sequences at the end),
+    the same loss and gradients as padded; the layers compiled for CUDA graphs (`mode="reduce-overhead"`,
+    static shapes; on a CPU the graphs themselves are skipped) trace once for rows of other contents."""
+    from torch._dynamo.utils import counters
+
+    from honellm.training.setup import compile_layers
+
+    assert varlen.self_check(CPU, torch.float32, static=True) is None
+    torch._dynamo.reset()
+    counters.clear()
+    padded_model, model = load_fp32(arch_dir("qwen2"), "sdpa"), load_fp32(arch_dir("qwen2"), "sdpa")
+    varlen.install(model)
+    assert compile_layers(model, mode="reduce-overhead", dynamic=False) == model.config.num_hidden_layers
+    for seed, lengths in enumerate([(13, 7, 20, 11), (9, 30, 5), (40,)]):
+        seqs = sequences(lengths, seed=seed + 1)
+        batch = pack(seqs, width=64, slots=7, pad_id=3)
+        assert batch.input_ids.shape == (1, 64) and batch.cu_seqlens.shape == (8,) and batch.max_seqlen == 64
+        assert batch.num_tokens == sum(len(s) for s in seqs)
+        assert_close(loss_and_grads(padded_model, collate(seqs, 0)), loss_and_grads(model, batch))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
+
+
+def test_cuda_graphs_say_what_they_need(arch_dir, monkeypatch):
+    from honellm.errors import HoneError
+    from honellm.tuning import sft
+    from honellm.tuning.config import SFTConfig
+
+    model, config = load_fp32(arch_dir("llama"), "sdpa"), SFTConfig(cuda_graphs=True)
+    bf16 = torch.bfloat16
+
+    def slots(device=CUDA, packing=True, attention=varlen.NAME, budget=512, why=None):
+        return sft._cuda_graphs_slots(config, model, device, bf16, packing=packing, unpacked_because=why,
+                                      attention=attention, budget=budget, longest=100, per_process=8)
+
+    assert sft._cuda_graphs_slots(SFTConfig(), model, CUDA, bf16, packing=True, unpacked_because=None,
+                                  attention="sdpa", budget=None, longest=1, per_process=8) is None
+    with pytest.raises(HoneError, match="needs a CUDA GPU"):
+        slots(device=CPU)
+    with pytest.raises(HoneError, match="no varlen kernel here"):
+        slots(packing=False, attention="sdpa", why="no varlen kernel here")
+    with pytest.raises(HoneError, match="shorter than the longest"):
+        slots(budget=64)
+    monkeypatch.setattr(varlen, "usable", lambda *a, **k: "torch's varlen attention failed its self-check: x")
+    with pytest.raises(HoneError, match="self-check"):
+        slots()
+    asked = []
+    monkeypatch.setattr(varlen, "usable", lambda *a, **k: asked.append(k) or None)
+    assert slots() == 9 and asked == [{"static": True}]  # a process's examples, and the filler
+    assert slots(attention="flash_attention_2") == 9 and len(asked) == 1
