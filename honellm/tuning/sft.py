@@ -132,8 +132,11 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     slots = _cuda_graphs_slots(config, model, device, precision.compute_dtype, packing=packing,
                                unpacked_because=unpacked_because, attention=attention, budget=budget,
                                longest=longest, per_process=-(-sampler.global_batch_size // world))
-    compiled = compile_layers(model, mode="reduce-overhead", dynamic=False) if slots else \
-        compile_layers(model) if config.compile else None
+    compiled = None
+    if slots:  # CUDA graphs: static shapes, one recorded graph per layer
+        compiled = compile_layers(model, mode="reduce-overhead", dynamic=False)
+    elif config.compile:
+        compiled = compile_layers(model)
     if compiled == 0:
         raise HoneError("compile=true (or cuda_graphs=true) found no decoder layers to compile in this model",
                         where="compile", fix="drop compile=true / cuda_graphs=true")

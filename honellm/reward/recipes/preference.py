@@ -239,7 +239,8 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                     "validation": {"chosen": held_out[0::2], "rejected": held_out[1::2]}}
 
         key = fingerprint(sequences["train"] + sequences["validation"], task.config.model, config.adapter,
-                          seen.tolist(), config.batch_size, config.grad_accum, config.seed, world)
+                          seen.tolist(), config.batch_size, config.grad_accum, config.seed, world,
+                          *(("packed",) if packing else ()))  # scored on the micro-batches as laid out
         started = time.perf_counter()
         reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
         reference_seconds = time.perf_counter() - started
@@ -426,6 +427,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
 
     def batch_of(sequences: list[TokenSequence]) -> Batch:
         return pack(sequences) if packing else collate(sequences, pad_id)
+
     plan = fit_memory(model, sampler, loss_tokens=[s.num_loss_tokens for s in train],
                       batch_size=min(config.batch_size, len(train)), grad_accum=config.grad_accum,
                       gradient_checkpointing=config.gradient_checkpointing, device=device, world=world,
@@ -468,7 +470,7 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
                 "validation": reference_scores(model, val_sequences, **score_kwargs)}
 
     key = fingerprint(train + mismatched + val_sequences, task.config.model, config.adapter, seen.tolist(),
-                      config.batch_size, config.grad_accum, config.seed, world)
+                      config.batch_size, config.grad_accum, config.seed, world, *(("packed",) if packing else ()))
     started = time.perf_counter()
     reference = cached_reference(run.path / "reference_logps.pt", key, compute, accelerator)
     reference_seconds = time.perf_counter() - started
