@@ -135,6 +135,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     compiled = None
     if slots:  # CUDA graphs: static shapes, one recorded graph per layer
         compiled = compile_layers(model, mode="reduce-overhead", dynamic=False)
+        _own_gradients(model)
     elif config.compile:
         compiled = compile_layers(model)
     if compiled == 0:
@@ -252,6 +253,24 @@ def _cuda_graphs_slots(config: SFTConfig, model, device: torch.device, compute_d
         if problem is not None:
             raise HoneError(f"cuda_graphs=true: {problem}", where="cuda_graphs", fix="drop cuda_graphs=true")
     return per_process + 1
+
+
+def _own_gradients(model) -> None:
+    """Copy each trainable parameter's gradient out of the CUDA graphs' memory pool when autograd first sets it.
+
+    A compiled layer's backward hands its outputs (the adapter's gradients) to autograd from the graph tree's pool,
+    and autograd keeps the first one as the parameter's `.grad` itself: the next replay would overwrite it (the
+    optimizer then reads a gradient of the wrong micro-batch, or PyTorch refuses the access). PyTorch clones them
+    itself from mid-2026 (pytorch/pytorch#184153); the device image's 2.11 does not. The copy is once per step per
+    parameter (an adapter's size); later micro-batches add into it."""
+    def copy_out(param: torch.nn.Parameter) -> None:
+        if param.grad is not None and not getattr(param.grad, "_hone_owned", False):
+            param.grad = param.grad.clone()
+            param.grad._hone_owned = True
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(copy_out)
 
 
 def _graph_replays(loss_fn):

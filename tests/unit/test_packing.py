@@ -169,6 +169,8 @@ def test_sft_with_static_rows_trains_like_padded_batches(task_yaml, tmp_path, mo
                         lambda config, *a, per_process, **k: per_process + 1 if config.cuda_graphs else None)
     monkeypatch.setattr(sft, "compile_layers", lambda model, **options: 2)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    owned = []
+    monkeypatch.setattr(sft, "_own_gradients", lambda model, real=sft._own_gradients: (owned.append(1), real(model)))
     shapes = set()
 
     def pack_and_note(seqs, **static):
@@ -185,6 +187,7 @@ def test_sft_with_static_rows_trains_like_padded_batches(task_yaml, tmp_path, mo
     rows = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("padded", "static")}
     assert next(r for r in rows["static"] if r.get("event") == "start")["cuda_graphs"] is True
     assert shapes == {((1, 64), (10,), 64)} and len(marks) >= 4  # 8 examples a step (+ the filler), 2+ rows a step
+    assert owned == [1]
     losses = {name: [r["loss"] for r in found if "loss" in r] for name, found in rows.items()}
     assert len(losses["static"]) == 2 and losses["static"] == pytest.approx(losses["padded"], rel=1e-4)
     assert static.manifest.metrics["val_loss"] == pytest.approx(padded.manifest.metrics["val_loss"], rel=1e-4)
@@ -194,3 +197,37 @@ def test_packing_true_on_a_model_that_cannot_pack_is_a_clear_error(arch_dir, tmp
     task = make_tiny_task(tmp_path / "task", arch_dir("opt"))
     with pytest.raises(HoneError, match="packing=true"):
         tune_task(str(task), "lora", ["max_steps=1", "eval_every=0", "packing=true"], out=str(tmp_path / "run"))
+
+
+def test_gradients_are_copied_out_of_a_graph_pool_once_a_step():
+    """cuda_graphs=true: autograd keeps a compiled backward's output as `.grad` itself (memory a later CUDA graph
+    replay reuses); `_own_gradients` gives each parameter a gradient of its own when first set, into which later
+    micro-batches add, and again after the optimizer's zero_grad."""
+    from honellm.tuning import sft
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    model = torch.nn.Module()
+    model.weight = weight
+    sft._own_gradients(model)
+    handed = []
+
+    class Pool(torch.autograd.Function):  # a backward whose output autograd can keep as .grad (nothing else holds it)
+        @staticmethod
+        def forward(ctx, w):
+            return w * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = grad * 2.0
+            handed.append(out.data_ptr())  # its address only: a reference would stop autograd keeping it
+            return out
+
+    Pool.apply(weight).sum().backward()
+    assert weight.grad.tolist() == [2.0, 2.0, 2.0]
+    assert weight.grad.data_ptr() != handed[0]  # its own storage, not the backward's output
+    first = weight.grad
+    Pool.apply(weight).sum().backward()
+    assert weight.grad is first and weight.grad.tolist() == [4.0, 4.0, 4.0]  # accumulated in place
+    weight.grad = None
+    Pool.apply(weight).sum().backward()
+    assert weight.grad.data_ptr() != handed[-1] and weight.grad.tolist() == [2.0, 2.0, 2.0]
