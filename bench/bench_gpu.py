@@ -190,6 +190,7 @@ def sft_hone(args) -> dict:
         if not full:
             settings.update(r=8, alpha=16, target_modules="all-linear")
         settings.update(EXTRA_SIDES.get(args.worker, {}))
+        skips = _cudagraph_skips() if settings.get("cuda_graphs") else None
         tune(task, method, get_method(method).config(**settings), out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     start = next(r for r in metrics if r.get("event") == "start")
@@ -203,8 +204,29 @@ def sft_hone(args) -> dict:
             "settings": {"packing": start.get("packing"), "unpacked_because": start.get("unpacked_because"),
                          "cuda_graphs": start.get("cuda_graphs"),
                          "liger": start.get("liger"),
-                         "attention": start.get("attention"), "precision": start.get("precision")},
+                         "attention": start.get("attention"), "precision": start.get("precision"),
+                         **({"cudagraph_skips": sorted(set(skips))[:5]} if skips is not None else {})},
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _cudagraph_skips() -> list[str]:
+    """The reasons torch.compile gives for running a layer without CUDA graphs ("skipping cudagraphs due to ..."),
+    collected while the cuda_graphs side runs: a side that gained nothing says why."""
+    import logging
+
+    import torch
+
+    found: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if "skipping cudagraphs" in message:
+                found.append(message[:200])
+
+    torch._logging.set_logs(cudagraphs=True)  # the artifact logger the reasons go to (its debug lines stay in stderr)
+    logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").addHandler(Keep())
+    return found
 
 
 def sft_trl(args) -> dict:
