@@ -33,3 +33,18 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
         if name.startswith("sft"):  # the first losses of both sides, printed for the loss-curve comparison
             assert phase["hone"]["losses"] and phase["trl"]["losses"]
     assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
+
+
+def test_bench_launches_counts_both_sides_operations():
+    pytest.importorskip("trl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launches.py"), "--shape", "tiny", "--steps",
+                           "2", "--batch-size", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {side: line for side in ("hone", "trl") for line in done.stdout.splitlines()
+              if line.strip().startswith(f"{side}: [")}
+    assert set(counts) == {"hone", "trl"}, done.stdout
+    for line in counts.values():  # two steps counted, each a real step's worth of operations
+        steps = json.loads(line.split(":", 1)[1].split("(")[0])
+        assert len(steps) == 2 and all(n > 100 for n in steps)
+    assert "Hone / TRL:" in done.stdout
