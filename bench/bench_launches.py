@@ -10,6 +10,9 @@ dispatcher runs is about one kernel launch on a GPU, so counting them on a CPU (
 every operation of each optimizer step: forward, backward, clipping, optimizer) predicts what a GPU step launches,
 without a GPU. The count does not depend on the weights or the machine.
 
+Each step's count of operations that make the host wait for the device (a value read back, an output sized by
+the data) is printed beside it: each such wait empties the queue of launched kernels.
+
 Sides, on the same synthetic records (bench_gpu.py's), LoRA r=8 on every linear layer, fp32, sdpa attention,
 padded batches, as a GPU step without Liger runs them:
 - `hone`: Hone's SFT recipe with its GPU path (transformers' forward: the direct training forward and the native
@@ -35,35 +38,67 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 class Counter:
-    """Counts the ATen operations dispatched while `active` (one optimizer step at a time)."""
+    """Counts the ATen operations dispatched between `begin` and `end` (one optimizer step), and among them those
+    that make a GPU's host wait for the device: a value read back (`.item()`, `bool()`, `int()` of a tensor) or an
+    output whose size depends on the data (`nonzero`, boolean indexing, `masked_select`, `unique`)."""
 
     def __init__(self):
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
+        aten = torch.ops.aten
+        syncing = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                   aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default}
         counter = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counter.paused:
+                    return func(*args, **(kwargs or {}))
                 counter.current += 1
+                if func in syncing or (func is aten.index.Tensor and any(
+                        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+                    counter.current_syncs += 1
                 return func(*args, **(kwargs or {}))
 
-        self.mode, self.current, self.steps = Mode(), 0, []
+        self.mode, self.current, self.current_syncs, self.steps, self.syncs = Mode(), 0, 0, [], []
+        self.paused = False  # host-side work a GPU step does on the CPU, not counted (`hone_side`)
 
     def begin(self) -> None:
-        self.current = 0
+        import torch
+
+        self.current = self.current_syncs = 0
+        # `.tolist()` and `.cpu()` read a device tensor back too, but dispatch nothing on a CPU: counted by hand
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu")}
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self._reading(method))
         self.mode.__enter__()
 
     def end(self) -> None:
+        import torch
+
         self.mode.__exit__(None, None, None)
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
         self.steps.append(self.current)
+        self.syncs.append(self.current_syncs)
+
+    def _reading(self, method):
+        def read(tensor, *args, **kwargs):
+            if not self.paused:
+                self.current_syncs += 1
+            return method(tensor, *args, **kwargs)
+
+        return read
 
 
-def hone_side(model: str, rows: list[dict], args) -> list[int]:
+def hone_side(model: str, rows: list[dict], args) -> Counter:
     import json
 
     from bench_gpu import SYSTEM
 
     from honellm.task import Task
+    from honellm.training import batching
     from honellm.training import step as step_module
     from honellm.tuning import get_method
     from honellm.tuning.sft import tune
@@ -79,6 +114,18 @@ def hone_side(model: str, rows: list[dict], args) -> list[int]:
             counter.end()
 
     step_module.TrainStep.__call__ = counted
+    # A micro-batch's target positions are found on the CPU from its labels as it moves to the device
+    # (`Batch.to`): host work in a GPU run, neither kernel launches nor waits for the device; not counted.
+    original_to = batching.Batch.to
+
+    def moved(self, device):
+        counter.paused = True
+        try:
+            return original_to(self, device)
+        finally:
+            counter.paused = False
+
+    batching.Batch.to = moved
     os.environ.update(HONE_FAST_FORWARD="0", HONE_NATIVE="0")  # the path a GPU step takes
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,11 +140,11 @@ def hone_side(model: str, rows: list[dict], args) -> list[int]:
                                                attention="sdpa", packing=False)
             tune(task, "lora", config, out=Path(tmp) / "run")
     finally:
-        step_module.TrainStep.__call__ = original
-    return counter.steps
+        step_module.TrainStep.__call__, batching.Batch.to = original, original_to
+    return counter
 
 
-def trl_side(model: str, rows: list[dict], args) -> list[int]:
+def trl_side(model: str, rows: list[dict], args) -> Counter:
     from bench_gpu import messages
     from datasets import Dataset
     from peft import LoraConfig
@@ -125,7 +172,7 @@ def trl_side(model: str, rows: list[dict], args) -> list[int]:
                              args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model),
                              peft_config=lora, callbacks=[Count()])
         trainer.train()
-    return counter.steps
+    return counter
 
 
 def main() -> None:
@@ -146,9 +193,10 @@ def main() -> None:
         found = {"hone": hone_side(model, rows, args), "trl": trl_side(model, rows, args)}
     print(f"ATen operations per optimizer step ({args.shape} shape, LoRA r=8, {args.batch_size} examples a step, "
           f"fp32, sdpa, padded, no Liger):")
-    for side, steps in found.items():
-        print(f"  {side}: {steps} (median {statistics.median(steps):,.0f})")
-    ratio = statistics.median(found["hone"]) / statistics.median(found["trl"])
+    for side, counter in found.items():
+        print(f"  {side}: {counter.steps} (median {statistics.median(counter.steps):,.0f}); waits for the device: "
+              f"{counter.syncs}")
+    ratio = statistics.median(found["hone"].steps) / statistics.median(found["trl"].steps)
     print(f"  Hone / TRL: {ratio:.2f}x the operations (a launch-bound GPU step's time goes about with this)")
 
 

@@ -44,7 +44,9 @@ def test_bench_launches_counts_both_sides_operations():
     counts = {side: line for side in ("hone", "trl") for line in done.stdout.splitlines()
               if line.strip().startswith(f"{side}: [")}
     assert set(counts) == {"hone", "trl"}, done.stdout
-    for line in counts.values():  # two steps counted, each a real step's worth of operations
+    for line in counts.values():  # two steps counted, each a real step's worth of operations, and its waits
         steps = json.loads(line.split(":", 1)[1].split("(")[0])
+        waits = json.loads(line.rsplit(":", 1)[1])
         assert len(steps) == 2 and all(n > 100 for n in steps)
+        assert len(waits) == 2 and all(n >= 1 for n in waits)  # at least a step's read-back of its loss
     assert "Hone / TRL:" in done.stdout
