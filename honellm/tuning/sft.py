@@ -192,7 +192,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     pad_id = tokenizer.pad_token_id
     while tail.running():
         if packing:  # the same global batch, cut by the token budget instead of an example count
-            static = {"width": budget, "slots": slots, "pad_id": pad_id} if slots else {}
+            static = {"width": budget, "slots": slots, "pad_id": pad_id or 0} if slots else {}
             micro_batches = [pack([train[i] for i in index], **static) for index in token_budget_micro_batches(
                 sampler.global_batch(state.step), sampler.lengths, budget, parts=world, part=rank)]
         else:
