@@ -190,6 +190,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- the loop
     pad_id = tokenizer.pad_token_id
+    loss_fn = _graph_replays(sft_loss) if slots else sft_loss
     while tail.running():
         if packing:  # the same global batch, cut by the token budget instead of an example count
             static = {"width": budget, "slots": slots, "pad_id": pad_id or 0} if slots else {}
@@ -199,7 +200,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
             micro_batches = [collate([train[i] for i in index], pad_id)
                              for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                                 grad_accum=config.grad_accum)]
-        result = tail.step(training.step, micro_batches, _graph_replays(sft_loss) if slots else sft_loss)
+        result = tail.step(training.step, micro_batches, loss_fn)
         if tail.end_step(result):
             break
 

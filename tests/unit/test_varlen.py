@@ -25,28 +25,14 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
              enable_gqa=False, calls=None):
-    """torch's `varlen_attn` contract, computed with explicit scores one sequence at a time."""
+    """torch's `varlen_attn` contract, checked, then computed one sequence at a time (`_flash_math`)."""
     assert query.dim() == 3 and cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
     assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
-    if key.shape[1] != query.shape[1]:
-        assert enable_gqa
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    left, right = window_size
-    assert right == 0  # causal
-    out = torch.empty_like(query)
-    bounds = cu_seq_q.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, n, d]
-        scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-        i = torch.arange(end - start)
-        allowed = i[None, :] <= i[:, None]
-        if left >= 0:
-            allowed &= i[:, None] - i[None, :] <= left
-        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
-        out[start:end] = (weights @ v).transpose(0, 1)
+    assert enable_gqa or key.shape[1] == query.shape[1]
+    assert window_size[1] == 0  # causal
+    out = _flash_math(query, key, value, cu_seq_q, scale, False, window_size)[0]
     if calls is not None:
-        calls.append(len(bounds) - 1)
+        calls.append(len(cu_seq_q) - 1)
     return out
 
 

@@ -225,11 +225,14 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     # --- attention kernel of the policy's training forward (as SFT picks it) and memory pre-flight: the longest
     # micro-batch of prompt + completion
     longest = max(map(len, train.ids)) + max_new_tokens * (task.config.tool_turns * 2 if tools else 1)
-    if method.wrap is not None and config.packing:
+    if method.wrap is None:
+        packing, unpacked_because = decide_packing(config.packing, config.attention, policy, device,
+                                                   precision.compute_dtype)
+    elif config.packing:
         raise HoneError(f"packing=true: {method.name}'s value head reads padded rows", where="packing",
                         fix="drop packing=true")
-    packing, unpacked_because = (False, None) if method.wrap is not None else decide_packing(
-        config.packing, config.attention, policy, device, precision.compute_dtype)
+    else:  # PPO: padded rows for its value head
+        packing, unpacked_because = False, None
     attention = pick_attention(policy, config.attention, device=device, longest=longest, packed=packing,
                                compute_dtype=precision.compute_dtype)
 
