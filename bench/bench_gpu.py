@@ -58,6 +58,9 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=384, max_position_embeddings=1024, rope_theta=10000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
+# bench_launches.py --time: the 135M shape's layers and heads (every operation a step dispatches) with widths and a
+# vocabulary so small that each operation computes for microseconds: a step's time is then the host's.
+SHAPES["135m-narrow"] = dict(SHAPES["135m"], hidden_size=36, intermediate_size=48, vocab_size=384)
 # phase: (kind, shape, examples, batch size) for the GPU run; --smoke runs each on the tiny shape with a few examples.
 PHASES = {
     "sft-lora-135m": ("sft-lora", "135m", 1024, 16),
@@ -82,13 +85,14 @@ def write_model(shape: str, folder: Path) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _tokenizer(small=shape == "tiny")
+    small = SHAPES[shape]["vocab_size"] < 1000  # the byte-level tokenizer's 384 tokens
+    tokenizer = _tokenizer(small=small)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     config = LlamaConfig(**SHAPES[shape], **ids)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if shape != "tiny" else torch.float32)
+        model = LlamaForCausalLM(config).to(torch.float32 if small else torch.bfloat16)
     model.generation_config = GenerationConfig(**ids)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -119,10 +123,10 @@ def _tokenizer(*, small: bool):
     return tokenizer
 
 
-def sft_records(n: int, seed: int = 0) -> list[dict]:
+def sft_records(n: int, seed: int = 0, words: tuple[int, int] = (20, 120)) -> list[dict]:
     """Synthetic review/label records, 20-120 words each (SST-2-like lengths and a little longer)."""
     rng = random.Random(seed)
-    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))),
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))),
              "label": rng.choice(["positive", "negative"])} for _ in range(n)]
 
 

@@ -2,6 +2,7 @@
 
     python bench/bench_launches.py                 # SmolLM2-135M shape, LoRA SFT, 8 examples a step, 3 steps a side
     python bench/bench_launches.py --steps 2 --batch-size 4
+    python bench/bench_launches.py --time          # host milliseconds per step at the 135M shape made narrow
 
 On a GPU a 135M model's training step is bound by the host launching kernels, not by the GPU computing them
 (bench/README.md: a few percent MFU on both sides): the step's time is about its number of kernel launches
@@ -20,7 +21,17 @@ padded batches, as a GPU step without Liger runs them:
 - `trl`: TRL's `SFTTrainer` (PEFT's LoRA, transformers' forward with full logits, its loss and its per-step
   metrics), `gradient_checkpointing=False`, `completion_only_loss=True`.
 Liger's kernels (CUDA only) would cut both sides' counts; CUDA graphs (`cuda_graphs=true`) replay a layer's
-launches as one. This benchmark prints figures; it does not pass or fail.
+launches as one.
+
+`--time` measures what the count stands for: the host's own time per step. It runs both sides without counting,
+on the `135m-narrow` shape (SmolLM2-135M's 30 layers, 9 query and 3 key/value heads and everything a step
+dispatches, with a hidden width of 36, an MLP width of 48 and a 384-token vocabulary, so that the arithmetic is a few microseconds an
+operation) and short records, and prints the milliseconds of each optimizer step (forward to optimizer) and from
+one step's end to the next (the loop's batching and logging too: what tokens/s sees). On a CPU this is the
+Python, dispatcher and autograd time a GPU step's host spends, less the driver's cost per launch; with
+`--device cuda` on a GPU it is the launch-bound step itself. Use fp32 on a CPU: a CPU's bf16 kernels carry a
+per-call cost of their own (oneDNN) that a GPU's do not, which the narrow shape would count as host time.
+This benchmark prints figures; it does not pass or fail.
 """
 
 from __future__ import annotations
@@ -92,7 +103,36 @@ class Counter:
         return read
 
 
-def hone_side(model: str, rows: list[dict], args) -> Counter:
+class Timer:
+    """Wall milliseconds of each optimizer step (`begin` to `end`) and from one step's end to the next, the device
+    synchronised at both ends (a no-op on a CPU)."""
+
+    def __init__(self, device: str):
+        self.device, self.steps, self.ends = device, [], []
+
+    def _sync(self) -> float:
+        import time
+
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def begin(self) -> None:
+        self.started = self._sync()
+
+    def end(self) -> None:
+        now = self._sync()
+        self.steps.append(1000 * (now - self.started))
+        self.ends.append(now)
+
+    @property
+    def gaps(self) -> list[float]:
+        return [1000 * (b - a) for a, b in zip(self.ends[:-1], self.ends[1:], strict=True)]
+
+
+def hone_side(model: str, rows: list[dict], args) -> Counter | Timer:
     import json
 
     from bench_gpu import SYSTEM
@@ -103,7 +143,7 @@ def hone_side(model: str, rows: list[dict], args) -> Counter:
     from honellm.tuning import get_method
     from honellm.tuning.sft import tune
 
-    counter = Counter()
+    counter = Timer(args.device) if args.time else Counter()
     original = step_module.TrainStep.__call__
 
     def counted(self, *a, **k):
@@ -119,6 +159,8 @@ def hone_side(model: str, rows: list[dict], args) -> Counter:
     original_to = batching.Batch.to
 
     def moved(self, device):
+        if args.time:
+            return original_to(self, device)
         counter.paused = True
         try:
             return original_to(self, device)
@@ -126,17 +168,19 @@ def hone_side(model: str, rows: list[dict], args) -> Counter:
             counter.paused = False
 
     batching.Batch.to = moved
-    os.environ.update(HONE_FAST_FORWARD="0", HONE_NATIVE="0")  # the path a GPU step takes
+    # the path a GPU step takes (Liger off on CUDA: TRL runs without it here too)
+    os.environ.update(HONE_FAST_FORWARD="0", HONE_NATIVE="0", HONE_LIGER="0")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "train.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in rows))
             task = Task.from_config({"name": "launches", "model": model, "data": {"train": str(data)},
-                                     "prompt": {"system": SYSTEM, "template": "Review: {text}"}, "target": "label",
+                                     "prompt": {**({} if args.time else {"system": SYSTEM}),
+                                                "template": "Review: {text}"}, "target": "label",
                                      "choices": ["positive", "negative"]})
             config = get_method("lora").config(r=8, alpha=16, target_modules="all-linear", max_steps=args.steps,
                                                batch_size=args.batch_size, max_length=args.max_length, lr=2e-4,
-                                               eval_every=0, save_every=0, seed=0, precision="fp32",
+                                               eval_every=0, save_every=0, seed=0, precision=args.precision,
                                                attention="sdpa", packing=False)
             tune(task, "lora", config, out=Path(tmp) / "run")
     finally:
@@ -144,14 +188,15 @@ def hone_side(model: str, rows: list[dict], args) -> Counter:
     return counter
 
 
-def trl_side(model: str, rows: list[dict], args) -> Counter:
+def trl_side(model: str, rows: list[dict], args) -> Counter | Timer:
+    import torch
     from bench_gpu import messages
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    counter = Counter()
+    counter = Timer(args.device) if args.time else Counter()
 
     class Count(TrainerCallback):  # the whole optimizer step: forward, backward, clipping, optimizer, scheduler
         def on_step_begin(self, *a, **k):
@@ -160,15 +205,18 @@ def trl_side(model: str, rows: list[dict], args) -> Counter:
         def on_step_end(self, *a, **k):
             counter.end()
 
-    dataset = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
+    dataset = Dataset.from_list([{"prompt": messages(r)[1:] if args.time else messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
                                  for r in rows])
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                           learning_rate=2e-4, use_cpu=True, max_length=args.max_length, logging_steps=1,
+                           learning_rate=2e-4, use_cpu=args.device == "cpu", max_length=args.max_length, logging_steps=1,
                            save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                           gradient_checkpointing=False, completion_only_loss=True)
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa"),
+                           gradient_checkpointing=False, completion_only_loss=True,
+                           bf16=args.precision == "bf16")
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa",
+                                                                        dtype={"fp32": torch.float32,
+                                                                               "bf16": torch.bfloat16}[args.precision]),
                              args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model),
                              peft_config=lora, callbacks=[Count()])
         trainer.train()
@@ -177,22 +225,47 @@ def trl_side(model: str, rows: list[dict], args) -> Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps a side (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a side (default 3; --time: 12)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples a step (default 8)")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--shape", default="135m", help="bench_gpu.py's model shape (135m, 1.7b, tiny)")
+    parser.add_argument("--shape", default=None,
+                        help="bench_gpu.py's model shape (135m, 1.7b, tiny, 135m-narrow; default 135m, --time: "
+                             "135m-narrow)")
+    parser.add_argument("--time", action="store_true",
+                        help="time each side's steps (host milliseconds per step) instead of counting operations")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (default) or bf16 (Hone's mixed precision; TRL's bf16 weights and autocast)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--time only: where the sides run")
     args = parser.parse_args()
+    args.steps = args.steps or (12 if args.time else 3)
+    args.shape = args.shape or ("135m-narrow" if args.time else "135m")
+    if args.device == "cuda" and not args.time:
+        raise SystemExit("--device cuda times steps: add --time (operations are counted on a CPU)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from bench_gpu import sft_data, write_model
+    from bench_gpu import sft_data, sft_records, write_model
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(1 if args.time else max(1, min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(args.shape, Path(tmp) / args.shape))
-        rows = sft_data(model, args.steps * args.batch_size, args.max_length)
+        # --time: 1-4 words a review and no system prompt (~20 tokens an example), so that the narrow shape's
+        # attention computes for microseconds too
+        rows = (sft_records(args.steps * args.batch_size, words=(1, 4)) if args.time
+                else sft_data(model, args.steps * args.batch_size, args.max_length))
         found = {"hone": hone_side(model, rows, args), "trl": trl_side(model, rows, args)}
-    print(f"ATen operations per optimizer step ({args.shape} shape, LoRA r=8, {args.batch_size} examples a step, "
-          f"fp32, sdpa, padded, no Liger):")
+    setting = (f"{args.shape} shape, LoRA r=8, {args.batch_size} examples a step, {args.precision}, sdpa, padded, "
+               f"no Liger")
+    if args.time:
+        print(f"Host milliseconds per optimizer step on {args.device} ({setting}, one thread; medians after the "
+              f"first two steps):")
+        medians = {}
+        for side, timer in found.items():
+            medians[side] = statistics.median(timer.gaps[1:])
+            print(f"  {side}: step {statistics.median(timer.steps[2:]):.1f} ms, step to step {medians[side]:.1f} ms "
+                  f"(steps: {', '.join(f'{t:.0f}' for t in timer.steps)})")
+        print(f"  Hone / TRL: {medians['hone'] / medians['trl']:.2f}x the time from step to step")
+        return
+    print(f"ATen operations per optimizer step ({setting}):")
     for side, counter in found.items():
         print(f"  {side}: {counter.steps} (median {statistics.median(counter.steps):,.0f}); waits for the device: "
               f"{counter.syncs}")

@@ -50,3 +50,18 @@ def test_bench_launches_counts_both_sides_operations():
         assert len(steps) == 2 and all(n > 100 for n in steps)
         assert len(waits) == 2 and all(n >= 1 for n in waits)  # at least a step's read-back of its loss
     assert "Hone / TRL:" in done.stdout
+
+
+def test_bench_launches_times_both_sides_steps():
+    """`--time`: each side's milliseconds per step and from step to step, and their ratio (tiny shape, a CPU)."""
+    pytest.importorskip("trl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launches.py"), "--time", "--shape", "tiny",
+                           "--steps", "4", "--batch-size", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for side in ("hone", "trl"):
+        line = next(line for line in done.stdout.splitlines() if line.strip().startswith(f"{side}: step "))
+        step, gap = (float(part.split()[-2]) for part in line.split("(")[0].split(",")[:2])
+        steps = [float(t) for t in line.split("(steps: ")[1].rstrip(")").split(", ")]
+        assert step > 0 and gap >= step * 0.5 and len(steps) == 4, line
+    assert "Hone / TRL:" in done.stdout and "time from step to step" in done.stdout
