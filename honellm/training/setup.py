@@ -153,4 +153,18 @@ def compile_layers(model, *, mode: str | None = None, dynamic: bool = True) -> i
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile(dynamic=dynamic, **({"mode": mode} if mode else {}))
+    # The first layer reads the frozen embedding's output, which needs no gradient, the others their predecessor's,
+    # which does: dynamo guards on that and compiled every layer's graph twice (forward and backward, a minute or
+    # more of Triton compilation on a GPU). With the embedding's output marked as needing a gradient (what
+    # transformers' `enable_input_require_grads` does) every layer shares one graph; the price is the first
+    # layer's input gradient, computed and dropped.
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is not None and not any(p.requires_grad for p in embeddings.parameters()):
+        embeddings.register_forward_hook(_output_requires_grad)
     return len(layers)
+
+
+def _output_requires_grad(module, args, output):
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.requires_grad_()
+    return None

@@ -370,6 +370,41 @@ def test_compiled_layers_take_torchs_varlen_attn_in_one_graph(arch_dir, arch, ch
     torch._dynamo.reset()
 
 
+def test_compiled_lora_layers_share_one_graph(arch_dir, torch_kernel):
+    """With frozen embeddings (LoRA) the first layer's input needs no gradient and the others' do: dynamo compiled
+    every layer twice over. `compile_layers` marks the embedding's output as needing one, so all layers share one
+    graph, with the uncompiled model's loss and adapter gradients."""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+
+    from honellm.training.setup import compile_layers
+
+    def lora(model):
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; make the adapters do something
+                torch.nn.init.normal_(param, std=0.05)
+        return model
+
+    torch._dynamo.reset()
+    counters.clear()
+    padded_model, model = lora(load_fp32(arch_dir("qwen2"), "sdpa")), lora(load_fp32(arch_dir("qwen2"), "sdpa"))
+    varlen.install(model)
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert compile_layers(model) == model.config.num_hidden_layers
+    for seed, lengths in enumerate([(13, 7, 20, 11), (9, 30, 5)]):
+        seqs = sequences(lengths, seed=seed + 1)
+        expected, got = loss_and_grads(padded_model, collate(seqs, 0)), loss_and_grads(model, pack(seqs))
+        assert got[1] and all("lora_" in name for name in got[1])  # the adapters' gradients alone
+        assert_close(expected, got)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    with torch.no_grad():  # nothing is marked where no gradient is recorded
+        assert not model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------ static packed rows (cuda_graphs=true)
 
 
