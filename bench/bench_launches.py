@@ -3,6 +3,7 @@
     python bench/bench_launches.py                 # SmolLM2-135M shape, LoRA SFT, 8 examples a step, 3 steps a side
     python bench/bench_launches.py --steps 2 --batch-size 4
     python bench/bench_launches.py --time          # host milliseconds per step at the 135M shape made narrow
+    python bench/bench_launches.py --recipe dpo --batch-size 4   # the DPO recipe against TRL's DPOTrainer
 
 On a GPU a 135M model's training step is bound by the host launching kernels, not by the GPU computing them
 (bench/README.md: a few percent MFU on both sides): the step's time is about its number of kernel launches
@@ -37,7 +38,9 @@ This benchmark prints figures; it does not pass or fail.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -133,15 +136,8 @@ class Timer:
 
 
 def hone_side(model: str, rows: list[dict], args) -> Counter | Timer:
-    import json
-
-    from bench_gpu import SYSTEM
-
-    from honellm.task import Task
     from honellm.training import batching
     from honellm.training import step as step_module
-    from honellm.tuning import get_method
-    from honellm.tuning.sft import tune
 
     counter = Timer(args.device) if args.time else Counter()
     original = step_module.TrainStep.__call__
@@ -174,27 +170,44 @@ def hone_side(model: str, rows: list[dict], args) -> Counter | Timer:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "train.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            task = Task.from_config({"name": "launches", "model": model, "data": {"train": str(data)},
-                                     "prompt": {**({} if args.time else {"system": SYSTEM}),
-                                                "template": "Review: {text}"}, "target": "label",
-                                     "choices": ["positive", "negative"]})
-            config = get_method("lora").config(r=8, alpha=16, target_modules="all-linear", max_steps=args.steps,
-                                               batch_size=args.batch_size, max_length=args.max_length, lr=2e-4,
-                                               eval_every=0, save_every=0, seed=0, precision=args.precision,
-                                               attention="sdpa", packing=False)
-            tune(task, "lora", config, out=Path(tmp) / "run")
+            (_hone_dpo if args.recipe == "dpo" else _hone_sft)(model, data, Path(tmp) / "run", args)
     finally:
         step_module.TrainStep.__call__, batching.Batch.to = original, original_to
     return counter
 
 
+def _hone_sft(model: str, data: Path, out: Path, args) -> None:
+    from bench_gpu import SYSTEM
+
+    from honellm.task import Task
+    from honellm.tuning import get_method
+    from honellm.tuning.sft import tune
+
+    task = Task.from_config({"name": "launches", "model": model, "data": {"train": str(data)},
+                             "prompt": {**({} if args.time else {"system": SYSTEM}), "template": "Review: {text}"},
+                             "target": "label", "choices": ["positive", "negative"]})
+    config = get_method("lora").config(r=8, alpha=16, target_modules="all-linear", max_steps=args.steps,
+                                       batch_size=args.batch_size, max_length=args.max_length, lr=2e-4, eval_every=0,
+                                       save_every=0, seed=0, precision=args.precision, attention="sdpa", packing=False)
+    tune(task, "lora", config, out=out)
+
+
+def _hone_dpo(model: str, data: Path, out: Path, args) -> None:
+    """The DPO recipe, its reference log-probs computed before training (not counted), as TRL's side does."""
+    from honellm.reward.recipes.preference import DPOConfig, train_preference
+    from honellm.task import Task
+
+    task = Task.from_config({"name": "launches-dpo", "model": model, "data": {"train": str(data)}})
+    config = DPOConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, r=8, alpha=16,
+                       target_modules="all-linear", lr=5e-5, beta=0.1, schedule="constant", warmup_steps=0,
+                       eval_every=0, save_every=0, seed=0, precision=args.precision, attention="sdpa", packing=False)
+    train_preference(task, config, method="dpo", out=out)
+
+
 def trl_side(model: str, rows: list[dict], args) -> Counter | Timer:
     import torch
-    from bench_gpu import messages
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     counter = Timer(args.device) if args.time else Counter()
 
@@ -205,22 +218,49 @@ def trl_side(model: str, rows: list[dict], args) -> Counter | Timer:
         def on_step_end(self, *a, **k):
             counter.end()
 
-    dataset = Dataset.from_list([{"prompt": messages(r)[1:] if args.time else messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
-                                 for r in rows])
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    common = dict(per_device_train_batch_size=args.batch_size, max_steps=args.steps, use_cpu=args.device == "cpu",
+                  max_length=args.max_length, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                  dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
+                  bf16=args.precision == "bf16")
     with tempfile.TemporaryDirectory() as tmp:
-        config = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                           learning_rate=2e-4, use_cpu=args.device == "cpu", max_length=args.max_length, logging_steps=1,
-                           save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                           gradient_checkpointing=False, completion_only_loss=True,
-                           bf16=args.precision == "bf16")
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa",
-                                                                        dtype={"fp32": torch.float32,
-                                                                               "bf16": torch.bfloat16}[args.precision]),
-                             args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model),
-                             peft_config=lora, callbacks=[Count()])
+        network = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        trainer = (_trl_dpo if args.recipe == "dpo" else _trl_sft)(network, tokenizer, rows, lora,
+                                                                     dict(output_dir=tmp, **common), args)
+        trainer.add_callback(Count())
         trainer.train()
     return counter
+
+
+def _trl_sft(model, tokenizer, rows: list[dict], lora, common: dict, args):
+    from bench_gpu import messages
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list([{"prompt": messages(r)[1:] if args.time else messages(r),
+                                  "completion": [{"role": "assistant", "content": r["label"]}]} for r in rows])
+    config = SFTConfig(learning_rate=2e-4, completion_only_loss=True, **common)
+    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+
+
+def _trl_dpo(model, tokenizer, rows: list[dict], lora, common: dict, args):
+    """`DPOTrainer` with the reference log-probs precomputed before training (`precompute_ref_log_probs`)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    config = DPOConfig(learning_rate=5e-5, beta=0.1, lr_scheduler_type="constant", warmup_steps=0,
+                       precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size * 2, **common)
+    return DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+
+
+def _words(rng) -> str:
+    from bench_gpu import WORDS
+
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
 
 
 def main() -> None:
@@ -236,6 +276,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32 (default) or bf16 (Hone's mixed precision; TRL's bf16 weights and autocast)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--time only: where the sides run")
+    parser.add_argument("--recipe", choices=("sft", "dpo"), default="sft",
+                        help="sft (LoRA SFT against SFTTrainer, default) or dpo (LoRA DPO against DPOTrainer, both with "
+                             "the reference log-probs computed before training; --batch-size counts pairs)")
     args = parser.parse_args()
     args.steps = args.steps or (12 if args.time else 3)
     args.shape = args.shape or ("135m-narrow" if args.time else "135m")
@@ -243,18 +286,27 @@ def main() -> None:
         raise SystemExit("--device cuda times steps: add --time (operations are counted on a CPU)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from bench_gpu import sft_data, sft_records, write_model
+    from bench_gpu import dpo_pairs, sft_data, sft_records, write_model
 
     torch.set_num_threads(1 if args.time else max(1, min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(args.shape, Path(tmp) / args.shape))
         # --time: 1-4 words a review and no system prompt (~20 tokens an example), so that the narrow shape's
         # attention computes for microseconds too
-        rows = (sft_records(args.steps * args.batch_size, words=(1, 4)) if args.time
-                else sft_data(model, args.steps * args.batch_size, args.max_length))
+        if args.recipe == "dpo" and args.time:  # 1-4 words each of prompt, chosen and rejected
+            rng = random.Random(0)
+            rows = [{"prompt": [{"role": "user", "content": _words(rng)}], "chosen": _words(rng),
+                     "rejected": _words(rng)} for _ in range(args.steps * args.batch_size)]
+        elif args.recipe == "dpo":  # synthetic pairs (bench_gpu.py's), a quarter as long for the small tokenizer
+            path = dpo_pairs(args.steps * args.batch_size, Path(tmp), small=args.shape == "tiny")
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+        else:
+            rows = (sft_records(args.steps * args.batch_size, words=(1, 4)) if args.time
+                    else sft_data(model, args.steps * args.batch_size, args.max_length))
         found = {"hone": hone_side(model, rows, args), "trl": trl_side(model, rows, args)}
-    setting = (f"{args.shape} shape, LoRA r=8, {args.batch_size} examples a step, {args.precision}, sdpa, padded, "
-               f"no Liger")
+    unit = "pairs" if args.recipe == "dpo" else "examples"
+    setting = (f"{args.recipe.upper()}, {args.shape} shape, LoRA r=8, {args.batch_size} {unit} a step, "
+               f"{args.precision}, sdpa, padded, no Liger")
     if args.time:
         print(f"Host milliseconds per optimizer step on {args.device} ({setting}, one thread; medians after the "
               f"first two steps):")

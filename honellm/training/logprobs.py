@@ -66,6 +66,15 @@ class LossOutput:
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
+def metric_sums(metrics: dict, n: float, names: dict | None = None) -> dict[str, float | torch.Tensor]:
+    """A micro-batch's metric means as the sums `LossOutput.metrics` holds (each times `n`, renamed by `names`),
+    kept where they are: a 0-d tensor stays on the device for the step's one transfer (`float()` here would make
+    the host wait for the device once per metric and micro-batch), a number stays a number."""
+    names = names or {}
+    return {names.get(k, k): v.detach() * n if isinstance(v, torch.Tensor) else float(v) * n
+            for k, v in metrics.items()}
+
+
 def virtual_tokens(model) -> int:
     """How many virtual tokens a PEFT prompt-learning model prepends to the input sequence (0 otherwise)."""
     config = getattr(model, "active_peft_config", None)

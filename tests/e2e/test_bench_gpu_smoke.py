@@ -35,11 +35,13 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
     assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
 
 
-def test_bench_launches_counts_both_sides_operations():
+@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+def test_bench_launches_counts_both_sides_operations(recipe):
     pytest.importorskip("trl")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launches.py"), "--shape", "tiny", "--steps",
-                           "2", "--batch-size", "4"], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launches.py"), "--recipe", recipe, "--shape",
+                           "tiny", "--steps", "2", "--batch-size", "4"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = {side: line for side in ("hone", "trl") for line in done.stdout.splitlines()
               if line.strip().startswith(f"{side}: [")}

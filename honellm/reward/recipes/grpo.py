@@ -56,7 +56,7 @@ from honellm.reward.rollout import (
     RolloutBatch,
     completion_logprobs,
 )
-from honellm.training.logprobs import LossOutput
+from honellm.training.logprobs import LossOutput, metric_sums
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -161,7 +161,7 @@ def grpo_loss(model, batch: RolloutBatch, *, config: GRPOConfig) -> LossOutput:
                                 entropy_coef=config.entropy_coef, sampler_weights=batch.data.get("sampler_weights"))
     units = batch.num_loss_units
     # Metrics are means over this micro-batch; as sums weighted like the loss they average over the whole update.
-    return LossOutput(loss * units, units, {_METRIC_NAMES.get(k, k): float(v) * units for k, v in metrics.items()})
+    return LossOutput(loss * units, units, metric_sums(metrics, units, _METRIC_NAMES))
 
 
 def loss_units(config: GRPOConfig, batch: RolloutBatch, max_new_tokens: int) -> int:
@@ -189,7 +189,7 @@ def rloo_loss(model, batch: RolloutBatch, *, config: RLOOConfig) -> LossOutput:
     loss, metrics = policy_gradient_loss(logps, old, batch.data["advantages"], sequences, clip_eps=config.clip_eps,
                                          normalisation="token", num_tokens=1.0)
     units = batch.num_loss_units
-    return LossOutput(loss, units, {_METRIC_NAMES.get(k, k): float(v) * units for k, v in metrics.items()})
+    return LossOutput(loss, units, metric_sums(metrics, units, _METRIC_NAMES))
 
 
 _METRIC_NAMES = {"clip_ratio/region_mean": "clip_fraction", "clip_ratio/low_mean": "clip_low",

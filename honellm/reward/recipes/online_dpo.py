@@ -39,7 +39,7 @@ from honellm.reward.recipes.policy_gradient import (
     train_policy_gradient,
 )
 from honellm.reward.rollout import RolloutBatch, completion_logprobs
-from honellm.training.logprobs import LossOutput
+from honellm.training.logprobs import LossOutput, metric_sums
 
 
 class OnlineDPOConfig(OnlineRLConfig):
@@ -80,7 +80,7 @@ def online_dpo_loss(model, batch: RolloutBatch, *, config: OnlineDPOConfig) -> L
                             reference[rows, won], reference[rows, lost])
     loss, metrics = get_preference_loss(config.loss)(parts, beta=config.beta)
     pairs = policy.shape[0]
-    return LossOutput(loss * pairs, pairs, {k: float(v) * pairs for k, v in metrics.items()})
+    return LossOutput(loss * pairs, pairs, metric_sums(metrics, pairs))
 
 
 def pair_units(config: OnlineDPOConfig, batch: RolloutBatch, max_new_tokens: int) -> int:

@@ -69,7 +69,7 @@ from honellm.reward.recipes.common import (
     visited,
 )
 from honellm.training.batching import Batch, TokenSequence, collate, encode_conversation, pack
-from honellm.training.logprobs import LossOutput, token_logprobs
+from honellm.training.logprobs import LossOutput, metric_sums, token_logprobs
 from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.precision import Precision
@@ -159,7 +159,7 @@ def preference_loss_fn(method: str, hparams: dict):
                                 batch.ref_chosen, batch.ref_rejected)
         value, metrics = loss(logps, **hparams)
         n = batch.n_pairs
-        return LossOutput(value * n, n, {k: float(v) * n for k, v in metrics.items()})
+        return LossOutput(value * n, n, metric_sums(metrics, n))
 
     return loss_fn
 

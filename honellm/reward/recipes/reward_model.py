@@ -35,7 +35,7 @@ from honellm.reward.recipes.common import (
     load_trainable,
 )
 from honellm.reward.reward_model import RewardModel
-from honellm.training.logprobs import LossOutput
+from honellm.training.logprobs import LossOutput, metric_sums
 from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.precision import Precision
@@ -61,7 +61,7 @@ def reward_model_loss(module, batch: PairBatch, *, center_coefficient: float | N
     chosen, rejected = scores[:n], scores[n:]
     value, _ = bradley_terry_loss(chosen, rejected, center_coefficient=center_coefficient)
     metrics = preference_metrics(chosen, rejected)  # rewards/chosen, rewards/rejected, rewards/accuracies, margins
-    return LossOutput(value * n, n, {k: float(v) * n for k, v in metrics.items()})
+    return LossOutput(value * n, n, metric_sums(metrics, n))
 
 
 def train_reward_model(task, config: RewardModelConfig, *, out=None, resume: bool = False, force: bool = False):
