@@ -167,9 +167,10 @@ def messages(record: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ SFT sides
 
 
-# Hone's extra SFT sides (--compile, --padded): the settings each changes from Hone's defaults.
-EXTRA_SIDES = {"hone-compiled": {"compile": True}, "hone-padded": {"packing": False},
-               "hone-cudagraphs": {"cuda_graphs": True}}
+# Hone's extra SFT sides: the option that adds each (--compile, --padded, --cuda-graphs) and the settings it
+# changes from Hone's defaults.
+EXTRA_SIDES = {"hone-compiled": ("compile", {"compile": True}), "hone-padded": ("padded", {"packing": False}),
+               "hone-cudagraphs": ("cuda_graphs", {"cuda_graphs": True})}
 
 
 def sft_hone(args) -> dict:
@@ -193,7 +194,7 @@ def sft_hone(args) -> dict:
                         eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
         if not full:
             settings.update(r=8, alpha=16, target_modules="all-linear")
-        settings.update(EXTRA_SIDES.get(args.worker, {}))
+        settings.update(EXTRA_SIDES[args.worker][1] if args.worker in EXTRA_SIDES else {})
         skips = _cudagraph_skips() if settings.get("cuda_graphs") else None
         tune(task, method, get_method(method).config(**settings), out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
@@ -306,8 +307,7 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     if args.smoke:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
-    extra = [side for side, flag in (("hone-compiled", args.compile), ("hone-padded", args.padded),
-                                     ("hone-cudagraphs", args.cuda_graphs)) if flag]
+    extra = [side for side, (option, _) in EXTRA_SIDES.items() if getattr(args, option)]
     names = ("hone", *extra, "trl") if kind.startswith("sft") else ("hone", "trl")
     for side in names:
         if kind.startswith("sft"):
