@@ -155,9 +155,8 @@ class Generator:
         rows = self._new_rows(encoded, params)
         order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
         generator = make_generator(params.seed, self.device)
-        with self._evaluating():  # once for the call, not per step (see `_evaluating`)
+        with self._evaluating(), self._engine_call():  # once for the call, not per step (see `_evaluating`)
             with self._inference():
-                self._runner.prepare()
                 prefix = self._runner.compute_prefix(encoded[order[0]][:shared]) if shared else None
             bar = _bar(len(rows), "generating", "prompt", progress)
             for start in range(0, len(order), self.batch_size):
@@ -202,13 +201,12 @@ class Generator:
             return completions
         rows = self._new_rows(encoded, params)
         generator = make_generator(params.seed, self.device)
-        with self._inference():
-            self._runner.prepare()
-        for _ in self._decode(rows, 0, None, params, generator):
-            for row in rows:
-                piece = row.text.delta(row.content_ids(), finished=row.done)
-                if piece:
-                    yield row.index, piece
+        with self._engine_call():
+            for _ in self._decode(rows, 0, None, params, generator):
+                for row in rows:
+                    piece = row.text.delta(row.content_ids(), finished=row.done)
+                    if piece:
+                        yield row.index, piece
         for row in rows:
             piece = row.text.delta(row.content_ids(), finished=True)
             if piece:
@@ -349,8 +347,7 @@ class Generator:
         order = sorted(scored, key=lambda i: -len(inputs[i]))
         vocab = self.model.config.get_text_config().vocab_size
         bar = _bar(len(scored), "scoring", "pair", progress)
-        with self._inference():
-            self._runner.prepare()
+        with self._engine_call(), self._inference():
             prefix = self._runner.compute_prefix(inputs[order[0]][:shared]) if shared else None
             for batch in _score_batches(order, [len(c) for _, c in pairs], self.batch_size, vocab):
                 self._score_batch(batch, pairs, inputs, shared, prefix, scores)
@@ -455,6 +452,17 @@ class Generator:
             if length == 0:
                 break
         return length
+
+    @contextlib.contextmanager
+    def _engine_call(self):
+        """The runner's `prepare` (derived weights brought up to date) before a call's work, and its `finish` after
+        it, also when the call fails or a stream is closed early."""
+        with self._inference():
+            self._runner.prepare()
+        try:
+            yield
+        finally:
+            self._runner.finish()
 
     @contextlib.contextmanager
     def _inference(self):

@@ -720,6 +720,77 @@ def test_merge_adapters_off_leaves_lora_layers_to_their_forward(lively):
     assert out == reference_greedy(peft_model, tok, prompt, 8)
 
 
+@pytest.fixture
+def gpu_policy(monkeypatch):
+    """The CPU standing in for a GPU in the derived weights' policy, with `free` bytes of GPU memory free."""
+    from honellm.core import runners
+
+    memory = {"free": 10**12}
+    monkeypatch.setattr(runners, "_on_gpu", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    return memory
+
+
+def _decode_operations(gen, prompts, params) -> tuple[list[list[int]], int]:
+    """The token ids `gen` generates and the ATen operations dispatched in the call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        outs = gen.generate(prompts, params)
+    return [o.token_ids for o in outs], Count.n
+
+
+def test_on_a_gpu_a_training_lora_policy_decodes_merged_and_gives_the_copies_back(lively, gpu_policy):
+    """GPU policy (a CPU standing in): a LoRA policy being trained (GRPO's rollouts) decodes through merged
+    derived weights, the same tokens as through its LoRA layers with far fewer operations (each about a kernel
+    launch, which bounds a small model's decoding step on a GPU), and gives the copies back after each call; a
+    frozen model keeps them between calls; where they do not fit in half the free memory, the layers run."""
+    from peft import LoraConfig, get_peft_model
+
+    from honellm.core import fused
+
+    model, tok = lively
+    torch.manual_seed(3)
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    fused.install(policy)  # as the RL recipes do
+    policy.train()
+    prompts, params = chat(tok)[:3], SamplingParams(max_new_tokens=8)
+    gen = Generator(policy, tok, batch_size=3)
+    built = []
+    forward = gen._runner.forward
+
+    def spy(*args, **kwargs):
+        built.append(gen._runner.derived.layers is not None)
+        return forward(*args, **kwargs)
+
+    gen._runner.forward = spy
+    merged, merged_operations = _decode_operations(gen, prompts, params)
+    assert built and all(built) and gen._runner.derived.layers is None  # merged during the call, given back after
+    assert policy.training  # and its training mode back
+
+    gpu_policy["free"] = 1000  # nothing fits: the LoRA layers run
+    built.clear()
+    unmerged, unmerged_operations = _decode_operations(gen, prompts, params)
+    assert built and not any(built)
+    assert merged == unmerged == [reference_greedy(policy, tok, p, 8) for p in prompts]
+    assert merged_operations < 0.6 * unmerged_operations
+
+    gpu_policy["free"] = 10**12
+    for param in policy.parameters():  # a frozen model (evaluation, serving) keeps its copies between calls
+        param.requires_grad_(False)
+    gen.generate(prompts, params)
+    assert gen._runner.derived.layers is not None
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
