@@ -173,7 +173,10 @@ class DerivedWeights:
         return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
 
     def _signature(self) -> list:
-        signature = []
+        """What the derived weights were built from: each source's identity, version and shape, then the probed
+        values of all of them, one tensor per dtype (on a GPU one copy and, in `_same_signature`, one wait for the
+        device per dtype, not one per weight)."""
+        signature, probes = [], {}
         modules = [m for layer in self.model.model.layers for m in self._sources(layer)]
         modules.append(self.model.get_output_embeddings())
         for module in modules:
@@ -189,8 +192,10 @@ class DerivedWeights:
                 if tensor is None:
                     continue
                 flat = tensor.detach().reshape(-1)
-                probes = flat[:: max(1, flat.numel() // FINGERPRINT_PROBES)][:FINGERPRINT_PROBES].clone()
-                signature.append((tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape), probes))
+                probes.setdefault(tensor.dtype, []).append(flat[:: max(1, flat.numel() // FINGERPRINT_PROBES)]
+                                                           [:FINGERPRINT_PROBES])
+                signature.append((tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)))
+        signature.append({dtype: torch.cat(views) for dtype, views in probes.items()})  # copies: a snapshot
         return signature
 
     def refresh(self) -> None:
@@ -311,15 +316,10 @@ def _on_gpu(device: torch.device) -> bool:
 
 
 def _same_signature(a: list, b: list) -> bool:
-    if len(a) != len(b):
+    """Whether two `_signature`s match: every entry, and the probed values (the last entry) bit for bit."""
+    if len(a) != len(b) or a[:-1] != b[:-1] or a[-1].keys() != b[-1].keys():
         return False
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, tuple) and isinstance(y, tuple):
-            if x[:4] != y[:4] or not torch.equal(x[4], y[4]):
-                return False
-        elif x != y:
-            return False
-    return True
+    return all(torch.equal(a[-1][dtype], b[-1][dtype]) for dtype in a[-1])
 
 
 def _derive(weight: torch.Tensor, *, own: bool) -> DerivedWeight:
