@@ -4,6 +4,7 @@
     python bench/bench_launches.py --steps 2 --batch-size 4
     python bench/bench_launches.py --time          # host milliseconds per step at the 135M shape made narrow
     python bench/bench_launches.py --recipe dpo --batch-size 4   # the DPO recipe against TRL's DPOTrainer
+    python bench/bench_launches.py --recipe rollout --batch-size 32 --shape 135m-narrow   # GRPO-style decoding
 
 On a GPU a 135M model's training step is bound by the host launching kernels, not by the GPU computing them
 (bench/README.md: a few percent MFU on both sides): the step's time is about its number of kernel launches
@@ -257,6 +258,74 @@ def _trl_dpo(model, tokenizer, rows: list[dict], lora, common: dict, args):
     return DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
 
 
+def rollout_sides(model: str, args) -> dict[str, list[float]]:
+    """Operations (or, with --time, milliseconds) per decoding step of a GRPO-style rollout: a LoRA policy (r=8 on
+    every linear layer, B drawn non-zero, as after some training) samples 64 tokens for `--batch-size` prompts, through
+    Hone's generation engine (the policy's LoRA layers fused as the RL recipes install them; the engine merges them
+    into its derived weights) and through `model.generate` on the PEFT model (TRL's GRPOTrainer without vLLM). Each
+    side counts the whole call, prefill included, over the steps it decoded."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from honellm.core import fused
+    from honellm.generation import Generator, SamplingParams
+    from honellm.models import load
+
+    os.environ.update(HONE_NATIVE="0")  # torch's products, as on a GPU
+    policy, tokenizer = load(model, dtype=args.precision, device=args.device)
+    torch.manual_seed(0)
+    policy = get_peft_model(policy, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    fused.install(policy)
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + {3 * i}?"}], tokenize=False,
+                                             add_generation_prompt=True) for i in range(args.batch_size)]
+    new_tokens = 64
+    engine = Generator(policy, tokenizer, batch_size=args.batch_size)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+
+    def hone() -> int:
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0))
+        return max(o.completion_tokens for o in outs)
+
+    def transformers() -> int:
+        with torch.inference_mode():
+            out = policy.generate(**encoded, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+        return out.shape[1] - encoded.input_ids.shape[1]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    found = {}
+    for side, call in (("hone", hone), ("trl", transformers)):
+        if side == "trl":
+            fused.uninstall(policy)  # PEFT's own LoRA layers, as TRL's policy has them
+        call()  # warm-up (and the engine's derived weights, rebuilt at every call of a training policy anyway)
+        values = []
+        for _ in range(args.steps):
+            if args.time:
+                timer = Timer(args.device)
+                timer.begin()
+                steps = call()
+                timer.end()
+                values.append(timer.steps[0] / steps)
+            else:
+                counter = Count()
+                counter.n = 0
+                with counter:
+                    steps = call()
+                values.append(counter.n / steps)
+        found[side] = values
+    return found
+
+
 def _words(rng) -> str:
     from bench_gpu import WORDS
 
@@ -276,13 +345,15 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32 (default) or bf16 (Hone's mixed precision; TRL's bf16 weights and autocast)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--time only: where the sides run")
-    parser.add_argument("--recipe", choices=("sft", "dpo"), default="sft",
-                        help="sft (LoRA SFT against SFTTrainer, default) or dpo (LoRA DPO against DPOTrainer, both with "
-                             "the reference log-probs computed before training; --batch-size counts pairs)")
+    parser.add_argument("--recipe", choices=("sft", "dpo", "rollout"), default="sft",
+                        help="sft (LoRA SFT against SFTTrainer, default), dpo (LoRA DPO against DPOTrainer, both with "
+                             "the reference log-probs computed before training; --batch-size counts pairs) or rollout "
+                             "(a LoRA policy sampling 64 tokens for --batch-size prompts: Hone's engine against "
+                             "model.generate; per decoding step)")
     args = parser.parse_args()
     args.steps = args.steps or (12 if args.time else 3)
     args.shape = args.shape or ("135m-narrow" if args.time else "135m")
-    if args.device == "cuda" and not args.time:
+    if args.device == "cuda" and not args.time and args.recipe != "rollout":
         raise SystemExit("--device cuda times steps: add --time (operations are counted on a CPU)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -291,6 +362,17 @@ def main() -> None:
     torch.set_num_threads(1 if args.time else max(1, min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(args.shape, Path(tmp) / args.shape))
+        if args.recipe == "rollout":
+            found = rollout_sides(model, args)
+            what = "milliseconds" if args.time else "ATen operations"
+            print(f"{what} per decoding step (rollout, {args.shape} shape, LoRA r=8, {args.batch_size} prompts, 64 "
+                  f"tokens, {args.precision}, {args.device}; {args.steps} calls a side):")
+            for side, values in found.items():
+                name = "hone (engine)" if side == "hone" else "model.generate (PEFT)"
+                print(f"  {name}: {', '.join(f'{v:,.1f}' for v in values)}")
+            ratio = statistics.median(found["hone"]) / statistics.median(found["trl"])
+            print(f"  Hone / model.generate: {ratio:.2f}x")
+            return
         # --time: 1-4 words a review and no system prompt (~20 tokens an example), so that the narrow shape's
         # attention computes for microseconds too
         if args.recipe == "dpo" and args.time:  # 1-4 words each of prompt, chosen and rejected

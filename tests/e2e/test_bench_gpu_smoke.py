@@ -67,3 +67,20 @@ def test_bench_launches_times_both_sides_steps():
         steps = [float(t) for t in line.split("(steps: ")[1].rstrip(")").split(", ")]
         assert step > 0 and gap >= step * 0.5 and len(steps) == 4, line
     assert "Hone / TRL:" in done.stdout and "time from step to step" in done.stdout
+
+
+def test_bench_launches_counts_a_rollouts_decoding_steps():
+    """`--recipe rollout`: operations per decoding step of a LoRA policy, Hone's engine against model.generate."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_launches.py"), "--recipe", "rollout", "--shape",
+                           "tiny", "--steps", "1", "--batch-size", "4"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {}
+    for line in done.stdout.splitlines():
+        if line.strip().startswith(("hone (engine):", "model.generate (PEFT):")):
+            name, value = line.split(":", 1)
+            counts[name.strip()] = float(value.replace(",", ""))
+    assert set(counts) == {"hone (engine)", "model.generate (PEFT)"} and all(n > 10 for n in counts.values())
+    assert counts["hone (engine)"] < counts["model.generate (PEFT)"]  # merged adapters: fewer operations a step
+    assert "Hone / model.generate:" in done.stdout
