@@ -29,6 +29,9 @@ fi
 if (( host_time )); then  # the 135M shape's 30 layers at tiny widths: a step's time is the host's (bench_launches.py)
     timeout 120 python3 bench/bench_launches.py --time --device cuda --precision bf16 2>&1 | tail -4 \
         | tee "$out/host_time.txt"
+    # a LoRA policy's decoding step (GRPO's rollouts without vLLM): Hone's engine (CUDA graphs) and model.generate
+    timeout 120 python3 bench/bench_launches.py --recipe rollout --time --device cuda --precision bf16 --steps 4 \
+        --batch-size 32 --shape 135m 2>&1 | tail -4 | tee -a "$out/host_time.txt"
 fi
 budget=()
 [[ " $* " == *" --budget "* ]] || budget=(--budget 420)

@@ -389,6 +389,9 @@ class KVState:
     values: list[torch.Tensor | None]
     valid: torch.Tensor  # [batch, capacity] bool
     length: int = 0  # slots written so far, the same for every row
+    # buffers start at zero: a fixed-shape decoding step (`DecodeGraph`) attends over every slot, the unwritten ones
+    # masked out, and a masked slot's value still enters the product (0 x NaN is NaN)
+    zeroed: bool = False
 
     @property
     def capacity(self) -> int:
@@ -402,6 +405,7 @@ class DecoderRunner:
 
     def __init__(self, model: nn.Module, *, merge_adapters: bool = True):
         self.model = model
+        self.graphs_problem: str | None = None  # why decoding steps are not replayed as CUDA graphs (DecodeGraph)
         self.config = model.config
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         self.n_layers = self.config.num_hidden_layers
@@ -430,10 +434,11 @@ class DecoderRunner:
 
     # ------------------------------------------------------------------------------------------------- states
 
-    def new_state(self, batch: int, capacity: int) -> KVState:
+    def new_state(self, batch: int, capacity: int, *, zeroed: bool = False) -> KVState:
+        """An empty cache (`zeroed`: its buffers start at zero, for `DecodeGraph`)."""
         device = self.model.get_output_embeddings().weight.device
         return KVState([None] * self.n_layers, [None] * self.n_layers,
-                       torch.zeros(batch, capacity, dtype=torch.bool, device=device))
+                       torch.zeros(batch, capacity, dtype=torch.bool, device=device), zeroed=zeroed)
 
     def compute_prefix(self, ids: list[int]) -> KVState:
         """The keys and values of a shared prefix, computed once at batch size 1."""
@@ -465,18 +470,23 @@ class DecoderRunner:
     def _buffer(self, state: KVState, like: torch.Tensor, store: list, i: int) -> torch.Tensor:
         if store[i] is None:
             batch = state.valid.shape[0]
-            store[i] = torch.empty(batch, like.shape[1], state.capacity, like.shape[3], dtype=like.dtype,
-                                   device=like.device)
+            new = torch.zeros if state.zeroed else torch.empty
+            store[i] = new(batch, like.shape[1], state.capacity, like.shape[3], dtype=like.dtype, device=like.device)
         return store[i]
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    def forward(self, state: KVState, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                keep: int) -> torch.Tensor:
+    def forward(self, state: KVState, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
+                keep: int, slot: torch.Tensor | None = None) -> torch.Tensor:
         """Run `ids` ([batch, T]) at slots [length, length + T); return logits of the last `keep` slots.
 
         `positions` are the rotary positions of the new tokens and `valid` marks which of them are real (padding
         is written to its slots too, but no query ever attends to it).
+
+        `slot` (a one-element tensor holding `length`; T = 1, every token real): the decoding step in shapes that do
+        not change from step to step, as a CUDA graph replays it (`DecodeGraph`): the step's keys and values are
+        written at the slot the tensor names and attention reads every slot of the cache, those not yet written
+        masked out like padding. The same values as without it, up to the order of the softmax's sums.
         """
         model = self.model
         core = model.model
@@ -484,11 +494,14 @@ class DecoderRunner:
         start, end = state.length, state.length + ids.shape[1]
         if end > state.capacity:
             raise RuntimeError(f"KV cache overflow: {end} slots needed, {state.capacity} allocated")
-        state.valid[:, start:end] = valid
+        if slot is None:
+            state.valid[:, start:end] = valid
+        else:
+            state.valid.index_fill_(1, slot, True)
         hidden = core.embed_tokens(ids)
         cos, sin = core.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), _signed_sin(sin.unsqueeze(1))
-        mask = self._mask(state, start, end, hidden.dtype)
+        mask = self._mask(state, start, end if slot is None else state.capacity, hidden.dtype, single=slot is not None)
         derived = self.derived.layers  # None until `prepare`, or when derived weights are off
         for i, layer in enumerate(core.layers):
             weights = derived[i] if derived is not None else None
@@ -498,10 +511,15 @@ class DecoderRunner:
             q, k, v = self._qkv(attn, x, weights, batch, steps, cos, sin)
             keys = self._buffer(state, k, state.keys, i)
             values = self._buffer(state, v, state.values, i)
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                                 scale=attn.scaling, enable_gqa=self.gqa)
+            if slot is None:
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = v
+                keys, values = keys[:, :, :end], values[:, :, :end]
+            else:
+                keys.index_copy_(2, slot, k)
+                values.index_copy_(2, slot, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                 enable_gqa=self.gqa)
             out = out.transpose(1, 2).reshape(batch, steps, -1)
             if weights is not None and weights.o is not None:
                 hidden = residual + _matmul(out, weights.o)
@@ -546,8 +564,9 @@ class DecoderRunner:
         return _linear(mlp.down_proj, hidden)
 
     @staticmethod
-    def _mask(state: KVState, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    def _mask(state: KVState, start: int, end: int, dtype: torch.dtype, single: bool = False) -> torch.Tensor:
         """Additive attention mask [batch, 1, T, end]: 0 where a query may look (causal, real tokens), else -inf.
+        `single`: one query per row that may see every valid slot up to `end` (a fixed-shape decoding step).
 
         Built once per forward in the compute dtype; a boolean mask would be converted to this inside SDPA in
         every layer. A padding query would see no key at all, and SDPA returns NaN for such a row; the NaN would
@@ -555,12 +574,87 @@ class DecoderRunner:
         padding finite; no real query ever sees a padding slot.
         """
         allowed = state.valid[:, None, None, :end]
-        if end - start > 1:
+        if end - start > 1 and not single:
             device = state.valid.device
             key_slots = torch.arange(end, device=device)
             query_slots = torch.arange(start, end, device=device)[:, None]
             allowed = (allowed & (key_slots <= query_slots)) | (key_slots == query_slots)
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+class GraphUnavailable(RuntimeError):
+    """A decoding step could not be replayed as a CUDA graph here (the engine then decodes eagerly)."""
+
+
+class DecodeGraph:
+    """The decoding steps of one batch replayed as a CUDA graph (`DecoderRunner.forward` with `slot`).
+
+    Why our own: a small model's decoding step on a GPU is bound by the host launching its kernels one by one from
+    Python (a 135M step: about a thousand operations); a replay launches the recorded kernels at once. vLLM does
+    this and more, where it is installed; the torch engine serves everywhere else (RL rollouts on a GPU without
+    vLLM among them). Each step copies the sampled tokens, their positions and the slot into fixed buffers and
+    replays. The first step runs eagerly, is recorded (`record`: `torch.cuda.graph`, after a warm-up on a side
+    stream), and the recording is replayed once on the same inputs (which rewrites the same slot with the same
+    values) and compared with the eager logits: an error or a difference raises `GraphUnavailable`, and the caller
+    decodes eagerly. The tests stand an eager re-run in for `record`.
+    """
+
+    def __init__(self, runner: DecoderRunner, state: KVState):
+        device, batch = state.valid.device, state.valid.shape[0]
+        self.runner, self.state = runner, state
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.replay = None
+        self.logits: torch.Tensor | None = None  # the recording's output buffer
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocab] of `tokens` [batch] at rotary `positions` [batch], written at the next slot."""
+        self.ids.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        self.slot.fill_(self.state.length)
+        if self.replay is None:
+            logits = self._record()
+        else:
+            self.replay()
+            logits = self.logits
+        self.state.length += 1
+        return logits
+
+    def _run(self) -> torch.Tensor:
+        length = self.state.length
+        try:
+            return self.runner.forward(self.state, self.ids, self.positions, None, keep=1, slot=self.slot)[:, -1]
+        finally:
+            self.state.length = length  # `step` advances it once the step is done
+
+    def _record(self) -> torch.Tensor:
+        eager = self._run().clone()
+        try:
+            self.logits, replay = self.record(self._run)
+            replay()
+        except Exception as error:  # noqa: BLE001 - whatever stops the recording, decoding goes on eagerly
+            raise GraphUnavailable(f"recording the decoding step failed: {error}") from error
+        if not (torch.isfinite(self.logits).all() and torch.allclose(self.logits.float(), eager.float(), rtol=1e-2,
+                                                                     atol=1e-2)):
+            difference = (self.logits.float() - eager.float()).abs().max().item()
+            raise GraphUnavailable(f"the replayed decoding step gave other logits than the eager one (by up to "
+                                   f"{difference:.3g})")
+        self.replay = replay
+        return eager
+
+    @staticmethod
+    def record(run) -> tuple[torch.Tensor, object]:
+        """`run` recorded as a CUDA graph: (its output, which every replay rewrites; the replay function)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # a warm-up away from the default stream, as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        return out, graph.replay
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A call tokenizes its prompts, sorts them by length (less padding per batch), computes a shared prefix's keys
 and values once, then runs each batch: one prefill of the right-aligned suffixes after the prefix, then a lean
 decode loop (one forward per step, no logits-processor stack, no cache concatenation, finished rows dropped from
-the batch once half of it is done). A grammar (`SamplingParams.grammar`) gives each row its own token mask before
+the batch once half of it is done; on a GPU the lean runner's step is recorded once per batch and replayed as a CUDA
+graph, `runners.DecodeGraph`, and the batch then keeps its finished rows). A grammar (`SamplingParams.grammar`) gives each row its own token mask before
 every choice (`constrained`); logprobs and top_logprobs are always the raw model's. Outputs come back in input
 order.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from honellm.core.runners import make_runner
+from honellm.core import support
+from honellm.core.runners import DecodeGraph, DecoderRunner, GraphUnavailable, make_runner
 from honellm.errors import HoneError
 from honellm.generation.params import (
     FINISH_LENGTH,
@@ -31,6 +34,7 @@ from honellm.generation.text import CompletionText
 
 BACKENDS = ("auto", "torch", "vllm")
 PREFILL_TOKENS = 8192  # tokens per prefill forward (batch x chunk); bounds activation memory on long prompts
+GRAPH_MIN_STEPS = 16  # fewer decoding steps than this run eagerly: recording a CUDA graph costs about three steps
 SCORE_LOGITS = 1 << 27  # logits kept per scoring batch (batch x continuation x vocab), about 256 MiB in bf16
 
 Prompt = str | Sequence[int]
@@ -108,6 +112,9 @@ class Generator:
         self._vllm = vllm_backend.VLLMBackend(model, tokenizer, max_length=self.max_length,
                                               add_special_tokens=add_special_tokens) if self.backend == "vllm" else None
         self._runner = make_runner(model, merge_adapters=merge_adapters) if self.backend == "torch" else None
+        # Decoding steps replayed as CUDA graphs (`DecodeGraph`): the lean runner on a GPU, unless HONE_CUDA_GRAPHS=0.
+        self._cuda_graphs = (isinstance(self._runner, DecoderRunner) and self.device.type == "cuda"
+                             and os.environ.get("HONE_CUDA_GRAPHS", "1") != "0" and support.enabled())
 
     @property
     def runner_name(self) -> str:
@@ -253,13 +260,16 @@ class Generator:
         steps = max(row.limit for row in rows)
         ids, positions, valid = self._right_align(suffixes, width, shared, device)
         with self._inference():
-            state = runner.new_state(len(rows), shared + width + steps)
+            graphs = self._cuda_graphs and runner.graphs_problem is None and steps >= GRAPH_MIN_STEPS
+            state = (runner.new_state(len(rows), shared + width + steps, zeroed=True) if graphs
+                     else runner.new_state(len(rows), shared + width + steps))
             if prefix is not None:
                 runner.load_prefix(state, prefix)
             logits = self._prefill(state, ids, positions, valid, keep=1)[:, -1]
         next_positions = torch.tensor([shared + len(s) for s in suffixes], device=device)
         active = list(range(len(rows)))  # which row each batch row of the state belongs to
         constrained = any(row.grammar is not None for row in rows)
+        graph = None  # the decoding step as a CUDA graph, from the first step on (see `_graphed`)
         for _ in range(steps):
             allowed = None
             if constrained:
@@ -286,13 +296,23 @@ class Generator:
             if not keep:
                 return
             with self._inference():
-                if len(keep) <= len(active) // 2:  # drop finished rows once they are half the batch
+                # drop finished rows once they are half the batch (a graph keeps its batch: they run on, unread)
+                if graph is None and len(keep) <= len(active) // 2:
                     index = torch.tensor(keep, device=device)
                     runner.select(state, index)
                     tokens, next_positions = tokens[index], next_positions[index]
                     active = [active[j] for j in keep]
-                logits = runner.forward(state, tokens[:, None], next_positions[:, None],
-                                        torch.ones_like(tokens[:, None], dtype=torch.bool), keep=1)[:, -1]
+                if graphs and graph is None and runner.graphs_problem is None:
+                    graph = DecodeGraph(runner, state)
+                logits = None
+                if graph is not None:
+                    try:
+                        logits = graph.step(tokens, next_positions)
+                    except GraphUnavailable as why:  # decode eagerly from here on, in this call and the next
+                        runner.graphs_problem, graph = str(why), None
+                if logits is None:
+                    logits = runner.forward(state, tokens[:, None], next_positions[:, None],
+                                            torch.ones_like(tokens[:, None], dtype=torch.bool), keep=1)[:, -1]
             next_positions = next_positions + 1
 
     def _append(self, row: _Row, token: int, logprob: float | None) -> None:

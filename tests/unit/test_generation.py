@@ -603,6 +603,71 @@ def test_decoder_runner_is_chosen_for_llama_and_matches_the_transformers_runner(
     assert [s.logprob_sum for s in a] == pytest.approx([s.logprob_sum for s in b], abs=1e-4)
 
 
+def _eager_record(calls: list):
+    """A stand-in for `DecodeGraph.record` on a CPU: the recording is an eager re-run writing into one buffer."""
+
+    def record(run):
+        calls.append(1)
+        out = run().clone()
+        return out, lambda: out.copy_(run())
+
+    return record
+
+
+@pytest.mark.parametrize("shared", [None, "auto"])
+def test_fixed_shape_decoding_steps_equal_the_eager_ones(lively, monkeypatch, shared):
+    """The decoding step in fixed shapes (`forward(slot=...)`: keys and values written at a slot named by a tensor,
+    attention over every slot of the cache, the unwritten ones masked), driven by `DecodeGraph` as a CUDA graph
+    would replay it (a CPU re-runs it eagerly), gives the engine's tokens: greedy and sampled, rows of different
+    prompt lengths, with and without a shared prefix, rows finishing early (a graph keeps its batch)."""
+    from honellm.core.runners import DecodeGraph
+
+    model, tok = lively
+    prompts = chat(tok, system="You are a helpful assistant.")
+    plain = Generator(model, tok, batch_size=4)
+    graphed = Generator(model, tok, batch_size=4)
+    calls = []
+    monkeypatch.setattr(DecodeGraph, "record", staticmethod(_eager_record(calls)))
+    graphed._cuda_graphs = True  # as on a GPU
+    ending = plain.generate(prompts, SamplingParams(max_new_tokens=20))[1].token_ids[6]
+    for gen in (plain, graphed):  # a token the model emits mid-way ends a row: rows finish at different steps
+        gen.eos_ids = {*gen.eos_ids, ending}
+    lengths = set()
+    for params in (SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=20, temperature=0.9, seed=7)):
+        want = plain.generate(prompts, params, shared_prefix=shared)
+        got = graphed.generate(prompts, params, shared_prefix=shared)
+        assert [o.token_ids for o in got] == nontrivial(want, 1, varied=3)
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+        lengths |= {len(o.token_ids) for o in want}
+    assert len(calls) == 4 and graphed._runner.graphs_problem is None  # a recording per batch (2 batches x 2)
+    assert len(lengths) > 1  # some rows ended before others
+
+
+def test_a_recording_that_differs_falls_back_to_eager_decoding(lively, monkeypatch):
+    from honellm.core.runners import DecodeGraph
+
+    model, tok = lively
+    prompts, params = chat(tok)[:3], SamplingParams(max_new_tokens=18)
+    want = [o.token_ids for o in Generator(model, tok, batch_size=3).generate(prompts, params)]
+    calls = []
+
+    def wrong(run):  # a recording that replays something else
+        calls.append(1)
+        out = run().clone()
+        return out, lambda: out.zero_()
+
+    monkeypatch.setattr(DecodeGraph, "record", staticmethod(wrong))
+    gen = Generator(model, tok, batch_size=3)
+    gen._cuda_graphs = True
+    assert [o.token_ids for o in gen.generate(prompts, params)] == want
+    assert "other logits" in gen._runner.graphs_problem and len(calls) == 1
+    assert [o.token_ids for o in gen.generate(prompts, params)] == want and len(calls) == 1  # not tried again
+    few = Generator(model, tok, batch_size=3)
+    few._cuda_graphs = True
+    few.generate(prompts, SamplingParams(max_new_tokens=8))  # too few steps to pay for a recording
+    assert len(calls) == 1
+
+
 def _tiny_config(kind: str, vocab: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 

@@ -155,6 +155,32 @@ def test_sft_on_cuda_trains_with_its_gpu_defaults(tiny_model_dir, tmp_path):
     assert len(losses) == 4 and all(loss == loss and loss < 20 for loss in losses)  # finite, not diverged
 
 
+def test_decoding_steps_replay_as_cuda_graphs_with_the_eager_tokens(tiny_model_dir, monkeypatch):
+    """The engine records a batch's decoding step as a CUDA graph and replays it (`DecodeGraph`): the tokens of
+    eager decoding (HONE_CUDA_GRAPHS=0), greedy and sampled, the recording's self-check passed."""
+    from honellm.generation import Generator, SamplingParams
+    from honellm.models import load
+
+    model, tok = load(tiny_model_dir, dtype="fp32", device="cuda")
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():  # weights with some spread: varied outputs (the tiny model at its init repeats a token)
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("hi", "What is 2 + 3?", "a gripping, funny and warm film", "how do I bake bread?")]
+    graphed = Generator(model, tok, batch_size=4)
+    assert graphed._cuda_graphs
+    monkeypatch.setenv("HONE_CUDA_GRAPHS", "0")
+    eager = Generator(model, tok, batch_size=4)
+    assert not eager._cuda_graphs
+    for params in (SamplingParams(max_new_tokens=24), SamplingParams(max_new_tokens=24, temperature=0.8, seed=3)):
+        got, want = graphed.generate(prompts, params), eager.generate(prompts, params)
+        assert graphed._runner.graphs_problem is None
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert len({tuple(o.token_ids) for o in got}) > 1
+
+
 def _sft_losses(task_yaml, out, *settings) -> tuple[dict, list[float]]:
     from honellm.runs import read_metrics
     from honellm.tuning import tune_task
