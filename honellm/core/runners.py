@@ -734,7 +734,8 @@ class HFRunner:
     def finish(self) -> None:
         """Nothing held between calls."""
 
-    def new_state(self, batch: int, capacity: int) -> HFState:
+    def new_state(self, batch: int, capacity: int, *, zeroed: bool = False) -> HFState:
+        """An empty cache (`zeroed` is the lean runner's; a DynamicCache holds only what was written)."""
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device

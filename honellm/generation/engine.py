@@ -3,10 +3,10 @@
 A call tokenizes its prompts, sorts them by length (less padding per batch), computes a shared prefix's keys
 and values once, then runs each batch: one prefill of the right-aligned suffixes after the prefix, then a lean
 decode loop (one forward per step, no logits-processor stack, no cache concatenation, finished rows dropped from
-the batch once half of it is done; on a GPU the lean runner's step is recorded once per batch and replayed as a CUDA
-graph, `runners.DecodeGraph`, and the batch then keeps its finished rows). A grammar (`SamplingParams.grammar`) gives each row its own token mask before
-every choice (`constrained`); logprobs and top_logprobs are always the raw model's. Outputs come back in input
-order.
+the batch once half of it is done; on a GPU the lean runner's step is recorded once per batch and replayed as a
+CUDA graph, `runners.DecodeGraph`, and the batch then keeps its finished rows). A grammar
+(`SamplingParams.grammar`) gives each row its own token mask before every choice (`constrained`); logprobs and
+top_logprobs are always the raw model's. Outputs come back in input order.
 """
 
 from __future__ import annotations
@@ -261,15 +261,14 @@ class Generator:
         ids, positions, valid = self._right_align(suffixes, width, shared, device)
         with self._inference():
             graphs = self._cuda_graphs and runner.graphs_problem is None and steps >= GRAPH_MIN_STEPS
-            state = (runner.new_state(len(rows), shared + width + steps, zeroed=True) if graphs
-                     else runner.new_state(len(rows), shared + width + steps))
+            state = runner.new_state(len(rows), shared + width + steps, zeroed=graphs)
             if prefix is not None:
                 runner.load_prefix(state, prefix)
             logits = self._prefill(state, ids, positions, valid, keep=1)[:, -1]
         next_positions = torch.tensor([shared + len(s) for s in suffixes], device=device)
         active = list(range(len(rows)))  # which row each batch row of the state belongs to
         constrained = any(row.grammar is not None for row in rows)
-        graph = None  # the decoding step as a CUDA graph, from the first step on (see `_graphed`)
+        graph = None  # the decoding step as a CUDA graph, from the first step on (`runners.DecodeGraph`)
         for _ in range(steps):
             allowed = None
             if constrained:
