@@ -60,7 +60,8 @@ def run_hone(args, out: Path) -> dict:
             "generated_tokens": statistics.mean(r["completion_length"] * args.prompts * args.group for r in train),
             "peak_memory_bytes": peak_memory(device), "rewards": [round(r["reward"], 3) for r in train],
             "total_seconds": round(total, 1), "device": device, "vllm": _vllm(),
-            "settings": {k: start.get(k) for k in ("generation_backend", "attention", "packing", "unpacked_because")}}
+            "settings": {**{k: start.get(k) for k in ("generation_backend", "attention", "packing", "unpacked_because")},
+                         "decoding": next(r for r in rows if r.get("event") == "done").get("decoding")}}
 
 
 def _vllm() -> bool:

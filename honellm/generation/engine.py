@@ -121,6 +121,15 @@ class Generator:
         """Which forward runs: "decoder" (the lean Llama-family path), "transformers", or "vllm"."""
         return self._runner.name if self._runner is not None else "vllm"
 
+    @property
+    def decoding(self) -> str:
+        """How decoding steps run, for run logs: the runner's name, with ", CUDA graphs" where steps are replayed as
+        CUDA graphs (`runners.DecodeGraph`) or why they stopped being."""
+        if self._runner is None or not self._cuda_graphs:
+            return self.runner_name
+        problem = self._runner.graphs_problem
+        return f"{self.runner_name}, CUDA graphs" + (f" off: {problem}" if problem else "")
+
     def sync_weights(self) -> None:
         """Make the next generation use the model's current weights (call after an optimizer step).
 

@@ -203,6 +203,8 @@ def test_grpo_packing_true_takes_the_padded_runs_first_step_and_ppo_refuses_it(t
         rows = read_metrics(tmp_path / f"run-{packing}" / "metrics.jsonl")
         start = next(r for r in rows if r.get("event") == "start")
         assert start["packing"] is packing and start["unpacked_because"] is None
+        done = next(r for r in rows if r.get("event") == "done")  # how rollouts decoded: the lean runner (CPU)
+        assert start["decoding"] == done["decoding"] == "decoder"
         (train,) = [r for r in rows if r.get("kind") == "train"]
         found[packing] = [train[k] for k in ("loss", "grad_norm", "reward", "completion_length", "entropy")]
     assert found[False][1] > 0 and found[True] == pytest.approx(found[False], rel=1e-5, abs=1e-7)

@@ -640,6 +640,7 @@ def test_fixed_shape_decoding_steps_equal_the_eager_ones(lively, monkeypatch, sh
         assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
         lengths |= {len(o.token_ids) for o in want}
     assert len(calls) == 4 and graphed._runner.graphs_problem is None  # a recording per batch (2 batches x 2)
+    assert graphed.decoding == "decoder, CUDA graphs" and plain.decoding == "decoder"
     assert len(lengths) > 1  # some rows ended before others
 
 
@@ -661,6 +662,7 @@ def test_a_recording_that_differs_falls_back_to_eager_decoding(lively, monkeypat
     gen._cuda_graphs = True
     assert [o.token_ids for o in gen.generate(prompts, params)] == want
     assert "other logits" in gen._runner.graphs_problem and len(calls) == 1
+    assert gen.decoding.startswith("decoder, CUDA graphs off: the replayed decoding step gave other logits")
     assert [o.token_ids for o in gen.generate(prompts, params)] == want and len(calls) == 1  # not tried again
     few = Generator(model, tok, batch_size=3)
     few._cuda_graphs = True

@@ -270,7 +270,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         run.log_metrics(event="resume" if training.resumed_from else "start", step=state.step,
                         total_steps=total_steps, updates_per_step=config.updates_per_step, processes=world,
                         precision=precision.name, trainable_params=trainable_params, total_params=total_params,
-                        generation_backend=generator.backend, proxy_reward=proxy.names,
+                        generation_backend=generator.backend, decoding=generator.decoding, proxy_reward=proxy.names,
                         gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total,
                         attention=attention, packing=packing, unpacked_because=unpacked_because)
         # which paths the policy takes, once (honellm.core.support); PPO's value-head wrapper has no config to check
@@ -411,7 +411,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         extra = method.extra_files(unwrapped) if method.extra_files is not None else None
         artifact.save(run.path / "artifact", force=True, model=policy, extra_files=extra)
         run.log_metrics(event="done", **{k: v for k, v in metrics.items() if k != "guard"}, **summary,
-                        **rollout_cost)
+                        **rollout_cost, decoding=generator.decoding)
         run.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -125,7 +125,7 @@ def rft(task, config: RFTConfig | None = None, *, out: str | Path | None = None,
     if is_main:
         run.log_metrics(event="start", rounds=config.rounds, n=config.n, processes=world, precision=precision.name,
                         trainable_params=trainable_params, total_params=total_params,
-                        generation_backend=generator.backend, proxy_reward=proxy.names,
+                        generation_backend=generator.backend, decoding=generator.decoding, proxy_reward=proxy.names,
                         estimated_peak_memory_bytes=memory.total)
         note_paths(model, run, monitor.note)  # which paths the model takes, once (honellm.core.support)
     step, generation_seconds, generated_tokens, kept_total = 0, 0.0, 0, 0
