@@ -1,4 +1,4 @@
-"""Operations per training step: what a small model's GPU step launches, counted on a CPU.
+"""Operations per step: what a small model's GPU step launches, counted (and timed) on a CPU.
 
     python bench/bench_launches.py                 # SmolLM2-135M shape, LoRA SFT, 8 examples a step, 3 steps a side
     python bench/bench_launches.py --steps 2 --batch-size 4
@@ -27,13 +27,15 @@ launches as one.
 
 `--time` measures what the count stands for: the host's own time per step. It runs both sides without counting,
 on the `135m-narrow` shape (SmolLM2-135M's 30 layers, 9 query and 3 key/value heads and everything a step
-dispatches, with a hidden width of 36, an MLP width of 48 and a 384-token vocabulary, so that the arithmetic is a few microseconds an
-operation) and short records, and prints the milliseconds of each optimizer step (forward to optimizer) and from
+dispatches, with a hidden width of 36, an MLP width of 48 and a 384-token vocabulary, so that the arithmetic is
+a few microseconds an operation) and short records, and prints the milliseconds of each optimizer step (forward to optimizer) and from
 one step's end to the next (the loop's batching and logging too: what tokens/s sees). On a CPU this is the
 Python, dispatcher and autograd time a GPU step's host spends, less the driver's cost per launch; with
 `--device cuda` on a GPU it is the launch-bound step itself. Use fp32 on a CPU: a CPU's bf16 kernels carry a
 per-call cost of their own (oneDNN) that a GPU's do not, which the narrow shape would count as host time.
-This benchmark prints figures; it does not pass or fail.
+`--recipe dpo` does the same for the DPO recipe against `DPOTrainer` (reference log-probs computed before training
+on both sides), `--recipe rollout` for a LoRA policy's decoding steps (`rollout_sides`). This benchmark prints
+figures; it does not pass or fail.
 """
 
 from __future__ import annotations
@@ -373,9 +375,9 @@ def main() -> None:
             ratio = statistics.median(found["hone"]) / statistics.median(found["trl"])
             print(f"  Hone / model.generate: {ratio:.2f}x")
             return
-        # --time: 1-4 words a review and no system prompt (~20 tokens an example), so that the narrow shape's
-        # attention computes for microseconds too
-        if args.recipe == "dpo" and args.time:  # 1-4 words each of prompt, chosen and rejected
+        # --time: 1-4 words a review (SFT, no system prompt either) or each of prompt, chosen and rejected (DPO),
+        # so that the narrow shape's attention computes for microseconds too
+        if args.recipe == "dpo" and args.time:
             rng = random.Random(0)
             rows = [{"prompt": [{"role": "user", "content": _words(rng)}], "chosen": _words(rng),
                      "rejected": _words(rng)} for _ in range(args.steps * args.batch_size)]
