@@ -6,6 +6,7 @@
     python bench/bench_gpu.py --phases sft-lora-135m --compile   # also Hone with compile=true (torch.compile)
     python bench/bench_gpu.py --phases sft-lora-135m --padded    # also Hone with packing=false (what packing buys)
     python bench/bench_gpu.py --phases sft-lora-135m --cuda-graphs   # also Hone with cuda_graphs=true
+    python bench/bench_gpu.py --phases sft-lora-135m --unfused   # also Hone with PEFT's own LoRA layers
 
 No weights or data are downloaded: the models are random weights in the real shapes of SmolLM2-135M and
 SmolLM2-1.7B (their configs written out below), with the embedded SmolLM2 tokenizer where it is installed (else a
@@ -167,10 +168,14 @@ def messages(record: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ SFT sides
 
 
-# Hone's extra SFT sides: the option that adds each (--compile, --padded, --cuda-graphs) and the settings it
-# changes from Hone's defaults.
-EXTRA_SIDES = {"hone-compiled": ("compile", {"compile": True}), "hone-padded": ("padded", {"packing": False}),
-               "hone-cudagraphs": ("cuda_graphs", {"cuda_graphs": True})}
+# Hone's extra SFT sides: the option that adds each (--compile, --padded, --cuda-graphs, --unfused), the settings it
+# changes from Hone's defaults and the environment it runs in.
+EXTRA_SIDES = {"hone-compiled": ("compile", {"compile": True}, {}),
+               "hone-padded": ("padded", {"packing": False}, {}),
+               "hone-cudagraphs": ("cuda_graphs", {"cuda_graphs": True}, {}),
+               # PEFT's own LoRA layers: 42% more operations a step than the fused ones, but less Python per layer
+               # (bench/README.md, "What a launch-bound GPU step launches"); which costs a GPU's host more?
+               "hone-unfused": ("unfused", {}, {"HONE_FUSED_LORA": "0"})}
 
 
 def sft_hone(args) -> dict:
@@ -194,7 +199,9 @@ def sft_hone(args) -> dict:
                         eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
         if not full:
             settings.update(r=8, alpha=16, target_modules="all-linear")
-        settings.update(EXTRA_SIDES[args.worker][1] if args.worker in EXTRA_SIDES else {})
+        if args.worker in EXTRA_SIDES:
+            settings.update(EXTRA_SIDES[args.worker][1])
+            os.environ.update(EXTRA_SIDES[args.worker][2])
         skips = _cudagraph_skips() if settings.get("cuda_graphs") else None
         tune(task, method, get_method(method).config(**settings), out=Path(tmp) / "run")
         metrics = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
@@ -307,7 +314,7 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     if args.smoke:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
-    extra = [side for side, (option, _) in EXTRA_SIDES.items() if getattr(args, option)]
+    extra = [side for side, (option, *_) in EXTRA_SIDES.items() if getattr(args, option)]
     names = ("hone", *extra, "trl") if kind.startswith("sft") else ("hone", "trl")
     for side in names:
         if kind.startswith("sft"):
@@ -412,6 +419,9 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="SFT phases: also run Hone with cuda_graphs=true (static packed rows replayed as CUDA "
                              "graphs, compile time included), a side named hone-cudagraphs")
+    parser.add_argument("--unfused", action="store_true",
+                        help="SFT phases: also run Hone with PEFT's own LoRA layers (HONE_FUSED_LORA=0), a side "
+                             "named hone-unfused")
     parser.add_argument("--worker", choices=("hone", *EXTRA_SIDES, "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
