@@ -75,6 +75,13 @@ class _Row:
         )
 
 
+def decode_graphs(runner, device: torch.device) -> bool:
+    """Whether decoding steps are replayed as CUDA graphs (`runners.DecodeGraph`): the lean runner on a GPU, unless
+    HONE_CUDA_GRAPHS=0 or HONE_FAST=0. (The tests stand a CPU in for a GPU here.)"""
+    return (isinstance(runner, DecoderRunner) and device.type == "cuda" and os.environ.get("HONE_CUDA_GRAPHS", "1") != "0"
+            and support.enabled())
+
+
 class Generator:
     """Batched generation and scoring with a KV cache and shared-prefix reuse, for one model and tokenizer.
 
@@ -112,9 +119,7 @@ class Generator:
         self._vllm = vllm_backend.VLLMBackend(model, tokenizer, max_length=self.max_length,
                                               add_special_tokens=add_special_tokens) if self.backend == "vllm" else None
         self._runner = make_runner(model, merge_adapters=merge_adapters) if self.backend == "torch" else None
-        # Decoding steps replayed as CUDA graphs (`DecodeGraph`): the lean runner on a GPU, unless HONE_CUDA_GRAPHS=0.
-        self._cuda_graphs = (isinstance(self._runner, DecoderRunner) and self.device.type == "cuda"
-                             and os.environ.get("HONE_CUDA_GRAPHS", "1") != "0" and support.enabled())
+        self._cuda_graphs = decode_graphs(self._runner, self.device)
 
     @property
     def runner_name(self) -> str:

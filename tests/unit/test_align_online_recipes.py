@@ -211,3 +211,39 @@ def test_grpo_packing_true_takes_the_padded_runs_first_step_and_ppo_refuses_it(t
     with pytest.raises(HoneError, match="value head"):
         ppo(task, PPOConfig(max_steps=1, prompts_per_step=2, max_new_tokens=4, guard_prompts=4, r=4,
                             precision="fp32", packing=True), out=tmp_path / "ppo")
+
+
+def test_grpo_rollouts_decoded_through_replayed_steps_train_as_eager_ones(tiny_model_dir, tmp_path, monkeypatch):
+    """GRPO's rollouts with the GPU's decoding (a CPU standing in): the LoRA policy merged into derived weights and
+    given back after each rollout phase, each batch's step recorded and replayed (`DecodeGraph`, the recording an
+    eager re-run here): the same rewards, losses and gradient norms as eager decoding, step by step."""
+    from honellm.core import runners
+    from honellm.generation import engine
+
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=VARIED,
+                                           rewards=[{"python": "rewards.py:varied"}]))
+    settings = dict(max_steps=2, eval_every=0, lr=1e-3, kl_coef=0.1, dynamic_sampling=False, max_new_tokens=18)
+    grpo(task, _small(**settings), out=tmp_path / "eager")
+    recordings = []
+
+    def record(run):  # an eager re-run writing into one buffer
+        recordings.append(1)
+        out = run().clone()
+        return out, lambda: out.copy_(run())
+
+    monkeypatch.setattr(engine, "decode_graphs", lambda runner, device: isinstance(runner, runners.DecoderRunner))
+    monkeypatch.setattr(runners.DecodeGraph, "record", staticmethod(record))
+    monkeypatch.setattr(runners, "_on_gpu", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**12, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    grpo(task, _small(**settings), out=tmp_path / "graphed")
+    found = {}
+    for name in ("eager", "graphed"):
+        rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        found[name] = [r[k] for r in rows if r.get("kind") == "train"
+                       for k in ("reward", "loss", "grad_norm", "completion_length")]
+        decoding = next(r for r in rows if r.get("event") == "done")["decoding"]
+        assert decoding == ("decoder" if name == "eager" else "decoder, CUDA graphs")
+    assert recordings  # the rollouts took the replayed steps
+    assert found["eager"][0] != 0 and found["graphed"] == pytest.approx(found["eager"], rel=1e-5, abs=1e-7)
