@@ -645,15 +645,22 @@ class DecodeGraph:
 
     @staticmethod
     def record(run) -> tuple[torch.Tensor, object]:
-        """`run` recorded as a CUDA graph: (its output, which every replay rewrites; the replay function)."""
+        """`run` recorded as a CUDA graph: (its output, which every replay rewrites; the replay function).
+
+        A warm-up, then the capture, both on a side stream, as `torch.cuda.graph` does it, but without that
+        context's `empty_cache()`: it would hand every cached block back to the driver at each batch, and an RL
+        trainer would pay for allocating its activations again after every rollout phase."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()  # a warm-up away from the default stream, as torch.cuda.graph asks
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        with torch.cuda.stream(stream):
+            run()  # the warm-up
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = run()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
         return out, graph.replay
 
 
