@@ -181,6 +181,34 @@ def test_decoding_steps_replay_as_cuda_graphs_with_the_eager_tokens(tiny_model_d
         assert len({tuple(o.token_ids) for o in got}) > 1
 
 
+def test_a_training_lora_policy_decodes_merged_on_cuda_with_its_layers_tokens(tiny_model_dir, monkeypatch):
+    """On a GPU the engine merges a LoRA policy into its derived weights (where they fit) and gives them back after
+    the call while the policy trains: the greedy tokens of decoding through the LoRA layers themselves."""
+    from peft import LoraConfig, get_peft_model
+
+    from honellm.core import fused, runners
+    from honellm.generation import Generator, SamplingParams
+    from honellm.models import load
+
+    model, tok = load(tiny_model_dir, dtype="fp32", device="cuda")
+    generator = torch.Generator(device="cpu").manual_seed(2)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    fused.install(policy)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("hi", "What is 2 + 3?", "a gripping, funny and warm film")]
+    params = SamplingParams(max_new_tokens=20)
+    merged = Generator(policy, tok, batch_size=3)
+    got = [o.token_ids for o in merged.generate(prompts, params)]
+    assert merged._runner.derived.enabled and merged._runner.derived.layers is None  # built, then given back
+    monkeypatch.setattr(runners, "DERIVED_GPU_SHARE", 0.0)  # nothing fits: the LoRA layers run
+    layers = Generator(policy, tok, batch_size=3)
+    assert [o.token_ids for o in layers.generate(prompts, params)] == got and len({tuple(t) for t in got}) > 1
+
+
 def _sft_losses(task_yaml, out, *settings) -> tuple[dict, list[float]]:
     from honellm.runs import read_metrics
     from honellm.tuning import tune_task
