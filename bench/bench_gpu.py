@@ -340,6 +340,38 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
     return {"phase": name, "kind": kind, "shape": shape, "params": _params(models[shape]), **sides}
 
 
+# issue 22's targets: Hone / TRL speed per phase kind, the 1.7B shape's full fine-tuning MFU
+SPEED_TARGET, MFU_TARGET, FIRST_LOSS_TOLERANCE = 1.5, 0.35, 0.05
+
+
+def target_lines(results: list[dict], peak: float | None) -> list[str]:
+    """Each measured phase against issue 22's targets: LoRA SFT, DPO and GRPO at least 1.5x TRL's speed, full
+    fine-tuning of the 1.7B shape at 35% MFU or more, and the SFT sides' first losses within 5% of each other."""
+    lines = []
+    for r in results:
+        hone, trl = r.get("hone", {}), r.get("trl", {})
+        name = r["phase"]
+        if r.get("skipped") or "ratio" not in r:
+            lines.append(f"{name}: not measured")
+            continue
+        if r["kind"] == "sft-full" and r["shape"] == "1.7b":
+            if peak is None:
+                lines.append(f"{name}: MFU unknown (no dense bf16 peak for this device)")
+            else:
+                mfu = 6 * r["params"] * hone["tokens_per_second"] / peak
+                lines.append(f"{name}: Hone MFU {100 * mfu:.1f}% (target {100 * MFU_TARGET:.0f}%): "
+                             + ("met" if mfu >= MFU_TARGET else "missed"))
+        elif r["kind"] != "sft-full":
+            lines.append(f"{name}: {r['ratio']:.2f}x TRL (target {SPEED_TARGET}x): "
+                         + ("met" if r["ratio"] >= SPEED_TARGET else "missed"))
+        if r["kind"].startswith("sft") and hone.get("losses") and trl.get("losses"):
+            a, b = hone["losses"][0], trl["losses"][0]
+            agree = abs(a - b) <= FIRST_LOSS_TOLERANCE * max(abs(b), 1e-9)
+            lines.append(f"{name}: first losses Hone {a:.4f}, TRL {b:.4f}: "
+                         + ("agree" if agree else f"differ by more than {100 * FIRST_LOSS_TOLERANCE:.0f}%"))
+    return lines
+
+
 def _params(folder: Path) -> int:
     config = json.loads((Path(folder) / "config.json").read_text())
     h, i, n, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
@@ -466,7 +498,11 @@ def main() -> None:
     ratios = [r["ratio"] for r in results if "ratio" in r]
     print(f"\ntotal {time.perf_counter() - started:.0f} s; Hone / TRL speed: "
           + (f"median {statistics.median(ratios):.2f}x" if ratios else "no phase compared"))
-    print("BENCH_GPU " + json.dumps({"device": gpu, "smoke": args.smoke, "phases": results}))
+    targets = target_lines(results, peak)
+    print("targets (issue 22)" + (" - smoke: tiny shapes, not the targets' setting" if args.smoke else "") + ":")
+    for line in targets:
+        print("  " + line)
+    print("BENCH_GPU " + json.dumps({"device": gpu, "smoke": args.smoke, "phases": results, "targets": targets}))
 
 
 if __name__ == "__main__":

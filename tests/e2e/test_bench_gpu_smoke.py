@@ -33,6 +33,7 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
         if name.startswith("sft"):  # the first losses of both sides, printed for the loss-curve comparison
             assert phase["hone"]["losses"] and phase["trl"]["losses"]
     assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
+    assert "targets (issue 22)" in done.stdout and found["targets"]  # each phase against the issue's targets
 
 
 @pytest.mark.parametrize("recipe", ["sft", "dpo"])
