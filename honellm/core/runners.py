@@ -173,12 +173,13 @@ class DerivedWeights:
         return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
 
     def _signature(self) -> list:
-        """What the derived weights were built from: each source's identity, version and shape, then the probed
-        values of all of them, one tensor per dtype (on a GPU one copy and, in `_same_signature`, one wait for the
-        device per dtype, not one per weight)."""
-        signature, probes = [], {}
+        """What the derived weights were built from: each source's identity, version and shape, and the values at a
+        few positions: on a CPU one small copy per weight, on a GPU all of them gathered into one tensor per dtype
+        (one copy, and in `_same_signature` one wait for the device per dtype, not one per weight)."""
+        signature, gathered = [], {}
         modules = [m for layer in self.model.model.layers for m in self._sources(layer)]
         modules.append(self.model.get_output_embeddings())
+        gpu = _on_gpu(modules[-1].weight.device)
         for module in modules:
             lora = _mergeable_lora(module) if self.merge_adapters else None
             if type(module) is not nn.Linear and lora is None:
@@ -192,10 +193,15 @@ class DerivedWeights:
                 if tensor is None:
                     continue
                 flat = tensor.detach().reshape(-1)
-                probes.setdefault(tensor.dtype, []).append(flat[:: max(1, flat.numel() // FINGERPRINT_PROBES)]
-                                                           [:FINGERPRINT_PROBES])
-                signature.append((tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)))
-        signature.append({dtype: torch.cat(views) for dtype, views in probes.items()})  # copies: a snapshot
+                probes = flat[:: max(1, flat.numel() // FINGERPRINT_PROBES)][:FINGERPRINT_PROBES]
+                entry = (tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
+                if gpu:
+                    gathered.setdefault(tensor.dtype, []).append(probes)
+                    signature.append(entry)
+                else:
+                    signature.append((*entry, probes.clone()))
+        if gathered:
+            signature.append({dtype: torch.cat(views) for dtype, views in gathered.items()})  # copies: a snapshot
         return signature
 
     def refresh(self) -> None:
@@ -316,10 +322,19 @@ def _on_gpu(device: torch.device) -> bool:
 
 
 def _same_signature(a: list, b: list) -> bool:
-    """Whether two `_signature`s match: every entry, and the probed values (the last entry) bit for bit."""
-    if len(a) != len(b) or a[:-1] != b[:-1] or a[-1].keys() != b[-1].keys():
+    """Whether two `_signature`s match, the probed values bit for bit."""
+    if len(a) != len(b):
         return False
-    return all(torch.equal(a[-1][dtype], b[-1][dtype]) for dtype in a[-1])
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, dict) and isinstance(y, dict):  # a GPU's probes, gathered per dtype
+            if x.keys() != y.keys() or not all(torch.equal(x[dtype], y[dtype]) for dtype in x):
+                return False
+        elif isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y) == 5:  # a CPU's, per weight
+            if x[:4] != y[:4] or not torch.equal(x[4], y[4]):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def _derive(weight: torch.Tensor, *, own: bool) -> DerivedWeight:

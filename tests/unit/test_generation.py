@@ -855,7 +855,16 @@ def test_on_a_gpu_a_training_lora_policy_decodes_merged_and_gives_the_copies_bac
     for param in policy.parameters():  # a frozen model (evaluation, serving) keeps its copies between calls
         param.requires_grad_(False)
     gen.generate(prompts, params)
-    assert gen._runner.derived.layers is not None
+    kept = gen._runner.derived.layers
+    assert kept is not None
+    gen.generate(prompts, params)
+    assert gen._runner.derived.layers is kept  # nothing changed: the probes (gathered per dtype on a GPU) agree
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.mul_(-3.0)  # a write that bumps no version counter: only the probed values show it
+    changed = [o.token_ids for o in gen.generate(prompts, params)]
+    assert gen._runner.derived.layers is not kept
+    assert changed != merged and changed == [reference_greedy(policy, tok, p, 8) for p in prompts]
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
