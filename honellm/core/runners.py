@@ -145,13 +145,14 @@ class DerivedWeights:
         self.layers: list[LayerWeights] | None = None  # None: not built (yet), use the modules
         self.lm_head: DerivedWeight | None = None
         self.signature: list | None = None
+        self.gpu = _on_gpu(model.get_output_embeddings().weight.device)  # the GPU policy: see the class docstring
         self.enabled, self.row_copies = self._affordable()
 
     def _affordable(self) -> tuple[bool, bool]:
         """(derived weights at all, row-major copies of the concatenated ones as well) within the memory share."""
-        weights = [m.weight for m in self.model.modules() if type(m) is nn.Linear]
-        if weights and _on_gpu(weights[0].device):  # whether they fit is decided at each build (`_fits`)
+        if self.gpu:  # whether they fit is decided at each build (`_fits`)
             return True, False
+        weights = self._linear_weights()
         if not weights or weights[0].device.type != "cpu":
             return False, False
         needed = sum(w.numel() * w.element_size() for w in weights)
@@ -179,7 +180,6 @@ class DerivedWeights:
         signature, gathered = [], {}
         modules = [m for layer in self.model.model.layers for m in self._sources(layer)]
         modules.append(self.model.get_output_embeddings())
-        gpu = _on_gpu(modules[-1].weight.device)
         for module in modules:
             lora = _mergeable_lora(module) if self.merge_adapters else None
             if type(module) is not nn.Linear and lora is None:
@@ -195,7 +195,7 @@ class DerivedWeights:
                 flat = tensor.detach().reshape(-1)
                 probes = flat[:: max(1, flat.numel() // FINGERPRINT_PROBES)][:FINGERPRINT_PROBES]
                 entry = (tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
-                if gpu:
+                if self.gpu:
                     gathered.setdefault(tensor.dtype, []).append(probes)
                     signature.append(entry)
                 else:
@@ -224,13 +224,16 @@ class DerivedWeights:
         """Drop the derived copies: the modules run until the next `refresh` builds them again."""
         self.layers = self.lm_head = self.signature = None
 
+    def _linear_weights(self) -> list[torch.Tensor]:
+        return [m.weight for m in self.model.modules() if type(m) is nn.Linear]
+
     def _fits(self) -> bool:
         """On a GPU, whether a copy of every derived weight fits in `DERIVED_GPU_SHARE` of the memory free now
         (with what PyTorch's allocator holds unused); on a CPU, `_affordable` decided it once."""
-        weights = [m.weight for m in self.model.modules() if type(m) is nn.Linear]
-        device = weights[0].device
-        if not _on_gpu(device):
+        if not self.gpu:
             return True
+        weights = self._linear_weights()
+        device = weights[0].device
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return sum(w.numel() * w.element_size() for w in weights) <= DERIVED_GPU_SHARE * free
@@ -436,8 +439,7 @@ class DecoderRunner:
     def finish(self) -> None:
         """Called at the end of every engine call: on a GPU, a model with trainable parameters (RL rollouts,
         evaluation during training) gives the derived copies' memory back to its trainer."""
-        layers = self.derived.layers
-        if (layers is not None and _on_gpu(self.model.get_output_embeddings().weight.device)
+        if (self.derived.layers is not None and self.derived.gpu
                 and any(p.requires_grad for p in self.model.parameters())):
             self.derived.release()
 

@@ -315,14 +315,14 @@ class Generator:
                     runner.select(state, index)
                     tokens, next_positions = tokens[index], next_positions[index]
                     active = [active[j] for j in keep]
-                if graphs and graph is None and runner.graphs_problem is None:
+                if graphs and graph is None:
                     graph = DecodeGraph(runner, state)
                 logits = None
                 if graph is not None:
                     try:
                         logits = graph.step(tokens, next_positions)
                     except GraphUnavailable as why:  # decode eagerly from here on, in this call and the next
-                        runner.graphs_problem, graph = str(why), None
+                        runner.graphs_problem, graph, graphs = str(why), None, False
                 if logits is None:
                     logits = runner.forward(state, tokens[:, None], next_positions[:, None],
                                             torch.ones_like(tokens[:, None], dtype=torch.bool), keep=1)[:, -1]
