@@ -168,14 +168,22 @@ def messages(record: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ SFT sides
 
 
-# Hone's extra SFT sides: the option that adds each (--compile, --padded, --cuda-graphs, --unfused), the settings it
-# changes from Hone's defaults and the environment it runs in.
-EXTRA_SIDES = {"hone-compiled": ("compile", {"compile": True}, {}),
-               "hone-padded": ("padded", {"packing": False}, {}),
-               "hone-cudagraphs": ("cuda_graphs", {"cuda_graphs": True}, {}),
-               # PEFT's own LoRA layers: 42% more operations a step than the fused ones, but less Python per layer
-               # (bench/README.md, "What a launch-bound GPU step launches"); which costs a GPU's host more?
-               "hone-unfused": ("unfused", {}, {"HONE_FUSED_LORA": "0"})}
+# Hone's extra SFT sides: the option that adds each, the settings it changes from Hone's defaults, the environment
+# it runs in, and the option's help.
+EXTRA_SIDES = {
+    "hone-compiled": ("compile", {"compile": True}, {},
+                      "also run Hone with compile=true (torch.compile of each decoder layer; its compile time counts)"),
+    "hone-padded": ("padded", {"packing": False}, {},
+                    "also run Hone with packing=false (padded length-grouped micro-batches on sdpa): what packing "
+                    "buys on this GPU"),
+    "hone-cudagraphs": ("cuda_graphs", {"cuda_graphs": True}, {},
+                        "also run Hone with cuda_graphs=true (static packed rows replayed as CUDA graphs, compile "
+                        "time included)"),
+    # PEFT's own LoRA layers: 42% more operations a step than the fused ones, but less Python per layer
+    # (bench/README.md, "What a launch-bound GPU step launches"); which costs a GPU's host more?
+    "hone-unfused": ("unfused", {}, {"HONE_FUSED_LORA": "0"},
+                     "also run Hone with PEFT's own LoRA layers (HONE_FUSED_LORA=0)"),
+}
 
 
 def sft_hone(args) -> dict:
@@ -442,18 +450,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds; later phases are skipped past it (default 450; --smoke: 1500)")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--compile", action="store_true",
-                        help="SFT phases: also run Hone with compile=true (torch.compile of each decoder layer), a "
-                             "third side named hone-compiled (its compile time counts)")
-    parser.add_argument("--padded", action="store_true",
-                        help="SFT phases: also run Hone with packing=false (padded length-grouped micro-batches on "
-                             "sdpa), a side named hone-padded: what packing buys on this GPU")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="SFT phases: also run Hone with cuda_graphs=true (static packed rows replayed as CUDA "
-                             "graphs, compile time included), a side named hone-cudagraphs")
-    parser.add_argument("--unfused", action="store_true",
-                        help="SFT phases: also run Hone with PEFT's own LoRA layers (HONE_FUSED_LORA=0), a side "
-                             "named hone-unfused")
+    for side, (option, _, _, text) in EXTRA_SIDES.items():
+        parser.add_argument("--" + option.replace("_", "-"), action="store_true",
+                            help=f"SFT phases: {text}, a side named {side}")
     parser.add_argument("--worker", choices=("hone", *EXTRA_SIDES, "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

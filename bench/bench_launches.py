@@ -301,6 +301,8 @@ def rollout_sides(model: str, args) -> dict[str, list[float]]:
         return out.shape[1] - encoded.input_ids.shape[1]
 
     class Count(TorchDispatchMode):
+        n = 0  # operations dispatched under this mode (an instance's own once counted)
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += 1
             return func(*args, **(kwargs or {}))
@@ -320,7 +322,6 @@ def rollout_sides(model: str, args) -> dict[str, list[float]]:
                 values.append(timer.steps[0] / steps)
             else:
                 counter = Count()
-                counter.n = 0
                 with counter:
                     steps = call()
                 values.append(counter.n / steps)
