@@ -390,6 +390,18 @@ def _is_config(obj) -> bool:
     return isinstance(obj, PretrainedConfig)
 
 
+def decoder_layers(model):
+    """The decoder's list of layers (`model.layers` or GPT-2's `h`) under PEFT and DDP/FSDP wrappers, or None."""
+    base = _unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    return getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+
+
+def compiled(model) -> bool:
+    """Whether any decoder layer was compiled in place (`compile=true`: `honellm.training.setup.compile_layers`)."""
+    return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model) or ())
+
+
 def _unwrap(model):
     """The causal LM under DDP/FSDP and PEFT wrappers."""
     model = getattr(model, "module", model)

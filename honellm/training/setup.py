@@ -8,11 +8,12 @@ the same policy on CPU and GPU, which accelerate's fp32-master AMP does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-from honellm.core import varlen
+from honellm.core import support, varlen
 from honellm.core.support import packing_problem
 from honellm.errors import HoneError
 from honellm.training.checkpoint import is_fsdp
@@ -139,8 +140,7 @@ def compile_layers(model, *, mode: str | None = None, dynamic: bool = True) -> i
     scaling and addition), which is about half of a LoRA step's time on a 135M model.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    layers = support.decoder_layers(model)
     if layers is None:
         return 0
     # Under gradient checkpointing a layer's forward runs inside checkpoint's higher-order op, where dynamo refuses
@@ -168,3 +168,70 @@ def _output_requires_grad(module, args, output):
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
         return output.requires_grad_()
     return None
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+# `cuda_graphs=true` (SFT and the DPO family): every micro-batch one packed row of one static width, the decoder
+# layers compiled with mode="reduce-overhead" and static shapes, so each step replays one recorded graph per layer.
+
+
+def cuda_graphs_slots(model, device: torch.device, compute_dtype: torch.dtype, *, packing: bool,
+                      unpacked_because: str | None, attention: str, sequences: int) -> int:
+    """The sequence slots of every static packed row (`sequences`, the most a process's micro-batch holds, plus
+    the filler); an error naming what to change where CUDA graphs cannot run."""
+    if device.type != "cuda":
+        raise HoneError(f"cuda_graphs=true needs a CUDA GPU (this run is on {device.type})", where="cuda_graphs",
+                        fix="drop cuda_graphs=true (compile=true compiles the layers on any device)")
+    varlen_kernel = attention in (varlen.NAME, "flash_attention_2")
+    if not packing or not varlen_kernel:
+        why = unpacked_because or f"attention {attention} has no varlen kernel"
+        raise HoneError(f"cuda_graphs=true replays static packed rows, which need packing under a varlen attention "
+                        f"kernel: {why}", where="cuda_graphs",
+                        fix="drop cuda_graphs=true, or let packing and attention take their defaults")
+    if attention == varlen.NAME:
+        problem = varlen.usable(model, device, compute_dtype, static=True)
+        if problem is not None:
+            raise HoneError(f"cuda_graphs=true: {problem}", where="cuda_graphs", fix="drop cuda_graphs=true")
+    return sequences + 1
+
+
+def compile_for_graphs(model) -> None:
+    """The decoder layers compiled for CUDA graphs of static shapes, gradients copied out of the graphs' pool."""
+    if compile_layers(model, mode="reduce-overhead", dynamic=False) == 0:
+        raise HoneError("cuda_graphs=true found no decoder layers to compile in this model", where="cuda_graphs",
+                        fix="drop cuda_graphs=true")
+    own_gradients(model)
+
+
+def own_gradients(model) -> None:
+    """Copy each trainable parameter's gradient out of the CUDA graphs' memory pool when autograd first sets it.
+
+    A compiled layer's backward hands its outputs (the adapter's gradients) to autograd from the graph tree's pool,
+    and autograd keeps the first one as the parameter's `.grad` itself: the next replay would overwrite it (the
+    optimizer then reads a gradient of the wrong micro-batch, or PyTorch refuses the access). PyTorch clones them
+    itself from mid-2026 (pytorch/pytorch#184153); the device image's 2.11 does not. The copy is once per step per
+    parameter (an adapter's size); later micro-batches add into it."""
+    def copy_out(param: torch.nn.Parameter) -> None:
+        if param.grad is not None and not getattr(param.grad, "_hone_owned", False):
+            param.grad = param.grad.clone()
+            param.grad._hone_owned = True
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(copy_out)
+
+
+def graph_replays(loss_fn):
+    """`loss_fn` with each micro-batch's forward marked as a new iteration of the CUDA graph tree (the previous
+    micro-batch's backward is done by then, so its recorded outputs may be overwritten)."""
+    def marked(model, batch):
+        torch.compiler.cudagraph_mark_step_begin()
+        return loss_fn(model, batch)
+
+    return marked
+
+
+def eager_unless(static: bool):
+    """Run compiled layers eagerly where `static` (CUDA graphs): validation's and generation's batches have other
+    shapes than the training row's, and would each record graphs of their own."""
+    return torch.compiler.set_stance("force_eager") if static else contextlib.nullcontext()

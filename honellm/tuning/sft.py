@@ -19,7 +19,6 @@ validation loss always. The best evaluation's weights are kept (`select_best`), 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from honellm.artifact import Artifact
-from honellm.core import fused, liger, varlen
+from honellm.core import fused, liger
 from honellm.core.support import note_paths
 from honellm.errors import HoneError
 from honellm.methods.registry import Method, register_method
@@ -50,9 +49,13 @@ from honellm.training.memory import check_memory, estimate_training_memory, fit_
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
 from honellm.training.setup import (
+    compile_for_graphs,
     compile_layers,
+    cuda_graphs_slots,
     decide_packing,
+    eager_unless,
     enable_checkpointing,
+    graph_replays,
     pick_attention,
     seed_everything,
     setup_accelerator,
@@ -132,15 +135,11 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     slots = _cuda_graphs_slots(config, model, device, precision.compute_dtype, packing=packing,
                                unpacked_because=unpacked_because, attention=attention, budget=budget,
                                longest=longest, per_process=-(-sampler.global_batch_size // world))
-    compiled = None
     if slots:  # CUDA graphs: static shapes, one recorded graph per layer
-        compiled = compile_layers(model, mode="reduce-overhead", dynamic=False)
-        _own_gradients(model)
-    elif config.compile:
-        compiled = compile_layers(model)
-    if compiled == 0:
-        raise HoneError("compile=true (or cuda_graphs=true) found no decoder layers to compile in this model",
-                        where="compile", fix="drop compile=true / cuda_graphs=true")
+        compile_for_graphs(model)
+    elif config.compile and compile_layers(model) == 0:
+        raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
+                        fix="drop compile=true")
     evaluation_batch = config.eval_batch_size if validation is not None and config.eval_every != 0 else 0
     if packing:  # one row of `budget` tokens (the attention of a packed row spans it whole), fitted by its rows
         def estimate_for(batch: int, length: int, checkpointing: bool):
@@ -179,7 +178,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
     def evaluate(step: int) -> dict:
         # Under CUDA graphs the layers are compiled for the training row's one shape: validation's padded batches
         # and generation run them eagerly rather than record a graph per shape.
-        with torch.compiler.set_stance("force_eager") if slots else contextlib.nullcontext():
+        with eager_unless(bool(slots)):
             return _named(_evaluate(accelerator.unwrap_model(model), tokenizer, validation, precision=precision,
                                     config=config, accelerator=accelerator), validation)
 
@@ -190,7 +189,7 @@ def tune(task, method: str, config: SFTConfig | None = None, *, out: str | Path 
 
     # --- the loop
     pad_id = tokenizer.pad_token_id
-    loss_fn = _graph_replays(sft_loss) if slots else sft_loss
+    loss_fn = graph_replays(sft_loss) if slots else sft_loss
     while tail.running():
         if packing:  # the same global batch, cut by the token budget instead of an example count
             static = {"width": budget, "slots": slots, "pad_id": pad_id or 0} if slots else {}
@@ -236,52 +235,12 @@ def _cuda_graphs_slots(config: SFTConfig, model, device: torch.device, compute_d
     without it."""
     if not config.cuda_graphs:
         return None
-    if device.type != "cuda":
-        raise HoneError(f"cuda_graphs=true needs a CUDA GPU (this run is on {device.type})", where="cuda_graphs",
-                        fix="drop cuda_graphs=true (compile=true compiles the layers on any device)")
-    varlen_kernel = attention in (varlen.NAME, "flash_attention_2")
-    if not packing or not varlen_kernel:
-        why = unpacked_because or f"attention {attention} has no varlen kernel"
-        raise HoneError(f"cuda_graphs=true replays static packed rows, which need packing under a varlen attention "
-                        f"kernel: {why}", where="cuda_graphs",
-                        fix="drop cuda_graphs=true, or let packing and attention take their defaults")
-    if budget < longest:
+    if budget is not None and budget < longest:
         raise HoneError(f"max_tokens_per_batch={budget} is shorter than the longest training sequence ({longest}): "
                         f"a static row must hold every example", where="max_tokens_per_batch",
                         fix=f"set max_tokens_per_batch to {longest} or more, or leave it unset")
-    if attention == varlen.NAME:
-        problem = varlen.usable(model, device, compute_dtype, static=True)
-        if problem is not None:
-            raise HoneError(f"cuda_graphs=true: {problem}", where="cuda_graphs", fix="drop cuda_graphs=true")
-    return per_process + 1
-
-
-def _own_gradients(model) -> None:
-    """Copy each trainable parameter's gradient out of the CUDA graphs' memory pool when autograd first sets it.
-
-    A compiled layer's backward hands its outputs (the adapter's gradients) to autograd from the graph tree's pool,
-    and autograd keeps the first one as the parameter's `.grad` itself: the next replay would overwrite it (the
-    optimizer then reads a gradient of the wrong micro-batch, or PyTorch refuses the access). PyTorch clones them
-    itself from mid-2026 (pytorch/pytorch#184153); the device image's 2.11 does not. The copy is once per step per
-    parameter (an adapter's size); later micro-batches add into it."""
-    def copy_out(param: torch.nn.Parameter) -> None:
-        if param.grad is not None and not getattr(param.grad, "_hone_owned", False):
-            param.grad = param.grad.clone()
-            param.grad._hone_owned = True
-
-    for param in model.parameters():
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(copy_out)
-
-
-def _graph_replays(loss_fn):
-    """`loss_fn` with each micro-batch's forward marked as a new iteration of the CUDA graph tree (the previous
-    micro-batch's backward is done by then, so its recorded outputs may be overwritten)."""
-    def marked(model, batch):
-        torch.compiler.cudagraph_mark_step_begin()
-        return loss_fn(model, batch)
-
-    return marked
+    return cuda_graphs_slots(model, device, compute_dtype, packing=packing, unpacked_because=unpacked_because,
+                             attention=attention, sequences=per_process)
 
 
 # ------------------------------------------------------------------------------------------------ state

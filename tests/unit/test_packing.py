@@ -14,6 +14,7 @@ from honellm.core.support import packing_problem
 from honellm.errors import HoneError
 from honellm.runs import read_metrics
 from honellm.testing import make_tiny_task
+from honellm.training import setup
 from honellm.training.batching import IGNORE, TokenSequence, collate, pack, token_budget_micro_batches
 from honellm.training.logprobs import sft_loss
 from honellm.tuning import tune_task
@@ -167,10 +168,9 @@ def test_sft_with_static_rows_trains_like_padded_batches(task_yaml, tmp_path, mo
     marks = []
     monkeypatch.setattr(sft, "_cuda_graphs_slots",
                         lambda config, *a, per_process, **k: per_process + 1 if config.cuda_graphs else None)
-    monkeypatch.setattr(sft, "compile_layers", lambda model, **options: 2)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     owned = []
-    monkeypatch.setattr(sft, "_own_gradients", lambda model, real=sft._own_gradients: (owned.append(1), real(model)))
+    monkeypatch.setattr(sft, "compile_for_graphs", lambda model: (owned.append(1), setup.own_gradients(model)))
     shapes = set()
 
     def pack_and_note(seqs, **static):
@@ -201,14 +201,12 @@ def test_packing_true_on_a_model_that_cannot_pack_is_a_clear_error(arch_dir, tmp
 
 def test_gradients_are_copied_out_of_a_graph_pool_once_a_step():
     """cuda_graphs=true: autograd keeps a compiled backward's output as `.grad` itself (memory a later CUDA graph
-    replay reuses); `_own_gradients` gives each parameter a gradient of its own when first set, into which later
+    replay reuses); `own_gradients` gives each parameter a gradient of its own when first set, into which later
     micro-batches add, and again after the optimizer's zero_grad."""
-    from honellm.tuning import sft
-
     weight = torch.nn.Parameter(torch.zeros(3))
     model = torch.nn.Module()
     model.weight = weight
-    sft._own_gradients(model)
+    setup.own_gradients(model)
     handed = []
 
     class Pool(torch.autograd.Function):  # a backward whose output autograd can keep as .grad (nothing else holds it)

@@ -2,7 +2,8 @@
 
 - `AlignConfig`: the shared training settings plus the adapter (LoRA, rsLoRA, DoRA, or full fine-tuning) and
   validation settings;
-- `load_trainable`: the task's base model with the adapter applied, under the precision policy;
+- `load_trainable`: the task's base model with the adapter applied, under the precision policy (its decoder
+  layers compiled with `compile=true`);
 - `encode_pairs`, `PairBatch`, `collate_pairs`: preference pairs as token sequences, and a micro-batch of B pairs
   as ONE batch of 2B sequences (chosen rows first), so that both answers go through one forward pass;
 - `pair_logps`: summed answer log-probs of a `PairBatch`, LM head at answer positions only;
@@ -35,7 +36,7 @@ from honellm.training.config import TrainingConfig
 from honellm.training.logprobs import token_logprobs
 from honellm.training.loop import LoopState
 from honellm.training.precision import Precision
-from honellm.training.setup import enable_checkpointing
+from honellm.training.setup import compile_layers, enable_checkpointing
 from honellm.training.validation import score_sequences
 
 ADAPTERS = ("lora", "rslora", "dora", "full")
@@ -84,6 +85,12 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
         keep_adapter_inputs_in_compute_dtype(model)
     fused.install(model)  # the fused LoRA forward/backward, where it is exact (see honellm.core.fused)
     liger.apply(model, device)  # Liger Kernel's fused kernels on CUDA where installed (see honellm.core.liger)
+    # compile=true: the decoder layers compiled here, before anything runs them, so that the reference pass and
+    # the training steps run the same compiled layers (generation runs them eagerly: honellm.core.runners).
+    # cuda_graphs=true (the DPO family) compiles for static shapes later, in its recipe, after the reference pass.
+    if config.compile and not getattr(config, "cuda_graphs", False) and compile_layers(model) == 0:
+        raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
+                        fix="drop compile=true")
     return model, tokenizer
 
 

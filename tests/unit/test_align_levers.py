@@ -1,0 +1,119 @@
+"""The speed levers of the align recipes on the tiny models: `compile=true` (every recipe's decoder layers compiled
+where the model is loaded, generation running them eagerly) and, for the DPO family, `cuda_graphs=true` (static
+packed rows; its CUDA parts stood in on a CPU, the real ones in tests/unit/test_gpu.py).
+
+Compiled here with a backend that runs dynamo's graphs as they are and counts them (seconds, where Inductor takes a
+minute or more on 2 cores); the slow test compiles with Inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from honellm.generation import Generator, SamplingParams
+from honellm.models import load
+from honellm.reward.recipes import align_task
+from honellm.reward.recipes.grpo import GRPOConfig, grpo
+from honellm.runs import read_metrics
+from honellm.task import Task
+from honellm.testing import make_tiny_preference_task, make_tiny_reward_task
+from honellm.training.setup import compile_layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
+
+DPO = ["max_steps=2", "batch_size=4", "eval_every=1", "r=4", "lr=1e-2", "precision=fp32"]
+
+
+class Counting:
+    """A torch.compile backend running dynamo's graph as captured, counting the graphs made and their calls."""
+
+    def __init__(self):
+        self.graphs = self.calls = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return graph.forward(*args)
+
+        return run
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """`nn.Module.compile` (what `compile_layers` calls per layer) with the counting backend instead of Inductor."""
+    backend = Counting()
+    real = torch.nn.Module.compile
+
+    def compile_with(self, *args, mode=None, **kwargs):
+        return real(self, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with)
+    torch._dynamo.reset()
+    yield backend
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def prefs_yaml(tiny_model_dir, tmp_path_factory):
+    return make_tiny_preference_task(tmp_path_factory.mktemp("prefs"), tiny_model_dir)
+
+
+def _steps(run, keys=("loss", "grad_norm")) -> list[float]:
+    return [r[k] for r in read_metrics(run / "metrics.jsonl") if "loss" in r for k in keys]
+
+
+def test_compile_true_trains_dpo_through_compiled_layers(prefs_yaml, tmp_path, counting):
+    """`compile=true` was accepted by every align method and changed nothing: the layers are now compiled where the
+    model is loaded, the reference pass and the steps run them, and the run trains as the eager one does."""
+    eager = align_task(str(prefs_yaml), "dpo", DPO, out=str(tmp_path / "eager"))
+    assert counting.calls == 0
+    compiled = align_task(str(prefs_yaml), "dpo", [*DPO, "compile=true"], out=str(tmp_path / "compiled"))
+    assert counting.graphs >= 1 and counting.calls > 0
+    assert compiled.manifest.config["compile"] is True
+    found = {name: _steps(tmp_path / name) for name in ("eager", "compiled")}
+    assert len(found["eager"]) == 4 and found["compiled"] == pytest.approx(found["eager"], rel=1e-5)
+    assert compiled.manifest.metrics["val_accuracy"] == eager.manifest.metrics["val_accuracy"]
+
+
+def test_compile_true_trains_grpo_and_its_rollouts_decode_as_before(tiny_model_dir, tmp_path, counting):
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
+    settings = dict(max_steps=2, prompts_per_step=2, group_size=4, batch_size=8, guard_prompts=4, r=4,
+                    max_new_tokens=6, precision="fp32", eval_every=0, lr=1e-3, kl_coef=0.1, dynamic_sampling=False)
+    grpo(task, GRPOConfig(**settings), out=tmp_path / "eager")
+    grpo(task, GRPOConfig(**settings, compile=True), out=tmp_path / "compiled")
+    assert counting.calls > 0
+    keys = ("reward", "loss", "grad_norm", "completion_length")
+    found = {name: [r[k] for r in read_metrics(tmp_path / name / "metrics.jsonl") if r.get("kind") == "train"
+                    for k in keys] for name in ("eager", "compiled")}
+    assert len(found["eager"]) == 8 and found["compiled"] == pytest.approx(found["eager"], rel=1e-5, abs=1e-7)
+
+
+def test_generation_runs_compiled_layers_eagerly(arch_dir, counting):
+    """transformers' forward (the runner of architectures the lean one does not take) runs a compiled model's
+    layers eagerly: compiled for training batches, each decoding step's new cache length would recompile them."""
+    model, tokenizer = load(arch_dir("opt"), dtype="fp32", device="cpu")
+    prompts = ["hello there", "a longer prompt than that one"]
+    params = SamplingParams(max_new_tokens=6)
+    before = [c.token_ids for c in Generator(model, tokenizer, batch_size=2).generate(prompts, params)]
+    assert compile_layers(model) == model.config.num_hidden_layers
+    generator = Generator(model, tokenizer, batch_size=2)
+    assert generator.decoding == "transformers"
+    assert [c.token_ids for c in generator.generate(prompts, params)] == before
+    assert counting.graphs == counting.calls == 0
+    model(**tokenizer(prompts[:1], return_tensors="pt"))  # outside generation the layers are compiled
+    assert counting.calls > 0
+
+
+@pytest.mark.slow  # Inductor on 2 cores: a minute or more (cached afterwards)
+def test_dpo_with_inductor_compiled_layers_trains_to_the_eager_weights(prefs_yaml, tmp_path):
+    args = ["max_steps=3", "batch_size=4", "eval_every=0", "r=4", "lr=1e-2", "precision=fp32"]
+    eager = align_task(str(prefs_yaml), "dpo", args, out=str(tmp_path / "eager"))
+    compiled = align_task(str(prefs_yaml), "dpo", [*args, "compile=true"], out=str(tmp_path / "compiled"))
+    assert _steps(tmp_path / "compiled") == pytest.approx(_steps(tmp_path / "eager"), rel=1e-3)
+    a = load_file(eager.path / "adapter" / "adapter_model.safetensors")
+    b = load_file(compiled.path / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
