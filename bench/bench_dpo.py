@@ -14,7 +14,7 @@ peak memory of the process (CPU: peak RSS; CUDA: `torch.cuda.max_memory_allocate
 the ratio; it asserts nothing. Runs on CUDA when a GPU is present (the same command).
 
     python bench/bench_dpo.py [--model smollm2-135m-instruct] [--batch-size 4] [--max-length 256] [--steps 6]
-                              [--trl-reference precompute|both] [--quick]
+                              [--trl-reference precompute|both] [--quick] [--hone-set compile=true ...]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,10 +119,14 @@ def run_hone(args, data: Path, out: Path) -> dict:
     from honellm.task import Task
 
     task = Task.from_config({"name": "bench-dpo", "model": args.model, "data": {"train": str(data)}})
-    config = DPOConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                       r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
-                       eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
-                       gradient_checkpointing=args.gradient_checkpointing)
+    settings = dict(max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                    r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
+                    eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
+                    gradient_checkpointing=args.gradient_checkpointing)
+    for item in args.hone_set:  # --hone-set compile=true: one more DPOConfig setting of this side
+        key, _, value = item.partition("=")
+        settings[key] = yaml.safe_load(value)
+    config = DPOConfig(**settings)
     started = time.perf_counter()
     train_preference(task, config, method="dpo", out=out)
     total = time.perf_counter() - started
@@ -135,7 +141,8 @@ def run_hone(args, data: Path, out: Path) -> dict:
     return {"side": "hone", "step_seconds": statistics.median(seconds), "tokens_per_step": statistics.mean(tokens),
             "reference_seconds": reference["seconds"], "peak_memory_bytes": peak_memory(device),
             "losses": [r["loss"] for r in steps], "total_seconds": round(total, 1), "device": device,
-            "settings": {k: start.get(k) for k in ("attention", "packing", "unpacked_because")}}
+            "settings": {k: start.get(k) for k in ("attention", "packing", "unpacked_because", "cuda_graphs")}
+            | {"compile": config.compile}}
 
 
 def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
@@ -211,6 +218,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (default: off on both)")
     parser.add_argument("--trl-reference", choices=("precompute", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="3 timed steps, TRL with precomputed reference only")
+    parser.add_argument("--hone-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more setting of Hone's side (compile=true, cuda_graphs=true, packing=false); "
+                             "repeatable")
     parser.add_argument("--side", choices=("hone", "trl", "trl-live"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -7,6 +7,7 @@
     python bench/bench_gpu.py --phases sft-lora-135m --padded    # also Hone with packing=false (what packing buys)
     python bench/bench_gpu.py --phases sft-lora-135m --cuda-graphs   # also Hone with cuda_graphs=true
     python bench/bench_gpu.py --phases sft-lora-135m --unfused   # also Hone with PEFT's own LoRA layers
+    python bench/bench_gpu.py --phases dpo-135m --cuda-graphs     # the levers apply to the DPO phase too
 
 No weights or data are downloaded: the models are random weights in the real shapes of SmolLM2-135M and
 SmolLM2-1.7B (their configs written out below), with the embedded SmolLM2 tokenizer where it is installed (else a
@@ -302,9 +303,10 @@ def _peak() -> int:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _run(command: list[str], timeout: float) -> tuple[dict | None, str]:
+def _run(command: list[str], timeout: float, extra_env: dict | None = None) -> tuple[dict | None, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+           "HF_HUB_OFFLINE": "1", "HONE_QUIET": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
+           **(extra_env or {})}
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
@@ -323,8 +325,9 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
     extra = [side for side, (option, *_) in EXTRA_SIDES.items() if getattr(args, option)]
-    names = ("hone", *extra, "trl") if kind.startswith("sft") else ("hone", "trl")
+    names = ("hone", *extra, "trl") if kind.startswith("sft") or kind == "dpo" else ("hone", "trl")
     for side in names:
+        env = None
         if kind.startswith("sft"):
             cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--model", model, "--examples",
                    str(examples), "--batch-size", str(batch), "--max-length", str(256 if args.smoke else args.max_length)]
@@ -335,6 +338,10 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
                    "--model", model, "--batch-size", str(batch), "--max-length", "96" if args.smoke else "256",
                    "--steps", str(steps),
                    "--warmup", str(warmup), "--r", "16"]
+            if side in EXTRA_SIDES:  # Hone's side with one more setting (or environment variable)
+                _, settings, env, _ = EXTRA_SIDES[side]
+                cmd[cmd.index("--side") + 1] = "hone"
+                cmd += [f"--hone-set={key}={str(value).lower()}" for key, value in settings.items()]
         else:
             size = ["--prompts", "2", "--group", "2", "--max-new-tokens", "4", "--steps", "1", "--warmup", "0"] \
                 if args.smoke else ["--prompts", "4", "--group", "8", "--max-new-tokens", "64", "--steps", "1",
@@ -342,7 +349,7 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
             cmd = [sys.executable, str(ROOT / "bench" / "bench_grpo_trl.py"), "--side", side, "--model", model,
                    *size]
         started = time.perf_counter()
-        found, error = _run(cmd, left)
+        found, error = _run(cmd, left, env)
         left -= time.perf_counter() - started
         sides[side] = found if found is not None else {"error": error}
     return {"phase": name, "kind": kind, "shape": shape, "params": _params(models[shape]), **sides}
@@ -370,8 +377,12 @@ def target_lines(results: list[dict], peak: float | None) -> list[str]:
                 lines.append(f"{name}: Hone MFU {100 * mfu:.1f}% (target {100 * MFU_TARGET:.0f}%): "
                              + ("met" if mfu >= MFU_TARGET else "missed"))
         elif r["kind"] != "sft-full":
+            levers = [(side.removeprefix("hone-"), r[f"ratio_{side.removeprefix('hone-')}"]) for side in EXTRA_SIDES
+                      if f"ratio_{side.removeprefix('hone-')}" in r]
             lines.append(f"{name}: {r['ratio']:.2f}x TRL (target {SPEED_TARGET}x): "
-                         + ("met" if r["ratio"] >= SPEED_TARGET else "missed"))
+                         + ("met" if r["ratio"] >= SPEED_TARGET else "missed")
+                         + "".join(f"; with {lever}: {ratio:.2f}x, " + ("met" if ratio >= SPEED_TARGET else "missed")
+                                   for lever, ratio in levers))
         if r["kind"].startswith("sft") and hone.get("losses") and trl.get("losses"):
             a, b = hone["losses"][0], trl["losses"][0]
             agree = abs(a - b) <= FIRST_LOSS_TOLERANCE * max(abs(b), 1e-9)
@@ -433,13 +444,16 @@ def report(result: dict, peak: float | None) -> None:
         other = result.get(side, {})
         if "tokens_per_second" not in other or "tokens_per_second" not in trl:
             continue
-        name = side.removeprefix("hone-")
-        result[f"ratio_{name}"] = other["tokens_per_second"] / trl["tokens_per_second"]
+        name, sft = side.removeprefix("hone-"), result["kind"].startswith("sft")
+        result[f"ratio_{name}"] = (other["tokens_per_second"] / trl["tokens_per_second"] if sft
+                                   else trl["step_seconds"] / other["step_seconds"])
         steady = [r.get("steady_tokens_per_second") for r in (hone, other)]
         after = (f"; after the first two steps {steady[1]:.0f} tokens/s against Hone's {steady[0]:.0f}"
                  if None not in steady else "")
-        print(f"  Hone {name} / TRL: {result[f'ratio_{name}']:.2f}x tokens/s"
-              f"{' (compile time included)' if side in ('hone-compiled', 'hone-cudagraphs') else ''}{after}")
+        compiles = side in ("hone-compiled", "hone-cudagraphs")
+        print(f"  Hone {name} / TRL: {result[f'ratio_{name}']:.2f}x "
+              + (f"tokens/s{' (compile time included)' if compiles else ''}{after}" if sft
+                 else f"steps/s (median step after the warm-up{', compiling included there' if compiles else ''})"))
 
 
 def main() -> None:
@@ -452,7 +466,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     for side, (option, _, _, text) in EXTRA_SIDES.items():
         parser.add_argument("--" + option.replace("_", "-"), action="store_true",
-                            help=f"SFT phases: {text}, a side named {side}")
+                            help=f"SFT and DPO phases: {text}, a side named {side}")
     parser.add_argument("--worker", choices=("hone", *EXTRA_SIDES, "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ python3 bench/gpu_kit.py --check 2>&1 | tee "$out/env.txt" || exit 1
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/unit/test_gpu.py -rs 2>&1 | tail -25 \
     | tee "$out/gpu_tests.txt"
 if [[ " $* " == *" --compile "* || " $* " == *" --cuda-graphs "* ]]; then  # the levers' losses against eager's first
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu and slow" tests/unit/test_gpu.py -rs 2>&1 | tail -25 \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m "gpu and slow" tests/unit/test_gpu.py -rs 2>&1 | tail -25 \
         | tee "$out/gpu_lever_tests.txt"
 fi
 if (( host_time )); then  # the 135M shape's 30 layers at tiny widths: a step's time is the host's (bench_launches.py)

@@ -117,3 +117,68 @@ def test_dpo_with_inductor_compiled_layers_trains_to_the_eager_weights(prefs_yam
     b = load_file(compiled.path / "adapter" / "adapter_model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ cuda_graphs=true
+
+
+def test_dpo_on_static_rows_trains_like_packed_rows(prefs_yaml, tmp_path, monkeypatch):
+    """cuda_graphs=true's DPO loop on a CPU, its CUDA check and compile stood aside: every micro-batch one packed
+    row as wide as the run's widest (a filler, empty answer slots), each marked as a new graph iteration, gradients
+    made the parameters' own, validation eager; the same losses, gradient norms and validation as packed rows."""
+    from honellm.reward.recipes import common, preference
+    from honellm.training import setup
+
+    marks, owned, shapes = [], [], set()
+    monkeypatch.setattr(preference, "cuda_graphs_slots", lambda *a, sequences, **k: sequences + 1)
+    monkeypatch.setattr(preference, "compile_for_graphs", lambda model: (owned.append(1), setup.own_gradients(model)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def pack_and_note(sequences, real=common.pack, **static):
+        batch = real(sequences, **static)
+        if static.get("width"):
+            shapes.add((tuple(batch.input_ids.shape), tuple(batch.cu_seqlens.shape), batch.max_seqlen))
+        return batch
+
+    monkeypatch.setattr(common, "pack", pack_and_note)
+    args = ["max_steps=2", "batch_size=2", "grad_accum=2", "eval_every=1", "r=4", "lr=1e-2", "precision=fp32",
+            "packing=true"]
+    packed = align_task(str(prefs_yaml), "dpo", args, out=str(tmp_path / "packed"))
+    static = align_task(str(prefs_yaml), "dpo", [*args, "cuda_graphs=true"], out=str(tmp_path / "static"))
+    start = next(r for r in read_metrics(tmp_path / "static" / "metrics.jsonl") if r.get("event") == "start")
+    assert start["cuda_graphs"] is True and start["packing"] is True
+    width = start["static_width"]
+    assert shapes == {((1, width), (6,), width)}  # 2 pairs a micro-batch: 4 answers, the filler, 6 boundaries
+    assert len(marks) == 4 and owned == [1]  # 2 steps of 2 micro-batches; compiled once
+    found = {name: _steps(tmp_path / name) for name in ("packed", "static")}
+    assert len(found["packed"]) == 4 and found["static"] == pytest.approx(found["packed"], rel=1e-5)
+    assert static.manifest.metrics["val_accuracy"] == packed.manifest.metrics["val_accuracy"]
+
+
+def test_the_widest_micro_batch_bounds_every_step_of_every_process(prefs_yaml, tmp_path):
+    from transformers import AutoTokenizer
+
+    from honellm.program import PromptProgram
+    from honellm.reward.recipes.common import encode_pairs
+    from honellm.reward.recipes.preference import _widest_micro_batch
+    from honellm.training.batching import LengthGroupedBatches
+
+    task = Task.load(prefs_yaml)
+    tokenizer = AutoTokenizer.from_pretrained(task.config.model)
+    train = encode_pairs(task, PromptProgram.from_task(task), tokenizer, "train", max_length=64)
+    sampler = LengthGroupedBatches([p.length for p in train], 4, seed=0, slots=2)
+    tokens, answers = _widest_micro_batch(train, sampler, 5, world=2, grad_accum=1)
+    seen = [index for step in range(5) for rank in range(2)
+            for index in sampler.micro_batches(step, rank=rank, world_size=2)]
+    sizes = [sum(len(train[i].chosen) + len(train[i].rejected) for i in index) for index in seen]
+    assert tokens == max(sizes) and answers == 2 * max(len(index) for index in seen) == 4
+
+
+def test_cuda_graphs_say_where_they_cannot_run(prefs_yaml, tmp_path):
+    from honellm.errors import HoneError
+
+    with pytest.raises(HoneError, match="needs a CUDA GPU"):
+        align_task(str(prefs_yaml), "dpo", ["max_steps=1", "cuda_graphs=true"], out=str(tmp_path / "dpo"))
+    with pytest.raises(HoneError, match="KTO") as info:
+        align_task(str(prefs_yaml), "kto", ["max_steps=1", "cuda_graphs=true"], out=str(tmp_path / "kto"))
+    assert "compile=true" in info.value.fix

@@ -201,12 +201,13 @@ def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
 
 
 def collate_pairs(pairs: list[EncodedPair], index, pad_id: int, reference: dict | None = None, *,
-                  packed: bool = False) -> PairBatch:
-    """One batch of chosen-then-rejected sequences, right-padded or (`packed`) end to end in one row;
-    `reference` holds cached `chosen`/`rejected` log-probs."""
+                  packed: bool = False, width: int | None = None, slots: int | None = None) -> PairBatch:
+    """One batch of chosen-then-rejected sequences, right-padded or (`packed`) end to end in one row (of exactly
+    `width` tokens and `slots` sequence slots where given: `pack`'s static rows); `reference` holds cached
+    `chosen`/`rejected` log-probs."""
     index = torch.as_tensor(np.asarray(index), dtype=torch.long)
     ordered = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    sequences = pack(ordered) if packed else collate(ordered, pad_id)
+    sequences = pack(ordered, width=width, slots=slots, pad_id=pad_id) if packed else collate(ordered, pad_id)
     if reference is None:
         return PairBatch(sequences, index)
     return PairBatch(sequences, index, reference["chosen"][index], reference["rejected"][index])
@@ -226,8 +227,8 @@ def pair_logps(model, batch: PairBatch) -> PairLogps:
     """Chosen and rejected answers in ONE forward pass (the LM head at answer positions only)."""
     found = token_logprobs(model, batch.sequences)
     sums, counts = found.per_sequence(), found.counts()
-    n = batch.n_pairs
-    return PairLogps(sums[:n], sums[n:], counts[:n], counts[n:])
+    n = batch.n_pairs  # a static packed row has more sequence slots than answers (the filler, empty ones)
+    return PairLogps(sums[:n], sums[n:2 * n], counts[:n], counts[n:2 * n])
 
 
 def flat_pairs(pairs: list[EncodedPair]) -> list[TokenSequence]:

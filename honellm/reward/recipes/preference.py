@@ -74,7 +74,16 @@ from honellm.training.loop import Best, plan_steps, start_training
 from honellm.training.memory import fit_memory, parameter_bytes
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
-from honellm.training.setup import decide_packing, pick_attention, seed_everything, setup_accelerator
+from honellm.training.setup import (
+    compile_for_graphs,
+    cuda_graphs_slots,
+    decide_packing,
+    eager_unless,
+    graph_replays,
+    pick_attention,
+    seed_everything,
+    setup_accelerator,
+)
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -87,6 +96,12 @@ class PreferenceConfig(AlignConfig):
         None, description="padding-free packing: a micro-batch's answers (chosen and rejected, or KTO's completions) "
                           "end to end in one row, attention kept inside each (the same log-probs); None: on for CUDA "
                           "GPUs with a varlen attention kernel and attention=auto, off otherwise (as SFT's packing)")
+    cuda_graphs: bool = Field(
+        False, description="CUDA graphs for the decoder layers (torch.compile mode reduce-overhead), the paired "
+                           "methods: every packed micro-batch filled to the run's widest micro-batch's tokens, so "
+                           "every step replays one recorded shape instead of launching each kernel (a small model's "
+                           "step is bound by launches); CUDA only, with packing under a varlen kernel; compiles "
+                           "first (minutes); not KTO")
 
     def loss_hparams(self) -> dict:
         """The keyword arguments of the method's pure loss function."""
@@ -213,6 +228,12 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                       limit_gb=config.memory_limit_gb, trains_all_weights=config.adapter == "full",
                       compute_dtype=precision.compute_dtype, attention=attention, packed=packing)
     config, memory = plan.apply(config, model, run if is_main else None), plan.estimate
+    static = {}  # cuda_graphs=true: every micro-batch one packed row as wide as the run's widest
+    if config.cuda_graphs:
+        width, answers = _widest_micro_batch(train, sampler, total_steps, world=world, grad_accum=config.grad_accum)
+        static = {"width": width, "slots": cuda_graphs_slots(
+            model, device, precision.compute_dtype, packing=packing, unpacked_because=unpacked_because,
+            attention=attention, sequences=answers)}
 
     # --- reference log-probs: once, with the adapter disabled, cached per example in the run folder
     score_kwargs = {"pad_id": pad_id, "precision": precision, "batch_size": config.eval_batch_size,
@@ -246,6 +267,8 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
         reference_seconds = time.perf_counter() - started
         if is_main:
             run.log_metrics(event="reference", pairs=len(seen), seconds=round(reference_seconds, 2))
+    if static:  # compiled for the static rows after the reference pass, which ran eagerly on the packed rows
+        compile_for_graphs(model)
 
     # --- optimizer, schedule, accelerator, resume
     training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
@@ -256,12 +279,16 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                         steps_per_epoch=per_epoch, processes=world, precision=precision.name, pairs=len(train),
                         trainable_params=trainable_params, total_params=total_params,
                         estimated_peak_memory_bytes=memory.total, attention=attention, packing=packing,
-                        unpacked_because=unpacked_because)
+                        unpacked_because=unpacked_because, cuda_graphs=bool(static),
+                        static_width=static.get("width"))
     loss_fn = preference_loss_fn(method, hparams)
+    if static:
+        loss_fn = graph_replays(loss_fn)
 
     def evaluate() -> dict:
         """Implicit-reward accuracy, margin and loss on the validation pairs (in-memory model, cached reference)."""
-        found = score_pairs(model, validation, **score_kwargs)
+        with eager_unless(bool(static)):
+            found = score_pairs(model, validation, **score_kwargs)
         ref = reference["validation"]
         logps = PreferenceLogps(found.chosen, found.rejected, found.chosen_lengths, found.rejected_lengths,
                                 ref["chosen"] if ref else None, ref["rejected"] if ref else None)
@@ -276,7 +303,8 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
 
     # --- the loop
     while tail.running():
-        micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"], packed=packing)
+        micro_batches = [collate_pairs([train[i] for i in index], index, pad_id, reference["train"], packed=packing,
+                                       **static)
                          for index in sampler.micro_batches(state.step, rank=rank, world_size=world,
                                                             grad_accum=config.grad_accum)]
         tail.end_step(tail.step(training.step, micro_batches, loss_fn))
@@ -291,6 +319,18 @@ def train_preference(task, config: PreferenceConfig, *, method: str, out=None, r
                            save=functools.partial(_save_policy, model=accelerator.unwrap_model(model),
                                                   tokenizer=tokenizer, full=config.adapter == "full"),
                            extra_cost={"reference_seconds": round(reference_seconds, 2)})
+
+
+def _widest_micro_batch(train: list, sampler, total_steps: int, *, world: int, grad_accum: int) -> tuple[int, int]:
+    """(tokens, answers): the most any micro-batch of the run packs into its row, over every step and process
+    (a resumed run finds the same)."""
+    tokens = answers = 0
+    for step in range(total_steps):
+        for rank in range(world):
+            for index in sampler.micro_batches(step, rank=rank, world_size=world, grad_accum=grad_accum):
+                tokens = max(tokens, sum(len(train[i].chosen) + len(train[i].rejected) for i in index))
+                answers = max(answers, 2 * len(index))
+    return tokens, answers
 
 
 def _save_policy(artifact, path, *, model, tokenizer, full: bool) -> None:
@@ -376,6 +416,10 @@ def train_kto(task, config: KTOConfig, *, out=None, resume: bool = False, force:
     """KTO on the task's unpaired data (a preference pair gives one desirable and one undesirable example)."""
     method, hparams = "kto", config.loss_hparams()
     loss = get_preference_loss(method)
+    if config.cuda_graphs:
+        raise HoneError("cuda_graphs=true replays the paired methods' static rows; KTO's micro-batches and their "
+                        "mismatched completions are not laid out for it", where="cuda_graphs",
+                        fix="drop cuda_graphs=true (compile=true compiles the layers for KTO too)")
 
     # --- processes, precision, run folder
     accelerator = setup_accelerator()
