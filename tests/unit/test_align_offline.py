@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from honellm.errors import HoneError
 from honellm.evaluation.evaluate import evaluate
+from honellm.hardware import pick_dtype
 from honellm.methods import catalog
 from honellm.models import load
 from honellm.program import PromptProgram
@@ -240,8 +241,9 @@ def test_eval_of_a_dpo_artifact_reports_implicit_reward_accuracy(task_yaml, task
         monkeypatch.setattr(runner, "forward", lambda self, *a, _f=original, _n=name, **k: runs[_n].append(
             next(self.model.parameters()).dtype) or _f(self, *a, **k))
     result = evaluate(tmp_path / "run" / "artifact", task, "validation", progress=False)
-    # the fast decoding runner scored (policy and reference), in bf16: the comparison below is bf16 against fp32
-    assert runs["decoder"] and not runs["transformers"] and set(runs["decoder"]) == {torch.bfloat16}
+    # the fast decoding runner scored (policy and reference), in the hardware policy's dtype (bf16 where the CPU
+    # does it fast): the comparison below is that against fp32
+    assert runs["decoder"] and not runs["transformers"] and set(runs["decoder"]) == {pick_dtype("auto", "cpu")}
     assert result.metric == "preference_accuracy" and result.n == 16 and 0 <= result.score <= 1
     assert result.extras["preference_scorer"] == "implicit_reward_margins"
     assert result.ci95[0] <= result.score <= result.ci95[1]
@@ -394,9 +396,11 @@ def test_packing_true_trains_to_the_padded_runs_weights(task_yaml, tmp_path, met
              for run in (tmp_path / "padded", tmp_path / "packed")]
     assert len(steps[0]) == 4 and steps[1] == pytest.approx(steps[0], rel=1e-5)
     # Adam divides each gradient by its own running size, so a near-zero gradient's summation-order difference
-    # can move its weight by a fraction of the step (lr=1e-2): weights agree to a tenth of one step.
+    # can move its weight by a fraction of the step (lr=1e-2; 0.15 of one on an AMD EPYC's fp32 kernels): every
+    # weight agrees to half a step, and all but a few in a hundred to 1e-4.
     a = load_file(padded.path / "adapter" / "adapter_model.safetensors")
     b = load_file(packed.path / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-3, msg=name)
+        diff = (b[name] - a[name]).abs()
+        assert diff.max() < 5e-3 and (diff > 1e-4).float().mean() < 0.02, (name, diff.max())

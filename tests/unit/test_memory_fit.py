@@ -187,8 +187,8 @@ def test_the_chunked_head_gives_the_same_log_probs_and_gradients(lora_model, mon
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-6)
     if entropy:
         torch.testing.assert_close(a.entropy, b.entropy, rtol=0, atol=1e-5)
-    for x, y in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    for x, y in zip(grads_a, grads_b, strict=True):  # fp32 sums in another order (chunks): ~5e-7 on some CPUs
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_that_transforms_its_logits_keeps_the_model_s_own_head():

@@ -152,8 +152,9 @@ def test_accumulation_weights_micro_batches_by_their_tokens(tiny_model_dir):
     for loss, units, tokens, weights in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-6)
         assert (units, tokens) == results[0][1:3]
-        # Adam divides by sqrt(v): a near-zero gradient turns float noise into ~1e-7 noise; updates are ~1e-3
-        torch.testing.assert_close(weights, results[0][3], rtol=1e-5, atol=1e-6)
+        # Adam divides by sqrt(v): a near-zero gradient turns float noise into weight noise (up to ~2.5e-6 seen on
+        # an AMD EPYC's fp32 kernels); updates are ~1e-3
+        torch.testing.assert_close(weights, results[0][3], rtol=1e-5, atol=1e-5)
 
 
 def test_non_finite_loss_stops_without_touching_the_weights(lora_model):
