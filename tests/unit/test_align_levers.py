@@ -78,6 +78,17 @@ def test_compile_true_trains_dpo_through_compiled_layers(prefs_yaml, tmp_path, c
     assert compiled.manifest.metrics["val_accuracy"] == eager.manifest.metrics["val_accuracy"]
 
 
+@pytest.mark.parametrize("method", ["kto", "reward_model", "orpo"])
+def test_compile_true_reaches_the_other_offline_recipes(prefs_yaml, tmp_path, counting, method):
+    args = ["max_steps=2", "batch_size=4", "eval_every=0", "r=4", "lr=1e-2", "precision=fp32"]
+    align_task(str(prefs_yaml), method, args, out=str(tmp_path / "eager"))
+    assert counting.calls == 0
+    align_task(str(prefs_yaml), method, [*args, "compile=true"], out=str(tmp_path / "compiled"))
+    assert counting.calls > 0
+    found = {name: _steps(tmp_path / name) for name in ("eager", "compiled")}
+    assert len(found["eager"]) == 4 and found["compiled"] == pytest.approx(found["eager"], rel=1e-5)
+
+
 def test_compile_true_trains_grpo_and_its_rollouts_decode_as_before(tiny_model_dir, tmp_path, counting):
     task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
     settings = dict(max_steps=2, prompts_per_step=2, group_size=4, batch_size=8, guard_prompts=4, r=4,
