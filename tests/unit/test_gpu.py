@@ -219,6 +219,17 @@ def _sft_losses(task_yaml, out, *settings) -> tuple[dict, list[float]]:
     return next(r for r in metrics if r.get("event") == "start"), [r["loss"] for r in metrics if "loss" in r]
 
 
+def _skip_unless_lever_runs(lever: str, model_dir) -> None:
+    """Packing on a varlen kernel needs bf16 here, and cuda_graphs=true a varlen kernel passing its self-check."""
+    from transformers import AutoConfig
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("packing on a varlen kernel needs bf16 here")
+    if lever.startswith("cuda_graphs") and varlen.usable(AutoConfig.from_pretrained(model_dir), CUDA,
+                                                         torch.bfloat16) is not None:
+        pytest.skip("cuda_graphs=true needs a varlen kernel that passes its self-check")
+
+
 # Each compiles (Inductor): marked slow, bench/gpu_run.sh runs them in the call that measures these levers
 # (--compile / --cuda-graphs), before the benchmark.
 @pytest.mark.slow
@@ -227,15 +238,9 @@ def test_sft_compiled_and_cuda_graphs_train_to_the_eager_runs_losses(tiny_model_
     """`compile=true` (layers compiled, dynamic shapes) and `cuda_graphs=true` (static packed rows replayed as CUDA
     graphs, gradients copied out of the graph pool) give the eager packed run's losses, step by step (bf16: the
     compiled kernels round in another order)."""
-    from transformers import AutoConfig
-
     from honellm.testing import make_tiny_task
 
-    if not torch.cuda.is_bf16_supported():
-        pytest.skip("packing on a varlen kernel needs bf16 here")
-    if lever.startswith("cuda_graphs") and varlen.usable(AutoConfig.from_pretrained(tiny_model_dir), CUDA,
-                                                         torch.bfloat16) is not None:
-        pytest.skip("cuda_graphs=true needs a varlen kernel that passes its self-check")
+    _skip_unless_lever_runs(lever, tiny_model_dir)
     task_yaml = make_tiny_task(tmp_path / "task", tiny_model_dir)
     _, eager = _sft_losses(task_yaml, tmp_path / "eager", "packing=true")
     start, levered = _sft_losses(task_yaml, tmp_path / "levered", "packing=true", lever)
@@ -251,17 +256,11 @@ def test_sft_compiled_and_cuda_graphs_train_to_the_eager_runs_losses(tiny_model_
 def test_dpo_compiled_and_cuda_graphs_train_to_the_eager_runs_losses(tiny_model_dir, tmp_path, lever):
     """The DPO family's levers on a GPU: the same losses as the eager packed run, step by step (bf16 tolerance);
     under CUDA graphs every micro-batch is one static row as wide as the run's widest."""
-    from transformers import AutoConfig
-
     from honellm.reward.recipes import align_task
     from honellm.runs import read_metrics
     from honellm.testing import make_tiny_preference_task
 
-    if not torch.cuda.is_bf16_supported():
-        pytest.skip("packing on a varlen kernel needs bf16 here")
-    if lever.startswith("cuda_graphs") and varlen.usable(AutoConfig.from_pretrained(tiny_model_dir), CUDA,
-                                                         torch.bfloat16) is not None:
-        pytest.skip("cuda_graphs=true needs a varlen kernel that passes its self-check")
+    _skip_unless_lever_runs(lever, tiny_model_dir)
     task_yaml = make_tiny_preference_task(tmp_path / "task", tiny_model_dir)
     args = ["max_steps=4", "eval_every=1", "save_every=0", "batch_size=2", "grad_accum=2", "r=4", "lr=1e-3",
             "packing=true"]
