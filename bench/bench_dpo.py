@@ -110,6 +110,15 @@ def peak_memory(device: str) -> int:
 # ------------------------------------------------------------------------------------------------ the two sides
 
 
+def hone_settings(items: list[str]) -> dict:
+    """`--hone-set compile=true ...`: more settings of Hone's side, values read as YAML."""
+    found = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        found[key] = yaml.safe_load(value)
+    return found
+
+
 def run_hone(args, data: Path, out: Path) -> dict:
     """The DPO recipe itself (`hone align --method dpo`), timed from its metrics.jsonl."""
     import torch
@@ -123,10 +132,7 @@ def run_hone(args, data: Path, out: Path) -> dict:
                     r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
                     eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
                     gradient_checkpointing=args.gradient_checkpointing)
-    for item in args.hone_set:  # --hone-set compile=true: one more DPOConfig setting of this side
-        key, _, value = item.partition("=")
-        settings[key] = yaml.safe_load(value)
-    config = DPOConfig(**settings)
+    config = DPOConfig(**settings | hone_settings(args.hone_set))
     started = time.perf_counter()
     train_preference(task, config, method="dpo", out=out)
     total = time.perf_counter() - started

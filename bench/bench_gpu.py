@@ -7,7 +7,7 @@
     python bench/bench_gpu.py --phases sft-lora-135m --padded    # also Hone with packing=false (what packing buys)
     python bench/bench_gpu.py --phases sft-lora-135m --cuda-graphs   # also Hone with cuda_graphs=true
     python bench/bench_gpu.py --phases sft-lora-135m --unfused   # also Hone with PEFT's own LoRA layers
-    python bench/bench_gpu.py --phases dpo-135m --cuda-graphs     # the levers apply to the DPO phase too
+    python bench/bench_gpu.py --phases dpo-135m,grpo-135m --cuda-graphs   # the levers apply there too
 
 No weights or data are downloaded: the models are random weights in the real shapes of SmolLM2-135M and
 SmolLM2-1.7B (their configs written out below), with the embedded SmolLM2 tokenizer where it is installed (else a
@@ -325,8 +325,7 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
         examples, batch = 8, 4
     sides: dict[str, dict] = {}
     extra = [side for side, (option, *_) in EXTRA_SIDES.items() if getattr(args, option)]
-    names = ("hone", *extra, "trl") if kind.startswith("sft") or kind == "dpo" else ("hone", "trl")
-    for side in names:
+    for side in ("hone", *extra, "trl"):
         env = None
         if kind.startswith("sft"):
             cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--model", model, "--examples",
@@ -338,16 +337,16 @@ def run_phase(name: str, args, models: dict, folder: Path, left: float) -> dict:
                    "--model", model, "--batch-size", str(batch), "--max-length", "96" if args.smoke else "256",
                    "--steps", str(steps),
                    "--warmup", str(warmup), "--r", "16"]
-            if side in EXTRA_SIDES:  # Hone's side with one more setting (or environment variable)
-                _, settings, env, _ = EXTRA_SIDES[side]
-                cmd[cmd.index("--side") + 1] = "hone"
-                cmd += [f"--hone-set={key}={str(value).lower()}" for key, value in settings.items()]
         else:
             size = ["--prompts", "2", "--group", "2", "--max-new-tokens", "4", "--steps", "1", "--warmup", "0"] \
                 if args.smoke else ["--prompts", "4", "--group", "8", "--max-new-tokens", "64", "--steps", "1",
                                     "--warmup", "1"]
             cmd = [sys.executable, str(ROOT / "bench" / "bench_grpo_trl.py"), "--side", side, "--model", model,
                    *size]
+        if not kind.startswith("sft") and side in EXTRA_SIDES:  # Hone's side with one more setting (or variable)
+            _, settings, env, _ = EXTRA_SIDES[side]
+            cmd[cmd.index("--side") + 1] = "hone"
+            cmd += [f"--hone-set={key}={str(value).lower()}" for key, value in settings.items()]
         started = time.perf_counter()
         found, error = _run(cmd, left, env)
         left -= time.perf_counter() - started
@@ -466,7 +465,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     for side, (option, _, _, text) in EXTRA_SIDES.items():
         parser.add_argument("--" + option.replace("_", "-"), action="store_true",
-                            help=f"SFT and DPO phases: {text}, a side named {side}")
+                            help=f"every phase: {text}, a side named {side}")
     parser.add_argument("--worker", choices=("hone", *EXTRA_SIDES, "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_dpo import MARK, peak_memory, run_side, step_timer  # noqa: E402 - the TRL-side helpers, beside this file
+from bench_dpo import MARK, hone_settings, peak_memory, run_side, step_timer  # noqa: E402 - the TRL-side helpers, beside this file
 
 
 def run_hone(args, out: Path) -> dict:
@@ -46,7 +46,7 @@ def run_hone(args, out: Path) -> dict:
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, r=args.r,
                         alpha=2 * args.r, dropout=0.0, kl_coef=args.beta, loss="dapo", clip_eps_high=0.2,
                         dynamic_sampling=False, overlong_buffer=0, eval_every=0, batch_size=args.group,
-                        schedule="constant", warmup_ratio=0.0, save_every=0)
+                        schedule="constant", warmup_ratio=0.0, save_every=0, **hone_settings(args.hone_set))
     started = time.perf_counter()
     run_method(task, "grpo", config, out=out)
     total = time.perf_counter() - started
@@ -60,7 +60,8 @@ def run_hone(args, out: Path) -> dict:
             "generated_tokens": statistics.mean(r["completion_length"] * args.prompts * args.group for r in train),
             "peak_memory_bytes": peak_memory(device), "rewards": [round(r["reward"], 3) for r in train],
             "total_seconds": round(total, 1), "device": device, "vllm": _vllm(),
-            "settings": {**{k: start.get(k) for k in ("generation_backend", "attention", "packing", "unpacked_because")},
+            "settings": {**{k: start.get(k) for k in ("generation_backend", "attention", "packing", "unpacked_because",
+                                                      "cuda_graphs")}, "compile": config.compile,
                          "decoding": next(r for r in rows if r.get("event") == "done").get("decoding")}}
 
 
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (TRL's beta, Hone's kl_coef)")
+    parser.add_argument("--hone-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more setting of Hone's side (compile=true, cuda_graphs=true); repeatable")
     parser.add_argument("--side", choices=("hone", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:

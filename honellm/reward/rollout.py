@@ -297,7 +297,8 @@ class RolloutBatch:
 
 def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *, batch_size: int,
                     pad_id: int, loss_mask: Sequence[bool] | None = None, together: int = 1,
-                    token_masks: Sequence[Sequence[int]] | None = None, packed: bool = False) -> list[RolloutBatch]:
+                    token_masks: Sequence[Sequence[int]] | None = None, packed: bool = False,
+                    static: dict | None = None) -> list[RolloutBatch]:
     """Micro-batches of at most `batch_size` (prompt + completion) sequences, similar lengths together.
 
     `loss_mask[i]` False gives completion i no loss tokens (a truncated completion under `mask_truncated`); its
@@ -308,6 +309,7 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
     `packed`: each micro-batch's sequences end to end in one row (`training.batching.pack`) instead of padded rows;
     the completion mask keeps its (B, T) layout, since a packed row's targets come in the same order (sequence,
     then position). A micro-batch with an empty prompt stays padded (a packed sequence's first token is no target).
+    `static` (with `packed`): `pack`'s `width`, `slots` and `pad_id`, every packed row of one shape (CUDA graphs).
     """
     n = len(completion_ids)
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
@@ -334,7 +336,7 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
                 mask[j, :len(c)] = taken
         if packed and all(len(prompt_ids[i]) for i in rows):
             batch = pack([TokenSequence(ids[j, :lengths[i]].tolist(), labels[j, :lengths[i]].tolist())
-                          for j, i in enumerate(rows)])
+                          for j, i in enumerate(rows)], **(static or {}))
         else:
             batch = Batch(ids, attention, labels, int(attention.sum()), int(mask.sum()))
         out.append(RolloutBatch(batch, mask, rows, {}, int(mask.sum())))

@@ -193,3 +193,57 @@ def test_cuda_graphs_say_where_they_cannot_run(prefs_yaml, tmp_path):
     with pytest.raises(HoneError, match="KTO") as info:
         align_task(str(prefs_yaml), "kto", ["max_steps=1", "cuda_graphs=true"], out=str(tmp_path / "kto"))
     assert "compile=true" in info.value.fix
+
+
+VARIED = ("def varied(prompts, completions, completion_ids, **kw):\n"
+          "    return [0.1 * (sum(ids) % 11) for ids in completion_ids]\n")
+
+
+@pytest.mark.parametrize("method", ["grpo", "online_dpo"])
+def test_online_updates_on_static_rows_train_like_packed_rows(tiny_model_dir, tmp_path, monkeypatch, method):
+    """cuda_graphs=true's online loop on a CPU, its CUDA check and compile stood aside: every update's
+    micro-batch one packed row of batch_size x the longest prompt + completion (online DPO: its pairs kept
+    together), each marked as a new graph iteration; reference and held-out checks eager; the same rewards,
+    losses and gradient norms as packed rows. PPO refuses it (its value head reads padded rows)."""
+    from honellm.errors import HoneError
+    from honellm.methods.catalog import method_config, run_method
+    from honellm.reward import rollout
+    from honellm.reward.recipes import policy_gradient
+    from honellm.training import setup
+
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=VARIED,
+                                           rewards=[{"python": "rewards.py:varied"}]))
+    marks, owned, shapes = [], [], set()
+    monkeypatch.setattr(policy_gradient, "cuda_graphs_slots", lambda *a, sequences, **k: sequences + 1)
+    monkeypatch.setattr(policy_gradient, "compile_for_graphs",
+                        lambda model: (owned.append(1), setup.own_gradients(model)))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def pack_and_note(sequences, real=rollout.pack, **static):
+        batch = real(sequences, **static)
+        if static.get("width"):
+            shapes.add((tuple(batch.input_ids.shape), tuple(batch.cu_seqlens.shape), batch.max_seqlen))
+        return batch
+
+    monkeypatch.setattr(rollout, "pack", pack_and_note)
+    group = ["prompts_per_step=2", "group_size=4"] if method == "grpo" else ["prompts_per_step=4", "group_size=2"]
+    args = ["max_steps=2", *group, "batch_size=4", "guard_prompts=4", "r=4", "max_new_tokens=6", "precision=fp32",
+            "eval_every=1", "lr=1e-3", "packing=true"]
+    found = {}
+    for name, extra in (("packed", []), ("static", ["cuda_graphs=true"])):
+        spec, config = method_config(method, None, [*args, *extra], family="reward")
+        run_method(task, spec, config, out=tmp_path / name)
+        rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        found[name] = [r[k] for r in rows if r.get("kind") == "train" for k in ("reward", "loss", "grad_norm")]
+        start = next(r for r in rows if r.get("event") == "start")
+        assert start["cuda_graphs"] is (name == "static")
+    (shape,) = shapes
+    assert shape[0] == (1, start["static_width"]) and shape[1] == (6,)  # 4 sequences, the filler, 6 boundaries
+    # 2 steps of 8 completions in micro-batches of 4 (online DPO leaves tied pairs out)
+    assert (len(marks) == 4 if method == "grpo" else 1 <= len(marks) <= 4) and owned == [1]
+    assert len(found["packed"]) == 6 and max(found["packed"][2::3]) > 0  # the policy trained
+    assert found["static"] == pytest.approx(found["packed"], rel=1e-5, abs=1e-7)
+    spec, config = method_config("ppo", None, ["max_steps=1", "cuda_graphs=true", "prompts_per_step=2", "r=4"],
+                                 family="reward")
+    with pytest.raises(HoneError, match="value head"):
+        run_method(task, spec, config, out=tmp_path / "ppo")

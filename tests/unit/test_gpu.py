@@ -275,3 +275,28 @@ def test_dpo_compiled_and_cuda_graphs_train_to_the_eager_runs_losses(tiny_model_
     assert len(levered) == len(eager) == 4 and all(loss == loss for loss in levered)
     for got, want in zip(levered, eager, strict=True):
         assert got == pytest.approx(want, rel=3e-2, abs=3e-2)
+
+
+@pytest.mark.slow
+def test_grpo_updates_on_cuda_graphs_take_the_eager_runs_first_step(tiny_model_dir, tmp_path):
+    """GRPO's updates replayed as CUDA graphs (static packed rows): the first step's rollouts are the eager run's
+    (the same seed, the policy not yet updated), so its reward equals it and its loss agrees (bf16 tolerance)."""
+    from honellm.reward.recipes.grpo import GRPOConfig, grpo
+    from honellm.runs import read_metrics
+    from honellm.task import Task
+    from honellm.testing import make_tiny_reward_task
+
+    _skip_unless_lever_runs("cuda_graphs=true", tiny_model_dir)
+    task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir))
+    settings = dict(max_steps=2, prompts_per_step=2, group_size=4, batch_size=4, guard_prompts=4, r=4,
+                    max_new_tokens=8, eval_every=1, lr=1e-3, kl_coef=0.1, dynamic_sampling=False, packing=True)
+    found = {}
+    for name, extra in (("eager", {}), ("graphs", {"cuda_graphs": True})):
+        grpo(task, GRPOConfig(**settings, **extra), out=tmp_path / name)
+        rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        found[name] = [r for r in rows if r.get("kind") == "train"]
+        assert next(r for r in rows if r.get("event") == "start")["cuda_graphs"] is bool(extra)
+    eager, graphs = found["eager"], found["graphs"]
+    assert len(graphs) == len(eager) == 2 and all(r["loss"] == r["loss"] for r in graphs)
+    assert graphs[0]["reward"] == eager[0]["reward"]
+    assert graphs[0]["loss"] == pytest.approx(eager[0]["loss"], rel=3e-2, abs=3e-2)

@@ -16,6 +16,7 @@ rewards, GAE, whitening) and files saved beside the adapter. The methods live be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -62,7 +63,16 @@ from honellm.training.loop import LoopState, start_training
 from honellm.training.memory import estimate_training_memory, fit_micro_batch, parameter_bytes
 from honellm.training.precision import Precision
 from honellm.training.run_folder import open_run
-from honellm.training.setup import decide_packing, pick_attention, seed_everything, setup_accelerator
+from honellm.training.setup import (
+    compile_for_graphs,
+    cuda_graphs_slots,
+    decide_packing,
+    eager_unless,
+    graph_replays,
+    pick_attention,
+    seed_everything,
+    setup_accelerator,
+)
 from honellm.training.step import StepResult
 
 ONLINE_NEEDS = ("references", "rewards")  # prompts (with whatever the rewards read); a target is optional
@@ -91,6 +101,13 @@ class OnlineRLConfig(PolicyConfig):
                           "end in one row, attention kept inside each (the same log-probs); None: on for CUDA GPUs "
                           "with a varlen attention kernel and attention=auto, off otherwise (as SFT's packing); "
                           "not for PPO, whose value head reads padded rows")
+    cuda_graphs: bool = Field(
+        False, description="CUDA graphs for the decoder layers of the policy's updates (torch.compile mode "
+                           "reduce-overhead): every packed micro-batch one row of batch_size x the longest prompt + "
+                           "completion tokens, so every update replays one recorded shape instead of launching each "
+                           "kernel (a small model's update is bound by launches); reference, old log-probs and "
+                           "held-out checks run eagerly; CUDA only, with packing under a varlen kernel; compiles "
+                           "first (minutes); not PPO")
     # --- the held-out check and the reward-hacking guard
     guard: GuardConfig = Field(default_factory=lambda: GuardConfig(every=10),
                                description="the reward-hacking guard (every, thresholds, action: warn or stop)")
@@ -249,6 +266,16 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                            gradient_checkpointing=config.gradient_checkpointing, device=device,
                            limit_gb=config.memory_limit_gb, accumulate=False)
     config, memory = plan.apply(config, policy, run if is_main else None), plan.estimate
+    static = {}  # cuda_graphs=true: every packed micro-batch one row of `width` tokens and `slots` sequences
+    if config.cuda_graphs:
+        if method.wrap is not None:
+            raise HoneError(f"cuda_graphs=true: {method.name}'s value head reads padded rows", where="cuda_graphs",
+                            fix="drop cuda_graphs=true")
+        sequences = max(config.batch_size, method.together)
+        static = {"width": sequences * longest, "pad_id": tokenizer.pad_token_id or 0, "slots": cuda_graphs_slots(
+            policy, device, precision.compute_dtype, packing=packing, unpacked_because=unpacked_because,
+            attention=attention, sequences=sequences)}
+        compile_for_graphs(policy)
 
     # --- optimizer, schedule (over every update), accelerator, resume, generator
     training = start_training(accelerator, model, config, run, total_steps=total_steps, resume=resume,
@@ -272,7 +299,8 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                         precision=precision.name, trainable_params=trainable_params, total_params=total_params,
                         generation_backend=generator.backend, decoding=generator.decoding, proxy_reward=proxy.names,
                         gold=gold.names if gold is not None else None, estimated_peak_memory_bytes=memory.total,
-                        attention=attention, packing=packing, unpacked_because=unpacked_because)
+                        attention=attention, packing=packing, unpacked_because=unpacked_because,
+                        cuda_graphs=bool(static), static_width=static.get("width"))
         # which paths the policy takes, once (honellm.core.support); PPO's value-head wrapper has no config to check
         note_paths(policy, run, monitor.note)
     pad_id = generator.pad_id
@@ -282,9 +310,10 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
         """The held-out check: measure and let the guard judge (it logs both; the tail keeps the best weights)."""
         params = sampling_params(config, task, seed=step_seed(config.seed, 0, salt=7),
                                  temperature=config.guard_temperature)
-        stats = held_out_check(policy, generator, task, held_out, params, proxy=proxy, gold=gold,
-                               precision=precision, device=device, batch_size=config.batch_size, pad_id=pad_id,
-                               accelerator=accelerator)
+        with eager_unless(bool(static)):  # padded scoring batches: not the recorded shape
+            stats = held_out_check(policy, generator, task, held_out, params, proxy=proxy, gold=gold,
+                                   precision=precision, device=device, batch_size=config.batch_size, pad_id=pad_id,
+                                   accelerator=accelerator)
         alarms = observe_guard(guard, step, stats, monitor)
         state.guard_history = [dict(o) for o in guard.summary()["history"]]
         if alarms and step > 0:
@@ -344,32 +373,36 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
                                   loss_mask=[keep[i] for i in rows] if keep is not None else None,
                                   together=method.together,
                                   token_masks=[rollouts.token_masks[i] for i in rows] if tools else None,
-                                  packed=packing)
+                                  packed=packing, static=static)
         for b in batches:
             b.rows = [rows[r] for r in b.rows]  # back to indices of the whole rollout
         kl_coef = getattr(config, "kl_coef", 0.0)
         need_ref = method.needs_reference or kl_coef > 0
-        ref = no_grad_logprobs(policy, batches, precision=precision, device=device, reference=True) if need_ref \
-            else None
-        if method.prepare is not None:  # PPO: old log-probs and values, KL-penalised token rewards, GAE
-            seq_kl = method.prepare(unwrapped, batches, rewards, ref, config=config, precision=precision,
-                                    device=device)
-        else:
-            seq_kl = _sequence_advantages(method, config, policy, batches, rollouts, rewards, ref, correct=correct,
-                                          precision=precision, device=device, max_new_tokens=max_new_tokens)
+        with eager_unless(bool(static)):  # no-grad passes (the adapter off for the reference): not recorded
+            ref = no_grad_logprobs(policy, batches, precision=precision, device=device, reference=True) \
+                if need_ref else None
+            if method.prepare is not None:  # PPO: old log-probs and values, KL-penalised token rewards, GAE
+                seq_kl = method.prepare(unwrapped, batches, rewards, ref, config=config, precision=precision,
+                                        device=device)
+            else:
+                seq_kl = _sequence_advantages(method, config, policy, batches, rollouts, rewards, ref,
+                                              correct=correct, precision=precision, device=device,
+                                              max_new_tokens=max_new_tokens)
         prepare_seconds = time.perf_counter() - started
 
         # 4. update: ppo_epochs passes, each split into mini_batches optimizer updates
         results: list[StepResult] = []
         order_rng = np.random.default_rng([config.seed, state.step])
         shuffle = config.ppo_epochs > 1 or method.shuffle_every_epoch
+        loss = functools.partial(method.loss, config=config)
+        loss = graph_replays(loss) if static else loss
         for _ in range(config.ppo_epochs):
             order = order_rng.permutation(len(batches)) if shuffle else np.arange(len(batches))
             for part in np.array_split(order, config.mini_batches):
                 update = [batches[i] for i in part if batches[i].num_loss_units > 0]
                 if not update:  # every completion of this update is masked (truncated, under mask_truncated)
                     continue
-                results.append(tail.step(training.step, update, lambda m, b: method.loss(m, b, config=config)))
+                results.append(tail.step(training.step, update, loss))
 
         # 5. log (6. the held-out check and the guard, 7. checkpoint: the tail's)
         step_result = merge_results(results, seconds=prepare_seconds)
