@@ -87,7 +87,7 @@ def load_trainable(task, config: AlignConfig, device: torch.device, precision: P
     liger.apply(model, device)  # Liger Kernel's fused kernels on CUDA where installed (see honellm.core.liger)
     # compile=true: the decoder layers compiled here, before anything runs them, so that the reference pass and
     # the training steps run the same compiled layers (generation runs them eagerly: honellm.core.runners).
-    # cuda_graphs=true (the DPO family) compiles for static shapes later, in its recipe, after the reference pass.
+    # cuda_graphs=true (the DPO family, the online updates) compiles for static shapes later, in its recipe.
     if config.compile and not getattr(config, "cuda_graphs", False) and compile_layers(model) == 0:
         raise HoneError("compile=true found no decoder layers to compile in this model", where="compile",
                         fix="drop compile=true")
