@@ -44,8 +44,9 @@ class TrainingConfig(Config):
         "auto", description="attention kernel: auto picks eager on CPU for sequences up to 256 tokens (its backward "
                             "is ~2x faster than the CPU flash kernel's there) and sdpa otherwise")
     compile: bool = Field(
-        False, description="torch.compile each decoder layer (fuses norms, activations and adapter arithmetic: ~1.35x "
-                           "faster LoRA steps on CPU, after a one-off compile of a few minutes, cached across runs)")
+        False, description="torch.compile each decoder layer (fuses norms, activations and adapter arithmetic; on a "
+                           "GPU, fewer kernel launches) after a one-off compile of a minute or more, cached across "
+                           "runs; on a CPU the direct LLaMA-family forward it replaces can be faster (docs/tuning.md)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     memory_limit_gb: float | None = Field(
         None, gt=0, description="refuse to start when the estimated peak exceeds this (None: the memory available now)")
