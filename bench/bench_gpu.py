@@ -169,8 +169,8 @@ def messages(record: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ SFT sides
 
 
-# Hone's extra SFT sides: the option that adds each, the settings it changes from Hone's defaults, the environment
-# it runs in, and the option's help.
+# Hone's extra sides (every phase): the option that adds each, the settings it changes from Hone's defaults, the
+# environment it runs in, and the option's help.
 EXTRA_SIDES = {
     "hone-compiled": ("compile", {"compile": True}, {},
                       "also run Hone with compile=true (torch.compile of each decoder layer; its compile time counts)"),
@@ -376,8 +376,7 @@ def target_lines(results: list[dict], peak: float | None) -> list[str]:
                 lines.append(f"{name}: Hone MFU {100 * mfu:.1f}% (target {100 * MFU_TARGET:.0f}%): "
                              + ("met" if mfu >= MFU_TARGET else "missed"))
         elif r["kind"] != "sft-full":
-            levers = [(side.removeprefix("hone-"), r[f"ratio_{side.removeprefix('hone-')}"]) for side in EXTRA_SIDES
-                      if f"ratio_{side.removeprefix('hone-')}" in r]
+            levers = [(key.removeprefix("ratio_"), value) for key, value in r.items() if key.startswith("ratio_")]
             lines.append(f"{name}: {r['ratio']:.2f}x TRL (target {SPEED_TARGET}x): "
                          + ("met" if r["ratio"] >= SPEED_TARGET else "missed")
                          + "".join(f"; with {lever}: {ratio:.2f}x, " + ("met" if ratio >= SPEED_TARGET else "missed")

@@ -309,7 +309,7 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
     `packed`: each micro-batch's sequences end to end in one row (`training.batching.pack`) instead of padded rows;
     the completion mask keeps its (B, T) layout, since a packed row's targets come in the same order (sequence,
     then position). A micro-batch with an empty prompt stays padded (a packed sequence's first token is no target).
-    `static` (with `packed`): `pack`'s `width`, `slots` and `pad_id`, every packed row of one shape (CUDA graphs).
+    `static` (with `packed`): `pack`'s `width` and `slots`, every packed row of one shape (CUDA graphs).
     """
     n = len(completion_ids)
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
@@ -336,7 +336,7 @@ def rollout_batches(prompt_ids: Sequence[list[int]], completion_ids: Sequence[li
                 mask[j, :len(c)] = taken
         if packed and all(len(prompt_ids[i]) for i in rows):
             batch = pack([TokenSequence(ids[j, :lengths[i]].tolist(), labels[j, :lengths[i]].tolist())
-                          for j, i in enumerate(rows)], **(static or {}))
+                          for j, i in enumerate(rows)], pad_id=pad_id, **(static or {}))
         else:
             batch = Batch(ids, attention, labels, int(attention.sum()), int(mask.sum()))
         out.append(RolloutBatch(batch, mask, rows, {}, int(mask.sum())))

@@ -133,25 +133,33 @@ def test_dpo_with_inductor_compiled_layers_trains_to_the_eager_weights(prefs_yam
 # ------------------------------------------------------------------------------------------------ cuda_graphs=true
 
 
-def test_dpo_on_static_rows_trains_like_packed_rows(prefs_yaml, tmp_path, monkeypatch):
-    """cuda_graphs=true's DPO loop on a CPU, its CUDA check and compile stood aside: every micro-batch one packed
-    row as wide as the run's widest (a filler, empty answer slots), each marked as a new graph iteration, gradients
-    made the parameters' own, validation eager; the same losses, gradient norms and validation as packed rows."""
-    from honellm.reward.recipes import common, preference
+def _stand_in_cuda_graphs(monkeypatch, recipe, packer):
+    """`recipe`'s CUDA check and compile stood aside on a CPU (the gradient copy kept), graph iterations counted,
+    and the shapes of the static rows `packer.pack` builds noted: (marks, compiles, shapes)."""
     from honellm.training import setup
 
     marks, owned, shapes = [], [], set()
-    monkeypatch.setattr(preference, "cuda_graphs_slots", lambda *a, sequences, **k: sequences + 1)
-    monkeypatch.setattr(preference, "compile_for_graphs", lambda model: (owned.append(1), setup.own_gradients(model)))
+    monkeypatch.setattr(recipe, "cuda_graphs_slots", lambda *a, sequences, **k: sequences + 1)
+    monkeypatch.setattr(recipe, "compile_for_graphs", lambda model: (owned.append(1), setup.own_gradients(model)))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
-    def pack_and_note(sequences, real=common.pack, **static):
+    def pack_and_note(sequences, real=packer.pack, **static):
         batch = real(sequences, **static)
         if static.get("width"):
             shapes.add((tuple(batch.input_ids.shape), tuple(batch.cu_seqlens.shape), batch.max_seqlen))
         return batch
 
-    monkeypatch.setattr(common, "pack", pack_and_note)
+    monkeypatch.setattr(packer, "pack", pack_and_note)
+    return marks, owned, shapes
+
+
+def test_dpo_on_static_rows_trains_like_packed_rows(prefs_yaml, tmp_path, monkeypatch):
+    """cuda_graphs=true's DPO loop on a CPU, its CUDA check and compile stood aside: every micro-batch one packed
+    row as wide as the run's widest (a filler, empty answer slots), each marked as a new graph iteration, gradients
+    made the parameters' own, validation eager; the same losses, gradient norms and validation as packed rows."""
+    from honellm.reward.recipes import common, preference
+
+    marks, owned, shapes = _stand_in_cuda_graphs(monkeypatch, preference, common)
     args = ["max_steps=2", "batch_size=2", "grad_accum=2", "eval_every=1", "r=4", "lr=1e-2", "precision=fp32",
             "packing=true"]
     packed = align_task(str(prefs_yaml), "dpo", args, out=str(tmp_path / "packed"))
@@ -209,23 +217,10 @@ def test_online_updates_on_static_rows_train_like_packed_rows(tiny_model_dir, tm
     from honellm.methods.catalog import method_config, run_method
     from honellm.reward import rollout
     from honellm.reward.recipes import policy_gradient
-    from honellm.training import setup
 
     task = Task.load(make_tiny_reward_task(tmp_path / "task", tiny_model_dir, reward_code=VARIED,
                                            rewards=[{"python": "rewards.py:varied"}]))
-    marks, owned, shapes = [], [], set()
-    monkeypatch.setattr(policy_gradient, "cuda_graphs_slots", lambda *a, sequences, **k: sequences + 1)
-    monkeypatch.setattr(policy_gradient, "compile_for_graphs",
-                        lambda model: (owned.append(1), setup.own_gradients(model)))
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-
-    def pack_and_note(sequences, real=rollout.pack, **static):
-        batch = real(sequences, **static)
-        if static.get("width"):
-            shapes.add((tuple(batch.input_ids.shape), tuple(batch.cu_seqlens.shape), batch.max_seqlen))
-        return batch
-
-    monkeypatch.setattr(rollout, "pack", pack_and_note)
+    marks, owned, shapes = _stand_in_cuda_graphs(monkeypatch, policy_gradient, rollout)
     group = ["prompts_per_step=2", "group_size=4"] if method == "grpo" else ["prompts_per_step=4", "group_size=2"]
     args = ["max_steps=2", *group, "batch_size=4", "guard_prompts=4", "r=4", "max_new_tokens=6", "precision=fp32",
             "eval_every=1", "lr=1e-3", "packing=true"]

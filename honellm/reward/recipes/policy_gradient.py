@@ -272,7 +272,7 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
             raise HoneError(f"cuda_graphs=true: {method.name}'s value head reads padded rows", where="cuda_graphs",
                             fix="drop cuda_graphs=true")
         sequences = max(config.batch_size, method.together)
-        static = {"width": sequences * longest, "pad_id": tokenizer.pad_token_id or 0, "slots": cuda_graphs_slots(
+        static = {"width": sequences * longest, "slots": cuda_graphs_slots(
             policy, device, precision.compute_dtype, packing=packing, unpacked_because=unpacked_because,
             attention=attention, sequences=sequences)}
         compile_for_graphs(policy)
