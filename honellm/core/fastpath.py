@@ -53,10 +53,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
-from transformers.activations import SiLUActivation
-from transformers.models.llama.modeling_llama import rotate_half
 
 from honellm.core import fused, native, support
+
+
+@functools.cache
+def _transformers_parts():
+    """(SiLUActivation, rotate_half): transformers' own, imported at the first forward, not with this module. This
+    module is the only one of the package that imported transformers at load time, so every `hone` command paid
+    transformers' import (about 2 s on 2 cores) before it could look a method up or report a user error."""
+    # start-up time: transformers loads with the first model, not with the method table
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return SiLUActivation, rotate_half
+
 
 # A common prefix shorter than this is computed per sequence (two attention calls per layer cost more than it saves).
 MIN_SHARED_PREFIX = 16
@@ -296,6 +307,7 @@ def _queries_keys_values(attn: nn.Module, h: torch.Tensor, rotary: tuple, prefix
     else:
         qkv = _linear(attn.q_proj, h), _linear(attn.k_proj, h), _linear(attn.v_proj, h)
     q, k, v = (t.view(*h.shape[:2], -1, d).transpose(1, 2) for t in qkv)
+    rotate_half = _transformers_parts()[1]
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     if not prefix:
@@ -351,7 +363,7 @@ def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 def _swiglu(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     """`act_fn(gate) * up` for the MLP's gate and up products side by side: one native pass each way
     (`SwiGLUFunction`) for SiLU in bf16 where the kernels run, else torch's operations on the two halves."""
-    if (type(mlp.act_fn) in (SiLUActivation, nn.SiLU) and gate_up.dtype == torch.bfloat16
+    if (type(mlp.act_fn) in (_transformers_parts()[0], nn.SiLU) and gate_up.dtype == torch.bfloat16
             and gate_up.device.type == "cpu" and gate_up.stride(-1) == 1 and gate_up.shape[-1] % 2 == 0
             and native.training_kernels()):
         return SwiGLUFunction.apply(gate_up)

@@ -212,3 +212,19 @@ def test_deferred_imports_need_the_start_up_comment(tmp_path):
     modules = {"honellm.models": module, "honellm.task": module, "honellm.x": module}
     found = imports_of("honellm.x", module, modules)
     assert [(i.target, i.deferred) for i in found] == [("honellm.models", True), ("honellm.task", False)]
+
+
+def test_the_method_table_and_the_cli_load_without_transformers():
+    """`hone`'s method lookups and user errors come before any model: they must not pay for importing transformers
+    (with the torch modules it pulls in, ~3.5 s of the ~6 s such an error took on 2 cores); it loads with the first
+    model."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, honellm.cli.app, honellm.methods.catalog; "
+            "print(sorted(m for m in ('transformers', 'peft', 'trl', 'accelerate') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
