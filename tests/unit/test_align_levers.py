@@ -242,3 +242,4 @@ def test_online_updates_on_static_rows_train_like_packed_rows(tiny_model_dir, tm
                                  family="reward")
     with pytest.raises(HoneError, match="value head"):
         run_method(task, spec, config, out=tmp_path / "ppo")
+    assert not (tmp_path / "ppo").exists()  # refused before its run folder was made

@@ -196,6 +196,9 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     `hone tune`'s."""
     if not isinstance(config, method.config):
         raise TypeError(f"{method.name} takes a {method.config.__name__}, not a {type(config).__name__}")
+    if config.cuda_graphs and method.wrap is not None:  # refused before the run folder exists
+        raise HoneError(f"cuda_graphs=true: {method.name}'s value head reads padded rows", where="cuda_graphs",
+                        fix="drop cuda_graphs=true")
 
     # --- processes, precision, run folder
     accelerator = setup_accelerator()
@@ -268,9 +271,6 @@ def train_policy_gradient(task, method: PolicyGradientMethod, config: OnlineRLCo
     config, memory = plan.apply(config, policy, run if is_main else None), plan.estimate
     static = {}  # cuda_graphs=true: every packed micro-batch one row of `width` tokens and `slots` sequences
     if config.cuda_graphs:
-        if method.wrap is not None:
-            raise HoneError(f"cuda_graphs=true: {method.name}'s value head reads padded rows", where="cuda_graphs",
-                            fix="drop cuda_graphs=true")
         sequences = max(config.batch_size, method.together)
         static = {"width": sequences * longest, "slots": cuda_graphs_slots(
             policy, device, precision.compute_dtype, packing=packing, unpacked_because=unpacked_because,
