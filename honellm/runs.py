@@ -1,7 +1,9 @@
 """Run folders: `runs/<task>/<method>-<timestamp>/` with the resolved config, `metrics.jsonl` and the log.
 
-An existing folder is never overwritten without `force`. `metrics.jsonl` gets one JSON object per line, flushed
-at once, so a killed run keeps every metric it logged.
+An existing folder is never overwritten without `force`, except one that a run left when it stopped before its
+first step (`never_started`: a refused setting or a data error found after the folder was made), which holds nothing
+trained; the rerun replaces it. `metrics.jsonl` gets one JSON object per line, flushed at once, so a killed run
+keeps every metric it logged.
 
 `observe_metrics(callback)` lets a caller watch every line any run folder logs while it is active (the
 hyperparameter search reads the validation rows the recipes already write, to prune poor trials early); an
@@ -66,9 +68,13 @@ class RunDir:
                 n += 1
                 path = path.with_name(f"{_safe(method)}-{stamp}-{n}")
         if path.exists() and any(path.iterdir()) and not resume:
-            if not force:
+            unstarted = never_started(path)
+            if not force and not unstarted:
                 raise HoneError("the run folder already exists and is not empty", where=str(path),
                                 fix="pass --force to replace it, --resume to continue it, or choose another --out")
+            if unstarted and not force:
+                logging.getLogger(__name__).info("replacing %s: a run that stopped before its first step left it",
+                                                 path)
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
@@ -121,6 +127,33 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# What a run leaves when it stops before its first step (a refused setting, a data error, the memory pre-flight,
+# all found once the folder exists because they need the loaded model or the device): its record, its log, the
+# metrics rows logged before "start" and the files made with the folder. Nothing in it was trained.
+_BEFORE_FIRST_STEP = {"config.yaml", "log.txt", "metrics.jsonl", "initial-adapter", "tensorboard", "mlruns", "wandb"}
+
+
+def never_started(path: str | Path) -> bool:
+    """Whether `path` is a run folder that stopped before training began, which a rerun may replace without --force.
+
+    True only when the folder holds Hone's `config.yaml` (a method and a task), nothing outside what a run writes
+    before its first step, and no "start" or "resume" row in `metrics.jsonl`. A checkpoint, an artifact, a
+    started run's metrics or any file of the user's keeps the folder protected.
+    """
+    path = Path(path)
+    names = {entry.name for entry in path.iterdir()}
+    if "config.yaml" not in names or not names <= _BEFORE_FIRST_STEP:
+        return False
+    try:
+        record = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(record, dict) or "method" not in record or "task" not in record:
+        return False
+    return not any(isinstance(row, dict) and row.get("event") in ("start", "resume")
+                   for row in read_metrics(path / "metrics.jsonl"))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

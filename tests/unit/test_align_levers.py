@@ -198,9 +198,17 @@ def test_cuda_graphs_say_where_they_cannot_run(prefs_yaml, tmp_path):
 
     with pytest.raises(HoneError, match="needs a CUDA GPU"):
         align_task(str(prefs_yaml), "dpo", ["max_steps=1", "cuda_graphs=true"], out=str(tmp_path / "dpo"))
+    # DPO finds it out with the model loaded, once its run folder exists: the corrected command reuses that folder
+    # without --force, since nothing was trained in it
+    assert (tmp_path / "dpo" / "config.yaml").exists()
+    align_task(str(prefs_yaml), "dpo", ["max_steps=1"], out=str(tmp_path / "dpo"))
+    assert (tmp_path / "dpo" / "artifact").is_dir()
+    assert [r["event"] for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if r.get("event") == "start"] == \
+        ["start"]
     with pytest.raises(HoneError, match="KTO") as info:
         align_task(str(prefs_yaml), "kto", ["max_steps=1", "cuda_graphs=true"], out=str(tmp_path / "kto"))
     assert "compile=true" in info.value.fix
+    assert not (tmp_path / "kto").exists()
 
 
 VARIED = ("def varied(prompts, completions, completion_ids, **kw):\n"

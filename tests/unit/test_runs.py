@@ -2,7 +2,7 @@ import pytest
 
 from honellm.atomic import atomic_dir, atomic_write_json
 from honellm.errors import HoneError
-from honellm.runs import RunDir, read_metrics
+from honellm.runs import RunDir, never_started, read_metrics
 
 
 def test_run_folders_are_new_and_never_overwritten(tmp_path):
@@ -22,6 +22,51 @@ def test_run_folders_are_new_and_never_overwritten(tmp_path):
     forced = RunDir.create("task", "lora", out=run.path, force=True)
     assert not (forced.path / "metrics.jsonl").exists()
     forced.close()
+
+
+def _left_before_first_step(path, *extra):
+    """What open_run leaves when the recipe refuses a setting before its first step, plus `extra` files."""
+    run = RunDir.create("task", "dpo", out=path)
+    run.write_config({"method": "dpo", "task": "task", "config": {"beta": 0.1}})
+    run.log_metrics(event="truncated", examples=2, max_length=64)
+    run.close()
+    for name in extra:
+        (path / name).mkdir(parents=True) if name.endswith("/") else (path / name).write_text("x")
+    return path
+
+
+def test_a_folder_left_before_the_first_step_is_reused_without_force(tmp_path):
+    left = _left_before_first_step(tmp_path / "refused", "initial-adapter/")
+    assert never_started(left)
+    again = RunDir.create("task", "dpo", out=left)  # no --force needed: nothing in it was trained
+    assert list(again.path.iterdir()) == [again.path / "log.txt"]
+    again.close()
+
+
+@pytest.mark.parametrize("kept", ["checkpoints/", "artifact/", "reference_logps.pt", "notes.txt", "started"])
+def test_a_folder_with_anything_trained_or_foreign_still_needs_force(tmp_path, kept):
+    path = tmp_path / "run"
+    if kept == "started":
+        _left_before_first_step(path)
+        with open(path / "metrics.jsonl", "a") as handle:
+            handle.write('{"event": "start", "step": 0}\n')
+    else:
+        _left_before_first_step(path, kept)
+    assert not never_started(path)
+    with pytest.raises(HoneError, match="--force"):
+        RunDir.create("task", "dpo", out=path)
+    assert (path / "config.yaml").exists()
+
+
+def test_a_folder_without_hones_record_is_never_taken_for_a_refused_run(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("lr: 0.001\n")  # the user's own config, not a run's record
+    (tmp_path / "yours").mkdir()
+    (tmp_path / "yours" / "config.yaml").write_text(": not yaml [\n")
+    for name in ("mine", "yours"):
+        assert not never_started(tmp_path / name)
+        with pytest.raises(HoneError, match="--force"):
+            RunDir.create("task", "dpo", out=tmp_path / name)
 
 
 def test_metrics_survive_a_cut_line(tmp_path):
