@@ -18,7 +18,8 @@ small byte-level one: the LM head keeps its 49,152 rows either way); the data ar
 - `sft-lora-<shape>` / `sft-full-<shape>`: Hone's SFT recipe (`tune`, its defaults on the device: packing and
   Liger's kernels where installed) against TRL's `SFTTrainer` in its best configuration here (bf16, no gradient
   checkpointing, `padding_free` where flash-attention is installed, `use_liger_kernel` where Liger is), the same
-  examples, batch size, max length, epochs, learning rate and schedule;
+  token sequences (Hone's tokenization, given to TRL pre-tokenized with its labels), batch size, max length, epochs,
+  learning rate and schedule;
 - `dpo-135m`: `bench_dpo.py`'s two sides (the DPO recipe with its defaults on the device, packing where a varlen
   kernel runs; `DPOTrainer` with precomputed reference log-probs) on synthetic pairs;
 - `grpo-135m`: `bench_grpo_trl.py`'s two sides (the GRPO recipe, `GRPOTrainer`), one timed step.
@@ -187,22 +188,44 @@ EXTRA_SIDES = {
 }
 
 
+def sft_task(args, folder: Path):
+    """The SFT phase's task: `sft_data`'s records in `folder`, Hone's prompt program for them (both sides train on
+    the token sequences it makes)."""
+    from honellm.task import Task
+
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_data(args.model, args.examples, args.max_length)))
+    return Task.from_config({"name": "bench", "model": args.model, "data": {"train": str(data)},
+                             "prompt": {"system": SYSTEM, "template": "Review: {text}"}, "target": "label",
+                             "choices": ["positive", "negative"]})
+
+
+def sft_sequences(args) -> list:
+    """Hone's training sequences of the SFT phase (token ids, and labels -100 outside the answer): what TRL's side
+    is given pre-tokenized, so that both sides take the loss on the same tokens. (From text, TRL's prompt-completion
+    tokenization keeps the chat template's newline after `<|im_end|>` in each answer: one more token, and one more
+    loss term, per example.)"""
+    from honellm.models import load_tokenizer
+    from honellm.program import PromptProgram
+    from honellm.tuning import get_method
+    from honellm.tuning.sft import _encode_split
+
+    with tempfile.TemporaryDirectory() as tmp:
+        task = sft_task(args, Path(tmp))
+        config = get_method("lora").config(max_length=args.max_length)
+        return _encode_split(task, PromptProgram.from_task(task), load_tokenizer(args.model), "train", config)
+
+
 def sft_hone(args) -> dict:
     import torch
 
     from honellm.runs import read_metrics
-    from honellm.task import Task
     from honellm.tuning import get_method
     from honellm.tuning.sft import tune
 
     full = args.kind == "sft-full"
-    rows = sft_data(args.model, args.examples, args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "train.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        task = Task.from_config({"name": "bench", "model": args.model, "data": {"train": str(data)},
-                                 "prompt": {"system": SYSTEM, "template": "Review: {text}"}, "target": "label",
-                                 "choices": ["positive", "negative"]})
+        task = sft_task(args, Path(tmp))
         method = "full" if full else "lora"
         settings = dict(epochs=1, batch_size=args.batch_size, max_length=args.max_length, lr=2e-5 if full else 2e-4,
                         eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
@@ -261,9 +284,8 @@ def sft_trl(args) -> dict:
 
     full = args.kind == "sft-full"
     cuda = torch.cuda.is_available()
-    rows = sft_data(args.model, args.examples, args.max_length)
-    dataset = Dataset.from_list([{"prompt": messages(r), "completion": [{"role": "assistant", "content": r["label"]}]}
-                                 for r in rows])
+    # Hone's token sequences, pre-tokenized (TRL then skips its own tokenization and takes the labels as given)
+    dataset = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in sft_sequences(args)])
     flash = cuda and importlib.util.find_spec("flash_attn") is not None
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     kwargs = {"attn_implementation": "flash_attention_2"} if flash else {}
@@ -360,7 +382,8 @@ SPEED_TARGET, MFU_TARGET, FIRST_LOSS_TOLERANCE = 1.5, 0.35, 0.05
 
 def target_lines(results: list[dict], peak: float | None) -> list[str]:
     """Each measured phase against issue 22's targets: LoRA SFT, DPO and GRPO at least 1.5x TRL's speed, full
-    fine-tuning of the 1.7B shape at 35% MFU or more, and the SFT sides' first losses within 5% of each other."""
+    fine-tuning of the 1.7B shape at 35% MFU or more, the SFT sides' first losses within 5% of each other and their
+    loss curves' trend the same."""
     lines = []
     for r in results:
         hone, trl = r.get("hone", {}), r.get("trl", {})
@@ -386,7 +409,21 @@ def target_lines(results: list[dict], peak: float | None) -> list[str]:
             agree = abs(a - b) <= FIRST_LOSS_TOLERANCE * max(abs(b), 1e-9)
             lines.append(f"{name}: first losses Hone {a:.4f}, TRL {b:.4f}: "
                          + ("agree" if agree else f"differ by more than {100 * FIRST_LOSS_TOLERANCE:.0f}%"))
+            lines.append(f"{name}: " + trend_line(hone["losses"], trl["losses"]))
     return lines
+
+
+def trend_line(hone: list[float], trl: list[float]) -> str:
+    """The loss curves' trend on both sides: the mean loss of the first and of the last quarter of the steps. The
+    sides take the same token sequences in different orders (Hone groups them by length), so single steps differ
+    and a curve is compared by its quarters: the same trend is both falling, or both not."""
+    if min(len(hone), len(trl)) < 8:
+        return f"loss trend: too few steps to compare ({len(hone)} and {len(trl)})"
+    ends = [(statistics.fmean(x[: len(x) // 4]), statistics.fmean(x[-(len(x) // 4):])) for x in (hone, trl)]
+    falls = [last < first for first, last in ends]
+    (a, b), (c, d) = ends
+    return (f"loss trend (first -> last quarter of the steps): Hone {a:.4f} -> {b:.4f}, TRL {c:.4f} -> {d:.4f}: "
+            + ("same trend" if falls[0] == falls[1] else "different trends"))
 
 
 def _params(folder: Path) -> int:

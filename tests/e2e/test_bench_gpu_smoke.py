@@ -32,8 +32,27 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
         assert phase["ratio"] > 0
         if name.startswith("sft"):  # the first losses of both sides, printed for the loss-curve comparison
             assert phase["hone"]["losses"] and phase["trl"]["losses"]
+            # TRL is given Hone's token sequences: both sides train on the same tokens
+            assert phase["hone"]["tokens"] == phase["trl"]["tokens"], name
     assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
     assert "targets (issue 22)" in done.stdout and found["targets"]  # each phase against the issue's targets
+
+
+def test_bench_gpu_compares_loss_curves_by_their_quarters():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    falling, flat = [4.0 - 0.4 * i for i in range(8)], [1.0, 1.2, 0.9, 1.1, 1.0, 1.3, 1.1, 1.2]
+    line = bench.trend_line(falling, [x + 0.1 for x in falling])
+    assert "Hone 3.8000 -> 1.4000, TRL 3.9000 -> 1.5000: same trend" in line
+    assert bench.trend_line(falling, flat).endswith("different trends")
+    assert "too few steps" in bench.trend_line(falling[:2], falling)
+    lines = bench.target_lines([{"phase": "sft-lora-135m", "kind": "sft-lora", "shape": "135m", "ratio": 2.0,
+                                 "hone": {"losses": falling}, "trl": {"losses": [x * 1.01 for x in falling]}}], None)
+    assert lines[0] == "sft-lora-135m: 2.00x TRL (target 1.5x): met"
+    assert lines[1].endswith("agree") and lines[2].endswith("same trend")
 
 
 @pytest.mark.parametrize("recipe", ["sft", "dpo"])
