@@ -138,9 +138,9 @@ _BEFORE_FIRST_STEP = {"config.yaml", "log.txt", "metrics.jsonl", "initial-adapte
 def never_started(path: str | Path) -> bool:
     """Whether `path` is a run folder that stopped before training began, which a rerun may replace without --force.
 
-    True only when the folder holds Hone's `config.yaml` (a method and a task), nothing outside what a run writes
-    before its first step, and no "start" or "resume" row in `metrics.jsonl`. A checkpoint, an artifact, a
-    started run's metrics or any file of the user's keeps the folder protected.
+    True only when the folder holds Hone's `config.yaml` (a method, a task and their config), nothing outside what
+    a run writes before its first step, and no "start" or "resume" row in `metrics.jsonl`. A checkpoint, an
+    artifact, a started run's metrics or any file of the user's keeps the folder protected.
     """
     path = Path(path)
     names = {entry.name for entry in path.iterdir()}
@@ -150,7 +150,7 @@ def never_started(path: str | Path) -> bool:
         record = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
-    if not isinstance(record, dict) or "method" not in record or "task" not in record:
+    if not isinstance(record, dict) or not {"method", "task", "config"} <= set(record):  # open_run's record
         return False
     return not any(isinstance(row, dict) and row.get("event") in ("start", "resume")
                    for row in read_metrics(path / "metrics.jsonl"))

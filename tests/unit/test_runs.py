@@ -63,7 +63,9 @@ def test_a_folder_without_hones_record_is_never_taken_for_a_refused_run(tmp_path
     (tmp_path / "mine" / "config.yaml").write_text("lr: 0.001\n")  # the user's own config, not a run's record
     (tmp_path / "yours").mkdir()
     (tmp_path / "yours" / "config.yaml").write_text(": not yaml [\n")
-    for name in ("mine", "yours"):
+    (tmp_path / "theirs").mkdir()  # a method and a task, but not the record of a run
+    (tmp_path / "theirs" / "config.yaml").write_text("method: dpo\ntask: support_prefs\n")
+    for name in ("mine", "yours", "theirs"):
         assert not never_started(tmp_path / name)
         with pytest.raises(HoneError, match="--force"):
             RunDir.create("task", "dpo", out=tmp_path / name)
