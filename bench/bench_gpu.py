@@ -18,8 +18,9 @@ small byte-level one: the LM head keeps its 49,152 rows either way); the data ar
 - `sft-lora-<shape>` / `sft-full-<shape>`: Hone's SFT recipe (`tune`, its defaults on the device: packing and
   Liger's kernels where installed) against TRL's `SFTTrainer` in its best configuration here (bf16, no gradient
   checkpointing, `padding_free` where flash-attention is installed, `use_liger_kernel` where Liger is), the same
-  token sequences (Hone's tokenization, given to TRL pre-tokenized with its labels), batch size, max length, epochs,
-  learning rate and schedule;
+  token sequences (Hone's tokenization, given to TRL pre-tokenized with its labels) in the same batches (Hone's
+  length-grouped order, which TRL reads sequentially), max length, epochs, learning rate and schedule (warmup
+  starts at lr/(warmup+1) in Hone, at 0 in transformers: the curves part by a little during the warmup);
 - `dpo-135m`: `bench_dpo.py`'s two sides (the DPO recipe with its defaults on the device, packing where a varlen
   kernel runs; `DPOTrainer` with precomputed reference log-probs) on synthetic pairs;
 - `grpo-135m`: `bench_grpo_trl.py`'s two sides (the GRPO recipe, `GRPOTrainer`), one timed step.
@@ -216,6 +217,28 @@ def sft_sequences(args) -> list:
         return _encode_split(task, PromptProgram.from_task(task), load_tokenizer(args.model), "train", config)
 
 
+def hone_order(args, lengths: list[int]) -> list[int] | None:
+    """The SFT sequences in the order Hone's recipe trains on them: its length-grouped global batches of the epoch
+    one after another. TRL reading them in this order (a sequential sampler) trains on Hone's batches step by step,
+    so the first losses and the curves compare like for like. None where a batch of Hone's is not full (TRL's
+    fixed-size batches would drift from them) or this transformers has no sequential sampling."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from honellm.training.loop import plan_steps
+    from honellm.tuning import get_method
+
+    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(SFTConfig)}:
+        return None
+    config = get_method("lora").config(epochs=1, batch_size=args.batch_size, max_length=args.max_length, seed=0)
+    plan = plan_steps(lengths, config, world=1, validating=False, where="bench")
+    batches = [plan.sampler.global_batch(step) for step in range(plan.per_epoch)]
+    if any(len(batch) != args.batch_size for batch in batches):
+        return None
+    return [int(i) for batch in batches for i in batch]
+
+
 def sft_hone(args) -> dict:
     import torch
 
@@ -284,8 +307,13 @@ def sft_trl(args) -> dict:
 
     full = args.kind == "sft-full"
     cuda = torch.cuda.is_available()
-    # Hone's token sequences, pre-tokenized (TRL then skips its own tokenization and takes the labels as given)
-    dataset = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in sft_sequences(args)])
+    # Hone's token sequences, pre-tokenized (TRL then skips its own tokenization and takes the labels as given), in
+    # the order of Hone's batches where TRL can read them so
+    sequences = sft_sequences(args)
+    order = hone_order(args, [len(s) for s in sequences])
+    if order is not None:
+        sequences = [sequences[i] for i in order]
+    dataset = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in sequences])
     flash = cuda and importlib.util.find_spec("flash_attn") is not None
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     kwargs = {"attn_implementation": "flash_attention_2"} if flash else {}
@@ -301,7 +329,8 @@ def sft_trl(args) -> dict:
                            bf16=cuda, use_cpu=not cuda, max_length=args.max_length, logging_steps=1,
                            save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
                            gradient_checkpointing=False, padding_free=flash, use_liger_kernel=liger,
-                           completion_only_loss=True)
+                           completion_only_loss=True,
+                           **({"train_sampling_strategy": "sequential"} if order is not None else {}))
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora)
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
@@ -310,7 +339,7 @@ def sft_trl(args) -> dict:
         seconds = time.perf_counter() - started
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens": tokens, "seconds": seconds, "losses": losses, "peak_memory_bytes": _peak(),
-            "settings": {"padding_free": flash, "liger": liger, "dtype": str(dtype)},
+            "settings": {"padding_free": flash, "liger": liger, "dtype": str(dtype), "hone_batches": order is not None},
             "device": "cuda" if cuda else "cpu"}
 
 
@@ -405,24 +434,30 @@ def target_lines(results: list[dict], peak: float | None) -> list[str]:
                          + "".join(f"; with {lever}: {ratio:.2f}x, " + ("met" if ratio >= SPEED_TARGET else "missed")
                                    for lever, ratio in levers))
         if r["kind"].startswith("sft") and hone.get("losses") and trl.get("losses"):
+            # the first step's batch is the same on both sides where TRL read Hone's order, else a random one
             a, b = hone["losses"][0], trl["losses"][0]
             agree = abs(a - b) <= FIRST_LOSS_TOLERANCE * max(abs(b), 1e-9)
             lines.append(f"{name}: first losses Hone {a:.4f}, TRL {b:.4f}: "
                          + ("agree" if agree else f"differ by more than {100 * FIRST_LOSS_TOLERANCE:.0f}%"))
-            lines.append(f"{name}: " + trend_line(hone["losses"], trl["losses"]))
+            lines.append(f"{name}: " + trend_line(hone["losses"], trl["losses"],
+                                                  bool(trl.get("settings", {}).get("hone_batches"))))
     return lines
 
 
-def trend_line(hone: list[float], trl: list[float]) -> str:
-    """The loss curves' trend on both sides: the mean loss of the first and of the last quarter of the steps. The
-    sides take the same token sequences in different orders (Hone groups them by length), so single steps differ
-    and a curve is compared by its quarters: the same trend is both falling, or both not."""
+def trend_line(hone: list[float], trl: list[float], same_batches: bool = False) -> str:
+    """The loss curves' trend on both sides: the mean loss of the first and of the last quarter of the steps (the
+    same trend is both falling, or both not); where TRL read Hone's batches in Hone's order (`hone_order`), also
+    the mean gap between the two sides' losses step by step."""
     if min(len(hone), len(trl)) < 8:
         return f"loss trend: too few steps to compare ({len(hone)} and {len(trl)})"
     ends = [(statistics.fmean(x[: len(x) // 4]), statistics.fmean(x[-(len(x) // 4):])) for x in (hone, trl)]
     falls = [last < first for first, last in ends]
     (a, b), (c, d) = ends
-    return (f"loss trend (first -> last quarter of the steps): Hone {a:.4f} -> {b:.4f}, TRL {c:.4f} -> {d:.4f}: "
+    gap = ""
+    if same_batches:
+        gaps = [abs(x - y) / max(abs(y), 1e-9) for x, y in zip(hone, trl, strict=False)]
+        gap = f"; on the same batches the losses differ by {100 * statistics.fmean(gaps):.1f}% a step on average"
+    return (f"loss trend (first -> last quarter of the steps): Hone {a:.4f} -> {b:.4f}, TRL {c:.4f} -> {d:.4f}{gap}: "
             + ("same trend" if falls[0] == falls[1] else "different trends"))
 
 

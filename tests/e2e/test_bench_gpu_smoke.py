@@ -32,8 +32,11 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
         assert phase["ratio"] > 0
         if name.startswith("sft"):  # the first losses of both sides, printed for the loss-curve comparison
             assert phase["hone"]["losses"] and phase["trl"]["losses"]
-            # TRL is given Hone's token sequences: both sides train on the same tokens
+            # TRL is given Hone's token sequences in Hone's batches: the same tokens, the same first batch (its
+            # loss is taken before any update, so the sides' first losses are equal up to the kernels' rounding)
             assert phase["hone"]["tokens"] == phase["trl"]["tokens"], name
+            assert phase["trl"]["settings"]["hone_batches"] is True, name
+            assert phase["hone"]["losses"][0] == pytest.approx(phase["trl"]["losses"][0], rel=1e-4), name
     assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
     assert "targets (issue 22)" in done.stdout and found["targets"]  # each phase against the issue's targets
 
@@ -48,6 +51,8 @@ def test_bench_gpu_compares_loss_curves_by_their_quarters():
     line = bench.trend_line(falling, [x + 0.1 for x in falling])
     assert "Hone 3.8000 -> 1.4000, TRL 3.9000 -> 1.5000: same trend" in line
     assert bench.trend_line(falling, flat).endswith("different trends")
+    same = bench.trend_line(falling, [x * 1.1 for x in falling], same_batches=True)
+    assert "the losses differ by 9.1% a step on average: same trend" in same
     assert "too few steps" in bench.trend_line(falling[:2], falling)
     lines = bench.target_lines([{"phase": "sft-lora-135m", "kind": "sft-lora", "shape": "135m", "ratio": 2.0,
                                  "hone": {"losses": falling}, "trl": {"losses": [x * 1.01 for x in falling]}}], None)
