@@ -4,7 +4,9 @@ Both sides train a LoRA adapter (same rank, alpha, target modules, no dropout) o
 same bf16 policy (frozen weights bf16, adapter fp32, bf16 autocast), batch size, max length, optimizer settings
 (AdamW, constant lr, no warmup, clip 1.0) and gradient checkpointing setting, on the same HH-RLHF pairs. The pairs
 are the first ones whose chosen and rejected sequences are within 64 tokens below `--max-length`, so that neither
-side truncates and the two samplers' different orders pad about the same. The reference log-probs are computed
+side truncates; TRL reads them in the order of Hone's length-grouped batches (a sequential sampler), so both sides
+train on the same pairs step by step and their losses compare step by step (TRL's tokens differ by the newline its
+chat template keeps after each answer's end of turn). The reference log-probs are computed
 before training on both sides (TRL `precompute_ref_log_probs=True`, what Hone always does); `--trl-reference
 both` adds TRL's default, a reference forward with the adapter disabled at every step.
 
@@ -119,20 +121,58 @@ def hone_settings(items: list[str]) -> dict:
     return found
 
 
+def hone_config(args):
+    """Hone's DPO settings on the benchmark (what `run_hone` trains with, before `--hone-set`)."""
+    from honellm.reward.recipes.preference import DPOConfig
+
+    return DPOConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                     r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
+                     eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
+                     gradient_checkpointing=args.gradient_checkpointing)
+
+
+def bench_task(args, data: Path):
+    from honellm.task import Task
+
+    return Task.from_config({"name": "bench-dpo", "model": args.model, "data": {"train": str(data)}})
+
+
+def hone_order(args, data: Path) -> list[int] | None:
+    """The pairs (line numbers of `data`) that Hone's recipe trains on, step after step: its length-grouped global
+    batches of the run's steps one after another (a pair may come back in a later epoch). TRL reading its rows in
+    this order (a sequential sampler) trains on Hone's batches step by step, so the losses compare like for like.
+    None where a batch of Hone's is not full (TRL's fixed-size batches would drift from them) or this transformers
+    has no sequential sampling."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    from honellm.models import load_tokenizer
+    from honellm.program import PromptProgram
+    from honellm.reward.recipes.common import encode_pairs
+    from honellm.training.loop import plan_steps
+
+    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(DPOConfig)}:
+        return None
+    task = bench_task(args, data)
+    pairs = encode_pairs(task, PromptProgram.from_task(task), load_tokenizer(args.model), "train",
+                         max_length=args.max_length)
+    plan = plan_steps([p.length for p in pairs], hone_config(args), world=1, validating=False, where=str(data))
+    batches = [plan.sampler.global_batch(step) for step in range(plan.total_steps)]
+    if any(len(batch) != args.batch_size for batch in batches):
+        return None
+    return [int(i) for batch in batches for i in batch]
+
+
 def run_hone(args, data: Path, out: Path) -> dict:
     """The DPO recipe itself (`hone align --method dpo`), timed from its metrics.jsonl."""
     import torch
 
     from honellm.reward.recipes.preference import DPOConfig, train_preference
     from honellm.runs import read_metrics
-    from honellm.task import Task
 
-    task = Task.from_config({"name": "bench-dpo", "model": args.model, "data": {"train": str(data)}})
-    settings = dict(max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                    r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
-                    eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
-                    gradient_checkpointing=args.gradient_checkpointing)
-    config = DPOConfig(**settings | hone_settings(args.hone_set))
+    task = bench_task(args, data)
+    config = DPOConfig(**hone_config(args).model_dump() | hone_settings(args.hone_set))
     started = time.perf_counter()
     train_preference(task, config, method="dpo", out=out)
     total = time.perf_counter() - started
@@ -171,6 +211,9 @@ def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = [json.loads(line) for line in data.read_text().splitlines()]
+    order = hone_order(args, data)  # Hone's batches, in Hone's order, where TRL can read them so
+    if order is not None:
+        rows = [rows[i] for i in order]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -181,7 +224,8 @@ def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
                        bf16=dtype == torch.bfloat16, use_cpu=device == "cpu",
                        gradient_checkpointing=args.gradient_checkpointing, precompute_ref_log_probs=precompute,
                        precompute_ref_batch_size=args.batch_size * 2, logging_steps=1, save_strategy="no",
-                       report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                       report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                       **({"train_sampling_strategy": "sequential"} if order is not None else {}))
 
     timer = step_timer()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -190,14 +234,17 @@ def run_trl(args, data: Path, out: Path, *, precompute: bool) -> dict:
     trainer.train()
     total = time.perf_counter() - started
     seconds = timer.step_seconds(args.warmup)
-    # tokens of the timed steps: the same pairs in TRL's tokenization (prompt + each answer)
+    # tokens a step forwards: the pairs in TRL's tokenization (prompt + each answer); in Hone's order the timed
+    # steps' own pairs (what Hone's side counts), else the mean pair of the data
     tokenized = trainer.train_dataset
     per_pair = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in tokenized]
+    if order is not None and len(per_pair) == len(order):
+        per_pair = per_pair[args.warmup * args.batch_size:]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"side": "trl" + ("" if precompute else " (reference every step)"),
             "step_seconds": statistics.median(seconds), "tokens_per_step": statistics.mean(per_pair) * args.batch_size,
             "reference_seconds": None, "peak_memory_bytes": peak_memory(device), "losses": losses,
-            "total_seconds": round(total, 1), "device": device}
+            "total_seconds": round(total, 1), "device": device, "settings": {"hone_batches": order is not None}}
 
 
 # ------------------------------------------------------------------------------------------------ driver

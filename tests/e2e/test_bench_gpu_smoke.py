@@ -37,6 +37,8 @@ def test_bench_gpu_smoke_runs_every_phase_on_both_sides():
             assert phase["hone"]["tokens"] == phase["trl"]["tokens"], name
             assert phase["trl"]["settings"]["hone_batches"] is True, name
             assert phase["hone"]["losses"][0] == pytest.approx(phase["trl"]["losses"][0], rel=1e-4), name
+        if name.startswith("dpo"):  # TRL's DPO side trains on Hone's batches too (in its own tokenization)
+            assert phase["trl"]["settings"]["hone_batches"] is True
     assert "Hone / TRL:" in done.stdout and "first losses" in done.stdout
     assert "targets (issue 22)" in done.stdout and found["targets"]  # each phase against the issue's targets
 
