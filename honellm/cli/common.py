@@ -92,6 +92,52 @@ def print_methods(family: str, as_json: bool) -> None:
     echo("shared settings (every method): " + ", ".join(shared.model_fields))
 
 
+def register_training_verb(app: typer.Typer, verb: str, *, family: str, doc: str, show_kind: bool = False) -> None:
+    """Add `hone tune` or `hone align` (`family` "tuning" or "reward") to `app`: the same options, `doc` as its help.
+
+    Lists the family's methods (`--methods`), or trains (or searches, `--search N`) and prints what the artifact is.
+    """
+    what = "tuning" if family == "tuning" else "align"
+
+    def command(
+        task: str = typer.Argument(None, help="a task YAML or a built-in task name", show_default=False),
+        overrides: list[str] = OverridesArg,
+        method: str = typer.Option(None, "--method", "-m", help=f"{what} method (hone {verb} --methods lists them)"),
+        config: str = typer.Option(None, "--config", "-c", help="a YAML file of method settings (may name the method)"),
+        out: str = typer.Option(None, "--out", "-o", help="run folder (default: runs/<task>/<method>-<time>/); "
+                                                          "the artifact goes into its artifact/ folder"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out (or the latest run of this "
+                                                            "task and method) from its last checkpoint"),
+        force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip records that fail validation (they are "
+                                                                        "counted and listed) instead of stopping"),
+        list_methods: bool = typer.Option(False, "--methods",
+                                          help=f"list the {what} methods and their settings, then exit"),
+        as_json: bool = typer.Option(False, "--json", help="print the artifact's description as JSON"),
+        search: int = typer.Option(0, "--search", help="search the method's settings with N trials on validation "
+                                                       "(Optuna; docs/search.md) and keep the best"),
+    ):
+        if list_methods:
+            print_methods(family, as_json)
+            return
+        if task is None:
+            raise typer.BadParameter("give a task YAML or a built-in task name", param_hint="TASK")
+        artifact = run_or_search(task, method, overrides or [], family=family, search=search, config_file=config,
+                                 out=out, resume=resume, force=force, skip_invalid=skip_invalid)
+        from honellm.training.setup import is_main_process
+
+        if not is_main_process():
+            return
+        if as_json:
+            json_out(artifact.describe())
+            return
+        print_training_summary(artifact, show_kind=show_kind)
+
+    command.__doc__ = doc
+    command.__name__ = f"{verb}_command"
+    app.command(verb)(command)
+
+
 def run_or_search(task: str, method: str | None, overrides: list[str], *, family: str, search: int = 0, **options):
     """What `hone tune` and `hone align` run: the method once (`honellm.methods.catalog.run_task`), or with
     `--search N` the best of N trials of its settings on validation (docs/search.md) -> the Artifact."""
