@@ -121,14 +121,15 @@ def hone_settings(items: list[str]) -> dict:
     return found
 
 
-def hone_config(args):
-    """Hone's DPO settings on the benchmark (what `run_hone` trains with, before `--hone-set`)."""
+def hone_config(args, **extra):
+    """Hone's DPO settings on the benchmark (what `run_hone` trains with), `extra` (`--hone-set`) on top."""
     from honellm.reward.recipes.preference import DPOConfig
 
-    return DPOConfig(max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                     r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1, schedule="constant", warmup_steps=0,
-                     eval_every=0, save_every=0, eval_batch_size=args.batch_size * 2, seed=0,
-                     gradient_checkpointing=args.gradient_checkpointing)
+    return DPOConfig(**dict(max_steps=args.warmup + args.steps, batch_size=args.batch_size,
+                            max_length=args.max_length, r=args.r, alpha=2 * args.r, lr=args.lr, beta=0.1,
+                            schedule="constant", warmup_steps=0, eval_every=0, save_every=0,
+                            eval_batch_size=args.batch_size * 2, seed=0,
+                            gradient_checkpointing=args.gradient_checkpointing) | extra)
 
 
 def bench_task(args, data: Path):
@@ -137,42 +138,49 @@ def bench_task(args, data: Path):
     return Task.from_config({"name": "bench-dpo", "model": args.model, "data": {"train": str(data)}})
 
 
-def hone_order(args, data: Path) -> list[int] | None:
-    """The pairs (line numbers of `data`) that Hone's recipe trains on, step after step: its length-grouped global
-    batches of the run's steps one after another (a pair may come back in a later epoch). TRL reading its rows in
-    this order (a sequential sampler) trains on Hone's batches step by step, so the losses compare like for like.
-    None where a batch of Hone's is not full (TRL's fixed-size batches would drift from them) or this transformers
-    has no sequential sampling."""
+def hone_batch_order(lengths: list[int], config, trainer_config) -> list[int] | None:
+    """The examples (indices into `lengths`) Hone's recipe trains on with `config`, step after step: its
+    length-grouped global batches of the whole run one after another (the recipe's own `plan_steps`; an example may
+    come back in a later epoch). A TRL trainer reading its rows in this order (a sequential sampler) trains on
+    Hone's batches step by step, so the two sides' losses compare like for like. None where a batch of Hone's is
+    not full (TRL's fixed-size batches would drift from them) or `trainer_config` (TRL's config class) has no
+    sequential sampling. bench_gpu.py's SFT phase uses it too."""
     import dataclasses
 
+    from honellm.training.loop import plan_steps
+
+    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(trainer_config)}:
+        return None
+    plan = plan_steps(lengths, config, world=1, validating=False, where="bench")
+    batches = [plan.sampler.global_batch(step) for step in range(plan.total_steps)]
+    if any(len(batch) != config.batch_size for batch in batches):
+        return None
+    return [int(i) for batch in batches for i in batch]
+
+
+def hone_order(args, data: Path) -> list[int] | None:
+    """`hone_batch_order` of the pairs in `data` (their line numbers) under the benchmark's DPO settings."""
     from trl import DPOConfig
 
     from honellm.models import load_tokenizer
     from honellm.program import PromptProgram
     from honellm.reward.recipes.common import encode_pairs
-    from honellm.training.loop import plan_steps
 
-    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(DPOConfig)}:
-        return None
     task = bench_task(args, data)
     pairs = encode_pairs(task, PromptProgram.from_task(task), load_tokenizer(args.model), "train",
                          max_length=args.max_length)
-    plan = plan_steps([p.length for p in pairs], hone_config(args), world=1, validating=False, where=str(data))
-    batches = [plan.sampler.global_batch(step) for step in range(plan.total_steps)]
-    if any(len(batch) != args.batch_size for batch in batches):
-        return None
-    return [int(i) for batch in batches for i in batch]
+    return hone_batch_order([p.length for p in pairs], hone_config(args), DPOConfig)
 
 
 def run_hone(args, data: Path, out: Path) -> dict:
     """The DPO recipe itself (`hone align --method dpo`), timed from its metrics.jsonl."""
     import torch
 
-    from honellm.reward.recipes.preference import DPOConfig, train_preference
+    from honellm.reward.recipes.preference import train_preference
     from honellm.runs import read_metrics
 
     task = bench_task(args, data)
-    config = DPOConfig(**hone_config(args).model_dump() | hone_settings(args.hone_set))
+    config = hone_config(args, **hone_settings(args.hone_set))
     started = time.perf_counter()
     train_preference(task, config, method="dpo", out=out)
     total = time.perf_counter() - started

@@ -202,42 +202,28 @@ def sft_task(args, folder: Path):
                              "choices": ["positive", "negative"]})
 
 
-def sft_sequences(args) -> list:
-    """Hone's training sequences of the SFT phase (token ids, and labels -100 outside the answer): what TRL's side
-    is given pre-tokenized, so that both sides take the loss on the same tokens. (From text, TRL's prompt-completion
-    tokenization keeps the chat template's newline after `<|im_end|>` in each answer: one more token, and one more
-    loss term, per example.)"""
+def sft_sequences(args, config) -> list:
+    """Hone's training sequences of the SFT phase under `config` (token ids, and labels -100 outside the answer):
+    what TRL's side is given pre-tokenized, so that both sides take the loss on the same tokens. (From text, TRL's
+    prompt-completion tokenization keeps the chat template's newline after `<|im_end|>` in each answer: one more
+    token, and one more loss term, per example.)"""
     from honellm.models import load_tokenizer
     from honellm.program import PromptProgram
-    from honellm.tuning import get_method
     from honellm.tuning.sft import _encode_split
 
     with tempfile.TemporaryDirectory() as tmp:
         task = sft_task(args, Path(tmp))
-        config = get_method("lora").config(max_length=args.max_length)
         return _encode_split(task, PromptProgram.from_task(task), load_tokenizer(args.model), "train", config)
 
 
-def hone_order(args, lengths: list[int]) -> list[int] | None:
-    """The SFT sequences in the order Hone's recipe trains on them: its length-grouped global batches of the epoch
-    one after another. TRL reading them in this order (a sequential sampler) trains on Hone's batches step by step,
-    so the first losses and the curves compare like for like. None where a batch of Hone's is not full (TRL's
-    fixed-size batches would drift from them) or this transformers has no sequential sampling."""
-    import dataclasses
-
-    from trl import SFTConfig
-
-    from honellm.training.loop import plan_steps
-    from honellm.tuning import get_method
-
-    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(SFTConfig)}:
-        return None
-    config = get_method("lora").config(epochs=1, batch_size=args.batch_size, max_length=args.max_length, seed=0)
-    plan = plan_steps(lengths, config, world=1, validating=False, where="bench")
-    batches = [plan.sampler.global_batch(step) for step in range(plan.per_epoch)]
-    if any(len(batch) != args.batch_size for batch in batches):
-        return None
-    return [int(i) for batch in batches for i in batch]
+def sft_settings(args) -> tuple[str, dict]:
+    """Hone's SFT method and settings on the phase (before an extra side's lever)."""
+    full = args.kind == "sft-full"
+    settings = dict(epochs=1, batch_size=args.batch_size, max_length=args.max_length, lr=2e-5 if full else 2e-4,
+                    eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
+    if not full:
+        settings.update(r=8, alpha=16, target_modules="all-linear")
+    return ("full" if full else "lora"), settings
 
 
 def sft_hone(args) -> dict:
@@ -247,14 +233,9 @@ def sft_hone(args) -> dict:
     from honellm.tuning import get_method
     from honellm.tuning.sft import tune
 
-    full = args.kind == "sft-full"
     with tempfile.TemporaryDirectory() as tmp:
         task = sft_task(args, Path(tmp))
-        method = "full" if full else "lora"
-        settings = dict(epochs=1, batch_size=args.batch_size, max_length=args.max_length, lr=2e-5 if full else 2e-4,
-                        eval_every=0, save_every=0, seed=0, warmup_ratio=0.05, schedule="cosine")
-        if not full:
-            settings.update(r=8, alpha=16, target_modules="all-linear")
+        method, settings = sft_settings(args)
         if args.worker in EXTRA_SIDES:
             settings.update(EXTRA_SIDES[args.worker][1])
             os.environ.update(EXTRA_SIDES[args.worker][2])
@@ -301,17 +282,22 @@ def sft_trl(args) -> dict:
     import importlib.util
 
     import torch
+    from bench_dpo import hone_batch_order  # the TRL-side helpers, beside this file
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from honellm.tuning import get_method
+
     full = args.kind == "sft-full"
     cuda = torch.cuda.is_available()
     # Hone's token sequences, pre-tokenized (TRL then skips its own tokenization and takes the labels as given), in
     # the order of Hone's batches where TRL can read them so
-    sequences = sft_sequences(args)
-    order = hone_order(args, [len(s) for s in sequences])
+    method, settings = sft_settings(args)
+    hone_config = get_method(method).config(**settings)
+    sequences = sft_sequences(args, hone_config)
+    order = hone_batch_order([len(s) for s in sequences], hone_config, SFTConfig)
     if order is not None:
         sequences = [sequences[i] for i in order]
     dataset = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in sequences])
@@ -448,8 +434,8 @@ def target_lines(results: list[dict], peak: float | None) -> list[str]:
 
 def trend_line(hone: list[float], trl: list[float], same_batches: bool = False) -> str:
     """The loss curves' trend on both sides: the mean loss of the first and of the last quarter of the steps (the
-    same trend is both falling, or both not); where TRL read Hone's batches in Hone's order (`hone_order`), also
-    the mean gap between the two sides' losses step by step."""
+    same trend is both falling, or both not); where TRL read Hone's batches in Hone's order
+    (`bench_dpo.hone_batch_order`), also the mean gap between the two sides' losses step by step."""
     if min(len(hone), len(trl)) < 8:
         return f"loss trend: too few steps to compare ({len(hone)} and {len(trl)})"
     ends = [(statistics.fmean(x[: len(x) // 4]), statistics.fmean(x[-(len(x) // 4):])) for x in (hone, trl)]

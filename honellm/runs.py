@@ -68,11 +68,10 @@ class RunDir:
                 n += 1
                 path = path.with_name(f"{_safe(method)}-{stamp}-{n}")
         if path.exists() and any(path.iterdir()) and not resume:
-            unstarted = never_started(path)
-            if not force and not unstarted:
-                raise HoneError("the run folder already exists and is not empty", where=str(path),
-                                fix="pass --force to replace it, --resume to continue it, or choose another --out")
-            if unstarted and not force:
+            if not force:
+                if not never_started(path):
+                    raise HoneError("the run folder already exists and is not empty", where=str(path),
+                                    fix="pass --force to replace it, --resume to continue it, or choose another --out")
                 logging.getLogger(__name__).info("replacing %s: a run that stopped before its first step left it",
                                                  path)
             shutil.rmtree(path)
